@@ -1,0 +1,165 @@
+"""The rule registry and the context a rule receives.
+
+A *rule* is a function ``rule(ctx) -> Moments | list[Moments]`` registered for a layer or operation
+class. It reads the incoming moments from ``ctx.inputs`` (one per input tensor, in call order) and
+returns the moments of each output. Rules that own weights choose their scale with ``ctx.draw`` (a
+fresh tensor of a given variance, recorded for assignment) and read weights with ``ctx.value``; they
+never assign anything themselves, so the same rule serves dry runs (`analyze`) and `wrap`.
+
+Example, a layer computing ``y = x * self.factor``::
+
+    @autoinit_tf.register_rule(Scale)
+    def scale_rule(ctx):
+        m = ctx.inputs[0]
+        return m.scaled(ctx.layer.factor)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autoinit_tf import distributions
+from autoinit_tf.moments import Moments
+
+_REGISTRY: dict = {}
+
+
+class UnsupportedLayerError(TypeError):
+    """Raised in strict mode when a layer or op has no registered propagation rule."""
+
+
+def register_rule(layer_class, rule=None):
+    """Register ``rule`` for ``layer_class`` (and its subclasses without a rule of their own).
+
+    Usable as ``register_rule(Cls, fn)`` or as the decorator ``@register_rule(Cls)``. A later
+    registration for the same class replaces the earlier one. Returns the rule.
+    """
+    if not isinstance(layer_class, type):
+        raise TypeError(f"register_rule expects a class, got {layer_class!r}.")
+
+    def _register(fn):
+        if not callable(fn):
+            raise TypeError(f"A rule must be callable, got {fn!r}.")
+        _REGISTRY[layer_class] = fn
+        return fn
+
+    if rule is None:
+        return _register
+    return _register(rule)
+
+
+def unregister_rule(layer_class) -> None:
+    _REGISTRY.pop(layer_class, None)
+
+
+def find_rule(op, extra=None):
+    """The rule for ``op``: first ``extra`` (a dict class -> rule), then the registry, by MRO."""
+    for cls in type(op).__mro__:
+        if extra and cls in extra:
+            return extra[cls], cls
+        if cls in _REGISTRY:
+            return _REGISTRY[cls], cls
+    return None, None
+
+
+def registered_rules() -> dict:
+    """A copy of the registry: {class: rule}."""
+    return dict(_REGISTRY)
+
+
+class RuleContext:
+    """What a rule sees about one call of one layer or op.
+
+    Attributes:
+        op: the layer or operation (also as ``layer``).
+        node: the Keras graph node of this call.
+        inputs: list of `Moments`, one per input tensor of the call (flattened, call order).
+        args, kwargs: the call's arguments with tensors replaced by `Moments` (constants kept).
+        fit_inputs: the moments to choose weight scales from; for a layer called several times these
+            combine all its calls, else they equal ``inputs``.
+        signal_variance: the target variance of every weighted layer's pre-activation output.
+        input_shapes, output_shapes: static shapes of the call's tensors (batch dim may be None).
+    """
+
+    def __init__(self, op, node, inputs, args, kwargs, fit_inputs, engine):
+        self.op = op
+        self.node = node
+        self.inputs = inputs
+        self.args = args
+        self.kwargs = kwargs
+        self.fit_inputs = fit_inputs if fit_inputs is not None else inputs
+        self._engine = engine
+        self.notes: list[str] = []
+        self.weight_scale = None
+
+    # -- read-only facts -----------------------------------------------------------------------
+    @property
+    def layer(self):
+        return self.op
+
+    @property
+    def signal_variance(self) -> float:
+        return self._engine.signal_variance
+
+    @property
+    def distribution(self) -> str:
+        return self._engine.distribution
+
+    @property
+    def input_shapes(self):
+        return [tuple(t.shape) for t in self.node.input_tensors]
+
+    @property
+    def output_shapes(self):
+        return [tuple(t.shape) for t in self.node.outputs]
+
+    @property
+    def input(self) -> Moments:
+        """The single input's moments (first input for multi-input calls)."""
+        return self.inputs[0]
+
+    @property
+    def fit_input(self) -> Moments:
+        return self.fit_inputs[0]
+
+    # -- weights ---------------------------------------------------------------------------------
+    def may_reinit(self, variable) -> bool:
+        """Whether this pass may replace `variable` (frozen layers keep theirs by default)."""
+        return self._engine.may_reinit(self.op, variable)
+
+    def value(self, variable) -> np.ndarray:
+        """The value `variable` will have after this pass (pending assignment or current value)."""
+        return self._engine.value(variable)
+
+    def draw(self, variable, var: float, distribution: str | None = None) -> np.ndarray:
+        """Draw a new value for `variable` with entry variance `var` and record it for assignment.
+
+        When the variable may not be re-initialized (a frozen layer) its current value is returned
+        unchanged and a note is added. Returns the value the variable will hold.
+        """
+        if not self.may_reinit(variable):
+            self.note(f"kept frozen weight {variable.path}")
+            return self.value(variable)
+        dist = distribution or self.distribution
+        rng = distributions.rng_for(self._engine.seed, variable.path)
+        arr = distributions.sample(tuple(variable.shape), var, dist, rng)
+        self.assign(variable, arr)
+        return arr
+
+    def assign(self, variable, value) -> None:
+        """Record `value` for `variable` (applied by the engine at the end, if at all)."""
+        if not self.may_reinit(variable):
+            self.note(f"kept frozen weight {variable.path}")
+            return
+        self._engine.record(self.op, variable, np.asarray(value))
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def probe(self, *args, **kwargs):
+        """Run the op on a deterministic Gaussian probe with the incoming moments (see fallback)."""
+        from autoinit_tf.rules.fallback import probe_moments
+
+        return probe_moments(self, *args, **kwargs)
