@@ -1,0 +1,345 @@
+"""Logical activation functions in logit space (Lowe et al., NeurIPS 2022, arXiv 2110.11940).
+
+Groups of ``k`` consecutive channels on the LAST axis (channels-last) are reduced to one value, so
+the output has ``C / k`` channels, like MaxOut. With ``x_1..x_k`` the logits of one group:
+
+Exact logit-space operators (independent probabilities ``p_i = sigmoid(x_i)``):
+
+* ``AND_IL(x) = logit(prod_i p_i)``
+* ``OR_IL(x) = logit(1 - prod_i (1 - p_i)) = -AND_IL(-x)``
+* ``XNOR_IL(x) = logit(P[an even number of the k events is active])
+  = 2 artanh((-1)^k prod_i tanh(x_i / 2))`` (for k = 2: ``logit(p1 p2 + (1-p1)(1-p2))``).
+  Probabilities are clamped to ``[1e-7, 1 - 1e-7]`` inside the logit.
+
+AIL approximations (comparison and addition only):
+
+* ``OR_AIL(x) = s if s > 0 else max_i x_i`` with ``s = sum_i relu(x_i)``
+* ``AND_AIL(x) = s if s < 0 else min_i x_i`` with ``s = -sum_i relu(-x_i)``
+* ``XNOR_AIL(x) = (-1)^k sign(prod_i x_i) min_i |x_i|``, the sign treated as a constant in backprop.
+
+Normalized variants ("NAIL", ``normalize=True``): ``(f(x) - mu_k) / sigma_k`` with the mean and
+standard deviation of ``f`` for i.i.d. N(0, 1) inputs, computed exactly by 1-D quadrature (k = 2:
+OR/AND ``mu = +/-0.68104, sigma = 0.97229``; XNOR ``mu = 0, sigma = 0.60281``).
+
+Ensembles of several functions: ``combine="dup"`` applies every function to the same groups and
+concatenates (output ``n C / k`` channels); ``combine="part"`` splits the ``C / k`` groups into ``n``
+equal contiguous slices, one function each (output ``C / k``; needs ``C`` divisible by ``n k``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = [
+    "LogitGate",
+    "AND_AIL",
+    "OR_AIL",
+    "XNOR_AIL",
+    "AND_IL",
+    "OR_IL",
+    "XNOR_IL",
+    "and_ail",
+    "or_ail",
+    "xnor_ail",
+    "and_nail",
+    "or_nail",
+    "xnor_nail",
+    "and_il",
+    "or_il",
+    "xnor_il",
+    "nail_constants",
+    "GATE_FUNCTIONS",
+]
+
+AIL_FUNCTIONS = ("and_ail", "or_ail", "xnor_ail")
+IL_FUNCTIONS = ("and_il", "or_il", "xnor_il")
+GATE_FUNCTIONS = AIL_FUNCTIONS + IL_FUNCTIONS
+_PROB_EPS = 1e-7
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact moments of the AIL functions for k i.i.d. N(mean, var) inputs (1-D quadrature).
+# ------------------------------------------------------------------------------------------------
+def ail_moments(name: str, k: int, mean: float = 0.0, var: float = 1.0):
+    """(E[f], E[f^2]) of the AIL gate ``name`` for k i.i.d. N(mean, var) inputs.
+
+    OR_AIL: the events {some x_i > 0} and {all x_i <= 0} are disjoint; on the first the output is
+    sum relu(x_i), on the second it is max_i x_i, whose density is k phi Phi^(k-1). AND_AIL is
+    -OR_AIL(-x). XNOR_AIL: E[f] = int_0^inf (P(X > t) - P(X < -t))^k dt times (-1)^k, and
+    E[f^2] = E[min |x_i|^2] = int_0^inf 2 t P(|X| > t)^k dt.
+    """
+    from scipy import integrate
+    from scipy.special import ndtr
+
+    k = int(k)
+    name = name.lower()
+    if name == "and_ail":
+        e1, e2 = ail_moments("or_ail", k, -mean, var)
+        return -e1, e2
+    s = math.sqrt(var)
+    if s == 0.0:
+        x = np.full((1, k), mean)
+        y = _numpy_gate(name, x, k)[0]
+        return float(y), float(y * y)
+    phi = lambda x: math.exp(-0.5 * ((x - mean) / s) ** 2) / (s * math.sqrt(2 * math.pi))  # noqa: E731
+    cdf = lambda x: float(ndtr((x - mean) / s))  # noqa: E731
+    lo, hi = mean - 14 * s, mean + 14 * s
+    if name == "or_ail":
+        r1 = integrate.quad(lambda x: x * phi(x), 0.0, max(hi, 0.0), limit=200)[0] if hi > 0 else 0.0
+        r2 = integrate.quad(lambda x: x * x * phi(x), 0.0, max(hi, 0.0), limit=200)[0] if hi > 0 else 0.0
+        up = min(0.0, hi)
+        if lo < up:
+            dens = lambda x: k * phi(x) * cdf(x) ** (k - 1)  # noqa: E731
+            m1 = integrate.quad(lambda x: x * dens(x), lo, up, limit=200)[0]
+            m2 = integrate.quad(lambda x: x * x * dens(x), lo, up, limit=200)[0]
+        else:
+            m1 = m2 = 0.0
+        e1 = k * r1 + m1
+        e2 = k * r2 + k * (k - 1) * r1 * r1 + m2
+        return e1, e2
+    if name == "xnor_ail":
+        top = abs(mean) + 14 * s
+        sign = (-1.0) ** k
+        f1 = lambda t: ((1.0 - cdf(t)) - cdf(-t)) ** k  # noqa: E731
+        f2 = lambda t: 2.0 * t * ((1.0 - cdf(t)) + cdf(-t)) ** k  # noqa: E731
+        e1 = sign * integrate.quad(f1, 0.0, top, limit=200)[0]
+        e2 = integrate.quad(f2, 0.0, top, limit=200)[0]
+        return e1, e2
+    raise ValueError(f"ail_moments: unknown AIL function {name!r}.")
+
+
+_NAIL_CACHE: dict = {}
+
+
+def nail_constants(name: str, k: int = 2):
+    """(mu, sigma) of the AIL gate ``name`` for k i.i.d. N(0, 1) inputs (the NAIL constants)."""
+    key = (name.lower(), int(k))
+    if key not in _NAIL_CACHE:
+        e1, e2 = ail_moments(key[0], key[1], 0.0, 1.0)
+        _NAIL_CACHE[key] = (float(e1), float(math.sqrt(max(e2 - e1 * e1, 0.0))))
+    return _NAIL_CACHE[key]
+
+
+def _numpy_gate(name, x, k):
+    """Reference used only for degenerate (zero-variance) moments; x has shape (n, k)."""
+    if name == "or_ail":
+        s = np.maximum(x, 0).sum(-1)
+        return np.where(s > 0, s, x.max(-1))
+    if name == "and_ail":
+        return -_numpy_gate("or_ail", -x, k)
+    if name == "xnor_ail":
+        return (-1.0) ** k * np.sign(np.prod(x, -1)) * np.abs(x).min(-1)
+    raise ValueError(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reductions, on a tensor of shape (..., G, k).
+# ------------------------------------------------------------------------------------------------
+def _reduce(name, g, k):
+    if name == "or_ail":
+        s = ops.sum(ops.relu(g), axis=-1)
+        return ops.where(s > 0, s, ops.max(g, axis=-1))
+    if name == "and_ail":
+        s = -ops.sum(ops.relu(-g), axis=-1)
+        return ops.where(s < 0, s, ops.min(g, axis=-1))
+    if name == "xnor_ail":
+        sgn = ops.stop_gradient(ops.sign(ops.prod(g, axis=-1)))
+        if k % 2:
+            sgn = -sgn
+        return sgn * ops.min(ops.abs(g), axis=-1)
+    if name in ("and_il", "or_il"):
+        if name == "or_il":
+            g = -g
+        lp = ops.sum(ops.log_sigmoid(g), axis=-1)  # log prod p_i
+        lp = ops.clip(lp, math.log(_PROB_EPS), math.log1p(-_PROB_EPS))
+        out = lp - ops.log(-ops.expm1(lp))
+        return -out if name == "or_il" else out
+    if name == "xnor_il":
+        q = ops.prod(ops.tanh(0.5 * g), axis=-1)
+        if k % 2:
+            q = -q
+        lim = 1.0 - 2.0 * _PROB_EPS
+        return 2.0 * ops.arctanh(ops.clip(q, -lim, lim))
+    raise ValueError(f"Unknown logit gate function {name!r}; expected one of {GATE_FUNCTIONS}.")
+
+
+def _check_name(name):
+    if not isinstance(name, str) or name.lower() not in GATE_FUNCTIONS:
+        raise ValueError(f"Unknown logit gate function {name!r}; expected one of {GATE_FUNCTIONS}.")
+    return name.lower()
+
+
+def _group(x, k):
+    c = x.shape[-1]
+    if c is None:
+        raise ValueError("LogitGate needs a static channel (last) dimension.")
+    if c % k:
+        raise ValueError(
+            f"LogitGate: the channel count {c} is not divisible by the group size k={k}; "
+            "groups are formed from k consecutive channels on the last axis."
+        )
+    shape = ops.shape(x)
+    return ops.reshape(x, tuple(shape[:-1]) + (c // k, k))
+
+
+def apply_gate(x, name, k=2, normalize=False):
+    """Apply one gate function to the last axis of ``x`` (functional form)."""
+    name = _check_name(name)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    out = _reduce(name, _group(x, k), k)
+    if normalize:
+        if name not in AIL_FUNCTIONS:
+            raise ValueError("normalize=True (NAIL) is defined for the AIL functions only.")
+        mu, sigma = nail_constants(name, k)
+        out = (out - ops.cast(mu, out.dtype)) / ops.cast(sigma, out.dtype)
+    return out
+
+
+# Activation-function forms (k = 2), usable as ``activation=`` where C/2 output channels are fine.
+def _make_activation(name, normalize):
+    def fn(x, k=2):
+        return apply_gate(x, name, k, normalize)
+
+    fn.__name__ = name.replace("_ail", "_nail") if normalize else name
+    fn.__qualname__ = fn.__name__
+    fn.__doc__ = (
+        f"{fn.__name__.upper()} activation: reduces groups of k consecutive channels (last axis) "
+        "to one; the output has C/k channels. See `autoinit_tf.layers.logit_gates`."
+    )
+    return keras.saving.register_keras_serializable(package="autoinit_tf", name=fn.__name__)(fn)
+
+
+and_ail = _make_activation("and_ail", False)
+or_ail = _make_activation("or_ail", False)
+xnor_ail = _make_activation("xnor_ail", False)
+and_nail = _make_activation("and_ail", True)
+or_nail = _make_activation("or_ail", True)
+xnor_nail = _make_activation("xnor_ail", True)
+and_il = _make_activation("and_il", False)
+or_il = _make_activation("or_il", False)
+xnor_il = _make_activation("xnor_il", False)
+
+
+@keras.saving.register_keras_serializable(package="autoinit_tf")
+class LogitGate(keras.layers.Layer):
+    """Logit-space logical gate over groups of ``k`` consecutive channels (Lowe et al., 2022).
+
+    Args:
+        functions: one name or a list of names among ``and_ail, or_ail, xnor_ail, and_il, or_il,
+            xnor_il`` (see the module docstring for the formulas).
+        k: group size (channels reduced into one), default 2.
+        combine: ``"dup"`` (each function on all groups, outputs concatenated: ``n C / k``
+            channels) or ``"part"`` (groups split into n contiguous slices, one function each:
+            ``C / k`` channels). Irrelevant for a single function.
+        normalize: the NAIL variants (AIL functions only): ``(f - mu_k) / sigma_k``.
+
+    Input ``(..., C)``, channels last; ``C`` must be divisible by ``k`` ("dup") or ``n k`` ("part").
+    """
+
+    def __init__(self, functions="or_ail", k=2, combine="dup", normalize=False, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(functions, str):
+            functions = [functions]
+        self.functions = [_check_name(f) for f in functions]
+        if not self.functions:
+            raise ValueError("LogitGate needs at least one function.")
+        self.k = int(k)
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        if combine not in ("dup", "part"):
+            raise ValueError(f"combine must be 'dup' or 'part', got {combine!r}.")
+        self.combine = combine
+        self.normalize = bool(normalize)
+        if self.normalize:
+            bad = [f for f in self.functions if f not in AIL_FUNCTIONS]
+            if bad:
+                raise ValueError(f"normalize=True (NAIL) is defined for the AIL functions only, got {bad}.")
+            for f in self.functions:  # computed once, in Python, outside any trace
+                nail_constants(f, self.k)
+        self.supports_masking = True
+
+    def _check_channels(self, c):
+        n = len(self.functions)
+        if c is None:
+            raise ValueError("LogitGate needs a static channel (last) dimension.")
+        div = self.k * (n if self.combine == "part" else 1)
+        if c % div:
+            what = f"k={self.k}" if div == self.k else f"n*k={n}*{self.k}={div} (combine='part')"
+            raise ValueError(
+                f"LogitGate: the channel count {c} is not divisible by {what}; groups are formed "
+                "from k consecutive channels on the last axis."
+            )
+
+    def build(self, input_shape):
+        self._check_channels(input_shape[-1])
+
+    def compute_output_shape(self, input_shape):
+        c = input_shape[-1]
+        self._check_channels(c)
+        groups = c // self.k
+        n = len(self.functions)
+        out_c = groups * n if self.combine == "dup" else groups
+        return tuple(input_shape[:-1]) + (out_c,)
+
+    def call(self, inputs):
+        n = len(self.functions)
+        if n == 1:
+            return apply_gate(inputs, self.functions[0], self.k, self.normalize)
+        if self.combine == "dup":
+            outs = [apply_gate(inputs, f, self.k, self.normalize) for f in self.functions]
+            return ops.concatenate(outs, axis=-1)
+        c = inputs.shape[-1]
+        width = c // n
+        outs = [
+            apply_gate(inputs[..., i * width : (i + 1) * width], f, self.k, self.normalize)
+            for i, f in enumerate(self.functions)
+        ]
+        return ops.concatenate(outs, axis=-1)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "functions": list(self.functions),
+            "k": self.k,
+            "combine": self.combine,
+            "normalize": self.normalize,
+        }
+
+
+def _fixed(name, doc):
+    class _Gate(LogitGate):
+        __doc__ = doc
+
+        def __init__(self, k=2, normalize=False, **kwargs):
+            kwargs.pop("functions", None)
+            kwargs.pop("combine", None)
+            super().__init__(functions=name, k=k, normalize=normalize, **kwargs)
+
+        def get_config(self):
+            cfg = super().get_config()
+            cfg.pop("functions")
+            cfg.pop("combine")
+            return cfg
+
+    cls_name = name.upper()
+    _Gate.__name__ = cls_name
+    _Gate.__qualname__ = cls_name
+    _Gate.__module__ = __name__
+    return keras.saving.register_keras_serializable(package="autoinit_tf", name=cls_name)(_Gate)
+
+
+AND_AIL = _fixed("and_ail", "AND_AIL gate layer: ``s = -sum relu(-x_i)``; ``s if s < 0 else min x_i``.")
+OR_AIL = _fixed("or_ail", "OR_AIL gate layer: ``s = sum relu(x_i)``; ``s if s > 0 else max x_i``.")
+XNOR_AIL = _fixed("xnor_ail", "XNOR_AIL gate layer: ``(-1)^k sign(prod x_i) min |x_i|`` (sign constant).")
+AND_IL = _fixed("and_il", "Exact AND in logit space: ``logit(prod sigmoid(x_i))``.")
+OR_IL = _fixed("or_il", "Exact OR in logit space: ``logit(1 - prod sigmoid(-x_i))``.")
+XNOR_IL = _fixed("xnor_il", "Exact XNOR (parity) in logit space: ``2 artanh((-1)^k prod tanh(x_i/2))``.")
