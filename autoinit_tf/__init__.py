@@ -1,6 +1,15 @@
-"""autoinit-tf: exact, fast AutoInit for Keras 3."""
+"""autoinit-tf: exact, fast AutoInit for Keras 3.
+
+    import autoinit_tf
+    autoinit_tf.wrap(model)              # same model object, every weight tensor re-scaled in place
+    report = autoinit_tf.analyze(model)  # dry run: predicted (mean, var) at every node
+"""
 
 __version__ = "0.1.0"
 
+from autoinit_tf.autoinit import FallbackRuleWarning, analyze, wrap  # noqa: F401
+from autoinit_tf.compat import AutoInit  # noqa: F401
 from autoinit_tf.moments import Moments  # noqa: F401
+from autoinit_tf.report import NodeRow, SignalReport  # noqa: F401
 from autoinit_tf.rules import RuleContext, UnsupportedLayerError, register_rule  # noqa: F401
+from autoinit_tf.rules.activation import register_activation_kinks  # noqa: F401

@@ -21,10 +21,10 @@ from keras import ops
 
 def resolve_group_size(channels: int, group_size: int) -> int:
     """The group size actually used: ``group_size`` halved until it divides ``channels``."""
-    g = max(1, min(int(group_size), int(channels)))
+    g = max(1, int(group_size))
     while channels % g:
         g //= 2
-    return max(g, 1)
+    return g
 
 
 @keras.saving.register_keras_serializable(package="autoinit_tf")

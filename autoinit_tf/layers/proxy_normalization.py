@@ -64,13 +64,12 @@ class ProxyNormalization(keras.layers.Layer):
         c = input_shape[axis]
         if c is None:
             raise ValueError("ProxyNormalization needs a static channel dimension.")
-        self._axis = axis
         self.gamma = self.add_weight(name="gamma", shape=(c,), initializer=self.gamma_initializer)
         self.beta = self.add_weight(name="beta", shape=(c,), initializer=self.beta_initializer)
 
     def _broadcast(self, v, rank):
         shape = [1] * rank
-        shape[self._axis] = v.shape[0]
+        shape[self.axis % rank] = v.shape[0]
         return ops.reshape(v, shape)
 
     def proxy_statistics(self):

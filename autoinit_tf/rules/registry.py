@@ -81,7 +81,10 @@ class RuleContext:
         input_shapes, output_shapes: static shapes of the call's tensors (batch dim may be None).
     """
 
-    def __init__(self, op, node, inputs, args, kwargs, fit_inputs, engine):
+    def __init__(self, op, node, inputs, args, kwargs, fit_inputs, engine, input_shapes=None,
+                 output_shapes=None):
+        self._input_shapes = input_shapes
+        self._output_shapes = output_shapes
         self.op = op
         self.node = node
         self.inputs = inputs
@@ -107,11 +110,24 @@ class RuleContext:
 
     @property
     def input_shapes(self):
+        if self._input_shapes is not None:
+            return self._input_shapes
         return [tuple(t.shape) for t in self.node.input_tensors]
 
     @property
     def output_shapes(self):
+        if self._output_shapes is not None:
+            return self._output_shapes
         return [tuple(t.shape) for t in self.node.outputs]
+
+    def sub(self, op, inputs=None, input_shapes=None, output_shapes=None):
+        """A context for an inner layer (of a wrapper) sharing this pass; notes flow back here."""
+        inputs = self.inputs if inputs is None else inputs
+        child = RuleContext(op, self.node, inputs, self.args, self.kwargs,
+                            self.fit_inputs if inputs is self.inputs else inputs, self._engine,
+                            input_shapes=input_shapes, output_shapes=output_shapes)
+        child.notes = self.notes
+        return child
 
     @property
     def input(self) -> Moments:

@@ -1,0 +1,121 @@
+"""From a Keras model to its functional graph, and the one walker every pass uses.
+
+The walker visits the nodes of a functional graph in topological order (decreasing depth, as Keras'
+own `Functional._run_through_graph` does), rebuilds each call's arguments with the values computed so
+far (`node.arguments.fill_in`) and asks a `visit` callback for the node's outputs. What the values
+are (moments, real tensors, symbolic tensors) is the caller's business. Nested models are walked
+inside, with their own value table. The walk is iterative over nodes, so depth is no limit.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras.src import tree
+
+__all__ = ["as_functional", "is_model", "topo_nodes", "walk", "GraphError"]
+
+
+class GraphError(TypeError):
+    """The model cannot be viewed as a layer graph."""
+
+
+def is_model(op) -> bool:
+    return isinstance(op, keras.Model)
+
+
+def _subclassed_view(model):
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    shape = None
+    if len(shapes) == 1:
+        shape = next(iter(shapes.values()))
+    message = (
+        f"'{model.name}' is a subclassed {type(model).__name__}: it has no layer graph. Supported: "
+        "Functional models and built Sequential models. If call() uses only Keras layers and "
+        "keras.ops with no data-dependent Python control flow, build a functional view and pass "
+        "that instead: inp = keras.Input(shape); view = keras.Model(inp, model.call(inp)) (it shares "
+        "the same layers, so wrapping the view initializes the original model)."
+    )
+    if shape is None or not isinstance(shape, (tuple, list)):
+        raise GraphError(message + " (The model has no single recorded input shape to do this for you.)")
+    try:
+        inp = keras.Input(batch_shape=tuple(shape))
+        return keras.Model(inp, model.call(inp), name=f"{model.name}_functional_view")
+    except Exception as exc:  # noqa: BLE001 - any failure means: no symbolic view possible
+        raise GraphError(message + f" (Tracing call() symbolically failed: {exc})") from exc
+
+
+def as_functional(model):
+    """The functional graph behind `model` (the model itself, a Sequential's inner graph, or a view)."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"Expected a keras.Model, got {type(model).__name__}. Build your network as a Keras "
+            "Functional or Sequential model first."
+        )
+    if isinstance(model, keras.Sequential):
+        fn = getattr(model, "_functional", None)
+        if fn is None:
+            raise GraphError(
+                f"Sequential model '{model.name}' is not built, so its input shape is unknown. Build it "
+                "first with model.build((None, ...)), give its first layer an input shape "
+                "(keras.Input(shape=...) as the first entry), or call it once on a batch."
+            )
+        return fn
+    if hasattr(model, "_nodes_by_depth") and getattr(model, "_nodes_by_depth", None) is not None and hasattr(
+        model, "_run_through_graph"
+    ):
+        return model
+    return _subclassed_view(model)
+
+
+def topo_nodes(fn):
+    """The nodes of a functional graph in topological order (inputs first)."""
+    by_depth = fn._nodes_by_depth
+    return [n for d in sorted(by_depth, reverse=True) for n in by_depth[d]]
+
+
+def walk(fn, input_values, visit, path=()):
+    """Replay the functional graph `fn` on `input_values` (one per `fn.inputs`, or their structure).
+
+    `visit(node, args, kwargs, path)` returns the node's outputs (a value or a structure with one leaf
+    per output tensor). Nested models are walked recursively (their outputs come from the inner walk;
+    `visit` is not called for the nested model node itself). Returns the output values packed like the
+    model's outputs.
+    """
+    flat = tree.flatten(input_values)
+    if len(flat) != len(fn.inputs):
+        raise ValueError(f"Model '{fn.name}' has {len(fn.inputs)} inputs, got {len(flat)} values.")
+    values = {id(kt): v for kt, v in zip(fn.inputs, flat)}
+    for node in topo_nodes(fn):
+        if node.is_input or node.operation is None:
+            continue
+        if any(id(x) not in values for x in node.input_tensors):
+            continue  # a node of another model sharing this layer
+        args, kwargs = node.arguments.fill_in(values)
+        op = node.operation
+        if is_model(op):
+            inner = as_functional(op)
+            outs = walk(inner, args[0], visit, path + (op.name,))
+        else:
+            outs = visit(node, args, kwargs, path)
+        outs = tree.flatten(outs)
+        if len(outs) != len(node.outputs):
+            raise RuntimeError(
+                f"'{op.name}' produced {len(outs)} values for {len(node.outputs)} output tensors."
+            )
+        for kt, v in zip(node.outputs, outs):
+            values[id(kt)] = v
+    return tree.pack_sequence_as(fn._outputs_struct, [values[id(kt)] for kt in fn.outputs])
+
+
+def count_calls(fn, path=(), counts=None):
+    """{id(op): number of calls} for every non-model op reachable in `fn` (nested models included)."""
+    counts = {} if counts is None else counts
+    for node in topo_nodes(fn):
+        op = node.operation
+        if node.is_input or op is None:
+            continue
+        if is_model(op):
+            count_calls(as_functional(op), path + (op.name,), counts)
+        else:
+            counts[id(op)] = counts.get(id(op), 0) + 1
+    return counts

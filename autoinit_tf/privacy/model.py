@@ -1,0 +1,375 @@
+"""``make_private``: install a DP-SGD train step on a Keras model (TensorFlow backend).
+
+The installed step (Abadi et al. 2016): per-example gradients of the compiled
+loss, each clipped to global L2 norm ``l2_norm_clip`` (all trainable tensors
+together), summed over the real (unmasked) examples, Gaussian noise
+``N(0, sigma^2 C^2 I)`` added once, divided by the expected batch size
+(Poisson batches) or the actual batch size (plain batches), then handed to
+``model.optimizer``. Weight regularizers (``kernel_regularizer=...``) do not
+look at the data: their gradient is added after the noise, outside clipping,
+at no privacy cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+
+import keras
+
+from autoinit_tf.privacy import accounting
+from autoinit_tf.privacy.per_example import PerExampleGradients, check_backend
+from autoinit_tf.privacy.sampling import MASK_KEY, RATE_KEY
+
+logger = logging.getLogger(__name__)
+
+#: Layer classes (matched by class name anywhere in the MRO) whose output for one
+#: example depends on other examples of the batch.
+EXAMPLE_MIXING_LAYERS = {
+    "BatchNormalization": "GroupNormalization (or LayerNormalization)",
+    "SyncBatchNormalization": "GroupNormalization (or LayerNormalization)",
+    "IterNormWhitening": "GroupNormalization (or LayerNormalization)",
+    "DARBatchNormalization": "GroupNormalization (or LayerNormalization)",
+}
+
+
+class ExampleMixingLayerError(ValueError):
+    """The model has a layer that mixes examples of a batch: per-example privacy would not hold."""
+
+
+def register_example_mixing_layer(class_name: str, replacement: str = "GroupNormalization"):
+    """Declare another layer class (by name) as mixing examples, so make_private refuses it."""
+    EXAMPLE_MIXING_LAYERS[str(class_name)] = str(replacement)
+
+
+def _all_layers(model):
+    if hasattr(model, "_flatten_layers"):
+        return list(model._flatten_layers(include_self=False, recursive=True))
+    return list(model.layers)
+
+
+def find_example_mixing_layers(model):
+    """``[(layer, class_name, replacement)]`` for every layer that mixes examples."""
+    found = []
+    for layer in _all_layers(model):
+        if getattr(layer, "mixes_examples", False):
+            found.append((layer, type(layer).__name__, "a per-example normalization"))
+            continue
+        for cls in type(layer).__mro__:
+            if cls.__name__ in EXAMPLE_MIXING_LAYERS:
+                found.append((layer, cls.__name__, EXAMPLE_MIXING_LAYERS[cls.__name__]))
+                break
+    return found
+
+
+def check_model(model):
+    """Refuse models whose training would break the per-example sensitivity bound."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"make_private expects a keras.Model, got {type(model).__name__}.")
+    mixing = find_example_mixing_layers(model)
+    if mixing:
+        names = ", ".join(f"{layer.name!r} ({cls})" for layer, cls, _ in mixing)
+        repl = sorted({r for _, _, r in mixing})
+        raise ExampleMixingLayerError(
+            f"DP-SGD needs per-example gradients, but these layers mix the examples of a batch "
+            f"(batch statistics): {names}. Replace them with {' / '.join(repl)} -- the "
+            "`bn->groupnorm` swap -- before make_private (a per-example normalization such as "
+            "GroupNormalization keeps each example's gradient independent of the others)."
+        )
+    activity = [layer.name for layer in _all_layers(model) if getattr(layer, "activity_regularizer", None) is not None]
+    if activity:
+        raise ValueError(
+            f"Layers {activity} have an activity_regularizer: it is a data-dependent loss that "
+            "DP-SGD would have to clip per example; remove it (weight regularizers are fine)."
+        )
+
+
+def resolve_loss_fn(model, loss_fn=None):
+    """The per-batch-mean loss ``f(y_true, y_pred)`` used for per-example gradients."""
+    if loss_fn is not None:
+        return loss_fn
+
+    def compiled(y_true, y_pred):
+        compile_loss = getattr(model, "_compile_loss", None)
+        if compile_loss is None:
+            raise ValueError("Compile the model with a loss before training it with DP-SGD.")
+        loss = compile_loss(y_true, y_pred)
+        if loss is None:
+            raise ValueError("The compiled loss returned None; compile the model with a loss.")
+        return loss
+
+    return compiled
+
+
+@dataclasses.dataclass
+class PrivacyConfig:
+    l2_norm_clip: float
+    noise_multiplier: float
+    batch_size: int
+    dataset_size: int
+    delta: float
+    accountant: str
+    target_epsilon: float | None
+    planned_steps: int | None
+    microbatch_size: int | None
+    augmult: int
+    ema_momentum: float | None
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+
+class PrivacyState:
+    """DP configuration and counters kept next to (not inside) the model's variables."""
+
+    def __init__(self, model, config: PrivacyConfig, engine: PerExampleGradients, seed: int):
+        import tensorflow as tf
+
+        self.config = config
+        self.engine = engine
+        self.seed = int(seed)
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_steps")
+        self.poisson_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_poisson_steps")
+        self.observed_rate = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="dp_observed_rate")
+        self.ema = None
+        if config.ema_momentum is not None:
+            self.ema = [
+                tf.Variable(v.value, trainable=False, name="dp_ema_" + v.name.replace("/", "_"))
+                for v in model.trainable_variables
+            ]
+
+    @property
+    def steps_taken(self) -> int:
+        return int(self.steps.numpy())
+
+    @property
+    def poisson_steps_taken(self) -> int:
+        return int(self.poisson_steps.numpy())
+
+
+def get_state(model) -> PrivacyState:
+    state = getattr(model, "_dp_privacy_state", None)
+    if state is None:
+        raise ValueError("This model was not made private: call privacy.make_private(model, ...) first.")
+    return state
+
+
+def _positive_int(name, value):
+    if value is None or int(value) != value or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def make_private(
+    model,
+    l2_norm_clip: float,
+    noise_multiplier: float | None = None,
+    *,
+    target_epsilon: float | None = None,
+    target_delta: float = 1e-5,
+    batch_size: int,
+    dataset_size: int,
+    epochs: float | None = None,
+    steps: int | None = None,
+    accountant: str = "pld",
+    microbatch_size: int | None = None,
+    augmult: int = 1,
+    augment=None,
+    ema_momentum: float | None = None,
+    loss_fn=None,
+    seed: int | None = None,
+    jit_compile: bool = True,
+):
+    """Make ``model`` train with DP-SGD; returns the same model object.
+
+    Args:
+        model: a built ``keras.Model`` (an AutoInit-wrapped model works the same way).
+        l2_norm_clip: C, the per-example global L2 clipping norm (> 0).
+        noise_multiplier: sigma (noise std = sigma * C on the gradient sum). Give this or
+            ``target_epsilon``.
+        target_epsilon: calibrate sigma so that training for ``epochs`` (or ``steps``) spends
+            at most this epsilon at ``target_delta``.
+        target_delta: delta of the guarantee (default 1e-5; use < 1 / dataset_size).
+        batch_size: expected batch size L; the sampling rate is q = L / dataset_size.
+        dataset_size: number of training examples N.
+        epochs / steps: planned training length (steps = epochs * ceil(N / L)).
+        accountant: ``"pld"`` (default, tighter) or ``"rdp"``.
+        microbatch_size: examples vectorized at once (bounds memory); None = whole batch.
+        augmult: augmentation multiplicity K (De et al.): the per-example loss is averaged
+            over K augmented views before clipping; needs ``augment``.
+        augment: ``augment(x, seed) -> x`` batched stateless augmentation (see
+            :func:`autoinit_tf.privacy.random_flip_and_crop`).
+        ema_momentum: keep an exponential moving average of the weights (De et al.), with
+            warm-up ``min(mu, (1 + t) / (10 + t))``; evaluate it with
+            :func:`autoinit_tf.privacy.ema_weights` or ``PrivacyCallback(evaluate_with_ema=True)``.
+        loss_fn: per-batch mean loss ``f(y_true, y_pred)``; default: the compiled loss.
+        seed: seed of the noise (default: fresh OS randomness; a fixed seed makes the noise
+            predictable, use it only for tests).
+        jit_compile: XLA-compile the per-example gradient computation.
+
+    After ``make_private``, ``compile`` and ``fit`` as usual; feed
+    :func:`autoinit_tf.privacy.poisson_batches` for honest accounting.
+    """
+    check_backend()
+    check_model(model)
+    if getattr(model, "_dp_privacy_state", None) is not None:
+        raise ValueError("make_private was already applied to this model.")
+    if not model.built:
+        raise ValueError(
+            "The model must be built before make_private (give it an Input or call it on a batch)."
+        )
+    c = float(l2_norm_clip)
+    if not (c > 0.0) or math.isinf(c):
+        raise ValueError(f"l2_norm_clip must be a finite number > 0, got {l2_norm_clip!r}.")
+    batch_size = _positive_int("batch_size", batch_size)
+    dataset_size = _positive_int("dataset_size", dataset_size)
+    if batch_size > dataset_size:
+        raise ValueError(
+            f"batch_size ({batch_size}) is larger than dataset_size ({dataset_size}): the sampling "
+            "rate q = batch_size / dataset_size must be <= 1."
+        )
+    delta = accountant_delta = accounting.check_delta(target_delta)
+    accountant = accounting.check_accountant(accountant)
+    q = batch_size / dataset_size
+    planned = None
+    if steps is not None:
+        planned = _positive_int("steps", steps)
+    elif epochs is not None:
+        if not (float(epochs) > 0):
+            raise ValueError(f"epochs must be > 0, got {epochs!r}.")
+        planned = int(math.ceil(float(epochs) * accounting.steps_per_epoch(dataset_size, batch_size)))
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("Give exactly one of noise_multiplier and target_epsilon.")
+    if target_epsilon is not None:
+        accounting.check_epsilon(target_epsilon)
+        if planned is None:
+            raise ValueError("target_epsilon needs the training length: give epochs or steps.")
+        sigma = accounting.calibrate_noise_multiplier(target_epsilon, q, planned, accountant_delta, accountant)
+        logger.info(
+            "Calibrated noise_multiplier=%.4f for epsilon=%g, delta=%g over %d steps (q=%.5g, %s).",
+            sigma, target_epsilon, delta, planned, q, accountant,
+        )
+    else:
+        sigma = accounting.check_noise_multiplier(noise_multiplier)
+        if sigma == 0.0:
+            warnings_msg = "noise_multiplier=0: gradients are clipped but NOT noised; there is no privacy guarantee."
+            logger.warning(warnings_msg)
+    if ema_momentum is not None and not (0.0 < float(ema_momentum) < 1.0):
+        raise ValueError(f"ema_momentum must be in (0, 1), got {ema_momentum!r}.")
+    config = PrivacyConfig(
+        l2_norm_clip=c,
+        noise_multiplier=float(sigma),
+        batch_size=batch_size,
+        dataset_size=dataset_size,
+        delta=delta,
+        accountant=accountant,
+        target_epsilon=None if target_epsilon is None else float(target_epsilon),
+        planned_steps=planned,
+        microbatch_size=microbatch_size,
+        augmult=int(augmult),
+        ema_momentum=None if ema_momentum is None else float(ema_momentum),
+    )
+    engine = PerExampleGradients(
+        model,
+        resolve_loss_fn(model, loss_fn),
+        microbatch_size=microbatch_size,
+        augmult=augmult,
+        augment=augment,
+        jit_compile=jit_compile,
+    )
+    if seed is None:
+        seed = secrets.randbits(62)
+    state = PrivacyState(model, config, engine, seed)
+    # Plain Python attributes: not tracked as model state, not saved with the weights.
+    object.__setattr__(model, "_dp_privacy_state", state)
+    object.__setattr__(model, "train_step", _dp_train_step.__get__(model))
+    model.train_function = None
+    return model
+
+
+def _parse_sample_weight(sample_weight):
+    """``(mask, rate)`` from a Poisson batch; ``(None, None)`` for plain batches; errors otherwise."""
+    if sample_weight is None:
+        return None, None
+    if isinstance(sample_weight, dict) and MASK_KEY in sample_weight:
+        return sample_weight[MASK_KEY], sample_weight.get(RATE_KEY)
+    raise ValueError(
+        "DP-SGD does not accept sample_weight or class_weight: a weight > 1 would scale an "
+        "example's clipped gradient past l2_norm_clip and void the privacy bound. Rebalance by "
+        "resampling the data instead (use privacy.poisson_batches for the batches)."
+    )
+
+
+def _dp_train_step(self, data):
+    import tensorflow as tf
+
+    state = self._dp_privacy_state
+    cfg = state.config
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    mask, rate = _parse_sample_weight(sample_weight)
+    first = tf.nest.flatten(x)[0]
+    if mask is None:
+        mask = tf.ones(tf.shape(first)[:1], tf.bool)
+        denominator = tf.cast(tf.shape(first)[0], tf.float32)
+    else:
+        denominator = tf.constant(float(cfg.batch_size), tf.float32)
+    variables = self.trainable_variables
+    trainable = [v.value for v in variables]
+    non_trainable = [v.value for v in self.non_trainable_variables]
+    step = state.steps.read_value()
+    seed = tf.stack([tf.constant(state.seed % (2**62), tf.int64), step])
+
+    grad_sum, losses, y_pred, _, seed_states = state.engine.clipped_sum(
+        trainable, non_trainable, x, y, mask, tf.constant(cfg.l2_norm_clip, tf.float32), seed
+    )
+
+    # One Gaussian draw for all parameters: N(0, (sigma C)^2) per coordinate on the sum.
+    std = cfg.noise_multiplier * cfg.l2_norm_clip
+    grads = []
+    if std > 0:
+        sizes = [int(math.prod(v.shape)) for v in variables]
+        noise = tf.random.stateless_normal([sum(sizes)], seed=seed, dtype=tf.float32) * std
+        pieces = tf.split(noise, sizes)
+        for g, n, v in zip(grad_sum, pieces, variables):
+            grads.append((g + tf.cast(tf.reshape(n, v.shape), g.dtype)) / tf.cast(denominator, g.dtype))
+    else:
+        grads = [g / tf.cast(denominator, g.dtype) for g in grad_sum]
+
+    # Data-independent weight regularization: exact gradient, no clipping, no privacy cost.
+    regularized = [(i, v) for i, v in enumerate(variables) if getattr(v, "regularizer", None) is not None]
+    reg_loss = tf.constant(0.0)
+    if regularized:
+        with tf.GradientTape() as tape:
+            watched = [trainable[i] for i, _ in regularized]
+            tape.watch(watched)
+            reg_loss = tf.add_n([tf.cast(v.regularizer(t), tf.float32) for (_, v), t in zip(regularized, watched)])
+        for (i, _), g in zip(regularized, tape.gradient(reg_loss, watched)):
+            grads[i] = grads[i] + tf.cast(g, grads[i].dtype)
+
+    self.optimizer.apply(grads, variables)
+
+    # RNG seed states (dropout etc.) advance as in a normal step.
+    nt_vars = self.non_trainable_variables
+    for k, new in zip(state.engine.seed_state_index, seed_states):
+        nt_vars[k].assign(new)
+
+    new_step = state.steps.assign_add(1)
+    if rate is not None:
+        state.poisson_steps.assign_add(1)
+        state.observed_rate.assign(tf.cast(rate, tf.float64))
+    if state.ema is not None:
+        t = tf.cast(new_step, tf.float32)
+        mu = tf.minimum(tf.constant(cfg.ema_momentum, tf.float32), (1.0 + t) / (10.0 + t))
+        for e, v in zip(state.ema, variables):
+            e.assign(tf.cast(mu, e.dtype) * e + tf.cast(1.0 - mu, e.dtype) * v.value)
+
+    # Logged training loss/metrics use the private data directly (as in any DP-SGD library,
+    # they are not covered by the guarantee); padded rows have weight 0.
+    maskf = tf.cast(mask, tf.float32)
+    n_real = tf.reduce_sum(maskf)
+    mean_loss = tf.reduce_sum(losses * maskf) / tf.maximum(n_real, 1.0) + reg_loss
+    self._loss_tracker.update_state(mean_loss, sample_weight=n_real)
+    return self.compute_metrics(x, y, y_pred, sample_weight=maskf)

@@ -1,0 +1,259 @@
+"""Vectorized per-example gradients and clipping (TensorFlow backend).
+
+Per-example gradients come from ``tf.vectorized_map`` over a gradient of
+``model.stateless_call`` on one example (a batch of one, or of its K augmented
+views), compiled with XLA. ``microbatch_size`` bounds memory: the batch is
+processed in chunks of that many examples inside a ``tf.while_loop`` and only
+the running sum of clipped gradients is kept.
+
+Backend-specific code: this module is the TensorFlow implementation; see
+:func:`check_backend` for the policy on other backends.
+"""
+
+from __future__ import annotations
+
+import keras
+
+SUPPORTED_BACKENDS = ("tensorflow",)
+
+
+def check_backend():
+    """Raise a clear error unless Keras runs on a backend this package supports."""
+    backend = keras.backend.backend()
+    if backend not in SUPPORTED_BACKENDS:
+        raise NotImplementedError(
+            f"autoinit_tf.privacy (DP-SGD) supports the Keras backends {SUPPORTED_BACKENDS}; "
+            f"the current backend is {backend!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+        )
+    return backend
+
+
+def _is_seed_state(variable) -> bool:
+    path = getattr(variable, "path", "") or getattr(variable, "name", "")
+    return path.split("/")[-1].startswith("seed_generator_state")
+
+
+def global_norms(per_example_grads):
+    """Per-example global L2 norm over all tensors: shape (B,)."""
+    import tensorflow as tf
+
+    squares = [
+        tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
+        for g in per_example_grads
+    ]
+    return tf.sqrt(tf.add_n(squares))
+
+
+def clip_factors(norms, l2_norm_clip):
+    """``min(1, C / ||g_i||)`` per example (1 for a zero gradient)."""
+    import tensorflow as tf
+
+    c = tf.cast(l2_norm_clip, norms.dtype)
+    return tf.minimum(tf.ones_like(norms), c / tf.maximum(norms, tf.cast(1e-30, norms.dtype)))
+
+
+def clip_per_example(per_example_grads, l2_norm_clip):
+    """Clip each example's gradient (all tensors together) to global L2 norm <= ``l2_norm_clip``."""
+    import tensorflow as tf
+
+    factors = clip_factors(global_norms(per_example_grads), l2_norm_clip)
+    out = []
+    for g in per_example_grads:
+        f = tf.reshape(tf.cast(factors, g.dtype), [-1] + [1] * (len(g.shape) - 1))
+        out.append(g * f)
+    return out
+
+
+class PerExampleGradients:
+    """Per-example gradients of ``loss_fn(y, model(x))`` for one Keras model (TensorFlow).
+
+    Args:
+        model: a built Keras model.
+        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``, the mean loss over a batch
+            (applied to the V views of one example, so V = 1 gives that example's loss).
+        microbatch_size: examples vectorized at once (``None``: the whole batch).
+        augmult: augmentation multiplicity K (views per example, loss averaged before clipping).
+        augment: ``augment(x_batch, seed) -> x_batch``, applied to the K tiled copies of the
+            batch; ``seed`` is a shape-(2,) int tensor for stateless random ops.
+        jit_compile: XLA-compile the per-example computation.
+    """
+
+    def __init__(self, model, loss_fn, microbatch_size=None, augmult=1, augment=None, jit_compile=True):
+        import tensorflow as tf
+
+        check_backend()
+        if not model.built:
+            raise ValueError(
+                "The model must be built before DP training (give it an Input or call it on a batch)."
+            )
+        if microbatch_size is not None and (int(microbatch_size) != microbatch_size or microbatch_size < 1):
+            raise ValueError(f"microbatch_size must be a positive integer or None, got {microbatch_size!r}.")
+        if int(augmult) != augmult or augmult < 1:
+            raise ValueError(f"augmult must be an integer >= 1, got {augmult!r}.")
+        if augmult > 1 and augment is None:
+            raise ValueError(
+                "augmult > 1 needs an augment(x, seed) function (e.g. privacy.random_flip_and_crop()); "
+                "identical views would only cost time."
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
+        self.augmult = int(augmult)
+        self.augment = augment
+        self.seed_state_index = [i for i, v in enumerate(model.non_trainable_variables) if _is_seed_state(v)]
+        self._per_example = tf.function(self._per_example_impl, jit_compile=jit_compile, autograph=False)
+        self._clipped_sum = tf.function(self._clipped_sum_impl, jit_compile=jit_compile, autograph=False)
+
+    # ----------------------------------------------------------------- helpers
+    def _views(self, x, seed):
+        """x (B, ...) -> (B, V, ...): the K augmented views of every example (V = 1 without augmult)."""
+        import tensorflow as tf
+
+        if self.augmult == 1:
+            return tf.nest.map_structure(lambda a: tf.expand_dims(a, 1), x)
+        k = self.augmult
+
+        def tile(a):
+            b = tf.shape(a)[0]
+            rep = tf.repeat(a, k, axis=0)  # (B*K, ...), example-major
+            return rep, b
+
+        flat = tf.nest.flatten(x)
+        tiled = [tile(a)[0] for a in flat]
+        augmented = self.augment(tf.nest.pack_sequence_as(x, tiled), seed)
+        aug_flat = tf.nest.flatten(augmented)
+        out = [tf.reshape(a, tf.concat([[-1, k], tf.shape(a)[1:]], 0)) for a in aug_flat]
+        return tf.nest.pack_sequence_as(x, out)
+
+    def _one_example(self, trainable, non_trainable, x_views, y_i, index):
+        import tensorflow as tf
+
+        v = self.augmult
+        y_views = tf.nest.map_structure(lambda a: tf.repeat(tf.expand_dims(a, 0), v, axis=0), y_i)
+        nt = list(non_trainable)
+        for k in self.seed_state_index:
+            # a distinct RNG stream per example (dropout masks must differ between examples)
+            offset = tf.stack([tf.cast(index, nt[k].dtype), tf.zeros([], nt[k].dtype)])
+            nt[k] = nt[k] + offset
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            y_pred, new_nt = self.model.stateless_call(trainable, nt, x_views, training=True)
+            loss = self.loss_fn(y_views, y_pred)
+        grads = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        first_view = tf.nest.map_structure(lambda a: a[0], y_pred)
+        seeds = [new_nt[k] for k in self.seed_state_index]
+        return grads, tf.cast(loss, tf.float32), first_view, seeds
+
+    def _vectorized(self, trainable, non_trainable, x_views, y, index):
+        import tensorflow as tf
+
+        def fn(args):
+            xi, yi, ii = args
+            return self._one_example(trainable, non_trainable, xi, yi, ii)
+
+        return tf.vectorized_map(fn, (x_views, y, index))
+
+    # ----------------------------------------------------------- public API
+    def _per_example_impl(self, trainable, non_trainable, x, y, seed):
+        import tensorflow as tf
+
+        b = tf.shape(tf.nest.flatten(x)[0])[0]
+        grads, losses, y_pred, _ = self._vectorized(
+            trainable, non_trainable, self._views(x, seed), y, tf.range(b, dtype=tf.int64)
+        )
+        return grads, losses, y_pred
+
+    def per_example_gradients(self, x, y, seed=(0, 0)):
+        """Stacked per-example gradients ``[g (B, *var.shape)]`` at the model's current weights,
+        plus per-example losses (B,) and predictions (first view)."""
+        import tensorflow as tf
+
+        trainable = [v.value for v in self.model.trainable_variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        return self._per_example(trainable, non_trainable, x, y, tf.constant(seed, tf.int64))
+
+    def _clipped_sum_impl(self, trainable, non_trainable, x, y, mask, l2_norm_clip, seed):
+        """Sum over examples of mask_i * clip(g_i), with per-example losses, predictions, norms."""
+        import tensorflow as tf
+
+        x_views = self._views(x, seed)
+        flat_x = tf.nest.flatten(x_views)
+        b = tf.shape(flat_x[0])[0]
+        m = self.microbatch_size
+        maskf = tf.cast(mask, tf.float32)
+        index = tf.range(b, dtype=tf.int64)
+
+        def chunk_sum(xc, yc, mc, ic):
+            grads, losses, y_pred, seeds = self._vectorized(trainable, non_trainable, xc, yc, ic)
+            norms = global_norms(grads)
+            factors = clip_factors(norms, l2_norm_clip) * mc
+            sums = []
+            for g in grads:
+                f = tf.reshape(tf.cast(factors, g.dtype), [-1] + [1] * (len(g.shape) - 1))
+                sums.append(tf.reduce_sum(g * f, axis=0))
+            seeds = [s[0] for s in seeds]
+            return sums, losses, y_pred, norms, seeds
+
+        static_b = flat_x[0].shape[0]
+        if m is None or (static_b is not None and static_b <= m):
+            sums, losses, y_pred, norms, seeds = chunk_sum(x_views, y, maskf, index)
+            return sums, losses, y_pred, norms, seeds
+
+        # Micro-batches: pad to a multiple of m (padded rows masked out), loop over chunks.
+        n_chunks = (b + m - 1) // m
+        pad = n_chunks * m - b
+
+        def to_chunks(a):
+            paddings = tf.concat([[[0, pad]], tf.zeros([tf.rank(a) - 1, 2], tf.int32)], 0)
+            a = tf.pad(a, paddings)
+            return tf.reshape(a, tf.concat([[n_chunks, m], tf.shape(a)[1:]], 0))
+
+        xc = tf.nest.map_structure(to_chunks, x_views)
+        yc = tf.nest.map_structure(to_chunks, y)
+        mc = to_chunks(maskf)
+        ic = to_chunks(index)
+        # Run the first chunk outside the loop to learn output structures.
+        sums0, losses0, ypred0, norms0, seeds0 = chunk_sum(
+            tf.nest.map_structure(lambda a: a[0], xc), tf.nest.map_structure(lambda a: a[0], yc), mc[0], ic[0]
+        )
+        loss_ta = tf.TensorArray(tf.float32, size=n_chunks, element_shape=losses0.shape).write(0, losses0)
+        norm_ta = tf.TensorArray(norms0.dtype, size=n_chunks, element_shape=norms0.shape).write(0, norms0)
+        ypred_flat0 = tf.nest.flatten(ypred0)
+        ypred_tas = [
+            tf.TensorArray(p.dtype, size=n_chunks, element_shape=p.shape).write(0, p) for p in ypred_flat0
+        ]
+
+        def body(i, sums, loss_ta, norm_ta, ypred_tas):
+            s, losses, y_pred, norms, _ = chunk_sum(
+                tf.nest.map_structure(lambda a: a[i], xc), tf.nest.map_structure(lambda a: a[i], yc), mc[i], ic[i]
+            )
+            sums = [a + b_ for a, b_ in zip(sums, s)]
+            loss_ta = loss_ta.write(i, losses)
+            norm_ta = norm_ta.write(i, norms)
+            ypred_tas = [ta.write(i, p) for ta, p in zip(ypred_tas, tf.nest.flatten(y_pred))]
+            return i + 1, sums, loss_ta, norm_ta, ypred_tas
+
+        _, sums, loss_ta, norm_ta, ypred_tas = tf.while_loop(
+            lambda i, *_: i < n_chunks, body, (tf.constant(1), sums0, loss_ta, norm_ta, ypred_tas)
+        )
+
+        def unchunk(t):
+            t = t.stack()
+            return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))[:b]
+
+        y_pred = tf.nest.pack_sequence_as(ypred0, [unchunk(ta) for ta in ypred_tas])
+        return sums, unchunk(loss_ta), y_pred, unchunk(norm_ta), seeds0
+
+    def clipped_sum(self, trainable, non_trainable, x, y, mask, l2_norm_clip, seed):
+        """``(sum_i mask_i clip(g_i), per-example losses, predictions, per-example norms, new seed states)``."""
+        return self._clipped_sum(trainable, non_trainable, x, y, mask, l2_norm_clip, seed)
+
+
+def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None):
+    """Convenience: stacked per-example gradients of a compiled (or given) loss at the current weights."""
+    from autoinit_tf.privacy.model import resolve_loss_fn
+
+    engine = PerExampleGradients(model, resolve_loss_fn(model, loss_fn), microbatch_size=microbatch_size)
+    grads, _, _ = engine.per_example_gradients(x, y)
+    return grads

@@ -1,0 +1,166 @@
+"""Poisson sampling for DP-SGD, padded to a fixed shape so the train step compiles once.
+
+Each step, every example joins the batch independently with probability
+``q = batch_size / dataset_size`` (so batch sizes vary, an example can appear
+in several steps of an epoch or in none). This is the sampling that the
+privacy accountants assume. Batches are padded with zero rows up to a fixed
+``max_batch_size`` and carry a boolean mask; the DP train step gives padded
+rows exactly zero weight (no gradient, no loss, no metric contribution).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from autoinit_tf.privacy.accounting import check_sampling_rate, steps_per_epoch as _steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+#: Key of the mask in the third (sample-weight) slot of every Poisson batch.
+MASK_KEY = "dp_poisson_mask"
+#: Key of the sampling rate in the third slot of every Poisson batch.
+RATE_KEY = "dp_sampling_rate"
+
+
+def default_max_batch_size(dataset_size: int, sampling_rate: float, overflow_probability: float = 1e-9) -> int:
+    """Smallest padded size that a Binomial(N, q) batch exceeds with probability <= ``overflow_probability``."""
+    from scipy import stats
+
+    n, q = int(dataset_size), float(sampling_rate)
+    if q >= 1.0:
+        return n
+    bound = int(stats.binom.isf(overflow_probability, n, q)) + 1
+    return int(min(n, max(bound, 1)))
+
+
+class PoissonSampler:
+    """Draws Poisson-sampled index sets (numpy only; no TensorFlow needed).
+
+    Args:
+        dataset_size: number of examples N.
+        batch_size: expected batch size L; the sampling rate is ``q = L / N``.
+        seed: seed of the numpy generator (``None``: fresh OS entropy).
+        max_batch_size: padded size; default: exceeded with probability <= 1e-9 per step.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, seed=None, max_batch_size: int | None = None):
+        dataset_size, batch_size = int(dataset_size), int(batch_size)
+        if dataset_size <= 0:
+            raise ValueError(f"dataset_size must be > 0, got {dataset_size}.")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}.")
+        if batch_size > dataset_size:
+            raise ValueError(
+                f"batch_size ({batch_size}) is larger than the data set ({dataset_size} examples)."
+            )
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.sampling_rate = check_sampling_rate(batch_size / dataset_size)
+        if max_batch_size is None:
+            max_batch_size = default_max_batch_size(dataset_size, self.sampling_rate)
+        if not (batch_size <= int(max_batch_size) <= dataset_size):
+            raise ValueError(
+                f"max_batch_size must be between batch_size ({batch_size}) and the data set size "
+                f"({dataset_size}), got {max_batch_size}."
+            )
+        self.max_batch_size = int(max_batch_size)
+        self.rng = np.random.default_rng(seed)
+        self.overflows = 0
+
+    def sample(self) -> np.ndarray:
+        """Indices of one Poisson batch (sorted, length <= max_batch_size)."""
+        chosen = np.flatnonzero(self.rng.random(self.dataset_size) < self.sampling_rate)
+        if len(chosen) > self.max_batch_size:
+            # Probability <= the overflow probability the padded size was chosen for.
+            self.overflows += 1
+            logger.warning(
+                "Poisson batch of %d examples exceeds max_batch_size=%d; keeping a uniform random "
+                "subset (the accounting assumes the full Poisson batch: raise max_batch_size).",
+                len(chosen), self.max_batch_size,
+            )
+            chosen = np.sort(self.rng.choice(chosen, self.max_batch_size, replace=False))
+        return chosen
+
+    def padded_indices(self):
+        """``(indices, mask)`` of fixed length max_batch_size; padded slots point at row 0 and are masked."""
+        chosen = self.sample()
+        idx = np.zeros(self.max_batch_size, dtype=np.int64)
+        idx[: len(chosen)] = chosen
+        mask = np.zeros(self.max_batch_size, dtype=bool)
+        mask[: len(chosen)] = True
+        return idx, mask
+
+
+def poisson_batches(
+    x,
+    y,
+    batch_size: int,
+    seed=None,
+    steps_per_epoch: int | None = None,
+    max_batch_size: int | None = None,
+):
+    """A ``tf.data.Dataset`` of Poisson-sampled, padded, masked batches for ``model.fit``.
+
+    Every element is ``(x_batch, y_batch, {"dp_poisson_mask": mask, "dp_sampling_rate": q})``
+    with a fixed leading dimension ``max_batch_size``; padded rows are zeros and
+    ``mask`` is False there. The DP train step installed by
+    :func:`autoinit_tf.privacy.make_private` reads the mask (padded rows contribute
+    exactly nothing) and the rate (checked against the one it was configured for).
+
+    Args:
+        x, y: arrays (or nested tuples/dicts of arrays) with the same first dimension N.
+        batch_size: expected batch size L (sampling rate q = L / N); it is also the
+            denominator of the noisy mean gradient.
+        seed: numpy seed for the sampler; successive epochs continue the same stream.
+        steps_per_epoch: batches per pass; default ``ceil(N / L)``.
+        max_batch_size: padded size; default exceeded with probability <= 1e-9 per step.
+    """
+    import tensorflow as tf
+
+    if y is None:
+        raise ValueError("poisson_batches needs targets y (the DP train step is supervised).")
+    x_flat = [np.asarray(a) for a in tf.nest.flatten(x)]
+    y_flat = [np.asarray(a) for a in tf.nest.flatten(y)]
+    sizes = {len(a) for a in x_flat + y_flat}
+    if len(sizes) != 1:
+        raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}.")
+    n = sizes.pop()
+    sampler = PoissonSampler(n, batch_size, seed=seed, max_batch_size=max_batch_size)
+    steps = _steps_per_epoch(n, batch_size) if steps_per_epoch is None else int(steps_per_epoch)
+    if steps <= 0:
+        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}.")
+    m = sampler.max_batch_size
+    q = np.float64(sampler.sampling_rate)
+
+    def gather(arrays, idx, mask):
+        out = []
+        for a in arrays:
+            b = a[idx]
+            b[~mask] = 0
+            out.append(b)
+        return out
+
+    def generator():
+        for _ in range(steps):
+            idx, mask = sampler.padded_indices()
+            xb = tf.nest.pack_sequence_as(x, gather(x_flat, idx, mask))
+            yb = tf.nest.pack_sequence_as(y, gather(y_flat, idx, mask))
+            yield xb, yb, {MASK_KEY: mask, RATE_KEY: q}
+
+    def spec(arrays, like):
+        return tf.nest.pack_sequence_as(
+            like, [tf.TensorSpec((m,) + a.shape[1:], tf.as_dtype(a.dtype)) for a in arrays]
+        )
+
+    signature = (
+        spec(x_flat, x),
+        spec(y_flat, y),
+        {MASK_KEY: tf.TensorSpec((m,), tf.bool), RATE_KEY: tf.TensorSpec((), tf.float64)},
+    )
+    ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
+    ds.dp_sampler = sampler  # plain attribute, for inspection; not part of the pipeline
+    return ds

@@ -1,0 +1,210 @@
+"""Activation rules: any elementwise function by quadrature of the real Keras function; softmax.
+
+For an elementwise f and X ~ N(mu, var) (`autoinit_tf.moments.elementwise_moments`):
+
+    mean_out = E[f(X)],   var_out = E[f(X)^2] - mean_out^2,
+
+with the Keras function itself evaluated once on the quadrature nodes, split at its kinks (the table
+below) so piecewise-linear functions are integrated exactly.
+
+Softmax over K entries i.i.d. N(mu, v): the output p_i has mean exactly 1/K. Writing
+p_i = sigmoid(x_i - log S) with S = sum_{j != i} exp(x_j), and approximating S by a log-normal with
+the same mean and variance (Fenton-Wilkinson; exact for K = 2),
+
+    log S ~ N(mu_S, s_S^2),  s_S^2 = log(1 + V / M^2),  mu_S = log M - s_S^2 / 2,
+    M = (K-1) e^{mu + v/2},  V = (K-1) (e^v - 1) e^{2 mu + v},
+
+so p_i = sigmoid(D) with D ~ N(mu - mu_S, v + s_S^2): a one-dimensional integral.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import keras
+import numpy as np
+
+from autoinit_tf.moments import Moments, elementwise_moments, gaussian_expectations
+from autoinit_tf.rules.registry import register_rule
+
+# Kinks (x positions where f or f' jumps) of Keras' built-in activations, by function name.
+ACTIVATION_KINKS = {
+    "relu": (0.0,),
+    "relu6": (0.0, 6.0),
+    "leaky_relu": (0.0,),
+    "elu": (0.0,),
+    "selu": (0.0,),
+    "celu": (0.0,),
+    "hard_sigmoid": (-3.0, 3.0),
+    "hard_silu": (-3.0, 3.0),
+    "hard_swish": (-3.0, 3.0),
+    "hard_tanh": (-1.0, 1.0),
+    "soft_shrink": (-0.5, 0.5),
+    "hard_shrink": (-0.5, 0.5),
+    "sparse_plus": (-1.0, 1.0),
+    "threshold": (0.0,),
+    "abs": (0.0,),
+    "absolute": (0.0,),
+}
+
+# Activations that are not elementwise; they need their own rule.
+VECTOR_ACTIVATIONS = {"softmax", "log_softmax", "sparsemax", "glu"}
+
+_user_kinks: dict = {}
+
+
+def register_activation_kinks(fn, kinks) -> None:
+    """Declare the kinks of a custom elementwise activation `fn` so quadrature splits there."""
+    _user_kinks[fn] = tuple(float(k) for k in kinks)
+
+
+def activation_name(fn) -> str:
+    if isinstance(fn, str):
+        return fn
+    return getattr(fn, "__name__", type(fn).__name__).lower()
+
+
+def kinks_of(fn) -> tuple:
+    if fn in _user_kinks:
+        return _user_kinks[fn]
+    return ACTIVATION_KINKS.get(activation_name(fn), ())
+
+
+def numpy_function(fn):
+    """Wrap a Keras (backend) elementwise function so it maps float64 numpy to float64 numpy."""
+
+    def f(x):
+        y = fn(keras.ops.convert_to_tensor(np.asarray(x, dtype="float64"), dtype="float64"))
+        return np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
+
+    return f
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_elementwise(fn, mean, var, kinks):
+    return elementwise_moments(numpy_function(fn), Moments(mean, var), kinks)
+
+
+def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
+    """Moments of activation `fn` (a Keras activation function, name, or callable) applied to m.
+
+    `size` is the number of entries along the softmax axis for vector activations.
+    """
+    if fn is None:
+        return m
+    if isinstance(fn, str):
+        fn = keras.activations.get(fn)
+    name = activation_name(fn)
+    if name == "linear":
+        return m
+    if name == "softmax":
+        return softmax_moments(m, size)
+    if name == "log_softmax":
+        return log_softmax_moments(m, size)
+    if name in VECTOR_ACTIVATIONS:
+        raise NotImplementedError(f"No closed-form rule for the vector activation {name!r}.")
+    kinks = kinks_of(fn) if kinks is None else tuple(kinks)
+    try:
+        hash(fn)
+        return _cached_elementwise(fn, m.mean, m.var, kinks)
+    except TypeError:
+        return elementwise_moments(numpy_function(fn), m, kinks)
+
+
+def _lognormal_sum(m: Moments, k: int):
+    """(mu_S, s_S^2) of the Fenton-Wilkinson log-normal for a sum of k i.i.d. exp(N(m))."""
+    mean_one = math.exp(m.mean + 0.5 * m.var)
+    big_m = k * mean_one
+    big_v = k * math.expm1(m.var) * mean_one * mean_one
+    s2 = math.log1p(big_v / (big_m * big_m))
+    return math.log(big_m) - 0.5 * s2, s2
+
+
+def softmax_moments(m: Moments, size) -> Moments:
+    """Moments of softmax entries over `size` i.i.d. N(m) logits (see the module docstring)."""
+    k = int(size) if size else 0
+    if k <= 0:
+        raise ValueError("softmax_moments needs the static size of the softmax axis.")
+    if k == 1:
+        return Moments(1.0, 0.0)
+    mu_s, s2 = _lognormal_sum(m, k - 1)
+    d = Moments(m.mean - mu_s, m.var + s2)
+    _, e2 = gaussian_expectations(_sigmoid, d.mean, d.var)
+    mean = 1.0 / k
+    return Moments(mean, max(e2 - mean * mean, 0.0))
+
+
+def log_softmax_moments(m: Moments, size) -> Moments:
+    k = int(size) if size else 0
+    if k <= 0:
+        raise ValueError("log_softmax_moments needs the static size of the softmax axis.")
+    if k == 1:
+        return Moments(0.0, 0.0)
+    mu_s, s2 = _lognormal_sum(m, k - 1)
+    d = Moments(m.mean - mu_s, m.var + s2)
+    return elementwise_moments(_log_sigmoid, d)
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def axis_size(shape, axis) -> int | None:
+    if shape is None:
+        return None
+    axes = axis if isinstance(axis, (list, tuple)) else (axis,)
+    n = 1
+    for a in axes:
+        d = shape[a]
+        if d is None:
+            return None
+        n *= int(d)
+    return n
+
+
+# -- layers --------------------------------------------------------------------------------------
+
+
+@register_rule(keras.layers.Activation)
+def activation_layer_rule(ctx):
+    fn = ctx.layer.activation
+    size = axis_size(ctx.output_shapes[0], -1)
+    return function_moments(fn, ctx.input, size=size)
+
+
+@register_rule(keras.layers.ReLU)
+def relu_layer_rule(ctx):
+    layer = ctx.layer
+    kinks = [float(layer.threshold)]
+    if layer.max_value is not None:
+        kinks.append(float(layer.max_value))
+    return elementwise_moments(numpy_function(layer), ctx.input, kinks)
+
+
+@register_rule(keras.layers.LeakyReLU)
+@register_rule(keras.layers.ELU)
+def kink_at_zero_layer_rule(ctx):
+    return elementwise_moments(numpy_function(ctx.layer), ctx.input, (0.0,))
+
+
+@register_rule(keras.layers.PReLU)
+def prelu_rule(ctx):
+    """f(x) = x for x > 0, alpha_c x otherwise, alpha per channel: a mixture over the alphas."""
+    alpha = ctx.value(ctx.layer.alpha).astype(np.float64).ravel()
+    m = ctx.input
+    pos1, pos2 = gaussian_expectations(lambda x: np.maximum(x, 0.0), m.mean, m.var, (0.0,))
+    neg1, neg2 = gaussian_expectations(lambda x: np.minimum(x, 0.0), m.mean, m.var, (0.0,))
+    mean = pos1 + float(alpha.mean()) * neg1
+    second = pos2 + float((alpha**2).mean()) * neg2
+    return Moments.from_second(mean, second)
+
+
+@register_rule(keras.layers.Softmax)
+def softmax_layer_rule(ctx):
+    size = axis_size(ctx.input_shapes[0], ctx.layer.axis)
+    return softmax_moments(ctx.input, size)

@@ -1,0 +1,120 @@
+"""Attention rules: MultiHeadAttention, GroupedQueryAttention, Attention, AdditiveAttention.
+
+Projections are drawn so that queries and keys have unit second moment; the attention logits
+q.k / sqrt(d) then have variance ~1 whatever the width, and the softmax over T keys stays soft.
+With attention weights a_t (E[sum_t a_t^2] = T E[a^2] from the softmax rule) and values
+v_t = c + e_t (c: per-unit offset with variance B, e_t: independent with variance W), the attended
+output has mean E[v] and variance B + W T E[a^2]. The value projection targets `signal_variance`;
+the output projection is drawn for the target from the attended moments (AutoInit).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from autoinit_tf.moments import Moments
+from autoinit_tf.rules.activation import softmax_moments
+from autoinit_tf.rules.linear import linear_output
+from autoinit_tf.rules.registry import register_rule
+
+
+def _project(ctx, dense, m: Moments, n_contracted: int, target: float):
+    """Draw an EinsumDense projection contracting its first `n_contracted` kernel axes."""
+    kshape = tuple(dense.kernel.shape)
+    fan_in = int(np.prod(kshape[:n_contracted]))
+    var = target / (fan_in * m.second)
+    w = ctx.draw(dense.kernel, var).astype(np.float64).reshape(fan_in, -1)
+    b = ctx.value(dense.bias) if getattr(dense, "bias", None) is not None else None
+    total, within, between = linear_output(m, w[None], [1.0], b)
+    return total, within, between, var
+
+
+def _attended(v_total, v_within, v_between, logits: Moments, keys: int, dropout: float):
+    a = softmax_moments(logits, keys)
+    sum_a2 = keys * a.second
+    if dropout > 0:
+        sum_a2 /= 1.0 - dropout
+    return Moments(v_total.mean, v_between + v_within * sum_a2)
+
+
+def _seq_len(shape):
+    dims = shape[1:-1]
+    if any(d is None for d in dims):
+        return None
+    return int(np.prod(dims)) if dims else 1
+
+
+def _qkv_inputs(ctx):
+    args = list(ctx.args)
+    kwargs = ctx.kwargs
+    query = args[0] if args else kwargs["query"]
+    value = args[1] if len(args) > 1 else kwargs["value"]
+    key = args[2] if len(args) > 2 and isinstance(args[2], Moments) else kwargs.get("key")
+    key = value if not isinstance(key, Moments) else key
+    value_shape = ctx.node.arguments.args[1].shape if len(ctx.node.arguments.args) > 1 else None
+    if value_shape is None:
+        value_shape = ctx.node.arguments.kwargs["value"].shape
+    return query, key, value, value_shape
+
+
+def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
+    query, key, value, value_shape = _qkv_inputs(ctx)
+    keys = _seq_len(value_shape)
+    if keys is None:
+        return ctx.probe()
+    q, _, _, _ = _project(ctx, q_dense, query, 1, 1.0)
+    k, _, _, _ = _project(ctx, k_dense, key, 1, 1.0)
+    v_total, v_within, v_between, _ = _project(ctx, v_dense, value, 1, ctx.signal_variance)
+    logit_mean = head_dim * q.mean * k.mean / np.sqrt(head_dim)
+    logit_var = (q.second * k.second - q.mean**2 * k.mean**2)
+    logits = Moments(logit_mean, logit_var)
+    attended = _attended(v_total, v_within, v_between, logits, keys, float(getattr(ctx.layer, "dropout", 0.0)))
+    out, _, _, var = _project(ctx, o_dense, attended, 2, ctx.signal_variance)
+    ctx.weight_scale = var
+    n = len(ctx.node.outputs)
+    if n > 1:  # return_attention_scores=True
+        return [out, softmax_moments(logits, keys)]
+    return out
+
+
+@register_rule(keras.layers.MultiHeadAttention)
+def multi_head_attention_rule(ctx):
+    layer = ctx.layer
+    return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
+                       layer._key_dim)
+
+
+_GQA = getattr(keras.layers, "GroupQueryAttention", None) or getattr(keras.layers, "GroupedQueryAttention", None)
+if _GQA is not None:
+
+    @register_rule(_GQA)
+    def grouped_query_attention_rule(ctx):
+        layer = ctx.layer
+        return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
+                           layer.head_dim)
+
+
+@register_rule(keras.layers.Attention)
+def dot_attention_rule(ctx):
+    """Luong attention without weights (the optional scale starts at 1)."""
+    layer = ctx.layer
+    if layer.score_mode != "dot":
+        return ctx.probe()
+    ms = ctx.inputs
+    query, value = ms[0], ms[1]
+    key = ms[2] if len(ms) > 2 and len(ctx.node.input_tensors) > 2 else value
+    shapes = ctx.input_shapes
+    d = shapes[0][-1]
+    keys = _seq_len(shapes[1])
+    if d is None or keys is None or len(ctx.node.outputs) > 1:
+        return ctx.probe()
+    scale = float(np.mean(ctx.value(layer.scale))) if getattr(layer, "scale", None) is not None else 1.0
+    logits = Moments(scale * d * query.mean * key.mean,
+                     scale**2 * d * (query.second * key.second - query.mean**2 * key.mean**2))
+    return _attended(value, value.var, 0.0, logits, keys, float(layer.dropout))
+
+
+@register_rule(keras.layers.AdditiveAttention)
+def additive_attention_rule(ctx):
+    return ctx.probe()

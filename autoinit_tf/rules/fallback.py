@@ -1,0 +1,88 @@
+"""The empirical rule: run the op itself on a small deterministic Gaussian probe and measure.
+
+Used for layers without a registered rule (with a warning naming the layer) and by rules that need
+a short simulation (recurrent layers, bilinear upsampling). Layers run through `stateless_call`
+with the weights this pass is about to assign, in training mode, so nothing is changed: no weight,
+no BatchNormalization statistic, no RNG state of the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zlib
+
+import keras
+import numpy as np
+from keras.src import tree
+
+from autoinit_tf.moments import Moments
+
+PROBE_ELEMENTS = 1 << 15  # per input tensor, about
+MAX_PROBE_BATCH = 256
+
+
+def _probe_array(kt, m: Moments, rng, batch):
+    shape = [batch if d is None else int(d) for d in kt.shape]
+    if shape and kt.shape[0] is None:
+        shape[0] = batch
+    dtype = str(kt.dtype)
+    if "int" in dtype or "bool" in dtype:
+        hi = max(int(round(m.mean + 3.0 * np.sqrt(m.var))) + 1, 2)
+        return rng.integers(0, hi, size=shape).astype(dtype)
+    x = rng.standard_normal(shape) * np.sqrt(m.var) + m.mean
+    return x.astype(dtype if "float" in dtype else "float32")
+
+
+def _probe_batch(node):
+    sizes = []
+    for kt in node.input_tensors:
+        feat = int(np.prod([d for d in kt.shape[1:] if d is not None])) if len(kt.shape) > 1 else 1
+        sizes.append(max(feat, 1))
+    per = max(sizes) if sizes else 1
+    return int(np.clip(PROBE_ELEMENTS // per, 2, MAX_PROBE_BATCH))
+
+
+def _accepts_training(op) -> bool:
+    if getattr(op, "_call_has_training_arg", None) is not None:
+        return bool(op._call_has_training_arg)
+    try:
+        return "training" in inspect.signature(op.call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_on_probe(ctx, training=True, use_pending=True, seed=0):
+    """Call the op of `ctx` on probe tensors drawn from `ctx.inputs`; returns the flat outputs (numpy)."""
+    op = ctx.op
+    node = ctx.node
+    rng = np.random.default_rng([seed, zlib.crc32(op.name.encode())])
+    batch = _probe_batch(node)
+    probes = {id(kt): keras.ops.convert_to_tensor(_probe_array(kt, m, rng, batch))
+              for kt, m in zip(node.input_tensors, ctx.inputs)}
+    args, kwargs = node.arguments.fill_in(probes)
+    if isinstance(op, keras.layers.Layer):
+        if _accepts_training(op) and "training" not in kwargs:
+            kwargs = dict(kwargs, training=training)
+        engine = ctx._engine
+        tv = [keras.ops.convert_to_tensor(engine.value(v)) if use_pending else v.value
+              for v in op.trainable_variables]
+        ntv = [v.value for v in op.non_trainable_variables]
+        outs, _ = op.stateless_call(tv, ntv, *args, **kwargs)
+    else:
+        outs = op(*args, **kwargs)
+    return [np.asarray(keras.ops.convert_to_numpy(o), dtype=np.float64) for o in tree.flatten(outs)]
+
+
+def probe_moments(ctx, training=True, use_pending=True):
+    """Measured moments of every output of the op on a deterministic probe."""
+    outs = run_on_probe(ctx, training=training, use_pending=use_pending)
+    result = []
+    for y in outs:
+        y = y[np.isfinite(y)] if y.size else y
+        result.append(Moments(float(y.mean()), float(y.var())) if y.size else Moments(0.0, 0.0))
+    return result if len(result) > 1 else result[0]
+
+
+def fallback_rule(ctx):
+    """Rule used for ops without one: the op's output measured on a probe."""
+    return probe_moments(ctx)

@@ -1,0 +1,121 @@
+"""Merge rules; inputs are treated as independent.
+
+Add: (sum mu_i, sum v_i). Subtract: (mu_1 - mu_2, v_1 + v_2). Average: (sum mu_i / N, sum v_i / N^2).
+Multiply: mean prod mu_i, E[y^2] = prod E[x_i^2]. Concatenate: the size-weighted mixture.
+Maximum / Minimum of two Gaussians (Clark 1961), with a = sqrt(v_1 + v_2), alpha = (mu_1 - mu_2)/a:
+
+    E[max] = mu_1 Phi(alpha) + mu_2 Phi(-alpha) + a phi(alpha)
+    E[max^2] = (mu_1^2 + v_1) Phi(alpha) + (mu_2^2 + v_2) Phi(-alpha) + (mu_1 + mu_2) a phi(alpha),
+
+applied pairwise for more inputs. Dot over n entries: mean n mu_a mu_b,
+var n (E[a^2] E[b^2] - mu_a^2 mu_b^2); with normalize=True (cosine) E[y^2] ~ 1/n.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from autoinit_tf.moments import Moments, mix
+from autoinit_tf.rules.registry import register_rule
+
+L = keras.layers
+
+
+def add_moments(ms):
+    return Moments(sum(m.mean for m in ms), sum(m.var for m in ms))
+
+
+def multiply_moments(ms):
+    mean = float(np.prod([m.mean for m in ms]))
+    second = float(np.prod([m.second for m in ms]))
+    return Moments.from_second(mean, second)
+
+
+def max2(a: Moments, b: Moments) -> Moments:
+    s = math.sqrt(a.var + b.var)
+    if s == 0.0:
+        return Moments(max(a.mean, b.mean), 0.0)
+    alpha = (a.mean - b.mean) / s
+    cdf = 0.5 * math.erfc(-alpha / math.sqrt(2.0))
+    cdf_neg = 1.0 - cdf
+    pdf = math.exp(-0.5 * alpha * alpha) / math.sqrt(2.0 * math.pi)
+    e1 = a.mean * cdf + b.mean * cdf_neg + s * pdf
+    e2 = a.second * cdf + b.second * cdf_neg + (a.mean + b.mean) * s * pdf
+    return Moments.from_second(e1, e2)
+
+
+def maximum_moments(ms):
+    out = ms[0]
+    for m in ms[1:]:
+        out = max2(out, m)
+    return out
+
+
+def minimum_moments(ms):
+    neg = [Moments(-m.mean, m.var) for m in ms]
+    r = maximum_moments(neg)
+    return Moments(-r.mean, r.var)
+
+
+def concat_moments(ms, sizes):
+    if any(s is None for s in sizes):
+        sizes = [1] * len(ms)
+    return mix(list(zip(sizes, ms)))
+
+
+@register_rule(L.Add)
+def add_rule(ctx):
+    return add_moments(ctx.inputs)
+
+
+@register_rule(L.Subtract)
+def subtract_rule(ctx):
+    a, b = ctx.inputs
+    return Moments(a.mean - b.mean, a.var + b.var)
+
+
+@register_rule(L.Average)
+def average_rule(ctx):
+    n = len(ctx.inputs)
+    return Moments(sum(m.mean for m in ctx.inputs) / n, sum(m.var for m in ctx.inputs) / n**2)
+
+
+@register_rule(L.Multiply)
+def multiply_rule(ctx):
+    return multiply_moments(ctx.inputs)
+
+
+@register_rule(L.Maximum)
+def maximum_rule(ctx):
+    return maximum_moments(ctx.inputs)
+
+
+@register_rule(L.Minimum)
+def minimum_rule(ctx):
+    return minimum_moments(ctx.inputs)
+
+
+@register_rule(L.Concatenate)
+def concatenate_rule(ctx):
+    axis = ctx.layer.axis
+    sizes = [s[axis] for s in ctx.input_shapes]
+    return concat_moments(ctx.inputs, sizes)
+
+
+@register_rule(L.Dot)
+def dot_rule(ctx):
+    layer = ctx.layer
+    a, b = ctx.inputs
+    axes = layer.axes if isinstance(layer.axes, (list, tuple)) else (layer.axes, layer.axes)
+    n = ctx.input_shapes[0][axes[0]]
+    if n is None:
+        return ctx.probe()
+    n = int(n)
+    if layer.normalize:
+        return Moments.from_second(a.mean * b.mean / math.sqrt(a.second * b.second), 1.0 / n)
+    mean = n * a.mean * b.mean
+    var = n * (a.second * b.second - a.mean**2 * b.mean**2)
+    return Moments(mean, var)

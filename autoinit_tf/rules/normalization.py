@@ -1,0 +1,109 @@
+"""Normalization rules, exact in training mode and using the real gamma and beta.
+
+BatchNormalization, LayerNormalization, GroupNormalization: each normalized slice has mean 0 and
+variance v / (v + eps); with per-channel gamma_c, beta_c the output over all channels has
+
+    mean = avg_c beta_c,   E[y^2] = avg_c (gamma_c^2 v / (v + eps) + beta_c^2).
+
+RMSNormalization: y = x / sqrt(E[x^2] + eps) * scale, so E[y^2] = avg scale^2 * s / (s + eps)
+and mean = avg(scale) * mu / sqrt(s + eps). UnitNormalization over n entries: E[y^2] = 1 / n.
+Preprocessing Normalization: y = (x - m_j) / sqrt(var_j); Rescaling: y = scale * x + offset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from autoinit_tf.moments import Moments
+from autoinit_tf.rules.activation import axis_size
+from autoinit_tf.rules.registry import register_rule
+
+
+def _affine_over_normalized(ctx, gamma, beta, ratio):
+    g2 = 1.0 if gamma is None else float(np.mean(np.square(ctx.value(gamma).astype(np.float64))))
+    b = np.zeros(1) if beta is None else ctx.value(beta).astype(np.float64)
+    mean = float(b.mean())
+    second = g2 * ratio + float(np.mean(b * b))
+    return Moments.from_second(mean, second)
+
+
+@register_rule(keras.layers.BatchNormalization)
+def batch_normalization_rule(ctx):
+    layer = ctx.layer
+    v = ctx.input.var
+    ratio = v / (v + layer.epsilon) if v > 0 else 0.0
+    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)
+
+
+@register_rule(keras.layers.LayerNormalization)
+def layer_normalization_rule(ctx):
+    layer = ctx.layer
+    m = ctx.input
+    if getattr(layer, "rms_scaling", False):
+        s = m.second
+        g2 = float(np.mean(np.square(ctx.value(layer.gamma)))) if layer.gamma is not None else 1.0
+        g = float(np.mean(ctx.value(layer.gamma))) if layer.gamma is not None else 1.0
+        return Moments.from_second(g * m.mean / math.sqrt(s + layer.epsilon), g2 * s / (s + layer.epsilon))
+    ratio = m.var / (m.var + layer.epsilon) if m.var > 0 else 0.0
+    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)
+
+
+@register_rule(keras.layers.GroupNormalization)
+def group_normalization_rule(ctx):
+    layer = ctx.layer
+    v = ctx.input.var
+    ratio = v / (v + layer.epsilon) if v > 0 else 0.0
+    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)
+
+
+if hasattr(keras.layers, "RMSNormalization"):
+
+    @register_rule(keras.layers.RMSNormalization)
+    def rms_normalization_rule(ctx):
+        layer = ctx.layer
+        m = ctx.input
+        s = m.second
+        eps = layer.epsilon if layer.epsilon is not None else 1e-6
+        scale = ctx.value(layer.scale).astype(np.float64) if getattr(layer, "scale", None) is not None else np.ones(1)
+        mean = float(scale.mean()) * m.mean / math.sqrt(s + eps)
+        return Moments.from_second(mean, float(np.mean(scale**2)) * s / (s + eps))
+
+
+@register_rule(keras.layers.UnitNormalization)
+def unit_normalization_rule(ctx):
+    layer = ctx.layer
+    m = ctx.input
+    n = axis_size(ctx.input_shapes[0], layer.axis)
+    if not n:
+        return ctx.probe()
+    return Moments.from_second(m.mean / math.sqrt(n * m.second), 1.0 / n)
+
+
+@register_rule(keras.layers.Normalization)
+def preprocessing_normalization_rule(ctx):
+    layer = ctx.layer
+    m = ctx.input
+    mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), dtype=np.float64).ravel()
+    var = np.asarray(keras.ops.convert_to_numpy(layer.variance), dtype=np.float64).ravel()
+    var = np.maximum(var, keras.backend.epsilon())
+    if getattr(layer, "invert", False):
+        outs_mean = m.mean * np.sqrt(var) + mean
+        outs_second = m.var * var + outs_mean**2
+    else:
+        outs_mean = (m.mean - mean) / np.sqrt(var)
+        outs_second = m.var / var + outs_mean**2
+    return Moments.from_second(float(outs_mean.mean()), float(outs_second.mean()))
+
+
+@register_rule(keras.layers.Rescaling)
+def rescaling_rule(ctx):
+    layer = ctx.layer
+    scale = np.asarray(layer.scale, dtype=np.float64).ravel()
+    offset = np.asarray(layer.offset, dtype=np.float64).ravel()
+    m = ctx.input
+    means = scale * m.mean + offset
+    seconds = scale**2 * m.var + means**2
+    return Moments.from_second(float(np.mean(means)), float(np.mean(seconds)))

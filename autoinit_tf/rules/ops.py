@@ -1,0 +1,252 @@
+"""Rules for raw operations inside functional graphs (``x + y``, ``x * 2.0``, ``keras.ops.*``).
+
+Elementwise unary ops use the op itself on the quadrature nodes (split at the kinks listed here).
+Binary arithmetic accepts a tensor and a constant (scalar or array: its entries' mean and second
+moment enter) or two independent tensors. Reductions over n entries treat them as independent:
+mean keeps (mu, v / n), sum gives (n mu, n v), max the largest of n Gaussians. matmul over a
+contracted dimension n: mean n mu_a mu_b, variance n (E[a^2] E[b^2] - mu_a^2 mu_b^2).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras.src.ops import core as core_ops
+from keras.src.ops import nn as nn_ops
+from keras.src.ops import numpy as np_ops
+
+from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians
+from autoinit_tf.rules.activation import log_softmax_moments, numpy_function, softmax_moments
+from autoinit_tf.rules.linear import linear_output
+from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
+from autoinit_tf.rules.registry import register_rule
+
+# -- elementwise unary ops ---------------------------------------------------------------------
+
+_KINKS = {
+    nn_ops.Relu: lambda op: (0.0,),
+    nn_ops.Relu6: lambda op: (0.0, 6.0),
+    nn_ops.LeakyRelu: lambda op: (0.0,),
+    nn_ops.HardSigmoid: lambda op: (-3.0, 3.0),
+    nn_ops.HardSilu: lambda op: (-3.0, 3.0),
+    nn_ops.Elu: lambda op: (0.0,),
+    nn_ops.Selu: lambda op: (0.0,),
+    nn_ops.Celu: lambda op: (0.0,),
+    nn_ops.HardTanh: lambda op: (-1.0, 1.0),
+    nn_ops.SoftShrink: lambda op: (-float(op.threshold), float(op.threshold)),
+    nn_ops.HardShrink: lambda op: (-float(op.threshold), float(op.threshold)),
+    nn_ops.SparsePlus: lambda op: (-1.0, 1.0),
+    nn_ops.SparseSigmoid: lambda op: (-1.0, 1.0),
+    nn_ops.Threshold: lambda op: (float(op.threshold),),
+    nn_ops.Softsign: lambda op: (0.0,),
+    nn_ops.Sigmoid: lambda op: (),
+    nn_ops.Softplus: lambda op: (),
+    nn_ops.Silu: lambda op: (),
+    nn_ops.Squareplus: lambda op: (),
+    nn_ops.LogSigmoid: lambda op: (),
+    nn_ops.Gelu: lambda op: (),
+    nn_ops.TanhShrink: lambda op: (),
+    np_ops.Tanh: lambda op: (),
+    np_ops.Exp: lambda op: (),
+    np_ops.Absolute: lambda op: (0.0,),
+    np_ops.Square: lambda op: (),
+    np_ops.Sign: lambda op: (0.0,),
+    np_ops.Sin: lambda op: (),
+    np_ops.Cos: lambda op: (),
+}
+
+
+def _unary_elementwise_rule(ctx):
+    op = ctx.op
+    kinks = _KINKS[next(c for c in type(op).__mro__ if c in _KINKS)](op)
+    return elementwise_moments(numpy_function(op), ctx.input, kinks)
+
+
+for _cls in _KINKS:
+    register_rule(_cls, _unary_elementwise_rule)
+
+
+@register_rule(np_ops.Clip)
+def clip_rule(ctx):
+    op = ctx.op
+    lo, hi = ctx.args[1], ctx.args[2]
+    if isinstance(lo, Moments) or isinstance(hi, Moments):
+        return ctx.probe()
+    lo, hi = float(np.asarray(lo)), float(np.asarray(hi))
+    return elementwise_moments(lambda x: np.clip(x, lo, hi), ctx.input, (lo, hi)) if op else None
+
+
+@register_rule(np_ops.Negative)
+def negative_rule(ctx):
+    m = ctx.input
+    return Moments(-m.mean, m.var)
+
+
+# -- binary arithmetic --------------------------------------------------------------------------
+
+
+def _constant_stats(c):
+    arr = np.asarray(keras.ops.convert_to_numpy(c) if not isinstance(c, (int, float)) else c, dtype=np.float64)
+    return float(arr.mean()), float(np.mean(arr * arr))
+
+
+def _binary(ctx):
+    a, b = ctx.args[0], ctx.args[1]
+    return a, b, isinstance(a, Moments), isinstance(b, Moments)
+
+
+@register_rule(np_ops.Add)
+def add_op_rule(ctx):
+    a, b, ma, mb = _binary(ctx)
+    if ma and mb:
+        return add_moments([a, b])
+    m, c = (a, b) if ma else (b, a)
+    c1, c2 = _constant_stats(c)
+    return Moments(m.mean + c1, m.var + max(c2 - c1 * c1, 0.0))
+
+
+@register_rule(np_ops.Subtract)
+def subtract_op_rule(ctx):
+    a, b, ma, mb = _binary(ctx)
+    if ma and mb:
+        return Moments(a.mean - b.mean, a.var + b.var)
+    c1, c2 = _constant_stats(b if ma else a)
+    m = a if ma else b
+    cvar = max(c2 - c1 * c1, 0.0)
+    return Moments(m.mean - c1, m.var + cvar) if ma else Moments(c1 - m.mean, m.var + cvar)
+
+
+@register_rule(np_ops.Multiply)
+def multiply_op_rule(ctx):
+    a, b, ma, mb = _binary(ctx)
+    if ma and mb:
+        return multiply_moments([a, b])
+    m, c = (a, b) if ma else (b, a)
+    c1, c2 = _constant_stats(c)
+    return Moments.from_second(m.mean * c1, m.second * c2)
+
+
+def _divide_rule(ctx):
+    a, b, ma, mb = _binary(ctx)
+    if ma and not mb:
+        arr = np.asarray(keras.ops.convert_to_numpy(b) if not isinstance(b, (int, float)) else b, dtype=np.float64)
+        inv = 1.0 / arr
+        return Moments.from_second(a.mean * float(inv.mean()), a.second * float(np.mean(inv * inv)))
+    return ctx.probe()
+
+
+register_rule(np_ops.Divide, _divide_rule)
+register_rule(np_ops.TrueDivide, _divide_rule)
+
+
+@register_rule(np_ops.Power)
+def power_rule(ctx):
+    a, b, ma, mb = _binary(ctx)
+    if ma and not mb and isinstance(b, (int, float)):
+        p = float(b)
+        if p == int(p) and p >= 0:
+            return elementwise_moments(lambda x: np.power(x, p), a, ())
+    return ctx.probe()
+
+
+@register_rule(np_ops.Matmul)
+def matmul_rule(ctx):
+    a, b, ma, mb = _binary(ctx)
+    if ma and mb:
+        n = ctx.node.input_tensors[0].shape[-1]
+        if n is None:
+            return ctx.probe()
+        n = int(n)
+        return Moments(n * a.mean * b.mean, n * (a.second * b.second - a.mean**2 * b.mean**2))
+    if ma:
+        w = np.asarray(keras.ops.convert_to_numpy(b), dtype=np.float64)
+        if w.ndim == 2:
+            return linear_output(a, w[None], [1.0])[0]
+    return ctx.probe()
+
+
+# -- reductions -----------------------------------------------------------------------------------
+
+
+def _reduced_count(ctx, axis):
+    shape = ctx.node.input_tensors[0].shape
+    axes = range(len(shape)) if axis is None else (axis if isinstance(axis, (list, tuple)) else (axis,))
+    axes = [a for a in axes if not (axis is None and a == 0)]
+    dims = [shape[a] for a in axes]
+    if any(d is None for d in dims):
+        return None
+    return int(np.prod(dims)) if dims else 1
+
+
+@register_rule(np_ops.Mean)
+def mean_op_rule(ctx):
+    n = _reduced_count(ctx, ctx.op.axis)
+    if n is None:
+        return ctx.probe()
+    return Moments(ctx.input.mean, ctx.input.var / n)
+
+
+@register_rule(np_ops.Sum)
+def sum_op_rule(ctx):
+    n = _reduced_count(ctx, ctx.op.axis)
+    if n is None:
+        return ctx.probe()
+    return Moments(n * ctx.input.mean, n * ctx.input.var)
+
+
+@register_rule(np_ops.Max)
+def max_op_rule(ctx):
+    n = _reduced_count(ctx, ctx.op.axis)
+    if n is None:
+        return ctx.probe()
+    return max_of_gaussians(n, ctx.input)
+
+
+@register_rule(nn_ops.Softmax)
+def softmax_op_rule(ctx):
+    n = _reduced_count(ctx, ctx.op.axis)
+    return softmax_moments(ctx.input, n) if n else ctx.probe()
+
+
+@register_rule(nn_ops.LogSoftmax)
+def log_softmax_op_rule(ctx):
+    n = _reduced_count(ctx, ctx.op.axis)
+    return log_softmax_moments(ctx.input, n) if n else ctx.probe()
+
+
+# -- structure ------------------------------------------------------------------------------------
+
+
+def _same_for_every_output(ctx):
+    n = len(ctx.node.outputs)
+    return ctx.input if n == 1 else [ctx.input] * n
+
+
+_PASSTHROUGH = [
+    np_ops.Reshape, np_ops.Transpose, np_ops.GetItem, np_ops.ExpandDims, np_ops.Squeeze, np_ops.Ravel,
+    np_ops.Moveaxis, np_ops.Swapaxes, np_ops.Tile, np_ops.Repeat, np_ops.BroadcastTo, np_ops.Split,
+    np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.Unstack, core_ops.ConvertToTensor,
+    core_ops.Slice,
+]
+for _cls in _PASSTHROUGH:
+    register_rule(_cls, _same_for_every_output)
+
+
+@register_rule(np_ops.Concatenate)
+def concatenate_op_rule(ctx):
+    axis = ctx.op.axis
+    sizes = [kt.shape[axis] for kt in ctx.node.input_tensors]
+    return concat_moments(ctx.inputs, sizes)
+
+
+@register_rule(np_ops.Stack)
+def stack_op_rule(ctx):
+    return concat_moments(ctx.inputs, [1] * len(ctx.inputs))
+
+
+def _probe_rule(ctx):
+    return ctx.probe()
+
+
+for _cls in (np_ops.Einsum, nn_ops.DotProductAttention, np_ops.Where):
+    register_rule(_cls, _probe_rule)

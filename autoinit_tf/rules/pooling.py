@@ -1,0 +1,115 @@
+"""Pooling rules (1D/2D/3D, local, global and adaptive), treating window entries as independent.
+
+Average over a window of k entries: mean mu, variance v / k. With 'same' padding border windows
+hold fewer real entries (padding is excluded from the average), so the variance is v * E_o[1/k_o]
+over output positions o. Max over k entries: the moments of the largest of k i.i.d. Gaussians
+(`max_of_gaussians`), mixed over the window sizes that occur.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from autoinit_tf.moments import Moments, max_of_gaussians, mix
+from autoinit_tf.rules.registry import register_rule
+
+
+def _window_counts(n, k, stride, padding):
+    """Number of real entries in each output window along one dimension."""
+    if n is None:
+        return np.array([k])
+    if padding == "valid":
+        out = (n - k) // stride + 1
+        return np.full(max(out, 1), min(k, n))
+    out = int(math.ceil(n / stride))
+    pad_total = max((out - 1) * stride + k - n, 0)
+    left = pad_total // 2
+    starts = np.arange(out) * stride - left
+    return np.minimum(starts + k, n) - np.maximum(starts, 0)
+
+
+def _adaptive_counts(n, out):
+    i = np.arange(out)
+    start = np.floor(i * n / out).astype(int)
+    end = np.ceil((i + 1) * n / out).astype(int)
+    return end - start
+
+
+def _size_distribution(per_dim):
+    """{window size: fraction of output positions} from per-dimension window counts."""
+    sizes = {1: 1.0}
+    for counts in per_dim:
+        vals, freq = np.unique(counts, return_counts=True)
+        freq = freq / freq.sum()
+        nxt = {}
+        for s, p in sizes.items():
+            for v, q in zip(vals, freq):
+                nxt[s * int(v)] = nxt.get(s * int(v), 0.0) + p * q
+        sizes = nxt
+    return sizes
+
+
+def _spatial_dims(shape, data_format, rank):
+    if data_format == "channels_first":
+        return list(shape[2 : 2 + rank])
+    return list(shape[1 : 1 + rank])
+
+
+def _average(m, sizes):
+    inv_k = sum(p / k for k, p in sizes.items())
+    return Moments(m.mean, m.var * inv_k)
+
+
+def _maximum(m, sizes):
+    return mix([(p, max_of_gaussians(k, m)) for k, p in sizes.items()])
+
+
+def _local_sizes(ctx):
+    layer = ctx.layer
+    rank = len(layer.pool_size)
+    dims = _spatial_dims(ctx.input_shapes[0], getattr(layer, "data_format", "channels_last"), rank)
+    per_dim = [_window_counts(n, k, s, layer.padding) for n, k, s in zip(dims, layer.pool_size, layer.strides)]
+    return _size_distribution(per_dim)
+
+
+def _global_sizes(ctx, rank):
+    dims = _spatial_dims(ctx.input_shapes[0], getattr(ctx.layer, "data_format", "channels_last"), rank)
+    k = int(np.prod([d for d in dims if d is not None])) if dims else 1
+    return {max(k, 1): 1.0}
+
+
+def _adaptive_sizes(ctx, rank):
+    layer = ctx.layer
+    dims = _spatial_dims(ctx.input_shapes[0], getattr(layer, "data_format", "channels_last"), rank)
+    out = layer.output_size
+    out = tuple(out) if isinstance(out, (list, tuple)) else (out,) * rank
+    return _size_distribution([_adaptive_counts(n, o) for n, o in zip(dims, out)])
+
+
+def average_pooling_rule(ctx):
+    return _average(ctx.input, _local_sizes(ctx))
+
+
+def max_pooling_rule(ctx):
+    return _maximum(ctx.input, _local_sizes(ctx))
+
+
+L = keras.layers
+for _cls in (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D):
+    register_rule(_cls, average_pooling_rule)
+for _cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D):
+    register_rule(_cls, max_pooling_rule)
+for _rank, _cls in ((1, L.GlobalAveragePooling1D), (2, L.GlobalAveragePooling2D), (3, L.GlobalAveragePooling3D)):
+    register_rule(_cls, lambda ctx, r=_rank: _average(ctx.input, _global_sizes(ctx, r)))
+for _rank, _cls in ((1, L.GlobalMaxPooling1D), (2, L.GlobalMaxPooling2D), (3, L.GlobalMaxPooling3D)):
+    register_rule(_cls, lambda ctx, r=_rank: _maximum(ctx.input, _global_sizes(ctx, r)))
+for _rank in (1, 2, 3):
+    _avg = getattr(L, f"AdaptiveAveragePooling{_rank}D", None)
+    _max = getattr(L, f"AdaptiveMaxPooling{_rank}D", None)
+    if _avg is not None:
+        register_rule(_avg, lambda ctx, r=_rank: _average(ctx.input, _adaptive_sizes(ctx, r)))
+    if _max is not None:
+        register_rule(_max, lambda ctx, r=_rank: _maximum(ctx.input, _adaptive_sizes(ctx, r)))

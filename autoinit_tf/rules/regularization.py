@@ -1,0 +1,65 @@
+"""Dropout and noise rules, in training mode, exact for any input mean.
+
+Inverted dropout with keep probability k = 1 - rate (Dropout and SpatialDropout: Keras rescales
+both by 1/k; a spatial mask has the same per-element marginal): mean mu, E[y^2] = E[x^2] / k.
+GaussianDropout: y = x * N(1, rate / (1 - rate)), so E[y^2] = E[x^2] / (1 - rate).
+GaussianNoise: var + stddev^2. AlphaDropout (Keras' SELU-preserving form):
+y = a (x M + alpha' (1 - M)) + b with M ~ Bernoulli(k).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from autoinit_tf.moments import Moments
+from autoinit_tf.rules.registry import register_rule
+
+L = keras.layers
+
+
+def _inverted_dropout(ctx):
+    rate = float(ctx.layer.rate)
+    m = ctx.input
+    if rate <= 0.0:
+        return m
+    keep = 1.0 - rate
+    return Moments.from_second(m.mean, m.second / keep)
+
+
+for _cls in (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D):
+    register_rule(_cls, _inverted_dropout)
+
+
+@register_rule(L.GaussianDropout)
+def gaussian_dropout_rule(ctx):
+    rate = float(ctx.layer.rate)
+    m = ctx.input
+    if rate <= 0.0:
+        return m
+    return Moments.from_second(m.mean, m.second / (1.0 - rate))
+
+
+@register_rule(L.GaussianNoise)
+def gaussian_noise_rule(ctx):
+    m = ctx.input
+    return Moments(m.mean, m.var + float(ctx.layer.stddev) ** 2)
+
+
+@register_rule(L.AlphaDropout)
+def alpha_dropout_rule(ctx):
+    rate = float(ctx.layer.rate)
+    m = ctx.input
+    if rate <= 0.0:
+        return m
+    alpha_p = -1.6732632423543772848170429916717 * 1.0507009873554804934193349852946
+    keep = 1.0 - rate
+    a = (keep * (1.0 + rate * alpha_p**2)) ** -0.5
+    b = -a * alpha_p * rate
+    inner_mean = keep * m.mean + (1.0 - keep) * alpha_p
+    inner_second = keep * m.second + (1.0 - keep) * alpha_p**2
+    return Moments.from_second(a * inner_mean + b, a * a * inner_second + 2 * a * b * inner_mean + b * b)
+
+
+@register_rule(L.ActivityRegularization)
+def identity_rule(ctx):
+    return ctx.input
