@@ -18,3 +18,20 @@ from autoinit_tf.privacy.accounting import (  # noqa: F401
     steps_per_epoch,
 )
 from autoinit_tf.privacy.sampling import PoissonSampler, poisson_batches  # noqa: F401
+from autoinit_tf.privacy.model import (  # noqa: F401
+    EXAMPLE_MIXING_LAYERS,
+    ExampleMixingLayerError,
+    find_example_mixing_layers,
+    make_private,
+    register_example_mixing_layer,
+)
+from autoinit_tf.privacy.per_example import (  # noqa: F401
+    PerExampleGradients,
+    clip_per_example,
+    global_norms,
+    per_example_gradients,
+)
+from autoinit_tf.privacy.ema import ema_values, ema_weights  # noqa: F401
+from autoinit_tf.privacy.augment import random_flip_and_crop  # noqa: F401
+from autoinit_tf.privacy.statement import PrivacyStatement, epsilon, statement  # noqa: F401
+from autoinit_tf.privacy.callback import PrivacyCallback  # noqa: F401
