@@ -9,7 +9,7 @@ Exact logit-space operators (independent probabilities ``p_i = sigmoid(x_i)``):
 * ``OR_IL(x) = logit(1 - prod_i (1 - p_i)) = -AND_IL(-x)``
 * ``XNOR_IL(x) = logit(P[an even number of the k events is active])
   = 2 artanh((-1)^k prod_i tanh(x_i / 2))`` (for k = 2: ``logit(p1 p2 + (1-p1)(1-p2))``).
-  Probabilities are clamped to ``[1e-7, 1 - 1e-7]`` inside the logit.
+  Probabilities are clamped to ``[1e-7, 1 - 1e-7]`` inside the logit (computed in float32).
 
 AIL approximations (comparison and addition only):
 
@@ -20,6 +20,12 @@ AIL approximations (comparison and addition only):
 Normalized variants ("NAIL", ``normalize=True``): ``(f(x) - mu_k) / sigma_k`` with the mean and
 standard deviation of ``f`` for i.i.d. N(0, 1) inputs, computed exactly by 1-D quadrature (k = 2:
 OR/AND ``mu = +/-0.68104, sigma = 0.97229``; XNOR ``mu = 0, sigma = 0.60281``).
+
+Activation-function forms (``and_ail, or_ail, xnor_ail``, NAIL ``and_nail, or_nail, xnor_nail``,
+exact ``and_il, or_il, xnor_il``; k = 2, registered under ``autoinit_tf>name``) can be passed as
+``activation=`` where a C/k output is acceptable: eager or subclassed code, or a ``Lambda`` layer.
+In a Functional graph ``Dense(..., activation=or_ail)`` still REPORTS C output channels (Keras
+infers the shape from the layer, not the activation), so use the `LogitGate` layers there.
 
 Ensembles of several functions: ``combine="dup"`` applies every function to the same groups and
 concatenates (output ``n C / k`` channels); ``combine="part"`` splits the ``C / k`` groups into ``n``
@@ -192,7 +198,11 @@ def apply_gate(x, name, k=2, normalize=False):
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    out = _reduce(name, _group(x, k), k)
+    if name in IL_FUNCTIONS:  # the 1e-7 clamps need float32 (they round away in float16)
+        dtype = x.dtype
+        out = ops.cast(_reduce(name, _group(ops.cast(x, "float32"), k), k), dtype)
+    else:
+        out = _reduce(name, _group(x, k), k)
     if normalize:
         if name not in AIL_FUNCTIONS:
             raise ValueError("normalize=True (NAIL) is defined for the AIL functions only.")
