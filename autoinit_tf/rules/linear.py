@@ -29,23 +29,37 @@ from autoinit_tf.rules.activation import axis_size, function_moments
 from autoinit_tf.rules.registry import register_rule
 
 
-def linear_output(m: Moments, w3, tap_frac, bias=None):
+def linear_output(m: Moments, w3, taps, bias=None):
     """Output moments of a linear map with kernel w3[t, c, j] (see the module docstring).
 
+    `taps` describes which taps read real input: a list of ``(weight, valid)`` position classes
+    (``valid``: a 0/1 vector over taps, ``weight``: the fraction of output positions in the class),
+    or a plain vector of per-tap fractions (one class). Position classes make the border effects of
+    padding exact, including the position-dependent mean they create.
+
     Returns (Moments, within, between): the total moments, the average within-unit variance and the
-    variance of unit means.
+    variance of unit means (over units and positions).
     """
     w3 = np.asarray(w3, dtype=np.float64)
-    p = np.asarray(tap_frac, dtype=np.float64).reshape(-1, 1, 1)
-    colsum = np.sum(w3 * p, axis=(0, 1))
-    colsq = np.sum(w3 * w3 * p, axis=(0, 1))
-    means = m.mean * colsum
+    colsum = w3.sum(axis=1)  # (taps, units)
+    colsq = (w3 * w3).sum(axis=1)
+    if not (isinstance(taps, list) and taps and isinstance(taps[0], tuple)):
+        taps = [(1.0, np.asarray(taps, dtype=np.float64).reshape(-1))]
+    b = None
     if bias is not None:
         b = np.asarray(bias, dtype=np.float64).reshape(-1)
-        means = means + (b if b.size == means.size else float(b.mean()))
-    within = float(m.var * colsq.mean())
-    between = float(means.var())
-    return Moments(float(means.mean()), within + between), within, between
+        if b.size != colsum.shape[1]:
+            b = np.full(colsum.shape[1], float(b.mean()))
+    mean = second_means = within = 0.0
+    for weight, valid in taps:
+        means = m.mean * (valid @ colsum)
+        if b is not None:
+            means = means + b
+        mean += weight * float(means.mean())
+        second_means += weight * float(np.mean(means * means))
+        within += weight * m.var * float(np.mean(valid @ colsq))
+    between = max(second_means - mean * mean, 0.0)
+    return Moments(mean, within + between), within, between
 
 
 def fused_activation(layer, pre: Moments, out_shape):
@@ -55,41 +69,55 @@ def fused_activation(layer, pre: Moments, out_shape):
     return function_moments(act, pre, size=axis_size(out_shape, -1))
 
 
+def fan_in_of(taps) -> float:
+    """The average number of real taps per output position."""
+    if isinstance(taps, list) and taps and isinstance(taps[0], tuple):
+        return float(sum(w * np.sum(v) for w, v in taps))
+    return float(np.sum(taps))
+
+
 # -- receptive-field geometry --------------------------------------------------------------------
 
 
-def _conv_tap_counts(n, k, stride, dilation, padding):
-    """Fraction of output positions where each of the k taps reads a real (not padded) input."""
-    if n is None:
-        return np.ones(k)
+def _conv_valid(n, k, stride, dilation, padding):
+    """(output positions x taps) 0/1 matrix: does tap t of output o read a real input?"""
+    if n is None or padding == "valid":
+        return np.ones((1, k))
     eff = (k - 1) * dilation + 1
-    if padding == "valid":
-        return np.ones(k)
+    out = int(math.ceil(n / stride))
     if padding == "causal":
-        out = int(math.ceil(n / stride))
         pad_left = eff - 1
     else:  # same
-        out = int(math.ceil(n / stride))
         pad_total = max((out - 1) * stride + eff - n, 0)
         pad_left = pad_total // 2
     o = np.arange(out)[:, None]
     t = np.arange(k)[None, :]
     i = o * stride + t * dilation - pad_left
-    valid = (i >= 0) & (i < n)
-    return valid.mean(axis=0)
+    return ((i >= 0) & (i < n)).astype(np.float64)
 
 
-def _transpose_tap_counts(n, k, stride, dilation, padding, out_len):
-    """Fraction of output positions of a transposed convolution that each tap writes to."""
+def _transpose_valid(n, k, stride, dilation, padding, out_len):
+    """(output positions x taps) 0/1 matrix of a transposed convolution: does tap t write to o?"""
     if n is None or out_len is None:
-        return np.full(k, 1.0 / stride)
+        return np.full((1, k), 1.0 / stride)
     full = (n - 1) * stride + (k - 1) * dilation + 1
     crop = max(full - out_len, 0) // 2 if padding == "same" else 0
-    i = np.arange(n)[:, None]
+    o = np.arange(out_len)[:, None]
     t = np.arange(k)[None, :]
-    pos = i * stride + t * dilation - crop
-    hits = ((pos >= 0) & (pos < out_len)).sum(axis=0)
-    return hits / float(out_len)
+    src = o + crop - t * dilation
+    ok = (src % stride == 0) & (src >= 0) & (src // stride < n)
+    return ok.astype(np.float64)
+
+
+def _classes(per_dim):
+    """Position classes (weight, valid over all taps) from per-dimension validity matrices."""
+    classes = [(1.0, np.ones(1))]
+    for valid in per_dim:
+        rows, counts = np.unique(valid, axis=0, return_counts=True)
+        weights = counts / counts.sum()
+        classes = [(w0 * w1, np.multiply.outer(v0, v1).reshape(-1))
+                   for w0, v0 in classes for w1, v1 in zip(weights, rows)]
+    return classes
 
 
 def _spatial(shape, data_format, rank):
@@ -100,30 +128,22 @@ def _spatial(shape, data_format, rank):
     return list(shape[1 : 1 + rank])
 
 
-def _conv_tap_fraction(layer, in_shape, rank):
+def _conv_taps(layer, in_shape, rank):
     dims = _spatial(in_shape, getattr(layer, "data_format", "channels_last"), rank)
-    per_dim = [
-        _conv_tap_counts(n, k, s, d, layer.padding)
+    return _classes([
+        _conv_valid(n, k, s, d, layer.padding)
         for n, k, s, d in zip(dims, layer.kernel_size, layer.strides, layer.dilation_rate)
-    ]
-    frac = per_dim[0]
-    for pd in per_dim[1:]:
-        frac = np.multiply.outer(frac, pd)
-    return np.asarray(frac).reshape(-1)
+    ])
 
 
-def _transpose_tap_fraction(layer, in_shape, out_shape, rank):
+def _transpose_taps(layer, in_shape, out_shape, rank):
     fmt = getattr(layer, "data_format", "channels_last")
     dims = _spatial(in_shape, fmt, rank)
     outs = _spatial(out_shape, fmt, rank)
-    per_dim = [
-        _transpose_tap_counts(n, k, s, d, layer.padding, o)
+    return _classes([
+        _transpose_valid(n, k, s, d, layer.padding, o)
         for n, k, s, d, o in zip(dims, layer.kernel_size, layer.strides, layer.dilation_rate, outs)
-    ]
-    frac = per_dim[0]
-    for pd in per_dim[1:]:
-        frac = np.multiply.outer(frac, pd)
-    return np.asarray(frac).reshape(-1)
+    ])
 
 
 # -- the rules ----------------------------------------------------------------------------------
@@ -155,9 +175,9 @@ def _conv_pre(ctx):
     rank = layer.rank
     k = layer.kernel
     kshape = tuple(k.shape)
-    frac = _conv_tap_fraction(layer, ctx.input_shapes[0], rank)
+    frac = _conv_taps(layer, ctx.input_shapes[0], rank)
     cin = kshape[-2]
-    fan_eff = cin * float(frac.sum())
+    fan_eff = cin * fan_in_of(frac)
     w = _draw_kernel(ctx, k, fan_eff)
     pre, _, _ = linear_output(ctx.input, w.reshape(-1, cin, kshape[-1]), frac, _bias(ctx, layer))
     return pre
@@ -168,9 +188,9 @@ def _conv_transpose_pre(ctx):
     rank = layer.rank
     k = layer.kernel
     kshape = tuple(k.shape)  # (*kernel_size, filters, in_channels)
-    frac = _transpose_tap_fraction(layer, ctx.input_shapes[0], ctx.output_shapes[0], rank)
+    frac = _transpose_taps(layer, ctx.input_shapes[0], ctx.output_shapes[0], rank)
     cin = kshape[-1]
-    fan_eff = cin * float(frac.sum())
+    fan_eff = cin * fan_in_of(frac)
     w = _draw_kernel(ctx, k, fan_eff)
     w3 = np.swapaxes(w.reshape(-1, kshape[-2], cin), 1, 2)
     pre, _, _ = linear_output(ctx.input, w3, frac, _bias(ctx, layer))
@@ -180,8 +200,8 @@ def _conv_transpose_pre(ctx):
 def _depthwise_pre(ctx, layer, kernel, m, target=None):
     """Depthwise stage: each output channel sees the taps of ONE input channel (fan-in = taps)."""
     kshape = tuple(kernel.shape)  # (*kernel_size, in_channels, depth_multiplier)
-    frac = _conv_tap_fraction(layer, ctx.input_shapes[0], layer.rank)
-    fan_eff = float(frac.sum())
+    frac = _conv_taps(layer, ctx.input_shapes[0], layer.rank)
+    fan_eff = fan_in_of(frac)
     w = _draw_kernel(ctx, kernel, fan_eff, target)
     taps = int(np.prod(kshape[:-2]))
     w3 = w.reshape(taps, 1, kshape[-2] * kshape[-1])
@@ -297,7 +317,7 @@ def spectral_normalization_rule(ctx):
     if isinstance(inner, keras.layers.Dense):
         taps, w3 = [1.0], (w / sigma)[None]
     else:
-        taps = _conv_tap_fraction(inner, ctx.input_shapes[0], inner.rank)
+        taps = _conv_taps(inner, ctx.input_shapes[0], inner.rank)
         w3 = (w / sigma).reshape(-1, w.shape[-2], w.shape[-1])
     pre, _, _ = linear_output(ctx.input, w3, taps, _bias(ctx, inner))
     return fused_activation(inner, pre, ctx.output_shapes[0])

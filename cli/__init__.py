@@ -1,0 +1,1 @@
+"""The `autoinit-tf` command line (installed as the package `autoinit_tf_cli`)."""
