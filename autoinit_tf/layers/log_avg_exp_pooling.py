@@ -60,34 +60,28 @@ class _GlobalLogAvgExpPooling(keras.layers.Layer):
         return ops.convert_to_tensor(self.temperature, dtype="float32")
 
     def call(self, inputs, mask=None):
+        # Evaluated as c + t * log1p(mean(expm1((x - c) / t))) with c = max(x) (no gradient through
+        # c; the value does not depend on it). Equal to t * (logsumexp(x / t) - log n), but it
+        # keeps float32 precision for large t, where logsumexp - log n cancels catastrophically.
         x = ops.cast(inputs, "float32")
         t = self.current_temperature()
-        z = x / t
         axes = self._axes
         if mask is None:
-            n = 1.0
-            for a in axes:
-                d = x.shape[a]
-                n = n * (float(d) if d is not None else ops.cast(ops.shape(x)[a], "float32"))
-            lse = ops.logsumexp(z, axis=axes, keepdims=self.keepdims)
-            out = t * (lse - ops.log(ops.cast(n, "float32")))
+            c = ops.stop_gradient(ops.max(x, axis=axes, keepdims=True))
+            s = ops.mean(ops.expm1((x - c) / t), axis=axes, keepdims=True)
+            out = c + t * ops.log1p(s)
         else:
             m = ops.cast(mask, "float32")
-            if self.data_format == "channels_last":
-                m = ops.expand_dims(m, -1)
-            else:
-                m = ops.expand_dims(m, 1)
+            m = ops.expand_dims(m, -1 if self.data_format == "channels_last" else 1)
             valid = m > 0
             n = ops.sum(m, axis=axes, keepdims=True)
-            zmax = ops.max(ops.where(valid, z, ops.min(z) - 1.0), axis=axes, keepdims=True)
-            zmax = ops.stop_gradient(zmax)
-            e = ops.where(valid, ops.exp(ops.where(valid, z - zmax, 0.0)), 0.0)
-            s = ops.sum(e, axis=axes, keepdims=True)
-            has = n > 0
-            lse = ops.log(ops.where(has, s, 1.0)) + zmax - ops.log(ops.maximum(n, 1.0))
-            out = ops.where(has, t * lse, 0.0)
-            if not self.keepdims:
-                out = ops.squeeze(out, axis=axes)
+            low = ops.min(x, axis=axes, keepdims=True)
+            c = ops.stop_gradient(ops.max(ops.where(valid, x, low), axis=axes, keepdims=True))
+            e = ops.where(valid, ops.expm1(ops.where(valid, x - c, 0.0) / t), 0.0)
+            s = ops.sum(e, axis=axes, keepdims=True) / ops.maximum(n, 1.0)
+            out = ops.where(n > 0, c + t * ops.log1p(s), 0.0)
+        if not self.keepdims:
+            out = ops.squeeze(out, axis=axes)
         return ops.cast(out, self.compute_dtype)
 
     def compute_mask(self, inputs, mask=None):
