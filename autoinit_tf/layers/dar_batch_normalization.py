@@ -61,8 +61,10 @@ class DARBatchNormalization(keras.layers.Layer):
         axes = tuple(range(rank - 1))
         gamma = ops.cast(self.gamma, "float32") if self.scale else 1.0
         beta = ops.cast(self.beta, "float32") if self.center else 0.0
+        moving_mean = ops.cast(self.moving_mean, "float32")
+        moving_var = ops.cast(self.moving_variance, "float32")
         if not training:
-            out = (x - self.moving_mean) * ops.rsqrt(self.moving_variance + self.epsilon)
+            out = (x - moving_mean) * ops.rsqrt(moving_var + self.epsilon)
             return ops.cast(out * gamma + beta, self.compute_dtype)
         if noise_mask is None:
             m = ops.zeros((ops.shape(x)[0],) + (1,) * (rank - 1), dtype="float32")
@@ -77,10 +79,10 @@ class DARBatchNormalization(keras.layers.Layer):
         out = (x - mu) * ops.rsqrt(var + self.epsilon) * gamma + beta
         has = ops.cast(cnt_n > 0, "float32")
         mom = self.momentum
-        new_mean = self.moving_mean * mom + mean_n * (1.0 - mom)
-        new_var = self.moving_variance * mom + var_n * (1.0 - mom)
-        self.moving_mean.assign(has * new_mean + (1.0 - has) * self.moving_mean)
-        self.moving_variance.assign(has * new_var + (1.0 - has) * self.moving_variance)
+        new_mean = moving_mean * mom + mean_n * (1.0 - mom)
+        new_var = moving_var * mom + var_n * (1.0 - mom)
+        self.moving_mean.assign(has * new_mean + (1.0 - has) * moving_mean)
+        self.moving_variance.assign(has * new_var + (1.0 - has) * moving_var)
         return ops.cast(out, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):

@@ -90,14 +90,14 @@ class IterNormWhitening(keras.layers.Layer):
             xc = flat - mean[None]
             w = self.whitening_matrix(xc)
             mom = self.momentum
-            self.running_mean.assign(self.running_mean + mom * (ops.stop_gradient(mean) - self.running_mean))
-            self.running_whitening.assign(
-                self.running_whitening + mom * (ops.stop_gradient(w) - self.running_whitening)
-            )
+            r_mean = ops.cast(self.running_mean, "float32")
+            r_w = ops.cast(self.running_whitening, "float32")
+            self.running_mean.assign(r_mean + mom * (ops.stop_gradient(mean) - r_mean))
+            self.running_whitening.assign(r_w + mom * (ops.stop_gradient(w) - r_w))
         else:
-            mean = self.running_mean
+            mean = ops.cast(self.running_mean, "float32")
             xc = flat - mean[None]
-            w = self.running_whitening
+            w = ops.cast(self.running_whitening, "float32")
         out = ops.einsum("gij,mgj->mgi", w, xc)
         out = ops.reshape(out, shape)
         if self.scale:
