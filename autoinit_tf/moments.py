@@ -41,12 +41,16 @@ class Moments:
 
     Args:
         mean: the mean of all elements.
-        var: the variance of all elements (>= 0).
+        var: the variance of all elements (>= 0), over examples, positions and channels.
+        between: the part of `var` that is the variance of the per-channel expected values (fixed
+            per-channel offsets that do not average out over examples or positions); the rest,
+            ``within = var - between``, fluctuates from element to element. Pooling over positions
+            shrinks only the within part. Defaults to 0.
     """
 
-    __slots__ = ("mean", "var")
+    __slots__ = ("mean", "var", "between")
 
-    def __init__(self, mean, var):
+    def __init__(self, mean, var, between=0.0):
         self.mean = float(mean)
         var = float(var)
         if var < 0.0:
@@ -55,6 +59,12 @@ class Moments:
             else:
                 raise ValueError(f"Moments variance must be >= 0, got {var}.")
         self.var = var
+        self.between = min(max(float(between), 0.0), var)
+
+    @property
+    def within(self) -> float:
+        """The element-to-element part of the variance, var - between."""
+        return self.var - self.between
 
     @property
     def second(self) -> float:
@@ -66,12 +76,12 @@ class Moments:
         return math.sqrt(self.var)
 
     @classmethod
-    def from_second(cls, mean, second):
-        return cls(mean, max(float(second) - float(mean) ** 2, 0.0))
+    def from_second(cls, mean, second, between=0.0):
+        return cls(mean, max(float(second) - float(mean) ** 2, 0.0), between)
 
     def scaled(self, a, b=0.0) -> "Moments":
         """Moments of a * x + b."""
-        return Moments(a * self.mean + b, a * a * self.var)
+        return Moments(a * self.mean + b, a * a * self.var, a * a * self.between)
 
     def is_finite(self) -> bool:
         return math.isfinite(self.mean) and math.isfinite(self.var)
@@ -81,23 +91,30 @@ class Moments:
         yield self.var
 
     def __eq__(self, other):
-        return isinstance(other, Moments) and other.mean == self.mean and other.var == self.var
+        return (isinstance(other, Moments) and other.mean == self.mean and other.var == self.var
+                and other.between == self.between)
 
     def __hash__(self):
-        return hash((self.mean, self.var))
+        return hash((self.mean, self.var, self.between))
 
     def __repr__(self):
-        return f"Moments(mean={self.mean:.6g}, var={self.var:.6g})"
+        extra = f", between={self.between:.6g}" if self.between else ""
+        return f"Moments(mean={self.mean:.6g}, var={self.var:.6g}{extra})"
 
 
 def mix(parts) -> Moments:
-    """Moments of a mixture: `parts` is a list of (weight, Moments); weights need not sum to 1."""
+    """Moments of a mixture: `parts` is a list of (weight, Moments); weights need not sum to 1.
+
+    Channels coming from different parts keep their offsets: the mixture's between-channel variance
+    is sum_i w_i (between_i + mean_i^2) - mean^2.
+    """
     total = float(sum(w for w, _ in parts))
     if total <= 0:
         raise ValueError("mix() needs a positive total weight.")
     mean = sum(w * m.mean for w, m in parts) / total
     second = sum(w * m.second for w, m in parts) / total
-    return Moments.from_second(mean, second)
+    between = sum(w * (m.between + m.mean * m.mean) for w, m in parts) / total - mean * mean
+    return Moments.from_second(mean, second, between)
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,10 +152,43 @@ def gaussian_expectations(fn, mean, var, kinks=(), powers=(1, 2)):
     return tuple(float(np.dot(w, y**p)) for p in powers)
 
 
+_GH_Z, _GH_W = np.polynomial.hermite_e.hermegauss(24)
+_GH_W = _GH_W / _GH_W.sum()
+
+
 def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
-    """Moments of fn(X) for X ~ N(m.mean, m.var), fn applied elementwise."""
-    e1, e2 = gaussian_expectations(fn, m.mean, m.var, kinks)
-    return Moments.from_second(e1, e2)
+    """Moments of fn(X) for X ~ N(m.mean, m.var), fn applied elementwise.
+
+    When part of the variance is between channels (channel offsets d ~ N(0, between), elements
+    N(mean + d, within) inside a channel), the channel means g(d) = E[fn(mean + d + e)] are
+    integrated over d with 24-point Gauss-Hermite, giving the output's own between-channel part.
+    All evaluations of fn happen in one vectorised call.
+    """
+    if m.between <= 0.0 or m.within <= 0.0:
+        e1, e2 = gaussian_expectations(fn, m.mean, m.var, kinks)
+        return Moments.from_second(e1, e2, m.var if m.within <= 0.0 and m.var > 0 else 0.0)
+    s = math.sqrt(m.within)
+    centres = m.mean + math.sqrt(m.between) * _GH_Z
+    zs, ws, sizes = [], [], []
+    for c in centres:
+        kz = tuple(sorted(round((k - c) / s, 12) for k in kinks if k is not None and math.isfinite(k)))
+        z, w = _nodes_for(kz)
+        zs.append(c + s * z)
+        ws.append(w)
+        sizes.append(len(z))
+    y = np.asarray(fn(np.concatenate(zs)), dtype=np.float64).reshape(-1)
+    g1 = np.empty(len(centres))
+    g2 = np.empty(len(centres))
+    start = 0
+    for i, (w, n) in enumerate(zip(ws, sizes)):
+        seg = y[start : start + n]
+        g1[i] = np.dot(w, seg)
+        g2[i] = np.dot(w, seg * seg)
+        start += n
+    mean = float(np.dot(_GH_W, g1))
+    second = float(np.dot(_GH_W, g2))
+    between = float(np.dot(_GH_W, g1 * g1)) - mean * mean
+    return Moments.from_second(mean, second, between)
 
 
 def _norm_cdf(x):

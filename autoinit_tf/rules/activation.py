@@ -82,8 +82,8 @@ def numpy_function(fn):
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_elementwise(fn, mean, var, kinks):
-    return elementwise_moments(numpy_function(fn), Moments(mean, var), kinks)
+def _cached_elementwise(fn, mean, var, between, kinks):
+    return elementwise_moments(numpy_function(fn), Moments(mean, var, between), kinks)
 
 
 def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
@@ -107,7 +107,7 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     kinks = kinks_of(fn) if kinks is None else tuple(kinks)
     try:
         hash(fn)
-        return _cached_elementwise(fn, m.mean, m.var, kinks)
+        return _cached_elementwise(fn, m.mean, m.var, m.between, kinks)
     except TypeError:
         return elementwise_moments(numpy_function(fn), m, kinks)
 

@@ -78,8 +78,14 @@ def probe_moments(ctx, training=True, use_pending=True):
     outs = run_on_probe(ctx, training=training, use_pending=use_pending)
     result = []
     for y in outs:
-        y = y[np.isfinite(y)] if y.size else y
-        result.append(Moments(float(y.mean()), float(y.var())) if y.size else Moments(0.0, 0.0))
+        if not y.size:
+            result.append(Moments(0.0, 0.0))
+            continue
+        between = 0.0
+        if y.ndim >= 3:  # channels-last feature maps: variance of per-channel means
+            between = float(np.var(np.mean(y.reshape(-1, y.shape[-1]), axis=0)))
+        y = y[np.isfinite(y)]
+        result.append(Moments(float(y.mean()), float(y.var()), between))
     return result if len(result) > 1 else result[0]
 
 

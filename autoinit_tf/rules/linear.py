@@ -57,9 +57,17 @@ def linear_output(m: Moments, w3, taps, bias=None):
             means = means + b
         mean += weight * float(means.mean())
         second_means += weight * float(np.mean(means * means))
-        within += weight * m.var * float(np.mean(valid @ colsq))
+        within += weight * m.within * float(np.mean(valid @ colsq))
+        if m.between > 0.0:
+            # Input channel offsets d_c are the same at every tap: they add coherently per channel.
+            if w3.shape[0] == 1:
+                coherent = float(valid[0] ** 2 * colsq[0].mean())
+            else:
+                per_channel = np.einsum("t,tcj->cj", valid, w3)  # (channels, units)
+                coherent = float(np.mean(np.sum(per_channel * per_channel, axis=0)))
+            second_means += weight * m.between * coherent
     between = max(second_means - mean * mean, 0.0)
-    return Moments(mean, within + between), within, between
+    return Moments(mean, within + between, between), within, between
 
 
 def fused_activation(layer, pre: Moments, out_shape):

@@ -25,13 +25,14 @@ L = keras.layers
 
 
 def add_moments(ms):
-    return Moments(sum(m.mean for m in ms), sum(m.var for m in ms))
+    return Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms))
 
 
 def multiply_moments(ms):
     mean = float(np.prod([m.mean for m in ms]))
     second = float(np.prod([m.second for m in ms]))
-    return Moments.from_second(mean, second)
+    between = float(np.prod([m.between + m.mean**2 for m in ms])) - mean * mean
+    return Moments.from_second(mean, second, between)
 
 
 def max2(a: Moments, b: Moments) -> Moments:
@@ -74,13 +75,14 @@ def add_rule(ctx):
 @register_rule(L.Subtract)
 def subtract_rule(ctx):
     a, b = ctx.inputs
-    return Moments(a.mean - b.mean, a.var + b.var)
+    return Moments(a.mean - b.mean, a.var + b.var, a.between + b.between)
 
 
 @register_rule(L.Average)
 def average_rule(ctx):
     n = len(ctx.inputs)
-    return Moments(sum(m.mean for m in ctx.inputs) / n, sum(m.var for m in ctx.inputs) / n**2)
+    return Moments(sum(m.mean for m in ctx.inputs) / n, sum(m.var for m in ctx.inputs) / n**2,
+                   sum(m.between for m in ctx.inputs) / n**2)
 
 
 @register_rule(L.Multiply)

@@ -22,12 +22,13 @@ from autoinit_tf.rules.activation import axis_size
 from autoinit_tf.rules.registry import register_rule
 
 
-def _affine_over_normalized(ctx, gamma, beta, ratio):
+def _affine_over_normalized(ctx, gamma, beta, ratio, kept_between=0.0):
+    """gamma * xhat + beta with E[xhat^2] = ratio; `kept_between` of xhat's variance is per-channel."""
     g2 = 1.0 if gamma is None else float(np.mean(np.square(ctx.value(gamma).astype(np.float64))))
     b = np.zeros(1) if beta is None else ctx.value(beta).astype(np.float64)
     mean = float(b.mean())
     second = g2 * ratio + float(np.mean(b * b))
-    return Moments.from_second(mean, second)
+    return Moments.from_second(mean, second, g2 * kept_between + float(b.var()))
 
 
 @register_rule(keras.layers.BatchNormalization)
@@ -48,15 +49,16 @@ def layer_normalization_rule(ctx):
         g = float(np.mean(ctx.value(layer.gamma))) if layer.gamma is not None else 1.0
         return Moments.from_second(g * m.mean / math.sqrt(s + layer.epsilon), g2 * s / (s + layer.epsilon))
     ratio = m.var / (m.var + layer.epsilon) if m.var > 0 else 0.0
-    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)
+    # Per-example normalization over the features keeps the channel offsets (relative to the mean).
+    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))
 
 
 @register_rule(keras.layers.GroupNormalization)
 def group_normalization_rule(ctx):
     layer = ctx.layer
-    v = ctx.input.var
-    ratio = v / (v + layer.epsilon) if v > 0 else 0.0
-    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)
+    m = ctx.input
+    ratio = m.var / (m.var + layer.epsilon) if m.var > 0 else 0.0
+    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))
 
 
 if hasattr(keras.layers, "RMSNormalization"):
@@ -69,7 +71,8 @@ if hasattr(keras.layers, "RMSNormalization"):
         eps = layer.epsilon if layer.epsilon is not None else 1e-6
         scale = ctx.value(layer.scale).astype(np.float64) if getattr(layer, "scale", None) is not None else np.ones(1)
         mean = float(scale.mean()) * m.mean / math.sqrt(s + eps)
-        return Moments.from_second(mean, float(np.mean(scale**2)) * s / (s + eps))
+        g2 = float(np.mean(scale**2))
+        return Moments.from_second(mean, g2 * s / (s + eps), g2 * m.between / (s + eps))
 
 
 @register_rule(keras.layers.UnitNormalization)
@@ -95,7 +98,8 @@ def preprocessing_normalization_rule(ctx):
     else:
         outs_mean = (m.mean - mean) / np.sqrt(var)
         outs_second = m.var / var + outs_mean**2
-    return Moments.from_second(float(outs_mean.mean()), float(outs_second.mean()))
+    between = float(np.var(outs_mean)) + m.between * float(np.mean(1.0 / var))
+    return Moments.from_second(float(outs_mean.mean()), float(outs_second.mean()), between)
 
 
 @register_rule(keras.layers.Rescaling)
@@ -106,4 +110,5 @@ def rescaling_rule(ctx):
     m = ctx.input
     means = scale * m.mean + offset
     seconds = scale**2 * m.var + means**2
-    return Moments.from_second(float(np.mean(means)), float(np.mean(seconds)))
+    between = float(np.mean(scale**2)) * m.between + float(np.var(means))
+    return Moments.from_second(float(np.mean(means)), float(np.mean(seconds)), between)

@@ -79,7 +79,7 @@ def clip_rule(ctx):
 @register_rule(np_ops.Negative)
 def negative_rule(ctx):
     m = ctx.input
-    return Moments(-m.mean, m.var)
+    return Moments(-m.mean, m.var, m.between)
 
 
 # -- binary arithmetic --------------------------------------------------------------------------
@@ -102,7 +102,8 @@ def add_op_rule(ctx):
         return add_moments([a, b])
     m, c = (a, b) if ma else (b, a)
     c1, c2 = _constant_stats(c)
-    return Moments(m.mean + c1, m.var + max(c2 - c1 * c1, 0.0))
+    cvar = max(c2 - c1 * c1, 0.0)
+    return Moments(m.mean + c1, m.var + cvar, m.between + cvar)
 
 
 @register_rule(np_ops.Subtract)
@@ -123,7 +124,7 @@ def multiply_op_rule(ctx):
         return multiply_moments([a, b])
     m, c = (a, b) if ma else (b, a)
     c1, c2 = _constant_stats(c)
-    return Moments.from_second(m.mean * c1, m.second * c2)
+    return Moments.from_second(m.mean * c1, m.second * c2, m.between * c2 + m.mean**2 * max(c2 - c1 * c1, 0.0))
 
 
 def _divide_rule(ctx):
@@ -183,7 +184,8 @@ def mean_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     if n is None:
         return ctx.probe()
-    return Moments(ctx.input.mean, ctx.input.var / n)
+    m = ctx.input
+    return Moments(m.mean, m.between + m.within / n, m.between)
 
 
 @register_rule(np_ops.Sum)
@@ -191,7 +193,8 @@ def sum_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     if n is None:
         return ctx.probe()
-    return Moments(n * ctx.input.mean, n * ctx.input.var)
+    m = ctx.input
+    return Moments(n * m.mean, n * n * m.between + n * m.within, n * n * m.between)
 
 
 @register_rule(np_ops.Max)

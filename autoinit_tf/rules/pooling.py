@@ -59,12 +59,17 @@ def _spatial_dims(shape, data_format, rank):
 
 
 def _average(m, sizes):
+    """Averaging shrinks only the element-to-element part; channel offsets survive."""
     inv_k = sum(p / k for k, p in sizes.items())
-    return Moments(m.mean, m.var * inv_k)
+    return Moments(m.mean, m.between + m.within * inv_k, m.between)
 
 
 def _maximum(m, sizes):
-    return mix([(p, max_of_gaussians(k, m)) for k, p in sizes.items()])
+    """Max of k entries sharing their channel's offset: the order statistic of the within part."""
+    within = Moments(0.0, m.within)
+    parts = [(p, max_of_gaussians(k, within)) for k, p in sizes.items()]
+    mx = mix(parts)
+    return Moments(m.mean + mx.mean, m.between + mx.var, m.between)
 
 
 def _local_sizes(ctx):

@@ -23,7 +23,7 @@ def _inverted_dropout(ctx):
     if rate <= 0.0:
         return m
     keep = 1.0 - rate
-    return Moments.from_second(m.mean, m.second / keep)
+    return Moments.from_second(m.mean, m.second / keep, m.between)
 
 
 for _cls in (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D):
@@ -36,13 +36,13 @@ def gaussian_dropout_rule(ctx):
     m = ctx.input
     if rate <= 0.0:
         return m
-    return Moments.from_second(m.mean, m.second / (1.0 - rate))
+    return Moments.from_second(m.mean, m.second / (1.0 - rate), m.between)
 
 
 @register_rule(L.GaussianNoise)
 def gaussian_noise_rule(ctx):
     m = ctx.input
-    return Moments(m.mean, m.var + float(ctx.layer.stddev) ** 2)
+    return Moments(m.mean, m.var + float(ctx.layer.stddev) ** 2, m.between)
 
 
 @register_rule(L.AlphaDropout)

@@ -41,7 +41,7 @@ def _zero_padding_rule(ctx):
         return ctx.input
     k = float(np.prod(n_in)) / float(np.prod(n_out))
     m = ctx.input
-    return Moments.from_second(k * m.mean, k * m.second)
+    return Moments.from_second(k * m.mean, k * m.second, k * m.between)
 
 
 for _cls in (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
