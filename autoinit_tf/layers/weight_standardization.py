@@ -43,6 +43,14 @@ class _WSMixin:
     def standardized_kernel(self):
         return standardize_kernel(self.kernel, self.gain, self.ws_epsilon)
 
+    # Conv/Dense save only (kernel, bias) for quantization support; the generic Layer methods save
+    # every variable (kernel, bias, gain) in creation order.
+    def save_own_variables(self, store):
+        keras.layers.Layer.save_own_variables(self, store)
+
+    def load_own_variables(self, store):
+        keras.layers.Layer.load_own_variables(self, store)
+
 
 def _ws_conv(base, rank):
     class _WSConv(_WSMixin, base):
