@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 
 from autoinit_tf.moments import Moments
@@ -21,7 +24,14 @@ class NodeRow:
         weight_scale: the variance chosen for the main weight tensor, if the rule set one.
         rule: the name of the rule used (``fallback`` when the empirical fallback ran).
         notes: free text (fallback used, frozen weights kept, ...).
-        measured: list of measured `Moments` per output (filled by measurement passes).
+        measured: list of measured `Moments` per output, beside the predicted ones (filled by
+            `compare`/`with_measurement` and by calibration). In a report of `measure` itself
+            (``source == "measured"``) the measured values are the `outputs`.
+        weighted: the pass (re)initialized or can calibrate this layer's weights.
+        channel: per output, the Signal Propagation Plot quantities measured on the batch:
+            ``{"mean_sq": average squared channel mean, "var": average channel variance}``
+            (channels = last axis).
+        preactivation: measured moments before a fused activation (``Dense(..., activation=...)``).
     """
 
     name: str
@@ -33,6 +43,8 @@ class NodeRow:
     notes: list = field(default_factory=list)
     measured: list | None = None
     weighted: bool = False
+    channel: list | None = None
+    preactivation: Moments | None = None
 
     def to_dict(self) -> dict:
         def mm(ms):
@@ -46,18 +58,34 @@ class NodeRow:
             "measured": mm(self.measured),
             "weight_scale": self.weight_scale,
             "weighted": self.weighted,
+            "channel": None if self.channel is None else [dict(c) for c in self.channel],
+            "preactivation": None if self.preactivation is None else {
+                "mean": self.preactivation.mean, "var": self.preactivation.var},
             "rule": self.rule,
             "notes": list(self.notes),
         }
 
 
 class SignalReport:
-    """Per-node signal statistics of one pass over a model, in topological order."""
+    """Per-node signal statistics of one pass over a model, in topological order.
 
-    def __init__(self, model_name: str, rows: list, assigned: list | None = None):
+    Attributes:
+        model_name: the model's name.
+        rows: one `NodeRow` per call of each layer or op.
+        assigned: variable paths this pass (re)initialized.
+        source: ``"predicted"`` (the analytic pass; measured values, when present, are in
+            ``row.measured``) or ``"measured"`` (a report of `autoinit_tf.measure`: ``row.outputs`` are
+            measured).
+        calibration: ``{row name: kernel scale factor}`` applied by calibration (empty if none ran).
+    """
+
+    def __init__(self, model_name: str, rows: list, assigned: list | None = None, source: str = "predicted"):
         self.model_name = model_name
         self.rows = rows
         self.assigned = list(assigned or [])  # variable paths this pass (re)initialized
+        self.source = source
+        self.calibration: dict = {}
+        self.calibrated_on: str | None = None
 
     def __len__(self):
         return len(self.rows)
@@ -80,13 +108,58 @@ class SignalReport:
 
     @property
     def output(self) -> Moments:
-        """Predicted moments of the last node's first output."""
+        """Moments of the last node's first output (predicted, or measured for a measured report)."""
         return self.rows[-1].outputs[0]
+
+    @property
+    def has_measurement(self) -> bool:
+        return self.source == "measured" or any(r.measured for r in self.rows)
+
+    def measured_moments(self, row) -> Moments | None:
+        """The measured moments of `row`'s first output, or None."""
+        if self.source == "measured":
+            return row.outputs[0] if row.outputs else None
+        return row.measured[0] if row.measured else None
+
+    def with_measurement(self, measured: "SignalReport") -> "SignalReport":
+        """A copy of this (predicted) report with the outputs of `measured` (a report of
+        `autoinit_tf.measure` on the same model) beside the predictions, matched by row name."""
+        if measured.source != "measured":
+            raise ValueError("with_measurement expects a report of autoinit_tf.measure (source='measured').")
+        out = copy.copy(self)
+        out.rows = [copy.copy(r) for r in self.rows]
+        out.calibration = dict(self.calibration)
+        by_name = {r.name: r for r in measured.rows}
+        for r in out.rows:
+            r.notes = list(r.notes)
+            got = by_name.get(r.name)
+            if got is None:
+                r.measured = None
+                continue
+            r.measured = list(got.outputs)
+            r.channel = got.channel
+            r.preactivation = got.preactivation
+        return out
+
+    def log_errors(self, weighted_only: bool = False) -> list:
+        """Per row with both values: ``(name, |log(predicted var / measured var)|)`` (first output)."""
+        out = []
+        for r in self.rows:
+            if weighted_only and not r.weighted:
+                continue
+            if not r.outputs or not r.measured:
+                continue
+            p, m = r.outputs[0].var, r.measured[0].var
+            if p > 0 and m > 0 and math.isfinite(p) and math.isfinite(m):
+                out.append((r.name, abs(math.log(p / m))))
+        return out
 
     def to_dict(self) -> dict:
         return {
             "model": self.model_name,
+            "source": self.source,
             "assigned": self.assigned,
+            "calibration": dict(self.calibration),
             "nodes": [r.to_dict() for r in self.rows],
         }
 
@@ -98,38 +171,147 @@ class SignalReport:
             atomic_write_text(path, text)
         return text
 
-    def table(self, color: bool = False) -> str:
-        """An aligned plain-text table (one line per node)."""
-        has_measured = any(r.measured for r in self.rows)
-        head = ["#", "node", "type", "in mean", "in var", "out mean", "out var"]
-        if has_measured:
-            head += ["meas mean", "meas var"]
+    def table(self, color: bool | None = None) -> str:
+        """An aligned plain-text table (one line per node).
+
+        Args:
+            color: colour rows by |log(predicted var / measured var)| (green < 0.1, yellow < 0.5,
+                red otherwise) when both are present. None: only when standard output is a terminal
+                that supports colour (``NO_COLOR`` unset, ``TERM`` not ``dumb``; ``FORCE_COLOR`` forces).
+        """
+        if color is None:
+            color = supports_color()
+        measured_only = self.source == "measured"
+        has_measured = not measured_only and any(r.measured for r in self.rows)
+        if measured_only:
+            head = ["#", "node", "type", "in mean", "in var", "meas mean", "meas var", "ch mean^2", "ch var"]
+        else:
+            head = ["#", "node", "type", "in mean", "in var", "pred mean", "pred var"]
+            if has_measured:
+                head += ["meas mean", "meas var", "|log ratio|"]
         head += ["w var", "notes"]
         lines = []
+        errs = []
         for i, r in enumerate(self.rows):
             ins = r.inputs[0] if r.inputs else None
             out = r.outputs[0] if r.outputs else None
             cells = [str(i), r.name, r.type, _f(ins and ins.mean), _f(ins and ins.var), _f(out and out.mean),
                      _f(out and out.var)]
-            if has_measured:
+            err = None
+            if measured_only:
+                ch = r.channel[0] if r.channel else None
+                cells += [_f(ch and ch["mean_sq"]), _f(ch and ch["var"])]
+            elif has_measured:
                 meas = r.measured[0] if r.measured else None
-                cells += [_f(meas and meas.mean), _f(meas and meas.var)]
+                if meas is not None and out is not None and out.var > 0 and meas.var > 0:
+                    err = abs(math.log(meas.var / out.var)) if math.isfinite(meas.var / out.var) else None
+                cells += [_f(meas and meas.mean), _f(meas and meas.var), _f(err)]
             cells += [_f(r.weight_scale), "; ".join(r.notes)]
             lines.append(cells)
+            errs.append(err)
         widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
         out = [_row(head, widths), _row(["-" * w for w in widths], widths)]
-        for cells in lines:
+        for cells, err in zip(lines, errs):
             text = _row(cells, widths)
-            if color and has_measured:
-                text = _colorize(text, cells, head)
+            if color and err is not None:
+                text = _colorize(text, err)
             out.append(text)
         return "\n".join(out)
 
+    def plot(self, path, default_init: "SignalReport | None" = None, title: str | None = None):
+        """Write a PNG: per node in topological order, the variance (log scale) and the mean.
+
+        Draws the predicted values, the measured ones when present (``source == "measured"`` or
+        `compare`/`with_measurement`), and optionally ``default_init``: a report of
+        `autoinit_tf.measure` on the same architecture with its default initialization. Needs
+        matplotlib (``pip install autoinit-tf[plot]``); uses the Agg canvas, no display. Returns `path`.
+        """
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "SignalReport.plot needs matplotlib. Install it with: pip install 'autoinit-tf[plot]' "
+                "(or pip install matplotlib)."
+            ) from exc
+        names = [r.name for r in self.rows]
+        xs = list(range(len(self.rows)))
+
+        def series(rows, pick):
+            return [_nan_if_none(pick(r)) for r in rows]
+
+        fig = Figure(figsize=(max(6.0, min(0.12 * len(xs) + 4.0, 24.0)), 6.5))
+        FigureCanvasAgg(fig)
+        ax_v, ax_m = fig.subplots(2, 1, sharex=True)
+        if self.source == "measured":
+            ax_v.plot(xs, series(self.rows, lambda r: r.outputs[0].var if r.outputs else None), "o-", ms=3,
+                      label="measured", color="tab:orange")
+            ax_m.plot(xs, series(self.rows, lambda r: r.outputs[0].mean if r.outputs else None), "o-", ms=3,
+                      color="tab:orange")
+        else:
+            ax_v.plot(xs, series(self.rows, lambda r: r.outputs[0].var if r.outputs else None), "s-", ms=3,
+                      label="predicted", color="tab:blue")
+            ax_m.plot(xs, series(self.rows, lambda r: r.outputs[0].mean if r.outputs else None), "s-", ms=3,
+                      color="tab:blue")
+            if any(r.measured for r in self.rows):
+                ax_v.plot(xs, series(self.rows, lambda r: r.measured[0].var if r.measured else None), "o--", ms=3,
+                          label="measured", color="tab:orange")
+                ax_m.plot(xs, series(self.rows, lambda r: r.measured[0].mean if r.measured else None), "o--",
+                          ms=3, color="tab:orange")
+        if default_init is not None:
+            by_name = {r.name: default_init.measured_moments(r) for r in default_init.rows}
+            dv = [_nan_if_none(by_name.get(n) and by_name[n].var) for n in names]
+            dm = [_nan_if_none(by_name.get(n) and by_name[n].mean) for n in names]
+            ax_v.plot(xs, dv, "^:", ms=3, label="default init (measured)", color="tab:gray")
+            ax_m.plot(xs, dm, "^:", ms=3, color="tab:gray")
+        weighted = [x for x, r in zip(xs, self.rows) if r.weighted]
+        for ax in (ax_v, ax_m):
+            for x in weighted:
+                ax.axvline(x, color="0.9", lw=0.6, zorder=0)
+            ax.grid(True, which="major", alpha=0.3)
+        if any(v > 0 for v in _finite(series(self.rows, lambda r: r.outputs[0].var if r.outputs else None))):
+            ax_v.set_yscale("log")
+        ax_v.set_ylabel("variance (log)")
+        ax_m.set_ylabel("mean")
+        ax_v.legend(loc="best", fontsize=8)
+        ax_v.set_title(title or f"Signal of '{self.model_name}' (grey lines: weighted layers)")
+        if len(xs) <= 60:
+            ax_m.set_xticks(xs)
+            ax_m.set_xticklabels(names, rotation=90, fontsize=6)
+        else:
+            ax_m.set_xlabel("node (topological order)")
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), format="png", dpi=100)
+        return path
+
     def __str__(self):
-        return self.table()
+        return self.table(color=False)
 
     def __repr__(self):
-        return f"SignalReport(model={self.model_name!r}, nodes={len(self.rows)}, assigned={len(self.assigned)})"
+        return (f"SignalReport(model={self.model_name!r}, nodes={len(self.rows)}, assigned={len(self.assigned)}, "
+                f"source={self.source!r})")
+
+
+def supports_color(stream=None) -> bool:
+    """Whether `stream` (default stdout) is a terminal that shows ANSI colours."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    stream = sys.stdout if stream is None else stream
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+    return bool(tty) and os.environ.get("TERM", "") != "dumb"
+
+
+def _nan_if_none(v):
+    return float("nan") if v is None else float(v)
+
+
+def _finite(values):
+    return [v for v in values if math.isfinite(v)]
 
 
 def _f(x) -> str:
@@ -145,14 +327,6 @@ def _row(cells, widths):
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
 
-def _colorize(text, cells, head):
-    try:
-        pred = float(cells[head.index("out var")])
-        meas = float(cells[head.index("meas var")])
-    except (ValueError, IndexError):
-        return text
-    if pred <= 0 or meas <= 0:
-        return text
-    err = abs(math.log(meas / pred))
+def _colorize(text, err):
     code = "32" if err < 0.1 else "33" if err < 0.5 else "31"
     return f"\x1b[{code}m{text}\x1b[0m"

@@ -1,0 +1,216 @@
+"""measure / compare / calibrate: exactness against sub-models, no side effects, calibrated variance."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import autoinit_tf
+from autoinit_tf import graph
+from autoinit_tf.measure import calibrate, compare, measure
+
+
+def _np_moments(y):
+    a = np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
+    return a.mean(), a.var()
+
+
+def _mixed_model():
+    inp = keras.Input((8, 8, 3), name="img")
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.MaxPooling2D(name="pool")(h)
+    b = keras.layers.Conv2D(8, 1, name="c2")(h)
+    h = keras.layers.Add(name="add")([h, b])
+    h = keras.ops.relu(h) * 0.5
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    h = keras.layers.Dropout(0.3, name="drop")(h)
+    return keras.Model(inp, keras.layers.Dense(5, activation="tanh", name="head")(h))
+
+
+def _snapshot(model):
+    vs = list(model.variables)
+    if getattr(model, "optimizer", None) is not None and model.optimizer.built:
+        vs += list(model.optimizer.variables)
+    return [(v.path, np.array(keras.ops.convert_to_numpy(v.value))) for v in vs]
+
+
+@pytest.mark.core
+def test_measure_matches_submodels():
+    model = _mixed_model()
+    x = np.random.default_rng(0).standard_normal((16, 8, 8, 3)).astype("float32")
+    report = measure(model, x, training=False)
+    assert report.source == "measured"
+    fn = graph.as_functional(model)
+    names = [r.name for r in report.rows]
+    assert names[:3] == ["c1", "bn", "pool"] and names[-1] == "head"
+    for node in graph.topo_nodes(fn):
+        if node.is_input:
+            continue
+        op = node.operation
+        sub = keras.Model(fn.inputs, node.outputs[0])
+        want_mean, want_var = _np_moments(sub(x, training=False))
+        row = report[op.name]
+        got = row.outputs[0]
+        assert got.mean == pytest.approx(want_mean, rel=1e-4, abs=1e-5), op.name
+        assert got.var == pytest.approx(want_var, rel=1e-4, abs=1e-6), op.name
+        ch = row.channel[0]
+        assert ch["var"] <= got.var + 1e-6 and ch["mean_sq"] >= 0
+    # the fused activation's input is reported as the pre-activation
+    pre = report["head"].preactivation
+    assert pre is not None and pre.var > report["head"].outputs[0].var
+    # training=True on a model without randomness: same as the sub-model called in training mode
+    rep_t = measure(model, x, training=True)
+    m_bn, v_bn = _np_moments(keras.Model(fn.inputs, model.get_layer("bn").output)(x, training=True))
+    assert rep_t["bn"].outputs[0].var == pytest.approx(v_bn, rel=1e-4)
+    assert rep_t["bn"].outputs[0].var == pytest.approx(1.0, rel=1e-2)  # batch statistics
+
+
+@pytest.mark.core
+def test_measure_nested_and_shared_names_match_analyze():
+    block_in = keras.Input((6,))
+    block = keras.Model(block_in, keras.layers.Dense(6, name="inner")(block_in), name="block")
+    shared = keras.layers.Dense(6, name="shared")
+    inp = keras.Input((6,))
+    h = shared(block(inp))
+    h = shared(h)
+    model = keras.Model(inp, h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predicted = autoinit_tf.analyze(model)
+    measured = measure(model)
+    assert [r.name for r in measured.rows] == [r.name for r in predicted.rows]
+    assert "block/inner" in [r.name for r in measured.rows]
+    both = predicted.with_measurement(measured)
+    assert all(r.measured for r in both.rows)
+
+
+@pytest.mark.core
+def test_nothing_changes_after_measure_analyze_compare():
+    model = _mixed_model()
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 8, 8, 3)).astype("float32")
+    model.fit(x, rng.standard_normal((8, 5)).astype("float32"), epochs=1, verbose=0)
+    before = _snapshot(model)
+    assert any("moving_mean" in p for p, _ in before)
+    assert any("seed_generator" in p for p, _ in before)  # Dropout's RNG state
+    assert sum("adam" in p for p, _ in before) > 2  # optimizer slots
+    measure(model, x, training=True)
+    measure(model)
+    autoinit_tf.analyze(model)
+    rep = compare(model, x)
+    rep.table(color=False)
+    after = _snapshot(model)
+    assert [p for p, _ in before] == [p for p, _ in after]
+    for (path, a), (_, b) in zip(before, after):
+        assert a.dtype == b.dtype and np.array_equal(a, b), path
+
+
+def _mlp(depth, width, act, fused):
+    inp = keras.Input((width,))
+    h = inp
+    for _ in range(depth):
+        if fused:
+            h = keras.layers.Dense(width, activation=act)(h)
+        else:
+            h = keras.layers.Activation(act)(keras.layers.Dense(width)(h))
+    return keras.Model(inp, keras.layers.Dense(10)(h))
+
+
+def _realized(report, row):
+    r = report[row.name]
+    return (r.preactivation or r.outputs[0]).var
+
+
+def _check_calibrated(model, fresh, tol=0.05, **measure_kw):
+    _, report = autoinit_tf.wrap(model, calibrate="probe", seed=0, return_report=True)
+    weighted = [r for r in report.rows if r.weighted]
+    assert weighted and set(report.calibration) == {r.name for r in weighted}
+    for r in weighted:  # exact on the calibration probe
+        assert any(n.startswith("calibrated: kernel x") for n in r.notes), r.notes
+        assert (r.preactivation or r.measured[0]).var == pytest.approx(1.0, rel=1e-3), r.name
+    again = measure(model, fresh, **measure_kw) if fresh is not None else measure(model, seed=123, **measure_kw)
+    ratios = np.array([_realized(again, r) for r in weighted])
+    assert np.all(np.abs(ratios - 1.0) <= tol), (ratios.min(), ratios.max())
+    return ratios
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("act,fused", [("relu", False), ("tanh", True), ("selu", False)])
+def test_calibrate_probe_deep_mlp(act, fused):
+    keras.utils.set_random_seed(0)
+    model = _mlp(100, 32, act, fused)
+    _check_calibrated(model, None, batch_size=1024)
+
+
+def test_calibrate_probe_plain_cnn():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    h = inp
+    for i, f in enumerate([16, 16, 32, 32, 32]):
+        h = keras.layers.Conv2D(f, 3, padding="same", activation="relu")(h)
+        if i in (1, 3):
+            h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(inp, keras.layers.Dense(10)(h))
+    _check_calibrated(model, None, batch_size=256)
+
+
+def test_calibrate_probe_small_resnet():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(16, 3, padding="same")(inp)
+    for _ in range(3):
+        b = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(h)
+        b = keras.layers.BatchNormalization()(b)
+        b = keras.layers.Conv2D(16, 3, padding="same")(b)
+        h = keras.layers.Activation("relu")(keras.layers.Add()([h, b]))
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, keras.layers.Dense(10)(h))
+    _check_calibrated(model, None, batch_size=256)
+
+
+@pytest.mark.core
+def test_calibrate_on_data_with_nonzero_bias_is_exact():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    h = keras.layers.Dense(24, bias_initializer=keras.initializers.Constant(0.3), activation="relu",
+                           name="d1")(inp)
+    h = keras.layers.Dense(24, bias_initializer=keras.initializers.RandomNormal(stddev=0.2), name="d2")(h)
+    model = keras.Model(inp, h)
+    x = (np.random.default_rng(3).standard_normal((128, 12)) * 3.0 + 1.0).astype("float32")
+    rep = calibrate(model, x, signal_variance=2.0)
+    assert set(rep.calibration) == {"d1", "d2"}
+    after = measure(model, x)
+    assert after["d1"].preactivation.var == pytest.approx(2.0, rel=1e-3)
+    assert after["d2"].outputs[0].var == pytest.approx(2.0, rel=1e-3)
+
+
+@pytest.mark.core
+def test_calibrate_skips_frozen_and_keeps_report_rows():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    frozen = keras.layers.Dense(8, name="frozen")
+    frozen.trainable = False
+    h = keras.layers.Dense(8, name="free")(frozen(inp))
+    model = keras.Model(inp, h)
+    k = np.array(frozen.kernel.numpy() if hasattr(frozen.kernel, "numpy") else frozen.kernel)
+    rep = calibrate(model, "probe")
+    assert list(rep.calibration) == ["free"]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(frozen.kernel), k)
+
+
+def test_compare_default_init_vs_wrap():
+    keras.utils.set_random_seed(0)
+    model = _mlp(3, 64, "relu", False)
+    rep = compare(model, seed=0)
+    assert rep.has_measurement and all(r.measured for r in rep.rows)
+    autoinit_tf.wrap(model, seed=0)
+    rep2 = compare(model, seed=0, batch_size=1024)  # analyze with the same seed predicts wrap's weights
+    errs = dict(rep2.log_errors())
+    assert set(errs) == {r.name for r in rep2.rows}
+    first = rep2.rows[0]
+    assert first.weighted and errs[first.name] < 0.05  # Gaussian input, exact drawn weights
+    assert rep2.rows[0].measured[0].var == pytest.approx(measure(model, batch_size=1024).rows[0].outputs[0].var)
