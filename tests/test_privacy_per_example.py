@@ -87,6 +87,10 @@ def test_per_example_equals_one_at_a_time(name):
     y = RNG.normal(size=(7, 3)).astype("float32")
     grads = privacy.per_example_gradients(model, x, y, loss_fn=_mse)
     expected = _one_at_a_time(model, x, y)
+    if name in ("conv", "groupnorm"):  # also the vectorizable conv kernel-gradient path
+        engine = privacy.PerExampleGradients(model, _mse, fast_conv=True)
+        for g, e in zip(engine.per_example_gradients(x, y)[0], expected):
+            np.testing.assert_allclose(g.numpy(), e, rtol=2e-4, atol=2e-5)
     assert len(grads) == len(expected) == len(model.trainable_variables)
     for g, e, v in zip(grads, expected, model.trainable_variables):
         assert g.shape == (7,) + tuple(v.shape)

@@ -75,7 +75,7 @@ def check_model(model):
         raise ExampleMixingLayerError(
             f"DP-SGD needs per-example gradients, but these layers mix the examples of a batch "
             f"(batch statistics): {names}. Replace them with {' / '.join(repl)} -- the "
-            "`bn->groupnorm` swap -- before make_private (a per-example normalization such as "
+            "`bn->groupnorm` swap, e.g. autoinit_tf.wrap(model, swaps=['bn->groupnorm']) -- before make_private (a per-example normalization such as "
             "GroupNormalization keeps each example's gradient independent of the others)."
         )
     activity = [layer.name for layer in _all_layers(model) if getattr(layer, "activity_regularizer", None) is not None]
@@ -231,7 +231,7 @@ def make_private(
             f"batch_size ({batch_size}) is larger than dataset_size ({dataset_size}): the sampling "
             "rate q = batch_size / dataset_size must be <= 1."
         )
-    delta = accountant_delta = accounting.check_delta(target_delta)
+    delta = accounting.check_delta(target_delta)
     accountant = accounting.check_accountant(accountant)
     q = batch_size / dataset_size
     planned = None
@@ -247,7 +247,7 @@ def make_private(
         accounting.check_epsilon(target_epsilon)
         if planned is None:
             raise ValueError("target_epsilon needs the training length: give epochs or steps.")
-        sigma = accounting.calibrate_noise_multiplier(target_epsilon, q, planned, accountant_delta, accountant)
+        sigma = accounting.calibrate_noise_multiplier(target_epsilon, q, planned, delta, accountant)
         logger.info(
             "Calibrated noise_multiplier=%.4f for epsilon=%g, delta=%g over %d steps (q=%.5g, %s).",
             sigma, target_epsilon, delta, planned, q, accountant,
