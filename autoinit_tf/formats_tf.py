@@ -99,6 +99,7 @@ class TFOpLambda(keras.layers.Layer):
         self.function = function
         op_name = KERAS_OPS.get(function, "missing")
         self._renames = {}
+        self._fn_is_keras = op_name not in (None, "missing")
         if function == "identity":
             self._fn = lambda x, **kw: x
         elif op_name not in (None, "missing"):
@@ -109,6 +110,8 @@ class TFOpLambda(keras.layers.Layer):
 
     def call(self, *args, **kwargs):
         kwargs.pop("name", None)
+        if "y" in kwargs and self._fn_is_keras:  # tf.math.multiply(x, y=...) -> keras.ops.multiply(x, ...)
+            args = (*args, kwargs.pop("y"))
         kwargs = {self._renames.get(k, k): v for k, v in kwargs.items()}
         return self._fn(*args, **kwargs)
 
