@@ -630,16 +630,11 @@ def _load_keras(path, custom_objects, allow_lambda):
     lambdas = check_lambda(config, allow_lambda)
     check_known_classes(config, custom_objects)
     try:
-        stored = keras.saving.load_model(path, custom_objects=custom_objects, compile=True,
+        stored = keras.saving.load_model(path, custom_objects=custom_objects, compile=False,
                                          safe_mode=not allow_lambda)
     except Exception as exc:  # noqa: BLE001
         raise _wrap_build_error(exc, f"'{path}'") from exc
-    compile_config = None
-    try:
-        if getattr(stored, "compiled", False):
-            compile_config = stored.get_compile_config()
-    except Exception:  # noqa: BLE001 - best effort
-        compile_config = None
+    compile_config = config.get("compile_config") or None
     try:
         model = keras.models.clone_model(stored)
     except Exception as exc:  # noqa: BLE001
