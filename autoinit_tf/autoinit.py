@@ -58,10 +58,15 @@ class _Engine:
         self.call_inputs = {}  # id(op) -> list of input-moment lists, one per call
         self.call_index = {}
         self.counts = {}
+        self.ordinals = {}
 
     # -- weight bookkeeping ----------------------------------------------------------------------
     def may_reinit(self, op, variable) -> bool:
         return self.include_frozen or bool(getattr(op, "trainable", True))
+
+    def ordinal(self, op) -> int:
+        """The order in which `op` was first visited (stable across passes and model copies)."""
+        return self.ordinals.setdefault(id(op), len(self.ordinals))
 
     def value(self, variable):
         hit = self.pending.get(variable.path)
@@ -103,6 +108,7 @@ class _Engine:
         op = node.operation
         inputs = [a for a in tree.flatten((args, kwargs)) if isinstance(a, Moments)]
         key = id(op)
+        self.ordinal(op)
         k = self.call_index.get(key, 0)
         self.call_index[key] = k + 1
         self.call_inputs.setdefault(key, []).append(inputs)
@@ -326,6 +332,10 @@ def wrap(
         The same model object (or the rewritten model when `swaps` are given), with new weights.
     """
     t0 = time.perf_counter()
+    from autoinit_tf import distribute as _distribute
+
+    _distribute.check_assign_context()  # tf.distribute: assign from cross-replica context only
+    seed = _distribute.consensus_seed(seed, model)  # multi-worker: every worker draws the same weights
     if swaps:
         from autoinit_tf.rewrite import rewrite
 

@@ -224,16 +224,23 @@ def _depthwise_conv_pre(ctx):
 
 
 def _separable_pre(ctx):
-    """Depthwise kernel to keep the second moment at `signal_variance`, then the pointwise kernel."""
+    """Depthwise kernel to keep the second moment at `signal_variance`, then the pointwise kernel.
+
+    The output is computed exactly from the composed kernel W[t, c, k] = sum_d D[t, c, d] P[c dm + d, k]
+    (a separable convolution is the convolution with that kernel).
+    """
     layer = ctx.layer
     w3, frac = _depthwise_pre(ctx, layer, layer.depthwise_kernel, ctx.input)
     mid, _, _ = linear_output(ctx.input, w3, frac)
     pk = layer.pointwise_kernel
     cmid = int(pk.shape[-2])
     var = ctx.signal_variance / (cmid * mid.second)
-    w = ctx.draw(pk, var).astype(np.float64)
+    p = ctx.draw(pk, var).astype(np.float64).reshape(cmid, -1)
     ctx.weight_scale = var
-    pre, _, _ = linear_output(mid, w.reshape(1, cmid, -1), [1.0], _bias(ctx, layer))
+    dk = ctx.value(layer.depthwise_kernel).astype(np.float64)
+    taps, cin, dm = int(np.prod(dk.shape[:-2])), dk.shape[-2], dk.shape[-1]
+    composed = np.einsum("tcd,cdk->tck", dk.reshape(taps, cin, dm), p.reshape(cin, dm, -1))
+    pre, _, _ = linear_output(ctx.input, composed, frac, _bias(ctx, layer))
     return pre
 
 

@@ -36,7 +36,7 @@ def draw_recurrent_cell(ctx, cell, m=None):
         units = int(cell.units)
         blocks = []
         for g in range(_gates(cell)):
-            rng = distributions.rng_for(ctx._engine.seed, f"{rec.path}/gate{g}")
+            rng = ctx.rng(rec, salt=f"/gate{g}")
             blocks.append(distributions.sample((units, units), 1.0 / units, "orthogonal", rng))
         ctx.assign(rec, np.concatenate(blocks, axis=1))
 

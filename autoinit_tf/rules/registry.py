@@ -157,10 +157,16 @@ class RuleContext:
             self.note(f"kept frozen weight {variable.path}")
             return self.value(variable)
         dist = distribution or self.distribution
-        rng = distributions.rng_for(self._engine.seed, variable.path)
+        rng = self.rng(variable)
         arr = distributions.sample(tuple(variable.shape), var, dist, rng)
         self.assign(variable, arr)
         return arr
+
+    def rng(self, variable, salt: str = ""):
+        """The generator for `variable`: it depends only on the seed and the variable's place in the
+        walk (not on auto-generated names), so identical architectures get identical weights."""
+        key = f"{self._engine.ordinal(self.op)}/{variable.name}{salt}"
+        return distributions.rng_for(self._engine.seed, key)
 
     def assign(self, variable, value) -> None:
         """Record `value` for `variable` (applied by the engine at the end, if at all)."""

@@ -1,0 +1,169 @@
+"""Moment maths against closed forms and scipy quadrature."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, mix, standard_normal_quantiles
+from autoinit_tf.rules.activation import (
+    ACTIVATION_KINKS,
+    VECTOR_ACTIVATIONS,
+    function_moments,
+    numpy_function,
+    softmax_moments,
+)
+
+pytestmark = pytest.mark.core
+
+# float64 evaluation on TensorFlow/torch; JAX runs float32 by default, which limits the precision.
+TOL = 1e-6 if keras.backend.backend() != "jax" else 2e-5
+
+
+def tabulated(fn, lo=-40.0, hi=40.0, n=2_000_001, kinks=()):
+    """The real Keras function tabulated once in float64 on a dense grid (kinks on grid points)."""
+    grid = np.unique(np.concatenate([np.linspace(lo, hi, n), np.asarray(kinks, dtype=np.float64)]))
+    values = numpy_function(fn)(grid)
+    return lambda x: float(np.interp(x, grid, values))
+
+
+def quad_moments(f, mean, var, kinks=()):
+    s = math.sqrt(var)
+    pts = sorted({mean - 12 * s, *[k for k in kinks if mean - 12 * s < k < mean + 12 * s], mean + 12 * s})
+    e1 = e2 = 0.0
+    for a, b in zip(pts[:-1], pts[1:]):
+        e1 += integrate.quad(lambda x: f(x) * stats.norm.pdf(x, mean, s), a, b, epsabs=1e-13, epsrel=1e-12,
+                             limit=200)[0]
+        e2 += integrate.quad(lambda x: f(x) ** 2 * stats.norm.pdf(x, mean, s), a, b, epsabs=1e-13,
+                             epsrel=1e-12, limit=200)[0]
+    return e1, e2 - e1 * e1
+
+
+def test_relu_standard_normal():
+    m = function_moments("relu", Moments(0, 1))
+    assert m.mean == pytest.approx(0.398942, abs=1e-6)
+    assert m.var == pytest.approx(0.340845, abs=1e-6)
+
+
+def test_elu_standard_normal_and_n02():
+    m = function_moments("elu", Moments(0, 1))
+    assert m.mean == pytest.approx(0.160521, abs=1e-6)
+    assert m.var == pytest.approx(0.619179, abs=1e-6)
+    m2 = function_moments("elu", Moments(0, 2))
+    assert m2.mean == pytest.approx(0.277981, abs=1e-6)
+    assert m2.var == pytest.approx(1.122841, abs=1e-6)
+
+
+def _elementwise_activation_names():
+    names = []
+    for name in dir(keras.activations):
+        fn = getattr(keras.activations, name)
+        if name.startswith("_") or not callable(fn) or name in ("get", "serialize", "deserialize"):
+            continue
+        if name in VECTOR_ACTIVATIONS or name in ("linear", "threshold"):
+            continue
+        try:
+            y = np.asarray(keras.ops.convert_to_numpy(fn(keras.ops.convert_to_tensor(np.linspace(-3, 3, 8)))))
+        except Exception:  # noqa: BLE001 - needs extra arguments
+            continue
+        if y.shape == (8,):
+            names.append(name)
+    return sorted(set(names))
+
+
+ACTIVATIONS = _elementwise_activation_names()
+
+
+def test_at_least_twenty_activations_found():
+    assert len(ACTIVATIONS) >= 20, ACTIVATIONS
+
+
+_TABLES = {}
+
+
+def _table(name, kinks):
+    if name not in _TABLES:
+        _TABLES[name] = tabulated(keras.activations.get(name), kinks=kinks)
+    return _TABLES[name]
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("mean,var", [(0.0, 1.0), (0.5, 0.3), (-1.2, 2.5)])
+def test_activation_against_scipy_quad(name, mean, var):
+    fn = keras.activations.get(name)
+    kinks = ACTIVATION_KINKS.get(name, ())
+    ref_mean, ref_var = quad_moments(_table(name, kinks), mean, var, kinks)
+    got = function_moments(fn, Moments(mean, var))
+    assert got.mean == pytest.approx(ref_mean, rel=TOL, abs=TOL * 1e-2)
+    assert got.var == pytest.approx(ref_var, rel=TOL, abs=TOL * 1e-2)
+
+
+def test_user_activation_without_kinks_is_still_accurate():
+    def cube_tanh(x):
+        return keras.ops.tanh(x) ** 3
+
+    got = function_moments(cube_tanh, Moments(0.3, 0.8))
+    ref = quad_moments(lambda x: math.tanh(x) ** 3, 0.3, 0.8)
+    assert got.mean == pytest.approx(ref[0], rel=1e-5)
+    assert got.var == pytest.approx(ref[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 4, 9, 25])
+def test_max_of_gaussians_against_quadrature(k):
+    m = Moments(0.7, 2.0)
+    s = math.sqrt(2.0)
+    dens = lambda z: k * stats.norm.pdf(z) * stats.norm.cdf(z) ** (k - 1)  # noqa: E731
+    e1 = integrate.quad(lambda z: (0.7 + s * z) * dens(z), -12, 12, epsabs=1e-12)[0]
+    e2 = integrate.quad(lambda z: (0.7 + s * z) ** 2 * dens(z), -12, 12, epsabs=1e-12)[0]
+    got = max_of_gaussians(k, m)
+    assert got.mean == pytest.approx(e1, rel=1e-8)
+    assert got.var == pytest.approx(e2 - e1 * e1, rel=1e-7)
+
+
+@pytest.mark.parametrize("k,mean,var", [(2, 0.0, 1.0), (10, 0.3, 0.5), (100, 0.0, 2.0), (1000, 0.0, 1.0)])
+def test_softmax_moments_against_monte_carlo(k, mean, var):
+    rng = np.random.default_rng(0)
+    x = rng.normal(mean, math.sqrt(var), size=(max(200_000 // k, 400), k))
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    got = softmax_moments(Moments(mean, var), k)
+    assert got.mean == pytest.approx(1.0 / k)
+    se = p.var() * math.sqrt(2.0 / p.size) * 10
+    assert got.var == pytest.approx(p.var(), rel=0.03, abs=se)
+
+
+def test_softmax_two_classes_is_exact_sigmoid():
+    got = softmax_moments(Moments(0.2, 1.5), 2)
+    ref = quad_moments(lambda d: 1.0 / (1.0 + math.exp(-d)), 0.0, 3.0)
+    assert got.var == pytest.approx(ref[1], rel=1e-8)
+
+
+def test_between_channel_part_matches_two_level_monte_carlo():
+    rng = np.random.default_rng(0)
+    offsets = (standard_normal_quantiles(4000) * math.sqrt(0.4))[None, :]
+    x = 0.3 + offsets + rng.normal(0.0, math.sqrt(0.6), size=(400, 4000))
+    y = np.maximum(x, 0.0)
+    got = function_moments("relu", Moments(0.3, 1.0, 0.4))
+    assert got.mean == pytest.approx(y.mean(), rel=0.01)
+    assert got.var == pytest.approx(y.var(), rel=0.01)
+    assert got.between == pytest.approx(y.mean(axis=0).var(), rel=0.05)
+
+
+def test_mix_keeps_component_offsets():
+    m = mix([(1.0, Moments(0.0, 1.0)), (3.0, Moments(2.0, 1.0))])
+    assert m.mean == pytest.approx(1.5)
+    assert m.var == pytest.approx(0.25 * 1 + 0.75 * 5 - 1.5**2)
+    assert m.between == pytest.approx(0.75)
+
+
+def test_quantiles_match_reference_values():
+    q = standard_normal_quantiles(256)
+    assert q.mean() == pytest.approx(0.0, abs=1e-12)
+    assert q.var() == pytest.approx(0.995, abs=1e-3)
+
+
+def test_moments_rejects_negative_variance():
+    with pytest.raises(ValueError):
+        Moments(0.0, -1.0)

@@ -1,0 +1,165 @@
+"""Every rule against a Monte Carlo measurement of the real Keras layer (>= 1e5 output samples)."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import autoinit_tf
+
+pytestmark = pytest.mark.core
+L = keras.layers
+
+
+def _measure(model, x):
+    y = np.asarray(keras.ops.convert_to_numpy(model(x, training=True)), dtype=np.float64)
+    return y
+
+
+def _check(layer, in_shape, mean=0.3, var=0.8, batch=None, tol=0.04, mean_tol=0.03, seed=0, **kw):
+    inp = keras.Input(in_shape)
+    model = keras.Model(inp, layer(inp))
+    report = autoinit_tf.wrap(model, input_moments=(mean, var), seed=seed, return_report=True, **kw)[1]
+    pred = report.rows[-1].outputs[0]
+    feat = int(np.prod(model.output.shape[1:]))
+    batch = batch or min(max(int(2e5 // feat), 64), 20000)
+    x = np.random.default_rng(seed).normal(mean, math.sqrt(var), size=(batch,) + tuple(in_shape)).astype("float32")
+    y = _measure(model, x)
+    assert y.size >= 1e5
+    scale = math.sqrt(max(pred.var, 1e-12))
+    assert abs(y.mean() - pred.mean) <= mean_tol * max(scale, abs(pred.mean)), (y.mean(), pred)
+    assert y.var() == pytest.approx(pred.var, rel=tol), (y.var(), pred)
+    return pred, y
+
+
+CASES = {
+    "dense_relu": (lambda: L.Dense(64, activation="relu"), (48,)),
+    "dense_tanh_bias": (lambda: L.Dense(64, activation="tanh", bias_initializer="ones"), (48,)),
+    "einsum_dense": (lambda: L.EinsumDense("abc,cd->abd", output_shape=(6, 32), bias_axes="d"), (6, 24)),
+    "conv1d_same": (lambda: L.Conv1D(16, 5, padding="same"), (20, 8)),
+    "conv1d_causal_dilated": (lambda: L.Conv1D(16, 3, padding="causal", dilation_rate=2), (20, 8)),
+    "conv2d_same_stride": (lambda: L.Conv2D(16, 3, strides=2, padding="same", activation="elu"), (9, 9, 4)),
+    "conv2d_valid": (lambda: L.Conv2D(16, 3, padding="valid"), (10, 10, 4)),
+    "conv3d": (lambda: L.Conv3D(8, 3, padding="same"), (5, 5, 5, 3)),
+    "conv2d_transpose_stride2": (lambda: L.Conv2DTranspose(8, 3, strides=2, padding="same"), (6, 6, 8)),
+    "conv1d_transpose_valid": (lambda: L.Conv1DTranspose(8, 4, strides=2), (10, 6)),
+    "depthwise2d": (lambda: L.DepthwiseConv2D(3, padding="same", depth_multiplier=2), (8, 8, 6)),
+    "separable2d": (lambda: L.SeparableConv2D(12, 3, padding="same", activation="relu"), (8, 8, 6)),
+    "separable1d": (lambda: L.SeparableConv1D(12, 3), (16, 6)),
+    "batchnorm": (lambda: L.BatchNormalization(gamma_initializer=keras.initializers.RandomUniform(0.2, 1.5),
+                                               beta_initializer=keras.initializers.RandomNormal(0.0, 0.5)), (32,)),
+    "layernorm": (lambda: L.LayerNormalization(gamma_initializer="ones", beta_initializer=keras.initializers.Constant(0.3)), (32,)),
+    "groupnorm": (lambda: L.GroupNormalization(4, gamma_initializer=keras.initializers.Constant(0.5)), (6, 6, 8)),
+    "rmsnorm": (lambda: L.RMSNormalization(), (32,)),
+    "unitnorm": (lambda: L.UnitNormalization(), (32,)),
+    "rescaling": (lambda: L.Rescaling(2.0, offset=-1.0), (32,)),
+    "relu_layer_params": (lambda: L.ReLU(max_value=1.0, negative_slope=0.1, threshold=0.2), (32,)),
+    "leaky_relu": (lambda: L.LeakyReLU(0.3), (32,)),
+    "elu_layer": (lambda: L.ELU(), (32,)),
+    "prelu": (lambda: L.PReLU(alpha_initializer=keras.initializers.RandomUniform(0.0, 0.5)), (32,)),
+    "softmax": (lambda: L.Softmax(), (10,)),
+    "activation_gelu": (lambda: L.Activation("gelu"), (32,)),
+    "maxpool2d_same": (lambda: L.MaxPooling2D(3, strides=2, padding="same"), (9, 9, 4)),
+    "maxpool1d": (lambda: L.MaxPooling1D(2), (16, 4)),
+    "avgpool2d_same": (lambda: L.AveragePooling2D(3, strides=1, padding="same"), (8, 8, 4)),
+    "gap2d": (lambda: L.GlobalAveragePooling2D(), (6, 6, 8)),
+    "gmp1d": (lambda: L.GlobalMaxPooling1D(), (12, 8)),
+    "dropout": (lambda: L.Dropout(0.3), (64,)),
+    "spatial_dropout2d": (lambda: L.SpatialDropout2D(0.25), (6, 6, 16)),
+    "gaussian_dropout": (lambda: L.GaussianDropout(0.2), (64,)),
+    "gaussian_noise": (lambda: L.GaussianNoise(0.5), (64,)),
+    "alpha_dropout": (lambda: L.AlphaDropout(0.2), (64,)),
+    "zero_padding2d": (lambda: L.ZeroPadding2D(2), (6, 6, 4)),
+    "upsampling2d_bilinear": (lambda: L.UpSampling2D(2, interpolation="bilinear"), (6, 6, 4)),
+    "embedding": (lambda: L.Embedding(100, 16), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rule_matches_monte_carlo(name):
+    make, shape = CASES[name]
+    if name == "embedding":
+        inp = keras.Input((10,), dtype="int32")
+        model = keras.Model(inp, make()(inp))
+        pred = autoinit_tf.wrap(model, seed=0, return_report=True)[1].rows[-1].outputs[0]
+        ids = np.random.default_rng(0).integers(0, 100, size=(20000, 10))
+        y = _measure(model, ids)
+        assert y.var() == pytest.approx(pred.var, rel=0.04)
+        return
+    _check(make(), shape)
+
+
+def test_pooling_keeps_channel_offsets():
+    """A relu conv stack has per-channel mean offsets that global pooling must not average away."""
+    inp = keras.Input((8, 8, 4))
+    x = L.Conv2D(32, 3, padding="same", activation="relu")(inp)
+    x = L.Conv2D(32, 3, padding="same", activation="relu")(x)
+    out = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, out)
+    pred = autoinit_tf.wrap(model, seed=3, return_report=True)[1].rows[-1].outputs[0]
+    y = _measure(model, np.random.default_rng(0).standard_normal((4000, 8, 8, 4)).astype("float32"))
+    assert pred.between > 0.5 * pred.var
+    assert y.var() == pytest.approx(pred.var, rel=0.2)
+
+
+@pytest.mark.parametrize("make", [lambda: L.Add(), lambda: L.Subtract(), lambda: L.Multiply(),
+                                  lambda: L.Average(), lambda: L.Maximum(), lambda: L.Minimum(),
+                                  lambda: L.Concatenate()], ids=["add", "subtract", "multiply", "average",
+                                                                 "maximum", "minimum", "concatenate"])
+def test_merge_rules_match_monte_carlo(make):
+    a, b = keras.Input((32,)), keras.Input((16,) if "Concatenate" in str(make()) else (32,))
+    model = keras.Model([a, b], make()([a, b]))
+    pred = autoinit_tf.analyze(model, input_moments=[(0.5, 1.0), (-0.2, 2.0)]).rows[-1].outputs[0]
+    rng = np.random.default_rng(0)
+    xa = rng.normal(0.5, 1.0, (8000, 32)).astype("float32")
+    xb = rng.normal(-0.2, math.sqrt(2.0), (8000, b.shape[1])).astype("float32")
+    y = _measure(model, [xa, xb])
+    assert y.mean() == pytest.approx(pred.mean, abs=0.02 * math.sqrt(pred.var) + 1e-3)
+    assert y.var() == pytest.approx(pred.var, rel=0.03)
+
+
+def test_dot_rule():
+    a, b = keras.Input((32,)), keras.Input((32,))
+    model = keras.Model([a, b], L.Dot(axes=1)([a, b]))
+    pred = autoinit_tf.analyze(model, input_moments=[(0.3, 1.0), (0.1, 0.5)]).rows[-1].outputs[0]
+    rng = np.random.default_rng(0)
+    y = _measure(model, [rng.normal(0.3, 1.0, (100000, 32)), rng.normal(0.1, math.sqrt(0.5), (100000, 32))])
+    assert y.var() == pytest.approx(pred.var, rel=0.03)
+
+
+def test_multi_head_attention_controls_logits_and_output():
+    inp = keras.Input((12, 32))
+    model = keras.Model(inp, L.MultiHeadAttention(num_heads=4, key_dim=16)(inp, inp))
+    pred = autoinit_tf.wrap(model, seed=0, return_report=True)[1].rows[-1].outputs[0]
+    y = _measure(model, np.random.default_rng(0).standard_normal((600, 12, 32)).astype("float32"))
+    assert pred.var == pytest.approx(1.0, rel=0.25)
+    assert y.var() == pytest.approx(pred.var, rel=0.15)
+
+
+@pytest.mark.parametrize("make", [lambda: L.LSTM(16, return_sequences=True), lambda: L.GRU(16),
+                                  lambda: L.SimpleRNN(16, return_sequences=True),
+                                  lambda: L.Bidirectional(L.LSTM(8, return_sequences=True))],
+                         ids=["lstm", "gru", "simplernn", "bidirectional"])
+def test_recurrent_rules_simulate_the_new_weights(make):
+    inp = keras.Input((10, 6))
+    model = keras.Model(inp, make()(inp))
+    report = autoinit_tf.wrap(model, seed=0, return_report=True)[1]
+    pred = report.rows[-1].outputs[0]
+    y = _measure(model, np.random.default_rng(1).standard_normal((2000, 10, 6)).astype("float32"))
+    assert report.rows[-1].rule != "fallback"
+    assert y.var() == pytest.approx(pred.var, rel=0.15)
+    layer = model.layers[-1]
+    cell = getattr(layer, "cell", None) or layer.forward_layer.cell
+    rec = keras.ops.convert_to_numpy(cell.recurrent_kernel)
+    block = rec[:, : rec.shape[0]]
+    np.testing.assert_allclose(block.T @ block, np.eye(rec.shape[0]), atol=1e-4)
+
+
+def test_time_distributed_uses_inner_rule():
+    inp = keras.Input((5, 8, 8, 3))
+    model = keras.Model(inp, L.TimeDistributed(L.Conv2D(8, 3, padding="same"))(inp))
+    _check_row = autoinit_tf.wrap(model, seed=0, return_report=True)[1].rows[-1]
+    assert _check_row.weight_scale is not None
+    y = _measure(model, np.random.default_rng(0).standard_normal((400, 5, 8, 8, 3)).astype("float32"))
+    assert y.var() == pytest.approx(_check_row.outputs[0].var, rel=0.1)

@@ -1,0 +1,275 @@
+"""wrap/analyze on every kind of graph, determinism, in-place behaviour and clear errors."""
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import autoinit_tf
+from autoinit_tf import FallbackRuleWarning, Moments, UnsupportedLayerError
+
+pytestmark = pytest.mark.core
+L = keras.layers
+
+
+def weights_of(model):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
+
+
+def mlp(width=16, depth=3, act="relu"):
+    inp = keras.Input((8,))
+    x = inp
+    for _ in range(depth):
+        x = L.Dense(width, activation=act)(x)
+    return keras.Model(inp, L.Dense(3)(x))
+
+
+def test_wrap_returns_same_object_and_changes_weights():
+    m = mlp()
+    before = weights_of(m)
+    out = autoinit_tf.wrap(m, seed=1)
+    assert out is m
+    after = weights_of(m)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_analyze_changes_nothing_and_matches_wrap_with_same_seed():
+    m = mlp()
+    before = weights_of(m)
+    rep = autoinit_tf.analyze(m, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights_of(m)))
+    _, rep2 = autoinit_tf.wrap(m, seed=5, return_report=True)
+    assert [r.outputs[0].var for r in rep.rows] == [r.outputs[0].var for r in rep2.rows]
+    data = json.loads(rep.to_json())
+    assert [n["name"] for n in data["nodes"]] == [r.name for r in rep.rows]
+    assert "dense" in rep.table()
+
+
+def test_deterministic_for_a_seed():
+    a, b = mlp(), mlp()
+    autoinit_tf.wrap(a, seed=7)
+    autoinit_tf.wrap(b, seed=7)
+    for x, y in zip(weights_of(a), weights_of(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_compiled_model_keeps_training_after_wrap():
+    m = mlp()
+    m.compile(optimizer="adam", loss="mse")
+    x, y = np.random.rand(64, 8).astype("float32"), np.random.rand(64, 3).astype("float32")
+    m.fit(x, y, epochs=1, verbose=0)
+    opt_vars = list(m.optimizer.variables)
+    autoinit_tf.wrap(m, seed=0)
+    assert m.compiled and list(m.optimizer.variables) == opt_vars
+    h = m.fit(x, y, epochs=2, verbose=0)
+    assert np.isfinite(h.history["loss"]).all()
+
+
+def test_sequential_built_and_unbuilt():
+    s = keras.Sequential([keras.Input((8,)), L.Dense(4, activation="tanh"), L.Dense(2)])
+    _, rep = autoinit_tf.wrap(s, seed=0, return_report=True)
+    assert [r.type for r in rep.rows] == ["Dense", "Dense"]
+    unbuilt = keras.Sequential([L.Dense(4), L.Dense(2)])
+    with pytest.raises(TypeError, match="not built"):
+        autoinit_tf.wrap(unbuilt)
+
+
+def test_nested_model_called_twice_and_shared_layer_fit_combined_moments():
+    inner_in = keras.Input((8,))
+    inner = keras.Model(inner_in, L.Dense(8, activation="relu", name="inner_dense")(inner_in), name="block")
+    a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+    shared = L.Dense(4, name="shared")
+    h1, h2 = inner(a), inner(b)
+    out = L.Concatenate()([shared(h1), shared(h2)])
+    model = keras.Model([a, b], out)
+    rep = autoinit_tf.analyze(model, input_moments=[(0.0, 1.0), (0.0, 9.0)], seed=0)
+    names = [r.name for r in rep.rows]
+    assert "block/inner_dense#0" in names and "block/inner_dense#1" in names
+    assert "shared#0" in names and "shared#1" in names
+    d0, d1 = rep["block/inner_dense#0"], rep["block/inner_dense#1"]
+    # One weight tensor, fitted to the combined second moment (1 + 9) / 2 = 5.
+    assert d0.weight_scale == d1.weight_scale == pytest.approx(1.0 / (8 * 5.0))
+    low, high = sorted([d0, d1], key=lambda r: r.inputs[0].var)
+    assert (low.inputs[0].var, high.inputs[0].var) == (1.0, 9.0)
+    assert high.outputs[0].var == pytest.approx(9.0 * low.outputs[0].var, rel=1e-6)
+
+
+def test_multi_input_multi_output_dict_and_raw_ops():
+    a, b = keras.Input((6,), name="a"), keras.Input((6,), name="b")
+    x = L.Dense(6, name="da")(a) + L.Dense(6, name="db")(b) * 2.0
+    x = keras.ops.relu(x)
+    left, right = keras.ops.split(x, 2, axis=-1)
+    y = keras.ops.softmax(keras.ops.matmul(left, keras.ops.transpose(right)))
+    z = keras.ops.mean(x[:, :4], axis=-1)
+    model = keras.Model({"a": a, "b": b}, {"y": y, "z": z, "r": keras.ops.reshape(x, (-1, 3, 2))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        rep = autoinit_tf.analyze(model, input_moments={"a": (0.0, 1.0), "b": (1.0, 4.0)}, seed=0)
+    types = {r.type for r in rep.rows}
+    assert {"Add", "Multiply", "Relu", "Split", "Matmul", "Softmax", "GetItem", "Mean", "Reshape"} <= types
+    autoinit_tf.wrap(model, data={"a": np.random.randn(32, 6), "b": np.random.randn(32, 6) + 1.0}, seed=0)
+
+
+def test_layer_with_several_outputs_and_subclassed_view():
+    class Twice(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = L.Dense(8, activation="relu")
+            self.d2 = L.Dense(2)
+
+        def call(self, x):
+            return self.d2(self.d1(x))
+
+    m = Twice()
+    m(np.zeros((1, 5), "float32"))
+    before = weights_of(m)
+    autoinit_tf.wrap(m, seed=0)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, weights_of(m)))
+
+    class Branchy(keras.Model):
+        def call(self, x):
+            if keras.ops.convert_to_numpy(keras.ops.sum(x)) > 0:
+                return x
+            return -x
+
+    b = Branchy()
+    b(np.zeros((1, 3), "float32"))
+    with pytest.raises(TypeError, match="subclassed"):
+        autoinit_tf.wrap(b)
+
+
+def test_frozen_layers_kept_unless_include_frozen():
+    m = mlp()
+    m.layers[1].trainable = False
+    frozen_before = [np.array(v) for v in m.layers[1].get_weights()]
+    autoinit_tf.wrap(m, seed=0)
+    for a, b in zip(frozen_before, m.layers[1].get_weights()):
+        np.testing.assert_array_equal(a, b)
+    autoinit_tf.wrap(m, seed=0, include_frozen=True)
+    assert not np.array_equal(frozen_before[0], m.layers[1].get_weights()[0])
+
+
+@pytest.mark.parametrize("bad,match", [((0.0, 0.0), "zero"), ((0.0, -1.0), "positive"),
+                                        ((float("nan"), 1.0), "finite"), ((0.0, float("inf")), "finite")])
+def test_bad_input_moments_are_refused_and_nothing_changes(bad, match):
+    m = mlp()
+    before = weights_of(m)
+    with pytest.raises(ValueError, match=match):
+        autoinit_tf.wrap(m, input_moments=bad)
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights_of(m)))
+
+
+def test_bad_model_and_bad_data():
+    with pytest.raises(TypeError, match="keras.Model"):
+        autoinit_tf.wrap(object())
+    m = mlp()
+    with pytest.raises(ValueError, match="shape"):
+        autoinit_tf.wrap(m, data=np.zeros((4, 7)))
+    with pytest.raises(ValueError, match="zero variance"):
+        autoinit_tf.wrap(m, data=np.ones((4, 8)))
+
+
+def test_failure_part_way_assigns_nothing():
+    class Broken(L.Layer):
+        def call(self, x):
+            return x
+
+    def bad_rule(ctx):
+        raise RuntimeError("boom")
+
+    inp = keras.Input((8,))
+    m = keras.Model(inp, Broken()(L.Dense(4)(inp)))
+    before = weights_of(m)
+    with pytest.raises(RuntimeError, match="boom"):
+        autoinit_tf.wrap(m, rules={Broken: bad_rule})
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights_of(m)))
+
+
+def test_unknown_layer_warns_once_then_strict_raises():
+    class Scale(L.Layer):
+        def call(self, x):
+            return 3.0 * x
+
+    inp = keras.Input((16,))
+    m = keras.Model(inp, Scale()(Scale()(inp)))
+    with pytest.warns(FallbackRuleWarning, match="register_rule") as rec:
+        rep = autoinit_tf.analyze(m)
+    assert len([w for w in rec if issubclass(w.category, FallbackRuleWarning)]) == 1
+    assert rep.rows[-1].outputs[0].var == pytest.approx(81.0, rel=0.05)
+    with pytest.raises(UnsupportedLayerError, match="Scale"):
+        autoinit_tf.wrap(m, strict=True)
+
+
+def test_register_rule_decorator_and_rules_argument():
+    class Scale(L.Layer):
+        def __init__(self, factor=2.0, **kw):
+            super().__init__(**kw)
+            self.factor = factor
+
+        def call(self, x):
+            return self.factor * x
+
+    @autoinit_tf.register_rule(Scale)
+    def scale_rule(ctx):
+        return ctx.input.scaled(ctx.layer.factor)
+
+    inp = keras.Input((4,))
+    m = keras.Model(inp, Scale(5.0)(inp))
+    assert autoinit_tf.analyze(m, strict=True).rows[-1].outputs[0].var == pytest.approx(25.0)
+    rep = autoinit_tf.analyze(m, rules={Scale: lambda ctx: Moments(1.0, 2.0)})
+    assert rep.rows[-1].outputs[0].mean == 1.0
+
+
+def test_mixed_precision_assigns_in_variable_dtype():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        m = mlp()
+        autoinit_tf.wrap(m, seed=0)
+        assert str(m.layers[1].kernel.dtype) == "float32"
+        y = m(np.random.randn(4, 8).astype("float32"))
+        assert np.isfinite(keras.ops.convert_to_numpy(y)).all()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("dist", ["truncated_normal", "untruncated_normal", "uniform", "orthogonal"])
+def test_distributions_hit_the_target_variance(dist):
+    inp = keras.Input((256,))
+    m = keras.Model(inp, L.Dense(256)(inp))
+    _, rep = autoinit_tf.wrap(m, distribution=dist, input_moments=(0.0, 2.0), seed=0, return_report=True)
+    k = keras.ops.convert_to_numpy(m.layers[1].kernel)
+    assert k.var() == pytest.approx(1.0 / (256 * 2.0), rel=0.02)
+    if dist == "truncated_normal":
+        assert np.abs(k).max() <= 2.0 * np.sqrt(1.0 / 512) / 0.8796 + 1e-6
+
+
+def test_reference_compatible_api():
+    from autoinit_tf import AutoInit
+
+    m = mlp()
+    out = AutoInit(weight_init_config={"distribution": "uniform"}, input_data_var=4.0).initialize_model(m)
+    assert out is m
+    k = keras.ops.convert_to_numpy(m.layers[1].kernel)
+    assert np.abs(k).max() <= np.sqrt(3.0 / (8 * 4.0)) + 1e-6
+    cfg_model, est = AutoInit().initialize_model(m.to_json(), return_estimates=True)
+    assert isinstance(cfg_model, keras.Model) and len(est) == 4
+
+    class Halve:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def estimate(self, means_in, vars_in):
+            return means_in[0], vars_in[0] / 2
+
+    class Custom(L.Layer):
+        def call(self, x):
+            return x
+
+    inp = keras.Input((4,))
+    cm = keras.Model(inp, Custom(name="custom")(inp))
+    _, est = AutoInit(custom_distribution_estimators={Custom: Halve}).initialize_model(cm, return_estimates=True)
+    assert est["custom"] == (0.0, 0.5)
+    with pytest.raises(ValueError, match="distribution"):
+        AutoInit(weight_init_config={"distribution": "cauchy"})
