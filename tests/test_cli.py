@@ -199,6 +199,4 @@ def test_installed_script_subprocess(k3_file, tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "layers re-initialized" in proc.stdout and out.exists()
-    proc = subprocess.run([exe, "convert", str(k3_file), str(out)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 1 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    # (the error path of the same command is covered through CliRunner above: one subprocess keeps time down)

@@ -36,26 +36,26 @@ K2_WRITER = textwrap.dedent(
     k.utils.set_random_seed(0)
 
     def seq():
-        return k.Sequential([k.Input((6,)), k.layers.Dense(8, activation="relu", name="d1"),
+        return k.Sequential([k.Input((16,)), k.layers.Dense(32, activation="relu", name="d1"),
                              k.layers.Dense(3, name="d2")], name="seq")
 
     def nested():  # a nested Sequential called twice
-        inner = k.Sequential([k.Input((6,)), k.layers.Dense(6, activation="tanh", name="in_d")], name="inner")
-        inp = k.Input((6,), name="x")
+        inner = k.Sequential([k.Input((16,)), k.layers.Dense(16, activation="tanh", name="in_d")], name="inner")
+        inp = k.Input((16,), name="x")
         h = inner(inner(inp))
         return k.Model(inp, k.layers.Dense(2, name="out")(h), name="nested")
 
     def bn():
         inp = k.Input((8, 8, 3), name="img")
-        h = k.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
+        h = k.layers.Conv2D(16, 3, padding="same", name="c1")(inp)
         h = k.layers.BatchNormalization(name="bn")(h)
         h = k.layers.Activation("relu", name="act")(h)
         h = k.layers.GlobalAveragePooling2D(name="gap")(h)
         return k.Model(inp, k.layers.Dense(2, name="out")(h), name="bnnet")
 
     def tfop():  # a tf.nn op: a TFOpLambda layer in Keras 2
-        inp = k.Input((5,), name="x")
-        h = tf.nn.relu(k.layers.Dense(7, name="d1")(inp))
+        inp = k.Input((16,), name="x")
+        h = tf.nn.relu(k.layers.Dense(32, name="d1")(inp))
         return k.Model(inp, k.layers.Dense(2, name="d2")(h), name="tfop")
 
     for name, build in [("seq", seq), ("nested", nested), ("bn", bn), ("tfop", tfop)]:
@@ -179,7 +179,7 @@ def test_keras_metadata_is_parsed_with_protobuf(k2):
     assert cfg["class_name"] == "Functional" and cfg["config"]["name"] == "nested"
     # tuples were decoded
     inp = cfg["config"]["layers"][0]["config"]
-    assert inp["batch_input_shape"] == [None, 6]
+    assert inp["batch_input_shape"] == [None, 16]
     # the message class comes from the protobuf library
     from google.protobuf.message import Message
 
