@@ -271,7 +271,6 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
         finally:
             for _, layer in kept:
                 layer.trainable = frozen_before[id(layer)]
-        fallback_warnings = [w for w in caught if w.category.__name__ == "FallbackRuleWarning"]
         for w in caught:
             if verbose or w.category.__name__ == "FallbackRuleWarning":
                 echo(f"warning: {w.message}", err=True)
@@ -334,7 +333,6 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
     for extra in written[1:]:
         echo(f"  also wrote:            {extra}")
     echo(f"  time:                  {time.perf_counter() - t0:.1f}s")
-    del fallback_warnings
 
 
 def _select_kept(loaded, keep):

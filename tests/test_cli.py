@@ -177,6 +177,8 @@ def test_convert_custom_objects(tmp_path, monkeypatch):
     r = run(["convert", path, tmp_path / "o.keras", "--custom-objects", "cli_layers_mod"])
     assert r.exit_code == 0, r.output
     assert "fallback rules used:   1 (d2 (MyScale))" in r.stdout
+    r = run(["convert", path, tmp_path / "o2.keras", "--custom-objects", "cli_layers_mod", "--strict"])
+    assert r.exit_code == 1 and "MyScale" in r.stderr and not (tmp_path / "o2.keras").exists()
 
 
 def test_report_command(k2, tmp_path):
