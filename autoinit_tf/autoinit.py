@@ -259,6 +259,7 @@ def _run(model, *, input_moments, data, signal_variance, distribution, seed, str
         rules=rules,
         include_frozen=include_frozen,
     )
+    engine.input_moments = moments
     engine.run(fn, moments)
     return engine
 
@@ -356,7 +357,9 @@ def wrap(
     if calibrate is not None:
         from autoinit_tf.measure import calibrate as _calibrate
 
-        report = _calibrate(model, calibrate, report=report, input_moments=input_moments, seed=seed,
+        # With data=..., the probe takes the data's moments.
+        resolved = input_moments if data is None else [(m.mean, m.var) for m in engine.input_moments]
+        report = _calibrate(model, calibrate, report=report, input_moments=resolved, seed=seed,
                             signal_variance=signal_variance)
     logger.info(
         "autoinit: %d weight tensors re-initialized in '%s' (%.2fs).",

@@ -141,7 +141,7 @@ def _check_calibrated(model, fresh, tol=0.05, **measure_kw):
 @pytest.mark.parametrize("act,fused", [("relu", False), ("tanh", True), ("selu", False)])
 def test_calibrate_probe_deep_mlp(act, fused):
     keras.utils.set_random_seed(0)
-    model = _mlp(100, 32, act, fused)
+    model = _mlp(100, 64, act, fused)
     _check_calibrated(model, None, batch_size=1024)
 
 

@@ -61,7 +61,8 @@ def run_on_probe(ctx, training=True, use_pending=True, seed=0):
               for kt, m in zip(node.input_tensors, ctx.inputs)}
     args, kwargs = node.arguments.fill_in(probes)
     if isinstance(op, keras.layers.Layer):
-        if _accepts_training(op) and "training" not in kwargs:
+        if _accepts_training(op):
+            # Nodes built outside a training context record training=False: override it.
             kwargs = dict(kwargs, training=training)
         engine = ctx._engine
         tv = [keras.ops.convert_to_tensor(engine.value(v)) if use_pending else v.value
