@@ -108,14 +108,18 @@ def test_convert_swap_data_calibrate_report_plot(k3_file, tmp_path):
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "o.keras"
     r = run(["convert", k3_file, out, "--swap", "relu->elu", "--data", tmp_path / "x.npy", "--calibrate", "data",
-             "--seed", "0", "--report", tmp_path / "r.json", "--plot", tmp_path / "p.png"])
+             "--seed", "0", "--report", tmp_path / "r.json", "--plot", tmp_path / "p.png",
+             "--keep-weights-of", "head"])
     assert r.exit_code == 0, r.output
     assert "layers swapped:        2" in r.stdout and "calibrated layers" in r.stdout
+    assert "layers kept:           1 (head)" in r.stdout
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["calibration"] and any(n["name"] == "c1" for n in rep["nodes"])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     back = keras.saving.load_model(out)
     assert back.get_layer("c1").get_config()["activation"] == "elu"
+    original = keras.saving.load_model(k3_file, compile=False)
+    np.testing.assert_array_equal(back.get_layer("head").kernel.numpy(), original.get_layer("head").kernel.numpy())
 
 
 def test_convert_keras2_saved_model_keep_weights_and_export(k2, tmp_path):
