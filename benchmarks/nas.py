@@ -99,9 +99,14 @@ def make_hypermodel(kt, archs, args, log):
         def fit(self, hp, model, *fit_args, **kwargs):
             t0 = time.perf_counter()
             hist = model.fit(*fit_args, **kwargs)
-            log.append({"arch": hp.values["arch"], "fit_s": time.perf_counter() - t0,
-                        "loss": [float(v) for v in hist.history["loss"]],
-                        "val_accuracy": [float(v) for v in hist.history["val_accuracy"]]})
+            entry = {"arch": hp.values["arch"], "fit_s": time.perf_counter() - t0,
+                     "loss": [float(v) for v in hist.history["loss"]],
+                     "val_accuracy": [float(v) for v in hist.history["val_accuracy"]]}
+            timings = getattr(getattr(self, "outer", None), "timings", None)
+            if timings:
+                entry.update(build_s=timings[-1]["build_s"], wrap_s=timings[-1]["wrap_s"])
+            log.append(entry)
+            print("TRIAL " + json.dumps(entry), flush=True)  # progress, one line per trial
             return hist
 
     return ArchHyperModel()
@@ -120,6 +125,7 @@ def run_method(method, archs, data, args, workdir):
     else:
         hm = AutoInitHyperModel(base, init=method, wrap_kwargs={
             "input_moments": (float(x.mean()), float(x.var())), "seed": 0})
+        base.outer = hm
     tuner = kt.GridSearch(hm, objective="val_accuracy", max_trials=len(archs), directory=workdir,
                           project_name=method.replace("+", "_"), overwrite=True,
                           max_consecutive_failed_trials=len(archs) + 1)
