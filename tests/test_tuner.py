@@ -124,3 +124,15 @@ def test_helpers_validate():
         at.swap_space(act=["not_a_recipe->???"])
     with pytest.raises(ValueError, match="wrap_kwargs"):
         at.AutoInitHyperModel(lambda hp: None, wrap_kwargs={"calibrate": "probe"})
+
+
+def test_keras_tuner_import_is_lazy_with_clear_message(monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import sys, autoinit_tf.tuner as t; assert 'keras_tuner' not in sys.modules; "
+            "sys.modules['keras_tuner'] = None\n"
+            "try:\n    t.AutoInitHyperModel\nexcept ImportError as e:\n    assert \"autoinit-tf[tuner]\" in str(e); print('OK')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip().endswith("OK"), out.stderr[-2000:]
