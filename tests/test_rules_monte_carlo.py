@@ -135,6 +135,9 @@ def test_multi_head_attention_controls_logits_and_output():
     y = _measure(model, np.random.default_rng(0).standard_normal((600, 12, 32)).astype("float32"))
     assert pred.var == pytest.approx(1.0, rel=0.25)
     assert y.var() == pytest.approx(pred.var, rel=0.15)
+    mha = model.layers[-1]
+    q, k = (keras.ops.convert_to_numpy(d.kernel) for d in (mha._query_dense, mha._key_dense))
+    assert not np.allclose(q, k)  # every projection gets its own random stream
 
 
 @pytest.mark.parametrize("make", [lambda: L.LSTM(16, return_sequences=True), lambda: L.GRU(16),

@@ -47,7 +47,9 @@ def test_default_glorot_init_collapses_where_wrap_does_not():
     autoinit_tf.wrap(model, seed=0)
     wrapped_var = float(np.var(keras.ops.convert_to_numpy(model(x0))))
     assert default_var < 1e-9  # Glorot halves a ReLU signal's second moment at every layer
-    assert 0.05 < wrapped_var < 5.0
+    # ReLU's variance map is neutral (slope 1), so one drawn width-128 net random-walks around the
+    # prediction (~0.34) by up to ~10x at depth 60, but never collapses geometrically.
+    assert 1e-3 < wrapped_var < 20.0
 
 
 @pytest.mark.slow

@@ -165,7 +165,11 @@ class RuleContext:
     def rng(self, variable, salt: str = ""):
         """The generator for `variable`: it depends only on the seed and the variable's place in the
         walk (not on auto-generated names), so identical architectures get identical weights."""
-        key = f"{self._engine.ordinal(self.op)}/{variable.name}{salt}"
+        prefix = getattr(self.op, "path", None) or self.op.name
+        path = variable.path
+        local = path[len(prefix) + 1 :] if path.startswith(prefix + "/") else path.rsplit("/", 2)[-2:]
+        local = local if isinstance(local, str) else "/".join(local)
+        key = f"{self._engine.ordinal(self.op)}/{local}{salt}"
         return distributions.rng_for(self._engine.seed, key)
 
     def assign(self, variable, value) -> None:
