@@ -46,11 +46,17 @@ class Moments:
             per-channel offsets that do not average out over examples or positions); the rest,
             ``within = var - between``, fluctuates from element to element. Pooling over positions
             shrinks only the within part. Defaults to 0.
+        ch_mean, ch_var: optional per-channel (last axis) means and within-channel variances. When
+            present, rules that understand them propagate each channel separately (exact for the
+            drawn weights rather than for their expectation); the pooled numbers above are then
+            derived from them. Rules that do not, simply use the pooled numbers.
     """
 
-    __slots__ = ("mean", "var", "between")
+    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var")
 
-    def __init__(self, mean, var, between=0.0):
+    def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None):
+        self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)
+        self.ch_var = None if ch_var is None else np.maximum(np.asarray(ch_var, dtype=np.float64).reshape(-1), 0.0)
         self.mean = float(mean)
         var = float(var)
         if var < 0.0:
@@ -79,8 +85,37 @@ class Moments:
     def from_second(cls, mean, second, between=0.0):
         return cls(mean, max(float(second) - float(mean) ** 2, 0.0), between)
 
+    @classmethod
+    def from_channels(cls, ch_mean, ch_var):
+        """Pooled moments of channels with means `ch_mean` and within-channel variances `ch_var`."""
+        ch_mean = np.asarray(ch_mean, dtype=np.float64).reshape(-1)
+        ch_var = np.maximum(np.asarray(ch_var, dtype=np.float64).reshape(-1), 0.0)
+        mean = float(ch_mean.mean())
+        between = float(ch_mean.var())
+        return cls(mean, between + float(ch_var.mean()), between, ch_mean, ch_var)
+
+    @classmethod
+    def from_channel_second(cls, ch_mean, ch_second):
+        ch_mean = np.asarray(ch_mean, dtype=np.float64)
+        return cls.from_channels(ch_mean, np.asarray(ch_second, dtype=np.float64) - ch_mean**2)
+
+    @property
+    def channels(self):
+        """The number of tracked channels, or None."""
+        return None if self.ch_mean is None else int(self.ch_mean.size)
+
+    @property
+    def ch_second(self):
+        return None if self.ch_mean is None else self.ch_var + self.ch_mean**2
+
+    def pooled(self) -> "Moments":
+        """The same moments without per-channel detail."""
+        return Moments(self.mean, self.var, self.between)
+
     def scaled(self, a, b=0.0) -> "Moments":
         """Moments of a * x + b."""
+        if self.ch_mean is not None:
+            return Moments.from_channels(a * self.ch_mean + b, a * a * self.ch_var)
         return Moments(a * self.mean + b, a * a * self.var, a * a * self.between)
 
     def is_finite(self) -> bool:
@@ -99,6 +134,8 @@ class Moments:
 
     def __repr__(self):
         extra = f", between={self.between:.6g}" if self.between else ""
+        if self.ch_mean is not None:
+            extra += f", channels={self.ch_mean.size}"
         return f"Moments(mean={self.mean:.6g}, var={self.var:.6g}{extra})"
 
 
@@ -111,6 +148,11 @@ def mix(parts) -> Moments:
     total = float(sum(w for w, _ in parts))
     if total <= 0:
         raise ValueError("mix() needs a positive total weight.")
+    sizes = {m.channels for _, m in parts}
+    if len(sizes) == 1 and None not in sizes:  # the same channels, mixed channel by channel
+        ch_mean = sum(w * m.ch_mean for w, m in parts) / total
+        ch_second = sum(w * m.ch_second for w, m in parts) / total
+        return Moments.from_channel_second(ch_mean, ch_second)
     mean = sum(w * m.mean for w, m in parts) / total
     second = sum(w * m.second for w, m in parts) / total
     between = sum(w * (m.between + m.mean * m.mean) for w, m in parts) / total - mean * mean
@@ -164,6 +206,9 @@ def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
     integrated over d with 24-point Gauss-Hermite, giving the output's own between-channel part.
     All evaluations of fn happen in one vectorised call.
     """
+    if m.ch_mean is not None:
+        e1, e2 = channel_expectations(fn, m.ch_mean, m.ch_var, kinks)
+        return Moments.from_channels(e1, e2 - e1 * e1)
     if m.between <= 0.0 or m.within <= 0.0:
         e1, e2 = gaussian_expectations(fn, m.mean, m.var, kinks)
         return Moments.from_second(e1, e2, m.var if m.within <= 0.0 and m.var > 0 else 0.0)
@@ -191,10 +236,47 @@ def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
     return Moments.from_second(mean, second, between)
 
 
+def channel_expectations(fn, means, variances, kinks=()):
+    """E[fn(X_c)] and E[fn(X_c)^2] for X_c ~ N(means[c], variances[c]), every channel at once.
+
+    Each channel gets its own panels (the fixed ones plus its kinks mapped to z), all evaluated in
+    one vectorised call of fn.
+    """
+    means = np.asarray(means, dtype=np.float64).reshape(-1)
+    s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
+    base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
+    kinks = [k for k in kinks if k is not None and math.isfinite(k)]
+    if kinks:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
+        kz = np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
+        edges = np.sort(np.concatenate([base, kz], axis=1), axis=1)
+    else:
+        edges = base
+    a, b = edges[:, :-1], edges[:, 1:]
+    half = 0.5 * (b - a)
+    z = half[..., None] * _GL_X + (0.5 * (a + b))[..., None]  # (C, panels, nodes)
+    w = half[..., None] * _GL_W * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    x = means[:, None, None] + s[:, None, None] * z
+    y = np.asarray(fn(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
+    e1 = np.sum(w * y, axis=(1, 2))
+    e2 = np.sum(w * y * y, axis=(1, 2))
+    return e1, np.maximum(e2, e1 * e1)
+
+
 def _norm_cdf(x):
     from scipy.special import ndtr
 
     return ndtr(x)
+
+
+def max_order_statistic(k: int):
+    """(E[Z_(k)], E[Z_(k)^2]) of the largest of k i.i.d. standard normals."""
+    if k <= 1:
+        return 0.0, 1.0
+    z, w = _nodes_for(())
+    dens = k * np.power(_norm_cdf(z), k - 1)
+    return float(np.dot(w * dens, z)), float(np.dot(w * dens, z * z))
 
 
 def max_of_gaussians(k: int, m: Moments) -> Moments:

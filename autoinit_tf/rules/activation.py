@@ -107,6 +107,8 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     if name in VECTOR_ACTIVATIONS:
         raise NotImplementedError(f"No closed-form rule for the vector activation {name!r}.")
     kinks = kinks_of(fn) if kinks is None else tuple(kinks)
+    if m.ch_mean is not None:
+        return elementwise_moments(numpy_function(fn), m, kinks)
     try:
         hash(fn)
         return _cached_elementwise(fn, m.mean, m.var, m.between, kinks)
@@ -196,9 +198,15 @@ def kink_at_zero_layer_rule(ctx):
 
 @register_rule(keras.layers.PReLU)
 def prelu_rule(ctx):
-    """f(x) = x for x > 0, alpha_c x otherwise, alpha per channel: a mixture over the alphas."""
+    """f(x) = x for x > 0, alpha_c x otherwise: per channel when alpha is per channel, else mixed."""
+    from autoinit_tf.moments import channel_expectations
+
     alpha = ctx.value(ctx.layer.alpha).astype(np.float64).ravel()
     m = ctx.input
+    if m.ch_mean is not None and alpha.size == m.channels:
+        pos1, pos2 = channel_expectations(lambda x: np.maximum(x, 0.0), m.ch_mean, m.ch_var, (0.0,))
+        neg1, neg2 = channel_expectations(lambda x: np.minimum(x, 0.0), m.ch_mean, m.ch_var, (0.0,))
+        return Moments.from_channel_second(pos1 + alpha * neg1, pos2 + alpha**2 * neg2)
     pos1, pos2 = gaussian_expectations(lambda x: np.maximum(x, 0.0), m.mean, m.var, (0.0,))
     neg1, neg2 = gaussian_expectations(lambda x: np.minimum(x, 0.0), m.mean, m.var, (0.0,))
     mean = pos1 + float(alpha.mean()) * neg1

@@ -82,11 +82,12 @@ def probe_moments(ctx, training=True, use_pending=True):
         if not y.size:
             result.append(Moments(0.0, 0.0))
             continue
-        between = 0.0
-        if y.ndim >= 3:  # channels-last feature maps: variance of per-channel means
-            between = float(np.var(np.mean(y.reshape(-1, y.shape[-1]), axis=0)))
+        if y.ndim >= 2 and np.isfinite(y).all():  # channels last: per-channel statistics
+            flat = y.reshape(-1, y.shape[-1])
+            result.append(Moments.from_channels(flat.mean(axis=0), flat.var(axis=0)))
+            continue
         y = y[np.isfinite(y)]
-        result.append(Moments(float(y.mean()), float(y.var()), between))
+        result.append(Moments(float(y.mean()), float(y.var())))
     return result if len(result) > 1 else result[0]
 
 

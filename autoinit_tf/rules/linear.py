@@ -41,15 +41,36 @@ def linear_output(m: Moments, w3, taps, bias=None):
     variance of unit means (over units and positions).
     """
     w3 = np.asarray(w3, dtype=np.float64)
-    colsum = w3.sum(axis=1)  # (taps, units)
-    colsq = (w3 * w3).sum(axis=1)
     if not (isinstance(taps, list) and taps and isinstance(taps[0], tuple)):
         taps = [(1.0, np.asarray(taps, dtype=np.float64).reshape(-1))]
+    units = w3.shape[2]
     b = None
     if bias is not None:
         b = np.asarray(bias, dtype=np.float64).reshape(-1)
-        if b.size != colsum.shape[1]:
-            b = np.full(colsum.shape[1], float(b.mean()))
+        if b.size != units:
+            b = np.full(units, float(b.mean()))
+    per_channel = m.ch_mean is not None and m.channels == w3.shape[1]
+    if per_channel or m.between == 0.0:
+        # Exact per output unit: input channel c has mean mu_c and within-channel variance v_c.
+        mu = m.ch_mean if per_channel else np.full(w3.shape[1], m.mean)
+        v = m.ch_var if per_channel else np.full(w3.shape[1], m.var)
+        out_mean = np.zeros(units)
+        out_second = np.zeros(units)
+        for weight, valid in taps:
+            if w3.shape[0] == 1:
+                wv, wv2 = valid[0] * w3[0], valid[0] * (w3[0] * w3[0])
+            else:
+                wv = np.einsum("t,tcj->cj", valid, w3)
+                wv2 = np.einsum("t,tcj->cj", valid, w3 * w3)
+            means = mu @ wv
+            if b is not None:
+                means = means + b
+            out_mean += weight * means
+            out_second += weight * (v @ wv2 + means * means)
+        result = Moments.from_channel_second(out_mean, out_second)
+        return result, result.within, result.between
+    colsum = w3.sum(axis=1)  # (taps, units)
+    colsq = (w3 * w3).sum(axis=1)
     mean = second_means = within = 0.0
     for weight, valid in taps:
         means = m.mean * (valid @ colsum)
@@ -58,14 +79,13 @@ def linear_output(m: Moments, w3, taps, bias=None):
         mean += weight * float(means.mean())
         second_means += weight * float(np.mean(means * means))
         within += weight * m.within * float(np.mean(valid @ colsq))
-        if m.between > 0.0:
-            # Input channel offsets d_c are the same at every tap: they add coherently per channel.
-            if w3.shape[0] == 1:
-                coherent = float(valid[0] ** 2 * colsq[0].mean())
-            else:
-                per_channel = np.einsum("t,tcj->cj", valid, w3)  # (channels, units)
-                coherent = float(np.mean(np.sum(per_channel * per_channel, axis=0)))
-            second_means += weight * m.between * coherent
+        # Input channel offsets d_c (unknown, variance `between`) are the same at every tap.
+        if w3.shape[0] == 1:
+            coherent = float(valid[0] ** 2 * colsq[0].mean())
+        else:
+            pc = np.einsum("t,tcj->cj", valid, w3)
+            coherent = float(np.mean(np.sum(pc * pc, axis=0)))
+        second_means += weight * m.between * coherent
     between = max(second_means - mean * mean, 0.0)
     return Moments(mean, within + between, between), within, between
 
@@ -216,11 +236,32 @@ def _depthwise_pre(ctx, layer, kernel, m, target=None):
     return w3, frac
 
 
+def depthwise_output(m: Moments, w3, taps, bias=None):
+    """Depthwise map: output channel j = c * dm + d reads only input channel c (w3: taps x 1 x C*dm)."""
+    units = w3.shape[2]
+    if m.ch_mean is None or units % m.channels:
+        return linear_output(m, w3, taps, bias)[0]
+    dm = units // m.channels
+    mu = np.repeat(m.ch_mean, dm)
+    v = np.repeat(m.ch_var, dm)
+    b = None if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+    if not (isinstance(taps, list) and taps and isinstance(taps[0], tuple)):
+        taps = [(1.0, np.asarray(taps, dtype=np.float64).reshape(-1))]
+    out_mean = np.zeros(units)
+    out_second = np.zeros(units)
+    for weight, valid in taps:
+        s1 = valid @ w3[:, 0, :]
+        s2 = valid @ (w3[:, 0, :] ** 2)
+        means = mu * s1 + (0.0 if b is None else b)
+        out_mean += weight * means
+        out_second += weight * (v * s2 + means * means)
+    return Moments.from_channel_second(out_mean, out_second)
+
+
 def _depthwise_conv_pre(ctx):
     layer = ctx.layer
     w3, frac = _depthwise_pre(ctx, layer, layer.kernel, ctx.input)
-    pre, _, _ = linear_output(ctx.input, w3, frac, _bias(ctx, layer))
-    return pre
+    return depthwise_output(ctx.input, w3, frac, _bias(ctx, layer))
 
 
 def _separable_pre(ctx):
@@ -308,7 +349,8 @@ def embedding_rule(ctx):
     table = layer.embeddings
     ctx.weight_scale = ctx.signal_variance
     w = ctx.draw(table, ctx.signal_variance).astype(np.float64)
-    return Moments(float(w.mean()), float(w.var()))
+    # Tokens drawn uniformly: output dimension j has the mean and variance of column j.
+    return Moments.from_channels(w.mean(axis=0), w.var(axis=0))
 
 
 @register_rule(keras.layers.SpectralNormalization)

@@ -24,11 +24,22 @@ from autoinit_tf.rules.registry import register_rule
 L = keras.layers
 
 
+def same_channels(ms):
+    """True when every input tracks the same number of channels."""
+    sizes = {m.channels for m in ms}
+    return len(sizes) == 1 and None not in sizes
+
+
 def add_moments(ms):
+    if same_channels(ms):
+        return Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms))
     return Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms))
 
 
 def multiply_moments(ms):
+    if same_channels(ms):
+        mean = np.prod([m.ch_mean for m in ms], axis=0)
+        return Moments.from_channel_second(mean, np.prod([m.ch_second for m in ms], axis=0))
     mean = float(np.prod([m.mean for m in ms]))
     second = float(np.prod([m.second for m in ms]))
     between = float(np.prod([m.between + m.mean**2 for m in ms])) - mean * mean
@@ -61,10 +72,17 @@ def minimum_moments(ms):
     return Moments(-r.mean, r.var)
 
 
-def concat_moments(ms, sizes):
+def concat_moments(ms, sizes, last_axis=False):
+    """Concatenation: channels side by side on the last axis, else a size-weighted mixture."""
+    if last_axis and all(m.ch_mean is not None for m in ms):
+        return Moments.from_channels(np.concatenate([m.ch_mean for m in ms]), np.concatenate([m.ch_var for m in ms]))
     if any(s is None for s in sizes):
         sizes = [1] * len(ms)
     return mix(list(zip(sizes, ms)))
+
+
+def _is_last(axis, ndim):
+    return axis == -1 or axis == ndim - 1
 
 
 @register_rule(L.Add)
@@ -75,12 +93,16 @@ def add_rule(ctx):
 @register_rule(L.Subtract)
 def subtract_rule(ctx):
     a, b = ctx.inputs
+    if same_channels([a, b]):
+        return Moments.from_channels(a.ch_mean - b.ch_mean, a.ch_var + b.ch_var)
     return Moments(a.mean - b.mean, a.var + b.var, a.between + b.between)
 
 
 @register_rule(L.Average)
 def average_rule(ctx):
     n = len(ctx.inputs)
+    if same_channels(ctx.inputs):
+        return add_moments(ctx.inputs).scaled(1.0 / n)
     return Moments(sum(m.mean for m in ctx.inputs) / n, sum(m.var for m in ctx.inputs) / n**2,
                    sum(m.between for m in ctx.inputs) / n**2)
 
@@ -104,7 +126,7 @@ def minimum_rule(ctx):
 def concatenate_rule(ctx):
     axis = ctx.layer.axis
     sizes = [s[axis] for s in ctx.input_shapes]
-    return concat_moments(ctx.inputs, sizes)
+    return concat_moments(ctx.inputs, sizes, _is_last(axis, len(ctx.input_shapes[0])))
 
 
 @register_rule(L.Dot)

@@ -31,10 +31,35 @@ def _affine_over_normalized(ctx, gamma, beta, ratio, kept_between=0.0):
     return Moments.from_second(mean, second, g2 * kept_between + float(b.var()))
 
 
+def _vec(ctx, variable, n, default):
+    if variable is None:
+        return np.full(n, default)
+    v = ctx.value(variable).astype(np.float64).reshape(-1)
+    return v if v.size == n else np.full(n, float(v.mean()))
+
+
+def _per_channel_affine(ctx, layer, m, center, scale):
+    """gamma_c * ((x_c - center_c) / scale_c) + beta_c with channel stats from `m` (last axis)."""
+    n = m.channels
+    gamma = _vec(ctx, getattr(layer, "gamma", None), n, 1.0)
+    beta = _vec(ctx, getattr(layer, "beta", None), n, 0.0)
+    return Moments.from_channels(gamma * (m.ch_mean - center) / scale + beta, gamma**2 * m.ch_var / scale**2)
+
+
+def _last_axis(layer, ndim):
+    axis = layer.axis
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return [a % ndim for a in axes] == [ndim - 1]
+
+
 @register_rule(keras.layers.BatchNormalization)
 def batch_normalization_rule(ctx):
     layer = ctx.layer
-    v = ctx.input.var
+    m = ctx.input
+    if m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0])):
+        # Training mode: each channel is normalized by its own batch statistics (exact per channel).
+        return _per_channel_affine(ctx, layer, m, m.ch_mean, np.sqrt(m.ch_var + layer.epsilon))
+    v = m.var
     ratio = v / (v + layer.epsilon) if v > 0 else 0.0
     return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)
 
@@ -48,6 +73,9 @@ def layer_normalization_rule(ctx):
         g2 = float(np.mean(np.square(ctx.value(layer.gamma)))) if layer.gamma is not None else 1.0
         g = float(np.mean(ctx.value(layer.gamma))) if layer.gamma is not None else 1.0
         return Moments.from_second(g * m.mean / math.sqrt(s + layer.epsilon), g2 * s / (s + layer.epsilon))
+    if m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0])):
+        # Per example over the features: centre ~ the pooled mean, scale ~ the pooled deviation.
+        return _per_channel_affine(ctx, layer, m, m.mean, math.sqrt(m.var + layer.epsilon))
     ratio = m.var / (m.var + layer.epsilon) if m.var > 0 else 0.0
     # Per-example normalization over the features keeps the channel offsets (relative to the mean).
     return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))
@@ -57,6 +85,15 @@ def layer_normalization_rule(ctx):
 def group_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
+    ndim = len(ctx.input_shapes[0])
+    if m.ch_mean is not None and layer.axis % ndim == ndim - 1 and m.channels % layer.groups == 0:
+        g = m.ch_mean.reshape(layer.groups, -1)
+        second = m.ch_second.reshape(layer.groups, -1)
+        centre = g.mean(axis=1, keepdims=True)
+        var = second.mean(axis=1, keepdims=True) - centre**2
+        scale = np.sqrt(np.maximum(var, 0.0) + layer.epsilon)
+        return _per_channel_affine(ctx, layer, m, np.broadcast_to(centre, g.shape).reshape(-1),
+                                   np.broadcast_to(scale, g.shape).reshape(-1))
     ratio = m.var / (m.var + layer.epsilon) if m.var > 0 else 0.0
     return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))
 
@@ -70,6 +107,8 @@ if hasattr(keras.layers, "RMSNormalization"):
         s = m.second
         eps = layer.epsilon if layer.epsilon is not None else 1e-6
         scale = ctx.value(layer.scale).astype(np.float64) if getattr(layer, "scale", None) is not None else np.ones(1)
+        if m.ch_mean is not None and scale.size == m.channels:
+            return Moments.from_channels(scale * m.ch_mean / math.sqrt(s + eps), scale**2 * m.ch_var / (s + eps))
         mean = float(scale.mean()) * m.mean / math.sqrt(s + eps)
         g2 = float(np.mean(scale**2))
         return Moments.from_second(mean, g2 * s / (s + eps), g2 * m.between / (s + eps))
@@ -108,6 +147,8 @@ def rescaling_rule(ctx):
     scale = np.asarray(layer.scale, dtype=np.float64).ravel()
     offset = np.asarray(layer.offset, dtype=np.float64).ravel()
     m = ctx.input
+    if m.ch_mean is not None and scale.size == 1 and offset.size == 1:
+        return m.scaled(float(scale[0]), float(offset[0]))
     means = scale * m.mean + offset
     seconds = scale**2 * m.var + means**2
     between = float(np.mean(scale**2)) * m.between + float(np.var(means))

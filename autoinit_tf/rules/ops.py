@@ -20,6 +20,7 @@ from autoinit_tf.rules.activation import log_softmax_moments, numpy_function, so
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
 from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.reshape import relayout
 
 # -- elementwise unary ops ---------------------------------------------------------------------
 
@@ -103,6 +104,8 @@ def add_op_rule(ctx):
     m, c = (a, b) if ma else (b, a)
     c1, c2 = _constant_stats(c)
     cvar = max(c2 - c1 * c1, 0.0)
+    if cvar == 0.0:
+        return m.scaled(1.0, c1)
     return Moments(m.mean + c1, m.var + cvar, m.between + cvar)
 
 
@@ -124,6 +127,8 @@ def multiply_op_rule(ctx):
         return multiply_moments([a, b])
     m, c = (a, b) if ma else (b, a)
     c1, c2 = _constant_stats(c)
+    if c2 - c1 * c1 <= 1e-15 * max(c2, 1.0):
+        return m.scaled(c1)
     return Moments.from_second(m.mean * c1, m.second * c2, m.between * c2 + m.mean**2 * max(c2 - c1 * c1, 0.0))
 
 
@@ -225,21 +230,44 @@ def _same_for_every_output(ctx):
     return ctx.input if n == 1 else [ctx.input] * n
 
 
-_PASSTHROUGH = [
-    np_ops.Reshape, np_ops.Transpose, np_ops.GetItem, np_ops.ExpandDims, np_ops.Squeeze, np_ops.Ravel,
-    np_ops.Moveaxis, np_ops.Swapaxes, np_ops.Tile, np_ops.Repeat, np_ops.BroadcastTo, np_ops.Split,
-    np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.Unstack, core_ops.ConvertToTensor,
-    core_ops.Slice,
-]
-for _cls in _PASSTHROUGH:
+def _pooled_for_every_output(ctx):
+    """Value-copying ops that may move the last axis: only the pooled moments carry over."""
+    n = len(ctx.node.outputs)
+    m = ctx.input.pooled()
+    return m if n == 1 else [m] * n
+
+
+def _row_major_reshape(ctx):
+    return relayout(ctx.input, tuple(ctx.node.input_tensors[0].shape), tuple(ctx.node.outputs[0].shape))
+
+
+for _cls in (np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.ConvertToTensor):
     register_rule(_cls, _same_for_every_output)
+for _cls in (np_ops.Transpose, np_ops.GetItem, np_ops.Moveaxis, np_ops.Swapaxes, np_ops.Repeat,
+             np_ops.BroadcastTo, core_ops.Unstack, core_ops.Slice):
+    register_rule(_cls, _pooled_for_every_output)
+for _cls in (np_ops.Reshape, np_ops.ExpandDims, np_ops.Squeeze, np_ops.Ravel, np_ops.Tile):
+    register_rule(_cls, _row_major_reshape)
+
+
+@register_rule(np_ops.Split)
+def split_op_rule(ctx):
+    m = ctx.input
+    shape = tuple(ctx.node.input_tensors[0].shape)
+    axis = ctx.op.axis
+    n = len(ctx.node.outputs)
+    if m.ch_mean is not None and (axis == -1 or axis == len(shape) - 1):
+        bounds = np.cumsum([0] + [int(kt.shape[-1]) for kt in ctx.node.outputs])
+        return [Moments.from_channels(m.ch_mean[a:b], m.ch_var[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return m if n == 1 else [m] * n
 
 
 @register_rule(np_ops.Concatenate)
 def concatenate_op_rule(ctx):
     axis = ctx.op.axis
     sizes = [kt.shape[axis] for kt in ctx.node.input_tensors]
-    return concat_moments(ctx.inputs, sizes)
+    ndim = len(ctx.node.input_tensors[0].shape)
+    return concat_moments(ctx.inputs, sizes, axis == -1 or axis == ndim - 1)
 
 
 @register_rule(np_ops.Stack)

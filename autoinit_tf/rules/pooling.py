@@ -13,7 +13,7 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments, max_of_gaussians, mix
+from autoinit_tf.moments import Moments, max_of_gaussians, max_order_statistic, mix
 from autoinit_tf.rules.registry import register_rule
 
 
@@ -61,11 +61,23 @@ def _spatial_dims(shape, data_format, rank):
 def _average(m, sizes):
     """Averaging shrinks only the element-to-element part; channel offsets survive."""
     inv_k = sum(p / k for k, p in sizes.items())
+    if m.ch_mean is not None:
+        return Moments.from_channels(m.ch_mean, m.ch_var * inv_k)
     return Moments(m.mean, m.between + m.within * inv_k, m.between)
 
 
 def _maximum(m, sizes):
     """Max of k entries sharing their channel's offset: the order statistic of the within part."""
+    if m.ch_mean is not None:
+        s = np.sqrt(m.ch_var)
+        mean = np.zeros_like(m.ch_mean)
+        second = np.zeros_like(m.ch_mean)
+        for k, p in sizes.items():
+            e1, e2 = max_order_statistic(k)
+            mk = m.ch_mean + s * e1
+            mean += p * mk
+            second += p * (mk * mk + s * s * (e2 - e1 * e1))
+        return Moments.from_channel_second(mean, second)
     within = Moments(0.0, m.within)
     parts = [(p, max_of_gaussians(k, within)) for k, p in sizes.items()]
     mx = mix(parts)

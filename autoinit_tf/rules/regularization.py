@@ -23,6 +23,8 @@ def _inverted_dropout(ctx):
     if rate <= 0.0:
         return m
     keep = 1.0 - rate
+    if m.ch_mean is not None:
+        return Moments.from_channel_second(m.ch_mean, m.ch_second / keep)
     return Moments.from_second(m.mean, m.second / keep, m.between)
 
 
@@ -36,12 +38,16 @@ def gaussian_dropout_rule(ctx):
     m = ctx.input
     if rate <= 0.0:
         return m
+    if m.ch_mean is not None:
+        return Moments.from_channel_second(m.ch_mean, m.ch_second / (1.0 - rate))
     return Moments.from_second(m.mean, m.second / (1.0 - rate), m.between)
 
 
 @register_rule(L.GaussianNoise)
 def gaussian_noise_rule(ctx):
     m = ctx.input
+    if m.ch_mean is not None:
+        return Moments.from_channels(m.ch_mean, m.ch_var + float(ctx.layer.stddev) ** 2)
     return Moments(m.mean, m.var + float(ctx.layer.stddev) ** 2, m.between)
 
 

@@ -16,15 +16,50 @@ from autoinit_tf.rules.registry import register_rule
 L = keras.layers
 
 
+def relayout(m: Moments, in_shape, out_shape) -> Moments:
+    """Per-channel detail after a row-major reshape from `in_shape` to `out_shape`.
+
+    The flat index modulo the last dimension is the channel, so with C channels in and D out:
+    D == C keeps them, D a multiple of C tiles them, C a multiple of D mixes every (C/D)-th one;
+    otherwise only the pooled moments remain.
+    """
+    if m.ch_mean is None or not in_shape or not out_shape:
+        return m
+    c, d = in_shape[-1], out_shape[-1]
+    if c is None or d is None or c != m.channels:
+        return m.pooled()
+    if d == c:
+        return m
+    if d % c == 0:
+        return Moments.from_channels(np.tile(m.ch_mean, d // c), np.tile(m.ch_var, d // c))
+    if c % d == 0:
+        mean = m.ch_mean.reshape(-1, d).mean(axis=0)
+        second = m.ch_second.reshape(-1, d).mean(axis=0)
+        return Moments.from_channel_second(mean, second)
+    return m.pooled()
+
+
 def _identity(ctx):
     n = len(ctx.node.outputs)
     return ctx.inputs[0] if n == 1 else [ctx.inputs[0]] * n
 
 
-_PASS = [L.Identity, L.Reshape, L.Flatten, L.Permute, L.RepeatVector, L.Cropping1D, L.Cropping2D, L.Cropping3D,
+def _reshaping(ctx):
+    return relayout(ctx.input, ctx.input_shapes[0], ctx.output_shapes[0])
+
+
+@register_rule(L.Permute)
+def permute_rule(ctx):
+    dims = tuple(ctx.layer.dims)
+    return ctx.input if dims[-1] == len(dims) else ctx.input.pooled()
+
+
+_PASS = [L.Identity, L.RepeatVector, L.Cropping1D, L.Cropping2D, L.Cropping3D,
          L.UpSampling1D, L.UpSampling3D, L.Masking, L.InputLayer]
 for _cls in _PASS:
     register_rule(_cls, _identity)
+for _cls in (L.Reshape, L.Flatten):
+    register_rule(_cls, _reshaping)
 
 
 @register_rule(L.UpSampling2D)
@@ -41,6 +76,8 @@ def _zero_padding_rule(ctx):
         return ctx.input
     k = float(np.prod(n_in)) / float(np.prod(n_out))
     m = ctx.input
+    if m.ch_mean is not None:
+        return Moments.from_channel_second(k * m.ch_mean, k * m.ch_second)
     return Moments.from_second(k * m.mean, k * m.second, k * m.between)
 
 
