@@ -9,12 +9,12 @@ import pytest
 import autoinit_tf
 from autoinit_tf import FallbackRuleWarning
 
-# Activations whose variance map is stable around its fixed point: the realized signal of one drawn
+# Activations whose variance map is stable (or neutral, for ReLU) around its fixed point: the realized signal of one drawn
 # 100-layer network stays near the analytic prediction. (GELU, SiLU, Mish and tanh-shrink have a
 # variance map with slope > 1 at the AutoInit fixed point, so finite-width deviations grow
 # geometrically with depth: use wrap(calibrate="probe") for those.)
-STABLE_ACTIVATIONS = ["selu", "elu", "celu", "tanh", "sigmoid", "softsign", "hard_sigmoid", "hard_tanh",
-                      "softplus", "log_sigmoid", "squareplus"]
+STABLE_ACTIVATIONS = ["relu", "leaky_relu", "relu6", "selu", "elu", "celu", "tanh", "sigmoid", "softsign",
+                      "hard_sigmoid", "hard_tanh", "softplus", "log_sigmoid", "squareplus", "sparse_plus"]
 
 
 @pytest.mark.slow
