@@ -30,6 +30,21 @@ def test_core_tests_pass_on_jax_backend():
     assert " passed" in tail
 
 
+def test_layers_measure_and_rewrite_pass_on_jax_backend():
+    pytest.importorskip("jax")
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        pytest.skip("already running on JAX")
+    import glob
+
+    files = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(HERE, "test_layer_*.py")))
+    files += ["tests/test_measure.py", "tests/test_report_measure.py", "tests/test_rewrite.py"]
+    proc = _run([sys.executable, "-m", "pytest", "-q", "-m", "core and not slow", "-p", "no:cacheprovider",
+                 *files], {"KERAS_BACKEND": "jax"}, timeout=1500)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in tail
+
+
 def test_wrap_inside_mirrored_strategy_then_fit():
     pytest.importorskip("tensorflow")
     code = textwrap.dedent("""
