@@ -264,6 +264,15 @@ def _run(model, *, input_moments, data, signal_variance, distribution, seed, str
     return engine
 
 
+_PASS_OPTIONS = ("input_moments", "data", "signal_variance", "distribution", "seed", "strict", "rules",
+                 "include_frozen")
+
+
+def _pass_options(scope: dict) -> dict:
+    """The analytic-pass options among a public function's arguments."""
+    return {name: scope[name] for name in _PASS_OPTIONS}
+
+
 def analyze(
     model,
     *,
@@ -280,17 +289,7 @@ def analyze(
 
     Returns a `SignalReport` (one row per call of each layer or op, in topological order).
     """
-    engine = _run(
-        model,
-        input_moments=input_moments,
-        data=data,
-        signal_variance=signal_variance,
-        distribution=distribution,
-        seed=seed,
-        strict=strict,
-        rules=rules,
-        include_frozen=include_frozen,
-    )
+    engine = _run(model, **_pass_options(locals()))
     return SignalReport(model.name, engine.rows, assigned=[])
 
 
@@ -320,7 +319,7 @@ def wrap(
             to compute the input moments from instead.
         signal_variance: the target variance of every weighted layer's pre-activation output.
         distribution: ``truncated_normal`` | ``untruncated_normal`` | ``uniform`` | ``orthogonal``.
-        seed: an int makes the weights depend only on (seed, variable path).
+        seed: an int makes the weights depend only on the seed and each layer's place in the graph.
         strict: raise `UnsupportedLayerError` for a layer without a rule instead of warning.
         rules: ``{LayerClass: rule}`` overriding the registry for this call.
         include_frozen: also re-initialize layers with ``trainable=False``.
@@ -341,17 +340,7 @@ def wrap(
         from autoinit_tf.rewrite import rewrite
 
         model = rewrite(model, swaps=swaps)
-    engine = _run(
-        model,
-        input_moments=input_moments,
-        data=data,
-        signal_variance=signal_variance,
-        distribution=distribution,
-        seed=seed,
-        strict=strict,
-        rules=rules,
-        include_frozen=include_frozen,
-    )
+    engine = _run(model, **_pass_options(locals()))
     engine.apply()
     report = SignalReport(model.name, engine.rows, assigned=sorted(engine.pending))
     if calibrate is not None:

@@ -85,12 +85,24 @@ def walk(fn, input_values, visit, path=()):
     if len(flat) != len(fn.inputs):
         raise ValueError(f"Model '{fn.name}' has {len(fn.inputs)} inputs, got {len(flat)} values.")
     values = {id(kt): v for kt, v in zip(fn.inputs, flat)}
-    for node in topo_nodes(fn):
+    nodes = topo_nodes(fn)
+    # Drop each value after its last consumer, so replays with real tensors hold only the live ones.
+    remaining = {}
+    for node in nodes:
+        if not node.is_input:
+            for x in node.input_tensors:
+                remaining[id(x)] = remaining.get(id(x), 0) + 1
+    keep = {id(kt) for kt in fn.outputs}
+    for node in nodes:
         if node.is_input or node.operation is None:
             continue
         if any(id(x) not in values for x in node.input_tensors):
             continue  # a node of another model sharing this layer
         args, kwargs = node.arguments.fill_in(values)
+        for x in node.input_tensors:
+            remaining[id(x)] -= 1
+            if remaining[id(x)] == 0 and id(x) not in keep:
+                values.pop(id(x), None)
         op = node.operation
         if is_model(op):
             inner = as_functional(op)
