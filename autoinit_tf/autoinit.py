@@ -98,10 +98,12 @@ class _Engine:
             self.rows = []
             self.call_inputs = {}
             out = self._one_pass(fn, input_moments)
+        self.probe_values = {}
         return out
 
     def _one_pass(self, fn, input_moments):
         self.call_index = {}
+        self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
         return graph.walk(fn, input_moments, self._visit)
 
     def _visit(self, node, args, kwargs, path):

@@ -166,3 +166,13 @@ def test_time_distributed_uses_inner_rule():
     assert _check_row.weight_scale is not None
     y = _measure(model, np.random.default_rng(0).standard_normal((400, 5, 8, 8, 3)).astype("float32"))
     assert y.var() == pytest.approx(_check_row.outputs[0].var, rel=0.1)
+
+
+def test_stacked_recurrent_layers_see_the_realized_sequence():
+    """The second LSTM's probe input is the first LSTM's simulated output (correlated in time)."""
+    inp = keras.Input((20, 16))
+    h = L.LSTM(32, return_sequences=True)(inp)
+    model = keras.Model(inp, L.LSTM(32)(h))
+    pred = autoinit_tf.wrap(model, seed=0, return_report=True)[1].rows[-1].outputs[0]
+    y = _measure(model, np.random.default_rng(2).standard_normal((2000, 20, 16)).astype("float32"))
+    assert y.var() == pytest.approx(pred.var, rel=0.1)

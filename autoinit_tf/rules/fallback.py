@@ -56,8 +56,14 @@ def run_on_probe(ctx, training=True, use_pending=True, seed=0):
     op = ctx.op
     node = ctx.node
     rng = np.random.default_rng([seed, zlib.crc32(op.name.encode())])
-    batch = _probe_batch(node)
-    probes = {id(kt): keras.ops.convert_to_tensor(_probe_array(kt, m, rng, batch))
+    # Inputs produced by another probed op reuse its real output tensor: a chain of simulated layers
+    # (stacked LSTMs, say) then sees the realized structure of its input (e.g. correlation in time),
+    # not an i.i.d. stand-in with the same moments.
+    cache = getattr(ctx._engine, "probe_values", None)
+    cached = {id(kt): cache[id(kt)] for kt in node.input_tensors if cache is not None and id(kt) in cache}
+    batch = int(next(iter(cached.values())).shape[0]) if cached else _probe_batch(node)
+    probes = {id(kt): cached.get(id(kt)) if id(kt) in cached
+              else keras.ops.convert_to_tensor(_probe_array(kt, m, rng, batch))
               for kt, m in zip(node.input_tensors, ctx.inputs)}
     args, kwargs = node.arguments.fill_in(probes)
     if isinstance(op, keras.layers.Layer):
@@ -71,7 +77,11 @@ def run_on_probe(ctx, training=True, use_pending=True, seed=0):
         outs, _ = op.stateless_call(tv, ntv, *args, **kwargs)
     else:
         outs = op(*args, **kwargs)
-    return [np.asarray(keras.ops.convert_to_numpy(o), dtype=np.float64) for o in tree.flatten(outs)]
+    outs = tree.flatten(outs)
+    if cache is not None and len(outs) == len(node.outputs):
+        for kt, o in zip(node.outputs, outs):
+            cache[id(kt)] = o
+    return [np.asarray(keras.ops.convert_to_numpy(o), dtype=np.float64) for o in outs]
 
 
 def probe_moments(ctx, training=True, use_pending=True):
