@@ -130,6 +130,7 @@ class _Engine:
         if isinstance(outs, Moments):
             outs = [outs]
         outs = list(tree.flatten(outs))
+        outs = [_fit_detail(m, kt) for m, kt in zip(outs, node.outputs)] if len(outs) == len(node.outputs) else outs
         for m in outs:
             if not isinstance(m, Moments):
                 raise TypeError(f"The rule for '{op.name}' returned {m!r}; rules must return Moments.")
@@ -159,6 +160,18 @@ class _Engine:
     def apply(self):
         for variable, array in self.pending.values():
             variable.assign(array.astype(_np_dtype(variable), copy=False))
+
+
+def _fit_detail(m, kt):
+    """Keep per-element / per-channel detail only where it matches the output tensor's shape."""
+    if not isinstance(m, Moments):
+        return m
+    shape = tuple(kt.shape[1:])
+    if m.el_mean is not None and tuple(m.el_mean.shape) != shape:
+        m = m.per_channel()
+    if m.ch_mean is not None and (not shape or shape[-1] != m.channels):
+        m = m.pooled()
+    return m
 
 
 def _np_dtype(variable):

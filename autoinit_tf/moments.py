@@ -52,9 +52,11 @@ class Moments:
             derived from them. Rules that do not, simply use the pooled numbers.
     """
 
-    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var")
+    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var")
 
-    def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None):
+    def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
+        self.el_mean = el_mean
+        self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)
         self.ch_var = None if ch_var is None else np.maximum(np.asarray(ch_var, dtype=np.float64).reshape(-1), 0.0)
         self.mean = float(mean)
@@ -99,6 +101,32 @@ class Moments:
         ch_mean = np.asarray(ch_mean, dtype=np.float64)
         return cls.from_channels(ch_mean, np.asarray(ch_second, dtype=np.float64) - ch_mean**2)
 
+    @classmethod
+    def from_elements(cls, el_mean, el_var):
+        """Moments of a feature map whose every element (position, channel) has its own mean and variance.
+
+        Elements are assumed independent across positions. The per-channel and pooled numbers are
+        derived (channels = last axis).
+        """
+        el_mean = np.asarray(el_mean, dtype=np.float64)
+        el_var = np.maximum(np.asarray(el_var, dtype=np.float64), 0.0)
+        c = el_mean.shape[-1]
+        ch_mean = el_mean.reshape(-1, c).mean(axis=0)
+        ch_second = (el_var + el_mean**2).reshape(-1, c).mean(axis=0)
+        m = cls.from_channel_second(ch_mean, ch_second)
+        m.el_mean, m.el_var = el_mean, el_var
+        return m
+
+    @property
+    def el_second(self):
+        return None if self.el_mean is None else self.el_var + self.el_mean**2
+
+    def per_channel(self) -> "Moments":
+        """The same moments without per-element detail."""
+        if self.ch_mean is None:
+            return self
+        return Moments(self.mean, self.var, self.between, self.ch_mean, self.ch_var)
+
     @property
     def channels(self):
         """The number of tracked channels, or None."""
@@ -114,6 +142,8 @@ class Moments:
 
     def scaled(self, a, b=0.0) -> "Moments":
         """Moments of a * x + b."""
+        if self.el_mean is not None:
+            return Moments.from_elements(a * self.el_mean + b, a * a * self.el_var)
         if self.ch_mean is not None:
             return Moments.from_channels(a * self.ch_mean + b, a * a * self.ch_var)
         return Moments(a * self.mean + b, a * a * self.var, a * a * self.between)
@@ -148,6 +178,11 @@ def mix(parts) -> Moments:
     total = float(sum(w for w, _ in parts))
     if total <= 0:
         raise ValueError("mix() needs a positive total weight.")
+    shapes = {None if m.el_mean is None else m.el_mean.shape for _, m in parts}
+    if len(shapes) == 1 and None not in shapes:
+        el_mean = sum(w * m.el_mean for w, m in parts) / total
+        el_second = sum(w * m.el_second for w, m in parts) / total
+        return Moments.from_elements(el_mean, el_second - el_mean**2)
     sizes = {m.channels for _, m in parts}
     if len(sizes) == 1 and None not in sizes:  # the same channels, mixed channel by channel
         ch_mean = sum(w * m.ch_mean for w, m in parts) / total
@@ -206,6 +241,9 @@ def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
     integrated over d with 24-point Gauss-Hermite, giving the output's own between-channel part.
     All evaluations of fn happen in one vectorised call.
     """
+    if m.el_mean is not None:
+        e1, e2 = channel_expectations(fn, m.el_mean.reshape(-1), m.el_var.reshape(-1), kinks)
+        return Moments.from_elements(e1.reshape(m.el_mean.shape), (e2 - e1 * e1).reshape(m.el_mean.shape))
     if m.ch_mean is not None:
         e1, e2 = channel_expectations(fn, m.ch_mean, m.ch_var, kinks)
         return Moments.from_channels(e1, e2 - e1 * e1)

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments
+from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.activation import axis_size, function_moments
 from autoinit_tf.rules.registry import register_rule
 
@@ -194,6 +195,10 @@ def _dense_pre(ctx):
     layer = ctx.layer
     fan_in = int(layer.kernel.shape[0])
     w = _draw_kernel(ctx, layer.kernel, fan_in)
+    if ctx.input.el_mean is not None:
+        exact = element_maps.dense_maps(ctx.input, ctx.input_shapes[0], w, _bias(ctx, layer))
+        if exact is not None:
+            return exact
     pre, _, _ = linear_output(ctx.input, w.reshape(1, fan_in, -1), [1.0], _bias(ctx, layer))
     return pre
 
@@ -207,6 +212,9 @@ def _conv_pre(ctx):
     cin = kshape[-2]
     fan_eff = cin * fan_in_of(frac)
     w = _draw_kernel(ctx, k, fan_eff)
+    exact = element_maps.conv_maps(layer, ctx.input, ctx.input_shapes[0], w, _bias(ctx, layer))
+    if exact is not None:
+        return exact
     pre, _, _ = linear_output(ctx.input, w.reshape(-1, cin, kshape[-1]), frac, _bias(ctx, layer))
     return pre
 

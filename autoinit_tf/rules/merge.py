@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments, mix
+from autoinit_tf.rules.element_maps import same_shape
 from autoinit_tf.rules.registry import register_rule
 
 L = keras.layers
@@ -31,12 +32,17 @@ def same_channels(ms):
 
 
 def add_moments(ms):
+    if same_shape(ms):
+        return Moments.from_elements(sum(m.el_mean for m in ms), sum(m.el_var for m in ms))
     if same_channels(ms):
         return Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms))
     return Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms))
 
 
 def multiply_moments(ms):
+    if same_shape(ms):
+        mean = np.prod([m.el_mean for m in ms], axis=0)
+        return Moments.from_elements(mean, np.prod([m.el_second for m in ms], axis=0) - mean**2)
     if same_channels(ms):
         mean = np.prod([m.ch_mean for m in ms], axis=0)
         return Moments.from_channel_second(mean, np.prod([m.ch_second for m in ms], axis=0))
@@ -74,6 +80,9 @@ def minimum_moments(ms):
 
 def concat_moments(ms, sizes, last_axis=False):
     """Concatenation: channels side by side on the last axis, else a size-weighted mixture."""
+    if last_axis and all(m.el_mean is not None for m in ms) and len({m.el_mean.shape[:-1] for m in ms}) == 1:
+        return Moments.from_elements(np.concatenate([m.el_mean for m in ms], axis=-1),
+                                     np.concatenate([m.el_var for m in ms], axis=-1))
     if last_axis and all(m.ch_mean is not None for m in ms):
         return Moments.from_channels(np.concatenate([m.ch_mean for m in ms]), np.concatenate([m.ch_var for m in ms]))
     if any(s is None for s in sizes):
@@ -93,6 +102,8 @@ def add_rule(ctx):
 @register_rule(L.Subtract)
 def subtract_rule(ctx):
     a, b = ctx.inputs
+    if same_shape([a, b]):
+        return Moments.from_elements(a.el_mean - b.el_mean, a.el_var + b.el_var)
     if same_channels([a, b]):
         return Moments.from_channels(a.ch_mean - b.ch_mean, a.ch_var + b.ch_var)
     return Moments(a.mean - b.mean, a.var + b.var, a.between + b.between)

@@ -19,6 +19,7 @@ import numpy as np
 
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules.activation import axis_size
+from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.registry import register_rule
 
 
@@ -58,6 +59,10 @@ def batch_normalization_rule(ctx):
     m = ctx.input
     if m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0])):
         # Training mode: each channel is normalized by its own batch statistics (exact per channel).
+        if m.el_mean is not None:
+            gamma = None if layer.gamma is None else ctx.value(layer.gamma)
+            beta = None if layer.beta is None else ctx.value(layer.beta)
+            return element_maps.batch_norm_maps(m, gamma, beta, layer.epsilon)
         return _per_channel_affine(ctx, layer, m, m.ch_mean, np.sqrt(m.ch_var + layer.epsilon))
     v = m.var
     ratio = v / (v + layer.epsilon) if v > 0 else 0.0

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments, max_of_gaussians, max_order_statistic, mix
+from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.registry import register_rule
 
 
@@ -106,12 +107,30 @@ def _adaptive_sizes(ctx, rank):
     return _size_distribution([_adaptive_counts(n, o) for n, o in zip(dims, out)])
 
 
+def _local_maps(ctx, kind):
+    layer = ctx.layer
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return None
+    return element_maps.pool_maps(ctx.input, ctx.input_shapes[0], tuple(layer.pool_size), tuple(layer.strides),
+                                  layer.padding, kind)
+
+
 def average_pooling_rule(ctx):
-    return _average(ctx.input, _local_sizes(ctx))
+    exact = _local_maps(ctx, "average") if ctx.input.el_mean is not None else None
+    return exact if exact is not None else _average(ctx.input, _local_sizes(ctx))
 
 
 def max_pooling_rule(ctx):
-    return _maximum(ctx.input, _local_sizes(ctx))
+    exact = _local_maps(ctx, "max") if ctx.input.el_mean is not None else None
+    return exact if exact is not None else _maximum(ctx.input, _local_sizes(ctx))
+
+
+def _global_average(ctx, rank):
+    if ctx.input.el_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
+        exact = element_maps.global_average_maps(ctx.input, ctx.input_shapes[0])
+        if exact is not None:
+            return exact
+    return _average(ctx.input, _global_sizes(ctx, rank))
 
 
 L = keras.layers
@@ -120,7 +139,7 @@ for _cls in (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D):
 for _cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D):
     register_rule(_cls, max_pooling_rule)
 for _rank, _cls in ((1, L.GlobalAveragePooling1D), (2, L.GlobalAveragePooling2D), (3, L.GlobalAveragePooling3D)):
-    register_rule(_cls, lambda ctx, r=_rank: _average(ctx.input, _global_sizes(ctx, r)))
+    register_rule(_cls, lambda ctx, r=_rank: _global_average(ctx, r))
 for _rank, _cls in ((1, L.GlobalMaxPooling1D), (2, L.GlobalMaxPooling2D), (3, L.GlobalMaxPooling3D)):
     register_rule(_cls, lambda ctx, r=_rank: _maximum(ctx.input, _global_sizes(ctx, r)))
 for _rank in (1, 2, 3):

@@ -23,6 +23,8 @@ def _inverted_dropout(ctx):
     if rate <= 0.0:
         return m
     keep = 1.0 - rate
+    if m.el_mean is not None:
+        return Moments.from_elements(m.el_mean, m.el_second / keep - m.el_mean**2)
     if m.ch_mean is not None:
         return Moments.from_channel_second(m.ch_mean, m.ch_second / keep)
     return Moments.from_second(m.mean, m.second / keep, m.between)

@@ -23,6 +23,10 @@ def relayout(m: Moments, in_shape, out_shape) -> Moments:
     D == C keeps them, D a multiple of C tiles them, C a multiple of D mixes every (C/D)-th one;
     otherwise only the pooled moments remain.
     """
+    if m.el_mean is not None and out_shape and all(d is not None for d in out_shape[1:]) \
+            and int(np.prod(out_shape[1:])) == m.el_mean.size:
+        return Moments.from_elements(m.el_mean.reshape(out_shape[1:]), m.el_var.reshape(out_shape[1:]))
+    m = m.per_channel()
     if m.ch_mean is None or not in_shape or not out_shape:
         return m
     c, d = in_shape[-1], out_shape[-1]
@@ -76,6 +80,12 @@ def _zero_padding_rule(ctx):
         return ctx.input
     k = float(np.prod(n_in)) / float(np.prod(n_out))
     m = ctx.input
+    if m.el_mean is not None and tuple(m.el_mean.shape) == tuple(n_in):
+        pad = ctx.layer.padding
+        pad = [(p, p) if isinstance(p, int) else tuple(p) for p in (pad if isinstance(pad, (list, tuple)) else [pad])]
+        widths = pad + [(0, 0)]
+        if len(widths) == len(n_in):
+            return Moments.from_elements(np.pad(m.el_mean, widths), np.pad(m.el_var, widths))
     if m.ch_mean is not None:
         return Moments.from_channel_second(k * m.ch_mean, k * m.ch_second)
     return Moments.from_second(k * m.mean, k * m.second, k * m.between)

@@ -1,0 +1,144 @@
+"""Per-element moments for small feature maps: every (position, channel) has its own mean and variance.
+
+Padding makes border positions of a convolution output weaker than interior ones, and the next layer
+reads border inputs less often: the product of the two is invisible to per-channel averages and
+compounds with depth in deep plain CNNs on small images. For maps of at most `ELEMENT_LIMIT` elements
+the rules below therefore propagate the full maps (elements assumed independent across positions):
+
+    conv:     mean_out = conv(mean_in, W) + b,     var_out = conv(var_in, W * W)
+    dense:    mean_out = mean_in @ W + b,          var_out = var_in @ (W * W)
+    avg pool: mean_out = window average of mean_in, var_out = window sum of var_in / k^2
+
+and activations, batch normalization, dropout, merges, zero padding and reshapes act per element.
+Larger maps use per-channel moments (`Moments.ch_mean`), which is where the border effect vanishes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from autoinit_tf.moments import Moments, max_order_statistic
+
+ELEMENT_LIMIT = 1 << 16
+
+
+def element_maps(m: Moments, shape):
+    """(mean, var) arrays of the element shape `shape` (no batch axis) for `m`, or None."""
+    shape = tuple(shape)
+    if not shape or any(d is None for d in shape) or int(np.prod(shape)) > ELEMENT_LIMIT:
+        return None
+    if m.el_mean is not None:
+        return (m.el_mean, m.el_var) if tuple(m.el_mean.shape) == shape else None
+    if m.ch_mean is not None and m.channels == shape[-1]:
+        return np.broadcast_to(m.ch_mean, shape).copy(), np.broadcast_to(m.ch_var, shape).copy()
+    if m.ch_mean is None and m.between == 0.0:
+        return np.full(shape, m.mean), np.full(shape, m.var)
+    return None
+
+
+def conv_maps(layer, m: Moments, in_shape, kernel, bias):
+    """Output element maps of a channels-last Conv1D/2D/3D with `kernel`, or None."""
+    if getattr(layer, "data_format", "channels_last") != "channels_last" or layer.padding == "causal":
+        return None
+    if getattr(layer, "groups", 1) != 1:
+        return None
+    maps = element_maps(m, in_shape[1:])
+    if maps is None:
+        return None
+    mean, var = maps
+    k = np.asarray(kernel, dtype=np.float32)
+
+    def run(x, w):
+        y = keras.ops.conv(keras.ops.convert_to_tensor(x[None].astype(np.float32)), keras.ops.convert_to_tensor(w),
+                           strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate)
+        return np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)[0]
+
+    out_mean = run(mean, k)
+    if bias is not None:
+        out_mean = out_mean + np.asarray(bias, dtype=np.float64)
+    out_var = run(var, k * k)
+    return Moments.from_elements(out_mean, out_var)
+
+
+def dense_maps(m: Moments, in_shape, kernel, bias):
+    maps = element_maps(m, in_shape[1:])
+    if maps is None:
+        return None
+    mean, var = maps
+    w = np.asarray(kernel, dtype=np.float64)
+    out_mean = mean @ w
+    if bias is not None:
+        out_mean = out_mean + np.asarray(bias, dtype=np.float64)
+    return Moments.from_elements(out_mean, var @ (w * w))
+
+
+def _windows(n, k, stride, padding):
+    """(start, stop) of each pooling window along one dimension, padding excluded."""
+    if padding == "valid":
+        out = (n - k) // stride + 1
+        starts = np.arange(max(out, 1)) * stride
+    else:
+        out = int(math.ceil(n / stride))
+        left = max((out - 1) * stride + k - n, 0) // 2
+        starts = np.arange(out) * stride - left
+    return [(max(a, 0), min(a + k, n)) for a in starts]
+
+
+def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind):
+    """Local average or max pooling of 1D/2D element maps, or None."""
+    maps = element_maps(m, in_shape[1:])
+    if maps is None or len(pool_size) not in (1, 2):
+        return None
+    mean, var = maps
+    if len(pool_size) == 1:
+        mean, var = mean[:, None, :], var[:, None, :]
+        pool_size, strides = (pool_size[0], 1), (strides[0], 1)
+    rows = _windows(mean.shape[0], pool_size[0], strides[0], padding)
+    cols = _windows(mean.shape[1], pool_size[1], strides[1], padding)
+    out_mean = np.empty((len(rows), len(cols), mean.shape[-1]))
+    out_var = np.empty_like(out_mean)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            wm = mean[r0:r1, c0:c1].reshape(-1, mean.shape[-1])
+            wv = var[r0:r1, c0:c1].reshape(-1, mean.shape[-1])
+            k = wm.shape[0]
+            if kind == "average":
+                out_mean[i, j] = wm.mean(axis=0)
+                out_var[i, j] = wv.sum(axis=0) / (k * k)
+            else:  # the largest of k Gaussians with the window's average mean and variance
+                e1, e2 = max_order_statistic(k)
+                s = np.sqrt(wv.mean(axis=0))
+                out_mean[i, j] = wm.mean(axis=0) + s * e1
+                out_var[i, j] = s * s * (e2 - e1 * e1)
+    if len(in_shape) == 3:  # 1D
+        out_mean, out_var = out_mean[:, 0, :], out_var[:, 0, :]
+    return Moments.from_elements(out_mean, out_var)
+
+
+def global_average_maps(m: Moments, in_shape):
+    """Global average over positions: the positional mean pattern averages out exactly."""
+    maps = element_maps(m, in_shape[1:])
+    if maps is None:
+        return None
+    mean, var = maps
+    c = mean.shape[-1]
+    n = mean.size // c
+    return Moments.from_channels(mean.reshape(-1, c).mean(axis=0), var.reshape(-1, c).sum(axis=0) / (n * n))
+
+
+def batch_norm_maps(m: Moments, gamma, beta, epsilon):
+    """Training-mode BatchNormalization on the last axis, element by element."""
+    if m.el_mean is None:
+        return None
+    scale = np.sqrt(m.ch_var + epsilon)
+    g = np.ones(m.channels) if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1)
+    b = np.zeros(m.channels) if beta is None else np.asarray(beta, dtype=np.float64).reshape(-1)
+    return Moments.from_elements(g * (m.el_mean - m.ch_mean) / scale + b, g * g * m.el_var / scale**2)
+
+
+def same_shape(ms):
+    shapes = {None if m.el_mean is None else m.el_mean.shape for m in ms}
+    return len(shapes) == 1 and None not in shapes
