@@ -14,7 +14,9 @@ whose empirical variance targets ``var``:
 
 from __future__ import annotations
 
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -37,28 +39,66 @@ def rng_for(seed, key: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(key.encode("utf-8"))])
 
 
-def sample(shape, var: float, distribution: str, rng: np.random.Generator) -> np.ndarray:
-    """A float32 array of `shape` whose entries have variance `var` under `distribution`."""
+#: Tensors with more entries than this are drawn in chunks of exactly this many entries (the last one
+#: shorter), each from its own child generator, filled in parallel by a thread pool (numpy generators
+#: release the GIL while filling). The chunking depends only on the size, never on the core count, so
+#: the values depend only on the generator's state.
+CHUNK = 1 << 20
+
+
+def sample(shape, var: float, distribution: str, rng: np.random.Generator, *,
+           workers: int | None = None) -> np.ndarray:
+    """A float32 array of `shape` whose entries have variance `var` under `distribution`.
+
+    Deterministic given the state of `rng`, whatever `workers` (threads used for tensors larger than
+    `CHUNK`; default: the machine's core count).
+    """
     shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape)) if shape else 1
-    std = float(np.sqrt(max(var, 0.0)))
-    if distribution == "untruncated_normal":
-        out = rng.standard_normal(n, dtype=np.float32)
-    elif distribution == "truncated_normal":
-        out = rng.standard_normal(n, dtype=np.float32)
-        bad = np.abs(out) > 2.0
-        while bad.any():
-            out[bad] = rng.standard_normal(int(bad.sum()), dtype=np.float32)
-            bad = np.abs(out) > 2.0
-        out /= np.float32(_TRUNC_STD)
-    elif distribution == "uniform":
-        out = rng.uniform(-np.sqrt(3.0), np.sqrt(3.0), n).astype(np.float32)
-    elif distribution == "orthogonal":
+    if distribution == "orthogonal":
         return _orthogonal(shape, var, rng)
+    check_distribution(distribution)
+    std = float(np.sqrt(max(var, 0.0)))
+    out = np.empty(n, dtype=np.float32)
+    if n <= CHUNK:
+        _fill(out, std, distribution, rng)
     else:
-        check_distribution(distribution)
-    out *= np.float32(std)
+        # One 128-bit draw from `rng` seeds the chunks' children, so `rng` advances (a second large
+        # draw from the same generator differs) and chunk i always gets spawn key i. Children use
+        # SFC64, about 20 % faster than PCG64 for normal variates.
+        entropy = [int(v) for v in rng.integers(0, 1 << 32, size=4, dtype=np.uint64)]
+        children = np.random.SeedSequence(entropy).spawn(-(-n // CHUNK))
+        jobs = [(out[i * CHUNK:(i + 1) * CHUNK], np.random.Generator(np.random.SFC64(ss)))
+                for i, ss in enumerate(children)]
+        workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+        if workers == 1:
+            for part, child in jobs:
+                _fill(part, std, distribution, child)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for f in [pool.submit(_fill, part, std, distribution, child) for part, child in jobs]:
+                    f.result()
     return out.reshape(shape)
+
+
+def _fill(out: np.ndarray, std: float, distribution: str, rng: np.random.Generator) -> None:
+    """Fill the 1-D float32 array `out` in place."""
+    if distribution == "untruncated_normal":
+        rng.standard_normal(dtype=np.float32, out=out)
+    elif distribution == "truncated_normal":
+        rng.standard_normal(dtype=np.float32, out=out)
+        # Redraw only the rejected entries, in index order (same stream as redrawing `out[bad]` over
+        # the whole array, without a full pass per round).
+        idx = np.flatnonzero(np.abs(out) > np.float32(2.0))
+        while idx.size:
+            new = rng.standard_normal(idx.size, dtype=np.float32)
+            ok = np.abs(new) <= np.float32(2.0)
+            out[idx[ok]] = new[ok]
+            idx = idx[~ok]
+        out /= np.float32(_TRUNC_STD)
+    else:  # uniform
+        out[:] = rng.uniform(-np.sqrt(3.0), np.sqrt(3.0), out.size)
+    out *= np.float32(std)
 
 
 def _orthogonal(shape, var, rng):

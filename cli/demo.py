@@ -2,7 +2,14 @@
 
 Builds a deep plain CNN with no normalization, prints the predicted per-layer signal after
 `autoinit_tf.wrap`, then trains a default-initialized copy and a wrapped copy for a few epochs on
-scikit-learn's bundled digits (offline) and prints both learning curves.
+scikit-learn's bundled digits (offline) with the same optimizer, and prints both learning curves and
+the best validation accuracy of each.
+
+Defaults (16 tanh conv layers of width 32, SGD lr 0.01 momentum 0.9, 6 epochs, batch 64): the
+Glorot-initialized copy starts near chance and climbs slowly (about 0.7-0.8 after 6 epochs), the
+wrapped copy is above 0.9 after the first epoch. With ``--activation relu`` neither copy trains at
+this depth (a He-initialized copy does not either: plain deep ReLU stacks without normalization are
+hard to optimize whatever the scale).
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ def load_digits_split(seed=0):
 @click.command("demo")
 @click.option("--depth", default=16, show_default=True, help="Number of conv layers.")
 @click.option("--width", default=32, show_default=True, help="Channels per conv layer.")
-@click.option("--activation", default="relu", show_default=True, help="Activation of every conv layer.")
+@click.option("--activation", default="tanh", show_default=True, help="Activation of every conv layer.")
 @click.option("--epochs", default=6, show_default=True, help="Training epochs for each copy.")
+@click.option("--lr", default=0.01, show_default=True, help="SGD learning rate (momentum 0.9), both copies.")
+@click.option("--calibrate", is_flag=True, help='Wrap with calibrate="probe" (measured rescaling pass).')
 @click.option("--seed", default=0, show_default=True, help="Seed for data split and weights.")
-def command(depth, width, activation, epochs, seed):
+def command(depth, width, activation, epochs, lr, calibrate, seed):
     """Wrap a deep plain CNN and train it against its default-initialized twin on digits."""
     import keras
     import numpy as np
@@ -62,22 +71,23 @@ def command(depth, width, activation, epochs, seed):
     wrapped = build_plain_cnn(depth, width, activation, seed=seed)
     input_moments = (float(xtr.mean()), float(xtr.var()))
     t0 = time.perf_counter()
-    _, report = autoinit_tf.wrap(wrapped, input_moments=input_moments, seed=seed, return_report=True)
-    click.echo(f"\nwrap: {len(report.assigned)} weight tensors re-initialized in {time.perf_counter() - t0:.2f}s; "
-               "predicted signal per layer:")
+    _, report = autoinit_tf.wrap(wrapped, input_moments=input_moments, seed=seed, return_report=True,
+                                 calibrate="probe" if calibrate else None)
+    click.echo(f"\nwrap{' (calibrate=probe)' if calibrate else ''}: {len(report.assigned)} weight tensors "
+               f"re-initialized in {time.perf_counter() - t0:.2f}s; predicted signal per layer:")
     click.echo(report.table())
 
     probe = xtr[:256]
     click.echo("\nrealized output variance of the last conv layer on 256 training images:")
     for name, model in (("default init", default), ("autoinit", wrapped)):
-        feat = keras.Model(model.inputs, model.get_layer(f"conv{depth}").output)
+        feat = keras.Model(model.inputs[0], model.get_layer(f"conv{depth}").output)
         click.echo(f"  {name:13s} {float(np.var(keras.ops.convert_to_numpy(feat(probe)))):.3e}")
 
     curves = {}
     for name, model in (("default init", default), ("autoinit", wrapped)):
-        model.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9),
+        model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        click.echo(f"\ntraining {name} ({epochs} epochs):")
+        click.echo(f"\ntraining {name} ({epochs} epochs, SGD lr {lr:g} momentum 0.9, batch 64):")
         hist = model.fit(xtr, ytr, validation_data=(xva, yva), epochs=epochs, batch_size=64, verbose=0,
                          callbacks=[_EchoProgress(epochs)])
         curves[name] = hist.history["val_accuracy"]
@@ -86,6 +96,10 @@ def command(depth, width, activation, epochs, seed):
     click.echo("epoch  " + "  ".join(f"{n:>12s}" for n in curves))
     for e in range(epochs):
         click.echo(f"{e + 1:5d}  " + "  ".join(f"{curves[n][e]:12.3f}" for n in curves))
+    best = {n: (max(c), c.index(max(c)) + 1) for n, c in curves.items()}
+    click.echo("\nsummary: best validation accuracy  "
+               + "  ".join(f"{n} {acc:.3f} (epoch {ep})" for n, (acc, ep) in best.items())
+               + f"  [chance {1 / 10:.2f}, {depth} {activation} conv layers, {epochs} epochs]")
 
 
 class _EchoProgress:
