@@ -242,8 +242,13 @@ def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
     All evaluations of fn happen in one vectorised call.
     """
     if m.el_mean is not None:
-        e1, e2 = channel_expectations(fn, m.el_mean.reshape(-1), m.el_var.reshape(-1), kinks)
-        return Moments.from_elements(e1.reshape(m.el_mean.shape), (e2 - e1 * e1).reshape(m.el_mean.shape))
+        # Elements away from the borders share their statistics: integrate each distinct pair once.
+        keys = np.round(m.el_mean.reshape(-1), 12) + 1j * np.round(m.el_var.reshape(-1), 12)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        e1, e2 = channel_expectations(fn, uniq.real, uniq.imag, kinks, coarse=True)
+        inverse = inverse.reshape(-1)
+        return Moments.from_elements(e1[inverse].reshape(m.el_mean.shape),
+                                     (e2 - e1 * e1)[inverse].reshape(m.el_mean.shape))
     if m.ch_mean is not None:
         e1, e2 = channel_expectations(fn, m.ch_mean, m.ch_var, kinks)
         return Moments.from_channels(e1, e2 - e1 * e1)
@@ -274,12 +279,17 @@ def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
     return Moments.from_second(mean, second, between)
 
 
-def channel_expectations(fn, means, variances, kinks=()):
+_GL_X8, _GL_W8 = np.polynomial.legendre.leggauss(8)
+
+
+def channel_expectations(fn, means, variances, kinks=(), coarse=False):
     """E[fn(X_c)] and E[fn(X_c)^2] for X_c ~ N(means[c], variances[c]), every channel at once.
 
     Each channel gets its own panels (the fixed ones plus its kinks mapped to z), all evaluated in
-    one vectorised call of fn.
+    one vectorised call of fn. `coarse` uses 8 instead of 24 nodes per panel (relative error
+    ~1e-6 instead of ~1e-12), for per-element maps with many thousands of entries.
     """
+    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
     means = np.asarray(means, dtype=np.float64).reshape(-1)
     s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
     base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
@@ -293,8 +303,8 @@ def channel_expectations(fn, means, variances, kinks=()):
         edges = base
     a, b = edges[:, :-1], edges[:, 1:]
     half = 0.5 * (b - a)
-    z = half[..., None] * _GL_X + (0.5 * (a + b))[..., None]  # (C, panels, nodes)
-    w = half[..., None] * _GL_W * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    z = half[..., None] * gl_x + (0.5 * (a + b))[..., None]  # (C, panels, nodes)
+    w = half[..., None] * gl_w * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
     x = means[:, None, None] + s[:, None, None] * z
     y = np.asarray(fn(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
     e1 = np.sum(w * y, axis=(1, 2))

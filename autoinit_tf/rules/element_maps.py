@@ -2,7 +2,7 @@
 
 Padding makes border positions of a convolution output weaker than interior ones, and the next layer
 reads border inputs less often: the product of the two is invisible to per-channel averages and
-compounds with depth in deep plain CNNs on small images. For maps of at most `ELEMENT_LIMIT` elements
+compounds with depth in deep plain CNNs on small images. For maps of at most `ELEMENT_LIMIT` (32,768) elements
 the rules below therefore propagate the full maps (elements assumed independent across positions):
 
     conv:     mean_out = conv(mean_in, W) + b,     var_out = conv(var_in, W * W)
@@ -22,7 +22,7 @@ import numpy as np
 
 from autoinit_tf.moments import Moments, max_order_statistic
 
-ELEMENT_LIMIT = 1 << 16
+ELEMENT_LIMIT = 1 << 15
 
 
 def element_maps(m: Moments, shape):
