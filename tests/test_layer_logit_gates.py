@@ -210,3 +210,19 @@ def test_mixed_precision(policy):
     x = np.random.default_rng(9).normal(size=(4, 12)).astype("float32") * 20
     build = lambda: keras.Sequential([keras.Input((12,)), keras.layers.Dense(12), LogitGate(["and_il", "or_il", "xnor_il", "or_ail"], combine="dup", k=3)])  # noqa: E731
     mixed_precision_finite(build, x, policy)
+
+
+@pytest.mark.parametrize("name", ["or_ail", "and_ail", "xnor_ail"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_ail_moments_non_identical_inputs(name, k):
+    # one (mean, var) per input of the group (per-channel moments) against Monte Carlo of the gate;
+    # equal per-input moments give the i.i.d. result
+    from autoinit_tf.layers.logit_gates import _numpy_gate, ail_moments
+
+    mu = np.array([0.5, -1.0, 0.2])[:k]
+    var = np.array([2.0, 0.3, 1.0])[:k]
+    x = mu + np.sqrt(var) * np.random.default_rng(0).standard_normal((1_000_000, k))
+    y = _numpy_gate(name, x, k)
+    e1, e2 = ail_moments(name, k, mu, var)
+    assert abs(e1 - y.mean()) < 6e-3 and abs(e2 - (y * y).mean()) < 1e-2 * max(1.0, e2)
+    assert np.allclose(ail_moments(name, k, [0.3] * k, [1.5] * k), ail_moments(name, k, 0.3, 1.5))

@@ -144,3 +144,25 @@ def test_ws_layers():
     pred = predicted(conv, 1.0, 2.0)  # as wrap would leave the gains
     autoinit_tf.wrap(conv, input_moments=(1.0, 2.0))
     check(pred, mc(conv, (8, 8, 6), 1.0, 2.0), 0.05, 0.05)
+
+
+@pytest.mark.parametrize("fns,combine", [(["and_ail", "or_ail", "xnor_ail"], "dup"), (["or_ail", "xnor_il"], "part")])
+def test_logit_gate_per_channel(fns, combine):
+    # input channels with different means and variances (a frozen diagonal Dense keeps its weights):
+    # each gate output channel's mean and second moment follow its own group, and the output keeps
+    # per-channel moments (the AND / OR blocks of an ensemble have opposite means: a following layer
+    # needs them to predict its own means)
+    mu = np.array([-1.5, 0.5, 1.0, -0.2, 0.0, 2.0, -1.0, -1.0, 0.3, 1.2, -0.7, 0.1])
+    sd = np.linspace(0.4, 2.0, 12)
+    inp = keras.Input((12,))
+    dense = keras.layers.Dense(12, trainable=False)
+    model = keras.Model(inp, L.LogitGate(fns, combine=combine)(dense(inp)))
+    dense.kernel.assign(np.diag(sd).astype("float32"))
+    dense.bias.assign(mu.astype("float32"))
+    pred = predicted(model)
+    assert pred.ch_mean is not None and pred.channels == model.output.shape[-1]
+    x = np.random.default_rng(0).normal(size=(40000, 12)).astype("float32")
+    y = to_np(model(x)).astype(np.float64)
+    np.testing.assert_allclose(pred.ch_mean, y.mean(0), atol=0.03)
+    np.testing.assert_allclose(pred.ch_second, (y * y).mean(0), rtol=0.03, atol=0.03)
+    check(pred, (y.mean(), y.var()))

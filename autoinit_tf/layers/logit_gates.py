@@ -70,52 +70,74 @@ _PROB_EPS = 1e-7
 # ------------------------------------------------------------------------------------------------
 # Exact moments of the AIL functions for k i.i.d. N(mean, var) inputs (1-D quadrature).
 # ------------------------------------------------------------------------------------------------
-def ail_moments(name: str, k: int, mean: float = 0.0, var: float = 1.0):
-    """(E[f], E[f^2]) of the AIL gate ``name`` for k i.i.d. N(mean, var) inputs.
+def ail_moments(name: str, k: int, mean=0.0, var=1.0):
+    """(E[f], E[f^2]) of the AIL gate ``name`` for k independent N(mean_i, var_i) inputs.
 
-    OR_AIL: the events {some x_i > 0} and {all x_i <= 0} are disjoint; on the first the output is
-    sum relu(x_i), on the second it is max_i x_i, whose density is k phi Phi^(k-1). AND_AIL is
-    -OR_AIL(-x). XNOR_AIL: E[f] = int_0^inf (P(X > t) - P(X < -t))^k dt times (-1)^k, and
-    E[f^2] = E[min |x_i|^2] = int_0^inf 2 t P(|X| > t)^k dt.
+    ``mean`` and ``var`` are scalars (i.i.d. inputs) or length-k sequences (one per input of the
+    group, e.g. per-channel moments). OR_AIL: the events {some x_i > 0} and {all x_i <= 0} are
+    disjoint; on the first the output is sum relu(x_i), on the second it is max_i x_i, whose density
+    is sum_i phi_i prod_(j != i) Phi_j. AND_AIL is -OR_AIL(-x). XNOR_AIL: E[f] = (-1)^k
+    int_0^inf prod_i (P(X_i > t) - P(X_i < -t)) dt and E[f^2] = E[min |x_i|^2] =
+    int_0^inf 2 t prod_i P(|X_i| > t) dt.
     """
     from scipy import integrate
     from scipy.special import ndtr
 
     k = int(k)
     name = name.lower()
+    mu = np.broadcast_to(np.asarray(mean, dtype=np.float64), (k,)).copy()
+    sd = np.sqrt(np.maximum(np.broadcast_to(np.asarray(var, dtype=np.float64), (k,)), 0.0))
     if name == "and_ail":
-        e1, e2 = ail_moments("or_ail", k, -mean, var)
+        e1, e2 = ail_moments("or_ail", k, -mu, sd * sd)
         return -e1, e2
-    s = math.sqrt(var)
-    if s == 0.0:
-        x = np.full((1, k), mean)
-        y = _numpy_gate(name, x, k)[0]
+    if name not in ("or_ail", "xnor_ail"):
+        raise ValueError(f"ail_moments: unknown AIL function {name!r}.")
+    if np.all(sd == 0.0):
+        y = _numpy_gate(name, mu[None, :], k)[0]
         return float(y), float(y * y)
-    phi = lambda x: math.exp(-0.5 * ((x - mean) / s) ** 2) / (s * math.sqrt(2 * math.pi))  # noqa: E731
-    cdf = lambda x: float(ndtr((x - mean) / s))  # noqa: E731
-    lo, hi = mean - 14 * s, mean + 14 * s
+    if np.any(sd == 0.0):  # a constant input among random ones: a tiny spread keeps the integrals exact enough
+        sd = np.maximum(sd, 1e-9 * max(1.0, float(sd.max())))
+    c = 1.0 / (sd * math.sqrt(2 * math.pi))
+
+    def phi(x):
+        return c * np.exp(-0.5 * ((x - mu) / sd) ** 2)
+
+    def cdf(x):
+        return ndtr((x - mu) / sd)
+
     if name == "or_ail":
-        r1 = integrate.quad(lambda x: x * phi(x), 0.0, max(hi, 0.0), limit=200)[0] if hi > 0 else 0.0
-        r2 = integrate.quad(lambda x: x * x * phi(x), 0.0, max(hi, 0.0), limit=200)[0] if hi > 0 else 0.0
+        hi = float(np.max(mu + 14 * sd))
+        lo = float(np.min(mu - 14 * sd))
+        r1 = np.zeros(k)
+        r2 = np.zeros(k)
+        for i in range(k):  # E[relu(x_i)], E[relu(x_i)^2] in closed form
+            z = mu[i] / sd[i]
+            pz, cz = math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi), float(ndtr(z))
+            r1[i] = mu[i] * cz + sd[i] * pz
+            r2[i] = (mu[i] ** 2 + sd[i] ** 2) * cz + mu[i] * sd[i] * pz
         up = min(0.0, hi)
         if lo < up:
-            dens = lambda x: k * phi(x) * cdf(x) ** (k - 1)  # noqa: E731
+            def dens(x):
+                p, f = phi(x), cdf(x)
+                total = 0.0
+                for i in range(k):
+                    total += p[i] * np.prod(np.delete(f, i))
+                return total
+
             m1 = integrate.quad(lambda x: x * dens(x), lo, up, limit=200)[0]
             m2 = integrate.quad(lambda x: x * x * dens(x), lo, up, limit=200)[0]
         else:
             m1 = m2 = 0.0
-        e1 = k * r1 + m1
-        e2 = k * r2 + k * (k - 1) * r1 * r1 + m2
+        e1 = float(r1.sum()) + m1
+        e2 = float(r2.sum()) + float(r1.sum() ** 2 - (r1 * r1).sum()) + m2
         return e1, e2
-    if name == "xnor_ail":
-        top = abs(mean) + 14 * s
-        sign = (-1.0) ** k
-        f1 = lambda t: ((1.0 - cdf(t)) - cdf(-t)) ** k  # noqa: E731
-        f2 = lambda t: 2.0 * t * ((1.0 - cdf(t)) + cdf(-t)) ** k  # noqa: E731
-        e1 = sign * integrate.quad(f1, 0.0, top, limit=200)[0]
-        e2 = integrate.quad(f2, 0.0, top, limit=200)[0]
-        return e1, e2
-    raise ValueError(f"ail_moments: unknown AIL function {name!r}.")
+    top = float(np.max(np.abs(mu) + 14 * sd))
+    sign = (-1.0) ** k
+    f1 = lambda t: float(np.prod((1.0 - cdf(t)) - cdf(-t)))  # noqa: E731
+    f2 = lambda t: 2.0 * t * float(np.prod((1.0 - cdf(t)) + cdf(-t)))  # noqa: E731
+    e1 = sign * integrate.quad(f1, 0.0, top, limit=200)[0]
+    e2 = integrate.quad(f2, 0.0, top, limit=200)[0]
+    return e1, e2
 
 
 _NAIL_CACHE: dict = {}

@@ -7,7 +7,9 @@ stochastic layers in expectation over their noise).
 * ProxyNormalization: exact per channel by 1-D quadrature of phi(gamma_c x + beta_c), then the
   proxy statistics from the same n quantile samples the layer uses.
 * LogitGate: AIL gates by exact 1-D integrals for any k (`logit_gates.ail_moments`); exact IL
-  operators by k-D Gauss-Hermite quadrature (k <= 4) or a fixed-seed Monte Carlo (k > 4).
+  operators by k-D Gauss-Hermite quadrature (k <= 4) or a fixed-seed Monte Carlo (k > 4). Per group
+  of k channels from their own (per-channel) means and variances when the input tracks them; the
+  output keeps per-channel moments.
 * LogAvgExpPooling: deterministic probe (fixed-seed Gaussian rows of the pooled size, i.i.d.
   positions as for the engine's global pooling), using LAE_t(m + s z) = m + s LAE_{t/s}(z).
 * StochasticDepth: mixture over the Bernoulli draw(s) in training mode.
@@ -81,10 +83,11 @@ def proxy_normalization_rule(ctx):
 
 
 # ---- LogitGate ---------------------------------------------------------------------------------
-def _il_moments(name, k, m):
+def _il_moments(name, k, mean, var):
     from autoinit_tf.layers.logit_gates import _reduce
 
-    s = math.sqrt(m.var)
+    mu = np.broadcast_to(np.asarray(mean, np.float64), (k,))
+    sd = np.sqrt(np.maximum(np.broadcast_to(np.asarray(var, np.float64), (k,)), 0.0))
     if k <= 4:
         nodes, weights = np.polynomial.hermite_e.hermegauss({1: 96, 2: 64, 3: 24, 4: 14}[k])
         weights = weights / math.sqrt(2 * math.pi)
@@ -96,17 +99,22 @@ def _il_moments(name, k, m):
     else:
         pts = np.random.default_rng(0).standard_normal((200_000, k))
         w = np.full(len(pts), 1.0 / len(pts))
-    x = keras.ops.convert_to_tensor((m.mean + s * pts).astype(np.float32))
+    x = keras.ops.convert_to_tensor((mu + sd * pts).astype(np.float32))
     y = np.asarray(keras.ops.convert_to_numpy(_reduce(name, x, k)), np.float64)
     return float(np.dot(w, y)), float(np.dot(w, y * y))
 
 
 def gate_moments(name, k, m, normalize=False):
-    """(E, E^2) of one gate for k i.i.d. N(m.mean, m.var) inputs."""
+    """(E, E^2) of one gate for k independent Gaussian inputs.
+
+    ``m`` is a `Moments` (k i.i.d. N(m.mean, m.var) inputs) or a pair ``(means, vars)`` of scalars
+    or length-k arrays (one per input of the group).
+    """
+    mean, var = (m.mean, m.var) if isinstance(m, Moments) else m
     if name in AIL_FUNCTIONS:
-        e1, e2 = ail_moments(name, k, m.mean, m.var)
+        e1, e2 = ail_moments(name, k, mean, var)
     else:
-        e1, e2 = _il_moments(name, k, m)
+        e1, e2 = _il_moments(name, k, mean, var)
     if normalize:
         mu, sd = nail_constants(name, k)
         e1, e2 = (e1 - mu) / sd, (e2 - 2 * mu * e1 + mu * mu) / sd**2
@@ -115,10 +123,41 @@ def gate_moments(name, k, m, normalize=False):
 
 @register_rule(LogitGate)
 def logit_gate_rule(ctx):
+    """Per output channel: each group of k consecutive input channels is propagated with its own
+    channels' means and variances when the input carries them (exact for independent Gaussian
+    channels), else with the pooled moments; the output keeps its per-channel moments (the AND,
+    OR and XNOR blocks of an ensemble have different means)."""
     layer, m = ctx.layer, ctx.input
-    parts = [gate_moments(f, layer.k, m, layer.normalize) for f in layer.functions]
-    # dup: n equal blocks of C/k channels; part: n equal slices: equal weights either way
-    return _per_channel([p[0] for p in parts], [p[1] for p in parts])
+    k, fns = layer.k, layer.functions
+    c = int(ctx.input_shapes[0][-1])
+    if m.ch_mean is None or m.channels != c:
+        parts = [gate_moments(f, k, m, layer.normalize) for f in fns]
+        groups = c // k
+        if layer.combine == "dup" or len(fns) == 1:
+            reps = [groups] * len(fns)
+        else:
+            reps = [groups // len(fns)] * len(fns)
+        e1 = np.concatenate([np.full(r, p[0]) for r, p in zip(reps, parts)])
+        e2 = np.concatenate([np.full(r, p[1]) for r, p in zip(reps, parts)])
+        return Moments.from_channel_second(e1, e2)
+    gm = m.ch_mean.reshape(-1, k)
+    gv = m.ch_var.reshape(-1, k)
+    cache = {}
+
+    def one(f, g):
+        key = (f, tuple(np.round(gm[g], 12)), tuple(np.round(gv[g], 12)))
+        if key not in cache:
+            cache[key] = gate_moments(f, k, (gm[g], gv[g]), layer.normalize)
+        return cache[key]
+
+    n = len(fns)
+    if layer.combine == "dup" or n == 1:
+        plan = [(f, g) for f in fns for g in range(len(gm))]
+    else:
+        per = len(gm) // n
+        plan = [(f, g) for i, f in enumerate(fns) for g in range(i * per, (i + 1) * per)]
+    res = np.array([one(f, g) for f, g in plan], dtype=np.float64)
+    return Moments.from_channel_second(res[:, 0], res[:, 1])
 
 
 # ---- LogAvgExpPooling --------------------------------------------------------------------------
