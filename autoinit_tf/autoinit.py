@@ -45,7 +45,9 @@ def _load_builtin_rules():
 
 
 class _Engine:
-    def __init__(self, *, signal_variance, distribution, seed, strict, rules, include_frozen):
+    def __init__(self, *, signal_variance, distribution, seed, strict, rules, include_frozen, progress=None):
+        self.progress = progress
+        self.done = 0
         self.signal_variance = float(signal_variance)
         self.distribution = distributions.check_distribution(distribution)
         self.seed = seed
@@ -86,6 +88,7 @@ class _Engine:
     def run(self, fn, input_moments):
         self.counts = graph.count_calls(fn)
         shared = any(c > 1 for c in self.counts.values())
+        self.total = sum(self.counts.values()) * (2 if shared else 1)
         out = self._one_pass(fn, input_moments)
         if shared:
             # Second pass: shared layers fit their weights to the combined moments of all calls.
@@ -155,6 +158,9 @@ class _Engine:
                 weighted=weighted,
             )
         )
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, name)
         return outs if len(outs) > 1 else outs[0]
 
     def apply(self):
@@ -258,7 +264,8 @@ def resolve_input_moments(fn, input_moments=None, data=None):
 # -- public API ----------------------------------------------------------------------------------
 
 
-def _run(model, *, input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen):
+def _run(model, *, input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
+         progress=None):
     _load_builtin_rules()
     fn = graph.as_functional(model)
     if not (isinstance(signal_variance, (int, float)) and math.isfinite(signal_variance) and signal_variance > 0):
@@ -273,6 +280,7 @@ def _run(model, *, input_moments, data, signal_variance, distribution, seed, str
         strict=strict,
         rules=rules,
         include_frozen=include_frozen,
+        progress=progress,
     )
     engine.input_moments = moments
     engine.run(fn, moments)
@@ -280,7 +288,7 @@ def _run(model, *, input_moments, data, signal_variance, distribution, seed, str
 
 
 _PASS_OPTIONS = ("input_moments", "data", "signal_variance", "distribution", "seed", "strict", "rules",
-                 "include_frozen")
+                 "include_frozen", "progress")
 
 
 def _pass_options(scope: dict) -> dict:
@@ -299,6 +307,7 @@ def analyze(
     strict=False,
     rules=None,
     include_frozen=False,
+    progress=None,
 ) -> SignalReport:
     """Predict the mean and variance at every node as `wrap` would leave them; change nothing.
 
@@ -322,6 +331,7 @@ def wrap(
     swaps=None,
     calibrate=None,
     return_report=False,
+    progress=None,
 ):
     """Re-initialize every weight tensor of `model` in place so the signal keeps its scale.
 
@@ -342,6 +352,8 @@ def wrap(
         calibrate: ``None``, ``"probe"`` or a data sample: after the analytic pass, rescale each
             weighted layer so its realized output variance hits the target exactly.
         return_report: also return the `SignalReport`.
+        progress: optional ``callable(done, total, node_name)`` called after every node of the walk
+            (the CLI draws its progress bar with it).
 
     Returns:
         The same model object (or the rewritten model when `swaps` are given), with new weights.

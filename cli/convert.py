@@ -102,6 +102,23 @@ class stage_progress:  # noqa: N801 - used like a function
         self.current = stage
         self.bar.update(0)
 
+    def detail(self, text):
+        """Show `text` beside the current stage (e.g. the node being walked)."""
+        if self.bar is None:
+            return
+        stage = self.current.split(" ", 1)[0] if self.current else ""
+        self.current = f"{stage} {text}"
+        self.bar.update(0)
+
+    def walk_callback(self):
+        """A `progress=` callback for wrap/analyze that redraws about 100 times per walk."""
+
+        def report(done, total, name):
+            if done == total or done % max(total // 100, 1) == 0:
+                self.detail(f"{done}/{total} {name}")
+
+        return report
+
     def finish(self):
         if self.bar is not None:
             self.current = "done"
@@ -246,7 +263,8 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
         if data is None:
             input_moments = (0.0 if input_mean is None else input_mean, 1.0 if input_var is None else input_var)
         kwargs = dict(input_moments=input_moments, data=data, signal_variance=signal_variance,
-                      distribution=distribution, seed=seed, strict=strict, include_frozen=include_frozen)
+                      distribution=distribution, seed=seed, strict=strict, include_frozen=include_frozen,
+                      progress=progress.walk_callback())
 
         frozen_before = {id(layer): layer.trainable for _, layer in kept}
         for _, layer in kept:

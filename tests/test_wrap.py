@@ -273,3 +273,12 @@ def test_reference_compatible_api():
     assert est["custom"] == (0.0, 0.5)
     with pytest.raises(ValueError, match="distribution"):
         AutoInit(weight_init_config={"distribution": "cauchy"})
+
+
+def test_progress_callback_sees_every_node_once():
+    m = mlp(depth=5)
+    calls = []
+    autoinit_tf.wrap(m, seed=0, progress=lambda done, total, name: calls.append((done, total, name)))
+    assert [c[0] for c in calls] == list(range(1, 7))
+    assert {c[1] for c in calls} == {6}
+    assert calls[-1][2] == m.layers[-1].name
