@@ -4,11 +4,17 @@ Speed (default): a small CNN (Tramer & Boneh's end-to-end CNN, 26k params) on 28
 batch 256, each variant in its own process (for its peak memory):
   plain      non-private Keras train step (model.fit, jit_compile as Keras resolves "auto")
   plain_xla  non-private Keras train step with jit_compile=True
-  dp         make_private train step, plain batches of 256 (per-example part XLA-compiled)
-  dp_nojit   the same without XLA (make_private(..., jit_compile=False))
+  dp         make_private train step, plain batches of 256 (per-example part XLA-compiled;
+             default per_example_method="direct": one batched pass, closed-form per-example
+             gradients from layer inputs and output gradients)
+  dp_nojit   make_private(..., jit_compile=False) (the direct engine never uses XLA: same as dp)
   dp_poisson make_private train step on poisson_batches (padded to the 1e-9-overflow size)
+  dp_vmap    make_private(..., per_example_method="vectorized_map"): the tf.vectorized_map
+             engine (the previous default), XLA; dp_vmap_nojit: the same without XLA
   naive      one-example-at-a-time DP-SGD: a compiled tf.while_loop over the batch computing
              each example's gradient, clipping, accumulating (no vectorization)
+  naive_python  the textbook loop: a Python for-loop of per-example tf.GradientTape calls
+             (eager), clip, accumulate, noise, optimizer step
 
     python benchmarks/dp_sgd.py                 # speed table
     python benchmarks/dp_sgd.py --utility --epochs 25   # Fashion-MNIST at epsilon 3, delta 1e-5
@@ -84,11 +90,12 @@ def run_variant(variant, batch, steps, warmup):
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_loss(), jit_compile=True if variant == "plain_xla" else "auto")
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
         step = lambda it: model.train_on_batch(*next(it))  # noqa: E731
-    elif variant in ("dp", "dp_nojit", "dp_poisson"):
+    elif variant in ("dp", "dp_nojit", "dp_poisson", "dp_vmap", "dp_vmap_nojit"):
         privacy.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=batch, dataset_size=n, seed=0,
-                             jit_compile=variant != "dp_nojit")
+                             jit_compile=not variant.endswith("nojit"),
+                             per_example_method="vectorized_map" if variant.startswith("dp_vmap") else "direct")
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_loss())
-        if variant in ("dp", "dp_nojit"):
+        if variant in ("dp", "dp_nojit", "dp_vmap", "dp_vmap_nojit"):
             data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
             step = lambda it: model.train_on_batch(*next(it))  # noqa: E731
         else:
@@ -122,6 +129,26 @@ def run_variant(variant, batch, steps, warmup):
 
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
         step = lambda it: naive_step(*next(it))  # noqa: E731
+    elif variant == "naive_python":
+        opt = keras.optimizers.SGD(0.1)
+        opt.build(model.trainable_variables)
+        loss_fn = _loss()
+        clip, sigma = 1.0, 1.0
+
+        def step(it):
+            xb, yb = next(it)
+            tv = model.trainable_variables
+            acc = [tf.zeros_like(v) for v in tv]
+            for i in range(int(xb.shape[0])):
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(yb[i : i + 1], model(xb[i : i + 1], training=True))
+                g = tape.gradient(loss, tv)
+                f = tf.minimum(1.0, clip / (tf.linalg.global_norm(g) + 1e-12))
+                acc = [a + gi * f for a, gi in zip(acc, g)]
+            grads = [(a + tf.random.normal(tf.shape(a)) * sigma * clip) / float(xb.shape[0]) for a in acc]
+            opt.apply(grads, tv)
+
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
     else:
         raise ValueError(variant)
     it = iter(data)
@@ -148,7 +175,7 @@ def run_variant(variant, batch, steps, warmup):
 def speed(args):
     results = {}
     for variant in args.variants:
-        steps = args.naive_steps if variant == "naive" else args.steps
+        steps = args.naive_steps if variant.startswith("naive") else args.steps
         cmd = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch), "--steps", str(steps), "--warmup", str(args.warmup)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -165,12 +192,15 @@ def speed(args):
         summary["dp_over_best_plain"] = results["dp"]["ms_per_step_median"] / plain
     if "dp_poisson" in results:
         summary["dp_poisson_over_best_plain"] = results["dp_poisson"]["ms_per_step_median"] / plain
-    if "dp_nojit" in results:
-        summary["dp_nojit_over_best_plain"] = results["dp_nojit"]["ms_per_step_median"] / plain
-    if "naive" in results:
-        for v in ("dp", "dp_nojit"):
-            if v in results:
-                summary[f"speedup_{v}_over_naive"] = results["naive"]["ms_per_step_median"] / results[v]["ms_per_step_median"]
+    for v in ("dp_nojit", "dp_vmap", "dp_vmap_nojit"):
+        if v in results:
+            summary[f"{v}_over_best_plain"] = results[v]["ms_per_step_median"] / plain
+    for naive in ("naive", "naive_python"):
+        if naive in results:
+            for v in ("dp", "dp_nojit", "dp_vmap", "dp_vmap_nojit"):
+                if v in results:
+                    summary[f"speedup_{v}_over_{naive}"] = (
+                        results[naive]["ms_per_step_median"] / results[v]["ms_per_step_median"])
     print(json.dumps(summary, indent=1))
     print(versions())
     return results, summary
@@ -252,7 +282,8 @@ def utility(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--variants", nargs="+", default=["plain", "plain_xla", "dp", "dp_nojit", "dp_poisson", "naive"])
+    p.add_argument("--variants", nargs="+", default=["plain", "plain_xla", "dp", "dp_poisson", "dp_vmap", "dp_vmap_nojit", "naive",
+                                                    "naive_python"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--naive-steps", type=int, default=5)

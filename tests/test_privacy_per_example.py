@@ -85,12 +85,16 @@ def test_per_example_equals_one_at_a_time(name):
     model = MODELS[name]()
     x = _inputs(name, 7)
     y = RNG.normal(size=(7, 3)).astype("float32")
-    grads = privacy.per_example_gradients(model, x, y, loss_fn=_mse)
+    engine = privacy.PerExampleGradients(model, _mse)  # default: the direct engine
+    grads = engine.per_example_gradients(x, y)[0]
     expected = _one_at_a_time(model, x, y)
-    if name in ("conv", "groupnorm"):  # also the vectorizable conv kernel-gradient path
-        engine = privacy.PerExampleGradients(model, _mse, fast_conv=True)
-        for g, e in zip(engine.per_example_gradients(x, y)[0], expected):
-            np.testing.assert_allclose(g.numpy(), e, rtol=2e-4, atol=2e-5)
+    # Dense / Conv / Embedding variables in closed form; LayerNorm / GroupNorm scales via vectorized_map
+    fallback = [p.split("/")[-1] for p in engine.fallback_variables]
+    assert fallback == (["gamma", "beta"] if name in ("layernorm", "groupnorm") else []), fallback
+    # the tf.vectorized_map engine too (with the vectorizable conv kernel gradient for conv nets)
+    vmap = privacy.PerExampleGradients(model, _mse, method="vectorized_map", fast_conv=name in ("conv", "groupnorm"))
+    for g, e in zip(vmap.per_example_gradients(x, y)[0], expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=2e-4, atol=2e-5)
     assert len(grads) == len(expected) == len(model.trainable_variables)
     for g, e, v in zip(grads, expected, model.trainable_variables):
         assert g.shape == (7,) + tuple(v.shape)
@@ -98,8 +102,105 @@ def test_per_example_equals_one_at_a_time(name):
         assert np.abs(e).max() > 0  # the comparison is not trivially 0 == 0
 
 
-def _clipped_sum(model, x, y, mask, clip, microbatch_size=None):
-    engine = privacy.PerExampleGradients(model, _mse, microbatch_size=microbatch_size)
+def _seq_model():
+    """Conv1D (dilated, same; ghost norm), a Dense shared by two calls on a sequence, a final Dense."""
+    inp = keras.Input((6, 4))
+    h = keras.layers.Conv1D(16, 3, dilation_rate=2, padding="same", activation="tanh")(inp)
+    shared = keras.layers.Dense(16, activation="tanh")
+    h = shared(shared(h))
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    return keras.Model(inp, out)
+
+
+def _conv_dilated():
+    return keras.Sequential(
+        [
+            keras.Input((9, 9, 2)),
+            keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", activation="tanh"),
+            keras.layers.Conv2D(3, (3, 2), strides=(2, 3), padding="valid", use_bias=False),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def _short_embedding():  # 3 ids, vocab 11: ghost norm with repeated ids
+    return keras.Sequential(
+        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(11, 4), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+
+
+class TiedOutput(keras.layers.Layer):
+    """Reads another layer's kernel (weight tying): the direct engine must leave it to vectorized_map."""
+
+    def __init__(self, source, **kw):
+        super().__init__(**kw)
+        self.source = source
+
+    def call(self, h):
+        return keras.ops.matmul(h, keras.ops.transpose(self.source.kernel))
+
+
+def _tied():
+    inp = keras.Input((6,))
+    first = keras.layers.Dense(5, activation="tanh")
+    h = first(inp)
+    h = TiedOutput(first, name="tied")(h)  # (B, 6)
+    return keras.Model(inp, keras.layers.Dense(3)(h))
+
+
+EXTRA = {
+    "seq": (_seq_model, lambda n: RNG.normal(size=(n, 6, 4)).astype("float32"), []),
+    "conv_dilated": (_conv_dilated, lambda n: RNG.normal(size=(n, 9, 9, 2)).astype("float32"), []),
+    "short_embedding": (_short_embedding, lambda n: RNG.integers(0, 4, size=(n, 3)).astype("int32"), []),
+    "tied": (_tied, lambda n: RNG.normal(size=(n, 6)).astype("float32"), ["kernel", "bias"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_direct_engine_equals_one_at_a_time(name):
+    build, inputs, fallback = EXTRA[name]
+    model = build()
+    x = inputs(6)
+    y = RNG.normal(size=(6, 3)).astype("float32")
+    engine = privacy.PerExampleGradients(model, _mse, jit_compile=False)
+    grads = engine.per_example_gradients(x, y)[0]
+    assert [p.split("/")[-1] for p in engine.fallback_variables] == fallback
+    expected = _one_at_a_time(model, x, y)
+    for g, e, v in zip(grads, expected, model.trainable_variables):
+        np.testing.assert_allclose(g.numpy(), e, rtol=2e-4, atol=2e-5, err_msg=v.path)
+    # the training path (norms by ghost / materialized / outer-product rules, weighted sums)
+    norms = np.sqrt(sum((e.reshape(6, -1) ** 2).sum(1) for e in expected))
+    clip = float(np.median(norms))
+    s, _, _, n, _ = _clipped_sum(model, x, y, np.ones(6, bool), clip, jit_compile=False)
+    np.testing.assert_allclose(n.numpy(), norms, rtol=1e-4)
+    factors = np.minimum(1.0, clip / norms)
+    for a, e in zip(s, expected):
+        np.testing.assert_allclose(a.numpy(), np.tensordot(factors, e, 1), rtol=2e-4, atol=2e-5)
+
+
+def test_direct_equals_vectorized_map_masked_microbatched_augmult():
+    model = _conv()
+    x = _inputs("conv", 7)
+    y = RNG.normal(size=(7, 3)).astype("float32")
+    mask = np.array([1, 1, 0, 1, 1, 0, 1], bool)
+    # jit_compile=False for both: stateless random crops differ between XLA and plain TF kernels
+    kw = dict(augmult=2, augment=privacy.random_flip_and_crop(padding=1), microbatch_size=3, jit_compile=False)
+    out = {
+        m: _clipped_sum(model, x, y, mask, 0.05, method=m, **kw)
+        for m in ("direct", "vectorized_map")
+    }
+    (s_d, l_d, p_d, n_d, _), (s_v, l_v, p_v, n_v, _) = out["direct"], out["vectorized_map"]
+    for a, b in zip(s_d, s_v):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
+        assert np.abs(b.numpy()).max() > 0
+    np.testing.assert_allclose(l_d.numpy(), l_v.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(p_d.numpy(), p_v.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(n_d.numpy(), n_v.numpy(), rtol=1e-4)
+
+
+def _clipped_sum(model, x, y, mask, clip, microbatch_size=None, **kw):
+    engine = privacy.PerExampleGradients(model, _mse, microbatch_size=microbatch_size, **kw)
     tv = [v.value for v in model.trainable_variables]
     ntv = [v.value for v in model.non_trainable_variables]
     return engine.clipped_sum(tv, ntv, x, y, tf.constant(mask), tf.constant(clip, tf.float32), tf.constant([0, 0], tf.int64))

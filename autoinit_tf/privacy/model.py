@@ -182,6 +182,7 @@ def make_private(
     loss_fn=None,
     seed: int | None = None,
     jit_compile: bool = True,
+    per_example_method: str = "direct",
 ):
     """Make ``model`` train with DP-SGD; returns the same model object.
 
@@ -209,6 +210,9 @@ def make_private(
         seed: seed of the noise (default: fresh OS randomness; a fixed seed makes the noise
             predictable, use it only for tests).
         jit_compile: XLA-compile the per-example gradient computation.
+        per_example_method: ``"direct"`` (default: one batched pass, closed-form per-example
+            gradients for Dense / Conv1D / Conv2D / Embedding, ``tf.vectorized_map`` for other
+            variables) or ``"vectorized_map"`` (every variable through ``tf.vectorized_map``).
 
     After ``make_private``, ``compile`` and ``fit`` as usual; feed
     :func:`autoinit_tf.privacy.poisson_batches` for honest accounting.
@@ -279,6 +283,7 @@ def make_private(
         augmult=augmult,
         augment=augment,
         jit_compile=jit_compile,
+        method=per_example_method,
     )
     if seed is None:
         seed = secrets.randbits(62)

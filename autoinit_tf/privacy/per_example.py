@@ -159,13 +159,29 @@ class PerExampleGradients:
         augmult: augmentation multiplicity K (views per example, loss averaged before clipping).
         augment: ``augment(x_batch, seed) -> x_batch``, applied to the K tiled copies of the
             batch; ``seed`` is a shape-(2,) int tensor for stateless random ops.
-        jit_compile: XLA-compile the per-example computation.
-        fast_conv: give 2-D convolutions (channels_last, no dilation) a kernel gradient written as
-            strided slices + einsum, which vectorizes; off by default (no measured speed-up on CPU yet).
+        jit_compile: XLA-compile the per-example computation of the ``"vectorized_map"`` method
+            (the ``"direct"`` method always runs as a TF graph without XLA).
+        method: ``"direct"`` (default): one batched forward and backward pass; per-example
+            gradients of Dense / Conv1D / Conv2D kernels and biases and Embedding tables in closed
+            form from each layer's input and output gradient (see :mod:`autoinit_tf.privacy.direct`),
+            every other variable through ``tf.vectorized_map`` (listed in ``fallback_variables``
+            once traced). ``"vectorized_map"``: every variable through ``tf.vectorized_map``.
+        fast_conv: in the ``tf.vectorized_map`` engine, give 2-D convolutions (channels_last, no
+            dilation) a kernel gradient written as strided slices + einsum, which vectorizes.
     """
 
+    METHODS = ("direct", "vectorized_map")
+
     def __init__(
-        self, model, loss_fn, microbatch_size=None, augmult=1, augment=None, jit_compile=True, fast_conv=False
+        self,
+        model,
+        loss_fn,
+        microbatch_size=None,
+        augmult=1,
+        augment=None,
+        jit_compile=True,
+        fast_conv=False,
+        method="direct",
     ):
         import tensorflow as tf
 
@@ -183,6 +199,11 @@ class PerExampleGradients:
                 "augmult > 1 needs an augment(x, seed) function (e.g. privacy.random_flip_and_crop()); "
                 "identical views would only cost time."
             )
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}.")
+        self.method = method
+        self.fallback_variables = None  # set when the direct engine is traced
+        self._biases = None
         self.model = model
         self.loss_fn = loss_fn
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
@@ -190,8 +211,12 @@ class PerExampleGradients:
         self.augment = augment
         self.fast_conv = bool(fast_conv)
         self.seed_state_index = [i for i, v in enumerate(model.non_trainable_variables) if _is_seed_state(v)]
-        self._per_example = tf.function(self._per_example_impl, jit_compile=jit_compile, autograph=False)
-        self._clipped_sum = tf.function(self._clipped_sum_impl, jit_compile=jit_compile, autograph=False)
+        # The direct engine runs as a plain TF graph: its work is a few large batched matmuls and
+        # convolutions, and XLA (TF 2.21, CPU) constant-folded its whole forward pass at compile
+        # time (minutes for a 26k-parameter CNN at batch 256). XLA is kept for vectorized_map.
+        jit = bool(jit_compile) and method != "direct"
+        self._per_example = tf.function(self._per_example_impl, jit_compile=jit, autograph=False)
+        self._clipped_sum = tf.function(self._clipped_sum_impl, jit_compile=jit, autograph=False)
 
     # ----------------------------------------------------------------- helpers
     def _views(self, x, seed):
@@ -214,7 +239,7 @@ class PerExampleGradients:
         out = [tf.reshape(a, tf.concat([[-1, k], tf.shape(a)[1:]], 0)) for a in aug_flat]
         return tf.nest.pack_sequence_as(x, out)
 
-    def _one_example(self, trainable, non_trainable, x_views, y_i, index):
+    def _one_example(self, trainable, non_trainable, x_views, y_i, index, sources=None):
         import tensorflow as tf
 
         v = self.augmult
@@ -230,29 +255,124 @@ class PerExampleGradients:
                 tape.watch(trainable)
                 y_pred, new_nt = self.model.stateless_call(trainable, nt, x_views, training=True)
                 loss = self.loss_fn(y_views, y_pred)
-            grads = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            wanted = trainable if sources is None else [trainable[i] for i in sources]
+            grads = tape.gradient(loss, wanted, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         grads = [tf.convert_to_tensor(g) for g in grads]
         first_view = tf.nest.map_structure(lambda a: a[0], y_pred)
         seeds = [new_nt[k] for k in self.seed_state_index]
         return grads, tf.cast(loss, tf.float32), first_view, seeds
 
-    def _vectorized(self, trainable, non_trainable, x_views, y, index):
+    def _vectorized(self, trainable, non_trainable, x_views, y, index, sources=None):
         import tensorflow as tf
 
         def fn(args):
             xi, yi, ii = args
-            return self._one_example(trainable, non_trainable, xi, yi, ii)
+            return self._one_example(trainable, non_trainable, xi, yi, ii, sources)
 
         return tf.vectorized_map(fn, (x_views, y, index))
+
+    # ------------------------------------------------------------ direct engine
+    def _direct(self, trainable, non_trainable, x_views, y, index):
+        """One batched pass. Returns (groups, fallback grads {i: (B, ...)}, losses, first-view
+        predictions, seed states); the fallback covers the variables the groups do not."""
+        import tensorflow as tf
+
+        from autoinit_tf.privacy import direct
+
+        variables = list(self.model.trainable_variables)
+        if self._biases is None:
+            self._biases = direct.bias_of_kernel(self.model, variables)
+        flat_x = tf.nest.flatten(x_views)
+        b = flat_x[0].shape[0]
+        if b is None:
+            b = tf.shape(flat_x[0])[0]
+        v = self.augmult
+        x_rows = tf.nest.map_structure(lambda a: tf.reshape(a, tf.concat([[-1], tf.shape(a)[2:]], 0)), x_views)
+
+        def per_example_loss(args):
+            yp_i, y_i = args
+            y_v = tf.nest.map_structure(lambda a: tf.repeat(tf.expand_dims(a, 0), v, axis=0), y_i)
+            return tf.cast(self.loss_fn(y_v, yp_i), tf.float32)
+
+        with direct.Recorder(variables) as rec:
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                y_pred, new_nt = self.model.stateless_call(trainable, list(non_trainable), x_rows, training=True)
+                y_pred = tf.nest.map_structure(
+                    lambda a: tf.reshape(a, tf.concat([[b, v], tf.shape(a)[1:]], 0)), y_pred
+                )
+                losses = tf.vectorized_map(per_example_loss, (y_pred, y))
+                total = tf.reduce_sum(losses)
+        zs = [r[3] for r in rec.records]
+        dzs = tape.gradient(total, zs, unconnected_gradients=tf.UnconnectedGradients.ZERO) if zs else []
+        groups, covered = direct.build_groups(rec, dzs, variables, self._biases, b)
+        unused = {i for i, var in enumerate(variables) if rec.reads[id(var)] == 0}
+        fallback = [i for i in range(len(variables)) if i not in covered and i not in unused]
+        if fallback and self.seed_state_index:
+            # Random layers (dropout): a second, per-example forward pass would draw other
+            # masks than the batched one; keep one consistent pass per example instead.
+            self.fallback_variables = [var.path for var in variables]
+            return None
+        self.fallback_variables = [variables[i].path for i in fallback]
+        fb = {}
+        if fallback:
+            grads, _, _, _ = self._vectorized(trainable, non_trainable, x_views, y, index, sources=fallback)
+            fb = dict(zip(fallback, grads))
+        for i in unused:
+            fb[i] = tf.zeros(tf.concat([[b], tf.shape(trainable[i])], 0), trainable[i].dtype)
+        first_view = tf.nest.map_structure(lambda a: a[:, 0], y_pred)
+        seeds = [new_nt[k] for k in self.seed_state_index]
+        return groups, fb, losses, first_view, seeds
+
+    def _direct_per_example(self, trainable, non_trainable, x_views, y, index):
+        from autoinit_tf.privacy import direct
+
+        out = self._direct(trainable, non_trainable, x_views, y, index)
+        if out is None:
+            return None
+        groups, fb, losses, y_pred, _ = out
+        per = dict(fb)
+        for g in groups:
+            per.update(direct.per_example(g))
+        return [per[i] for i in range(len(trainable))], losses, y_pred
+
+    def _direct_clipped(self, trainable, non_trainable, x_views, y, index, maskf, l2_norm_clip):
+        import tensorflow as tf
+
+        from autoinit_tf.privacy import direct
+
+        out = self._direct(trainable, non_trainable, x_views, y, index)
+        if out is None:
+            return None
+        groups, fb, losses, y_pred, seeds = out
+        squares = [direct.squared_norms(g) for g in groups]
+        squares += [
+            tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
+            for g in fb.values()
+        ]
+        norms = tf.sqrt(tf.add_n(squares))
+        keep = maskf > 0
+        weights = tf.where(keep, clip_factors(norms, l2_norm_clip) * maskf, tf.zeros_like(maskf))
+        sums = {}
+        for g in groups:
+            sums.update(direct.weighted_sum(g, weights, keep))
+        for i, g in fb.items():
+            shape = [-1] + [1] * (len(g.shape) - 1)
+            gw = g * tf.reshape(tf.cast(weights, g.dtype), shape)
+            sums[i] = tf.reduce_sum(tf.where(tf.reshape(keep, shape), gw, tf.zeros_like(gw)), axis=0)
+        return [sums[i] for i in range(len(trainable))], losses, y_pred, norms, seeds
 
     # ----------------------------------------------------------- public API
     def _per_example_impl(self, trainable, non_trainable, x, y, seed):
         import tensorflow as tf
 
         b = tf.shape(tf.nest.flatten(x)[0])[0]
-        grads, losses, y_pred, _ = self._vectorized(
-            trainable, non_trainable, self._views(x, seed), y, tf.range(b, dtype=tf.int64)
-        )
+        x_views, index = self._views(x, seed), tf.range(b, dtype=tf.int64)
+        if self.method == "direct":
+            out = self._direct_per_example(trainable, non_trainable, x_views, y, index)
+            if out is not None:
+                return out
+        grads, losses, y_pred, _ = self._vectorized(trainable, non_trainable, x_views, y, index)
         return grads, losses, y_pred
 
     def per_example_gradients(self, x, y, seed=(0, 0)):
@@ -276,6 +396,10 @@ class PerExampleGradients:
         index = tf.range(b, dtype=tf.int64)
 
         def chunk_sum(xc, yc, mc, ic):
+            if self.method == "direct":
+                out = self._direct_clipped(trainable, non_trainable, xc, yc, ic, mc, l2_norm_clip)
+                if out is not None:
+                    return out
             grads, losses, y_pred, seeds = self._vectorized(trainable, non_trainable, xc, yc, ic)
             norms = global_norms(grads)
             factors = clip_factors(norms, l2_norm_clip) * mc
@@ -341,10 +465,12 @@ class PerExampleGradients:
         return self._clipped_sum(trainable, non_trainable, x, y, mask, l2_norm_clip, seed)
 
 
-def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None):
+def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None, method="direct"):
     """Convenience: stacked per-example gradients of a compiled (or given) loss at the current weights."""
     from autoinit_tf.privacy.model import resolve_loss_fn
 
-    engine = PerExampleGradients(model, resolve_loss_fn(model, loss_fn), microbatch_size=microbatch_size)
+    engine = PerExampleGradients(
+        model, resolve_loss_fn(model, loss_fn), microbatch_size=microbatch_size, method=method
+    )
     grads, _, _ = engine.per_example_gradients(x, y)
     return grads
