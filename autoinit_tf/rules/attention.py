@@ -4,7 +4,8 @@ Projections are drawn so that queries and keys have unit second moment; the atte
 q.k / sqrt(d) then have variance ~1 whatever the width, and the softmax over T keys stays soft.
 With attention weights a_t (E[sum_t a_t^2] = T E[a^2] from the softmax rule) and values
 v_t = c + e_t (c: per-unit offset with variance B, e_t: independent with variance W), the attended
-output has mean E[v] and variance B + W T E[a^2]. The value projection targets `signal_variance`;
+output has mean E[v] and variance B + W T E[a^2], of which B + W / T (with E[a] = 1/T) is shared by all
+query positions and so survives pooling over positions. The value projection targets `signal_variance`;
 the output projection is drawn for the target from the attended moments (AutoInit).
 """
 
@@ -35,7 +36,10 @@ def _attended(v_total, v_within, v_between, logits: Moments, keys: int, dropout:
     sum_a2 = keys * a.second
     if dropout > 0:
         sum_a2 /= 1.0 - dropout
-    return Moments(v_total.mean, v_between + v_within * sum_a2)
+    # Every query averages the same values: the part W T E[a]^2 = W / T of the output is shared by all
+    # query positions, so like the per-unit offsets it survives pooling over positions (`between`).
+    shared = v_within / keys
+    return Moments(v_total.mean, v_between + v_within * sum_a2, v_between + shared)
 
 
 def _seq_len(shape):
