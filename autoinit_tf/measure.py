@@ -332,24 +332,30 @@ class _Replay:
         self.only = only  # names of rows to calibrate (None: every calibratable layer)
         self.counts = graph.count_calls(fn)
         self.call_index = {}
-        self.stats = {}  # id(tensor value) -> (value, _Stats)
+        self.stats = {}  # id(KerasTensor) -> _Stats (symbolic ids are stable; values are freed by the walk)
         self.rows = []
         self.factors = {}  # row name -> scale factor applied
         self.calibrated_ops = set()
         self.pending = []  # (variable, new value)
 
-    def stats_of(self, v):
-        key = id(v)
-        hit = self.stats.get(key)
-        if hit is not None and hit[0] is v:
-            return hit[1]
+    def stats_of(self, v, kt=None, produced=False):
+        """Statistics of value `v` of symbolic tensor `kt`.
+
+        Values are recorded when produced (overwriting an earlier call of the same nested model) and looked
+        up by their consumers; a value not recorded (a nested model's input) is measured again.
+        """
+        if not produced and kt is not None:
+            hit = self.stats.get(id(kt))
+            if hit is not None:
+                return hit
         s = _stats(v)
-        self.stats[key] = (v, s)  # holding `v` keeps its id from being reused during the walk
+        if produced and kt is not None:
+            self.stats[id(kt)] = s
         return s
 
     def run(self, inputs):
-        for v in inputs:
-            self.stats_of(v)
+        for kt, v in zip(self.fn.inputs, tree.flatten(inputs)):
+            self.stats_of(v, kt, produced=True)
         return graph.walk(self.fn, inputs, self.visit)
 
     def visit(self, node, args, kwargs, path):
@@ -362,8 +368,7 @@ class _Replay:
             name += f"#{k}"
         sym = tree.flatten((node.arguments.args, node.arguments.kwargs))
         filled = tree.flatten((args, kwargs))
-        in_values = [v for kt, v in zip(sym, filled) if isinstance(kt, keras.KerasTensor)]
-        in_stats = [self.stats_of(v).moments for v in in_values]
+        in_stats = [self.stats_of(v, kt).moments for kt, v in zip(sym, filled) if isinstance(kt, keras.KerasTensor)]
         act = _fused_activation(op)
         kern = calibration_kernel(op) if isinstance(op, keras.layers.Layer) else None
         notes = []
@@ -378,7 +383,8 @@ class _Replay:
                 pre_stats = _stats(outs)
                 outs = act(outs)
         flat = tree.flatten(outs)
-        out_stats = [self.stats_of(v) for v in flat]
+        out_kts = node.outputs if len(node.outputs) == len(flat) else [None] * len(flat)
+        out_stats = [self.stats_of(v, kt, produced=True) for v, kt in zip(flat, out_kts)]
         self.rows.append(
             NodeRow(
                 name=name,
