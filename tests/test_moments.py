@@ -167,3 +167,13 @@ def test_quantiles_match_reference_values():
 def test_moments_rejects_negative_variance():
     with pytest.raises(ValueError):
         Moments(0.0, -1.0)
+
+
+def test_relu_channel_closed_form_matches_quadrature():
+    from autoinit_tf.rules.activation import relu_channel_moments
+
+    m = Moments.from_channels(np.array([0.3, -1.0, 0.0, 2.0, 1.0]), np.array([1.0, 0.5, 0.0, 2.0, 0.0]))
+    closed = relu_channel_moments(m)
+    quad = elementwise_moments(lambda x: np.maximum(x, 0.0), m, (0.0,))
+    np.testing.assert_allclose(closed.ch_mean, quad.ch_mean, atol=1e-12)
+    np.testing.assert_allclose(closed.ch_var, quad.ch_var, atol=1e-12)

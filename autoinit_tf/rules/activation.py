@@ -107,6 +107,8 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     if name in VECTOR_ACTIVATIONS:
         raise NotImplementedError(f"No closed-form rule for the vector activation {name!r}.")
     kinks = kinks_of(fn) if kinks is None else tuple(kinks)
+    if name == "relu" and m.ch_mean is not None and m.el_mean is None:
+        return relu_channel_moments(m)
     if m.ch_mean is not None:
         return elementwise_moments(numpy_function(fn), m, kinks)
     try:
@@ -114,6 +116,22 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
         return _cached_elementwise(fn, m.mean, m.var, m.between, kinks)
     except TypeError:
         return elementwise_moments(numpy_function(fn), m, kinks)
+
+
+def relu_channel_moments(m: Moments) -> Moments:
+    """ReLU per channel in closed form: with a = mu / s,
+    E[relu] = mu Phi(a) + s phi(a),  E[relu^2] = (mu^2 + s^2) Phi(a) + mu s phi(a)."""
+    from scipy.special import ndtr
+
+    mu, s = m.ch_mean, np.sqrt(m.ch_var)
+    safe = np.where(s > 0, s, 1.0)
+    a = mu / safe
+    cdf = ndtr(a)
+    pdf = np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    e1 = mu * cdf + s * pdf
+    e2 = (mu * mu + s * s) * cdf + mu * s * pdf
+    flat = np.maximum(mu, 0.0)  # zero-variance channels
+    return Moments.from_channel_second(np.where(s > 0, e1, flat), np.where(s > 0, e2, flat * flat))
 
 
 def _lognormal_sum(m: Moments, k: int):
@@ -184,6 +202,9 @@ def activation_layer_rule(ctx):
 @register_rule(keras.layers.ReLU)
 def relu_layer_rule(ctx):
     layer = ctx.layer
+    plain = layer.max_value is None and not layer.negative_slope and not layer.threshold
+    if plain and ctx.input.ch_mean is not None and ctx.input.el_mean is None:
+        return relu_channel_moments(ctx.input)
     kinks = [float(layer.threshold)]
     if layer.max_value is not None:
         kinks.append(float(layer.max_value))
