@@ -52,9 +52,12 @@ class Moments:
             derived from them. Rules that do not, simply use the pooled numbers.
     """
 
-    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var")
+    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
+        # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
+        # activation of a Gaussian: max pooling then commutes with the activation.
+        self.pre = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)

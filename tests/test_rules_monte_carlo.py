@@ -176,3 +176,20 @@ def test_stacked_recurrent_layers_see_the_realized_sequence():
     pred = autoinit_tf.wrap(model, seed=0, return_report=True)[1].rows[-1].outputs[0]
     y = _measure(model, np.random.default_rng(2).standard_normal((2000, 20, 16)).astype("float32"))
     assert y.var() == pytest.approx(pred.var, rel=0.1)
+
+
+@pytest.mark.parametrize("pool,tol", [(lambda: L.MaxPooling2D(2), 0.1), (lambda: L.GlobalMaxPooling2D(), 0.2)],
+                         ids=["local", "global"])
+def test_max_pooling_after_relu_commutes_with_the_activation(pool, tol):
+    """max(relu(z_i)) = relu(max(z_i)): the rule pools the Gaussian pre-activation, then applies ReLU.
+
+    The global max treats the 64 positions as identically distributed, while 'same' padding makes border
+    positions weaker; that approximation costs ~15% of the variance here, hence the wider tolerance.
+    """
+    inp = keras.Input((8, 8, 4))
+    x = L.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    model = keras.Model(inp, pool()(x))
+    pred = autoinit_tf.wrap(model, seed=0, return_report=True)[1].rows[-1].outputs[0]
+    y = _measure(model, np.random.default_rng(0).standard_normal((8000, 8, 8, 4)).astype("float32"))
+    assert y.mean() == pytest.approx(pred.mean, rel=0.05)
+    assert y.var() == pytest.approx(pred.var, rel=tol)

@@ -50,6 +50,11 @@ ACTIVATION_KINKS = {
     "absolute": (0.0,),
 }
 
+# Monotone non-decreasing activations: max(f(x_1), ..., f(x_k)) = f(max(x_1, ..., x_k)).
+MONOTONE = {"relu", "relu6", "leaky_relu", "elu", "selu", "celu", "sigmoid", "tanh", "softplus", "softsign",
+            "hard_sigmoid", "hard_tanh", "exponential", "log_sigmoid", "sparse_plus", "squareplus",
+            "sparse_sigmoid"}
+
 # Activations that are not elementwise; they need their own rule.
 VECTOR_ACTIVATIONS = {"softmax", "log_softmax", "sparsemax", "glu"}
 
@@ -91,8 +96,18 @@ def _cached_elementwise(fn, mean, var, between, kinks):
 def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     """Moments of activation `fn` (a Keras activation function, name, or callable) applied to m.
 
-    `size` is the number of entries along the softmax axis for vector activations.
+    `size` is the number of entries along the softmax axis for vector activations. For monotone
+    activations the result remembers its pre-activation (`Moments.pre`) for max pooling.
     """
+    out = _function_moments(fn, m, kinks, size)
+    name = activation_name(keras.activations.get(fn) if isinstance(fn, str) else fn)
+    if name in MONOTONE and out is not m:
+        f = keras.activations.get(fn) if isinstance(fn, str) else fn
+        out.pre = (m, numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks))
+    return out
+
+
+def _function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     if fn is None:
         return m
     if isinstance(fn, str):

@@ -13,7 +13,7 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments, max_of_gaussians, max_order_statistic, mix
+from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, max_order_statistic, mix
 from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.registry import register_rule
 
@@ -120,9 +120,26 @@ def average_pooling_rule(ctx):
     return exact if exact is not None else _average(ctx.input, _local_sizes(ctx))
 
 
+def _max_of(m, pool):
+    """`pool(moments)` applied to the pre-activation when m = f(pre) with f monotone: max f = f(max)."""
+    if m.pre is not None:
+        pre, fn, kinks = m.pre
+        pooled = pool(pre)
+        if pooled is not None:
+            return elementwise_moments(fn, pooled, kinks)
+    return pool(m)
+
+
 def max_pooling_rule(ctx):
-    exact = _local_maps(ctx, "max") if ctx.input.el_mean is not None else None
-    return exact if exact is not None else _maximum(ctx.input, _local_sizes(ctx))
+    def pool(m):
+        exact = None
+        if m.el_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
+            layer = ctx.layer
+            exact = element_maps.pool_maps(m, ctx.input_shapes[0], tuple(layer.pool_size), tuple(layer.strides),
+                                           layer.padding, "max")
+        return exact if exact is not None else _maximum(m, _local_sizes(ctx))
+
+    return _max_of(ctx.input, pool)
 
 
 def _global_average(ctx, rank):
@@ -141,7 +158,7 @@ for _cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D):
 for _rank, _cls in ((1, L.GlobalAveragePooling1D), (2, L.GlobalAveragePooling2D), (3, L.GlobalAveragePooling3D)):
     register_rule(_cls, lambda ctx, r=_rank: _global_average(ctx, r))
 for _rank, _cls in ((1, L.GlobalMaxPooling1D), (2, L.GlobalMaxPooling2D), (3, L.GlobalMaxPooling3D)):
-    register_rule(_cls, lambda ctx, r=_rank: _maximum(ctx.input, _global_sizes(ctx, r)))
+    register_rule(_cls, lambda ctx, r=_rank: _max_of(ctx.input, lambda m: _maximum(m, _global_sizes(ctx, r))))
 for _rank in (1, 2, 3):
     _avg = getattr(L, f"AdaptiveAveragePooling{_rank}D", None)
     _max = getattr(L, f"AdaptiveMaxPooling{_rank}D", None)
