@@ -11,7 +11,7 @@ from autoinit_tf.autoinit import FallbackRuleWarning, analyze, wrap  # noqa: F40
 from autoinit_tf.compat import AutoInit  # noqa: F401
 from autoinit_tf.moments import Moments  # noqa: F401
 from autoinit_tf.report import NodeRow, SignalReport  # noqa: F401
-from autoinit_tf.rules import RuleContext, UnsupportedLayerError, register_rule  # noqa: F401
+from autoinit_tf.rules import RuleContext, UnsupportedLayerError, register_rule, unregister_rule  # noqa: F401
 from autoinit_tf.rules.activation import register_activation_kinks  # noqa: F401
 from autoinit_tf.rewrite import SwapRule, list_recipes, plan_swaps, rewrite  # noqa: F401,E402
 from autoinit_tf.measure import calibrate, compare, measure  # noqa: F401

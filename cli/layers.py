@@ -6,13 +6,19 @@ import click
 
 
 def supported_layers():
-    """Rows (class path, rule name, family) for every registered rule, sorted by family and name."""
+    """Rows (class, kind, family, rule name) for every built-in rule, sorted by kind, family and name.
+
+    Rules registered at run time by user code (``register_rule``) are left out: this is the table of
+    what autoinit-tf itself supports.
+    """
     from autoinit_tf.autoinit import _load_builtin_rules
     from autoinit_tf.rules import registered_rules
 
     _load_builtin_rules()
     rows = []
     for cls, rule in registered_rules().items():
+        if not getattr(rule, "__module__", "").startswith("autoinit_tf."):
+            continue
         family = rule.__module__.rsplit(".", 1)[-1]
         module = cls.__module__
         kind = "op" if ".ops." in module else "layer"

@@ -215,11 +215,15 @@ def test_register_rule_decorator_and_rules_argument():
     def scale_rule(ctx):
         return ctx.input.scaled(ctx.layer.factor)
 
-    inp = keras.Input((4,))
-    m = keras.Model(inp, Scale(5.0)(inp))
-    assert autoinit_tf.analyze(m, strict=True).rows[-1].outputs[0].var == pytest.approx(25.0)
-    rep = autoinit_tf.analyze(m, rules={Scale: lambda ctx: Moments(1.0, 2.0)})
-    assert rep.rows[-1].outputs[0].mean == 1.0
+    try:
+        inp = keras.Input((4,))
+        m = keras.Model(inp, Scale(5.0)(inp))
+        assert autoinit_tf.analyze(m, strict=True).rows[-1].outputs[0].var == pytest.approx(25.0)
+        rep = autoinit_tf.analyze(m, rules={Scale: lambda ctx: Moments(1.0, 2.0)})
+        assert rep.rows[-1].outputs[0].mean == 1.0
+    finally:
+        autoinit_tf.unregister_rule(Scale)   # the registry is process-wide: leave it as found
+    assert Scale not in autoinit_tf.rules.registered_rules()
 
 
 def test_mixed_precision_assigns_in_variable_dtype():
