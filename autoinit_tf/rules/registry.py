@@ -49,6 +49,7 @@ def register_rule(layer_class, rule=None):
 
 
 def unregister_rule(layer_class) -> None:
+    """Remove the rule registered for exactly ``layer_class`` (no-op when there is none)."""
     _REGISTRY.pop(layer_class, None)
 
 
