@@ -113,3 +113,23 @@ def test_roundtrip_functional_sequential_fit(tmp_path):
 def test_mixed_precision(policy):
     x, mask = data(5, n=8)
     mixed_precision_finite(_model, [x * 100, mask.astype("float32")[:, None]], policy)
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("shape", [(10, 4), (10, 5, 4), (10, 2, 3, 2, 4)])
+def test_other_ranks_match_numpy(shape):
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=shape) * 3 + 2).astype("float32")
+    mask = np.arange(shape[0]) % 3 == 0
+    layer = DARBatchNormalization(momentum=0.9)
+    out = to_np(layer([x, mask], training=True))
+    np.testing.assert_allclose(out, ref(x, mask, 1.0, 0.0), atol=1e-4)
+    np.testing.assert_allclose(to_np(layer.moving_variance), 0.9 + 0.1 * x[~mask].reshape(-1, 4).var(0), atol=1e-4)
+
+
+@pytest.mark.core
+def test_unknown_spatial_size_compiles():
+    x, mask = data(7, n=8)
+    x_in, m_in = keras.Input((None, None, 4)), keras.Input((1,))
+    model = keras.Model([x_in, m_in], DARBatchNormalization()([x_in, m_in]))
+    fit_step(model, [x, mask.astype("float32")[:, None]], np.zeros_like(x))

@@ -82,6 +82,19 @@ def test_k2_special_cases_and_consecutive_grouping():
 
 
 @pytest.mark.core
+@pytest.mark.parametrize("k", [2, 3])
+def test_ail_values_on_zeros_and_ties(k):
+    # the k = 2 closed forms (max + relu(min), min - relu(-max), max(min, -max)) and the general
+    # elementwise path equal the paper formulas also where inputs are zero or tied
+    vals = np.array([-1.5, -0.0, 0.0, 0.7, 2.0], "float32")
+    combos = np.array(np.meshgrid(*([vals] * k), indexing="ij")).reshape(k, -1).T  # every k-tuple
+    x = combos.reshape(1, -1).astype("float32")
+    for name in ("and_ail", "or_ail", "xnor_ail"):
+        out = to_np(LogitGate(name, k=k)(x))
+        np.testing.assert_allclose(out.ravel(), ref(name, combos.astype(np.float64)), rtol=1e-6, atol=0, err_msg=name)
+
+
+@pytest.mark.core
 def test_nail_constants():
     mu, sd = nail_constants("or_ail", 2)
     assert abs(mu - (1 / math.sqrt(2 * math.pi) + 1 / (2 * math.sqrt(math.pi)))) < 1e-6
@@ -129,7 +142,7 @@ def test_k_not_dividing_c_is_a_clear_error():
 
 
 @tf_only
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [2, 3, 4])
 def test_ail_gradients(k):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(64, 2 * k))

@@ -12,9 +12,18 @@ gamma and beta are shared; inference uses the moving (natural) statistics for ev
 statistics are mask-weighted sums (no boolean gather), in float32. With no natural example in a
 batch the moving statistics are left unchanged. Without a mask the layer is a plain BatchNorm.
 Gradients flow through the noise branch too (the noise images train the network).
+
+Computation (two passes over x, like BatchNormalization's moments, plus one output pass): with
+``S1_b = sum_pos x_b`` per example and channel, the group means are ``mean_n = sum_b (1 - m_b) S1_b /
+N_n`` and ``mean_z = sum_b m_b S1_b / N_z`` (``N`` = examples in the group x positions); with
+``mu_b`` the own-group mean and ``S2_b = sum_pos (x_b - mu_b)^2`` the variances are the same
+mask-weighted sums of ``S2_b``; then ``y_b = x_b a_b + c_b`` with the per-example scale
+``a_b = gamma / sqrt(var_b + epsilon)`` and shift ``c_b = beta - mu_b a_b``. The mask is binary.
 """
 
 from __future__ import annotations
+
+import math
 
 import keras
 from keras import ops
@@ -46,37 +55,60 @@ class DARBatchNormalization(keras.layers.Layer):
         self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros", trainable=False)
         self.moving_variance = self.add_weight(name="moving_variance", shape=(c,), initializer="ones", trainable=False)
 
-    def _masked_stats(self, x, w, axes):
-        n = ops.sum(w, axis=axes)  # scalar-per-channel-broadcastable count
-        safe = ops.maximum(n, 1e-12)
-        mean = ops.sum(w * x, axis=axes) / safe
-        var = ops.sum(w * ops.square(x - mean), axis=axes) / safe
-        return mean, var, n
-
     def call(self, inputs, noise_mask=None, training=None):
         if isinstance(inputs, (list, tuple)):
             inputs, noise_mask = inputs
         x = ops.cast(inputs, "float32")
         rank = len(x.shape)
-        axes = tuple(range(rank - 1))
-        gamma = ops.cast(self.gamma, "float32") if self.scale else 1.0
-        beta = ops.cast(self.beta, "float32") if self.center else 0.0
+        gamma = ops.cast(self.gamma, "float32") if self.scale else None
+        beta = ops.cast(self.beta, "float32") if self.center else None
         moving_mean = ops.cast(self.moving_mean, "float32")
         moving_var = ops.cast(self.moving_variance, "float32")
-        if not training:
-            out = (x - moving_mean) * ops.rsqrt(moving_var + self.epsilon)
-            return ops.cast(out * gamma + beta, self.compute_dtype)
+        if not training:  # one scale/shift per channel, one pass over x
+            a = ops.rsqrt(moving_var + self.epsilon)
+            if gamma is not None:
+                a = a * gamma
+            c = -moving_mean * a
+            if beta is not None:
+                c = c + beta
+            return ops.cast(x * a + c, self.compute_dtype)
         if noise_mask is None:
-            m = ops.zeros((ops.shape(x)[0],) + (1,) * (rank - 1), dtype="float32")
+            m = ops.zeros((ops.shape(x)[0], 1), dtype="float32")
         else:
-            m = ops.reshape(ops.cast(noise_mask, "float32"), (-1,) + (1,) * (rank - 1))
-        nat_w = (1.0 - m) * ops.ones_like(x[..., :1])
-        noise_w = m * ops.ones_like(x[..., :1])
-        mean_n, var_n, cnt_n = self._masked_stats(x, nat_w, axes)
-        mean_z, var_z, _ = self._masked_stats(x, noise_w, axes)
-        mu = m * mean_z + (1.0 - m) * mean_n
+            m = ops.reshape(ops.cast(noise_mask, "float32"), (-1, 1))  # (B, 1)
+        spatial = tuple(range(1, rank - 1))
+        dims = tuple(ops.shape(x)[1:-1])
+        if all(isinstance(d, int) for d in dims):
+            pix = float(math.prod(dims))  # positions per example (static)
+        else:
+            pix = ops.cast(ops.prod(ops.convert_to_tensor(dims)), "float32")
+        bcast = (-1,) + (1,) * (rank - 2) + (x.shape[-1],)
+
+        def per_example_sum(t):  # (B, ..., C) -> (B, C)
+            return ops.sum(t, axis=spatial) if spatial else t
+
+        # Pass 1: per-example channel sums, then the two group means from (B, C) tensors only.
+        s1 = per_example_sum(x)
+        cnt_z = ops.sum(m) * pix
+        cnt_n = ops.sum(1.0 - m) * pix
+        mean_z = ops.sum(m * s1, axis=0) / ops.maximum(cnt_z, 1e-12)
+        mean_n = ops.sum((1.0 - m) * s1, axis=0) / ops.maximum(cnt_n, 1e-12)
+        mu = m * mean_z + (1.0 - m) * mean_n  # (B, C): each example's group mean
+        # Pass 2: centred squares about the own-group mean. The stop_gradient is exact: the
+        # derivative of sum_group (x - mean)^2 with respect to its own mean is zero.
+        d = x - ops.reshape(ops.stop_gradient(mu), bcast)
+        s2 = per_example_sum(ops.square(d))
+        var_z = ops.sum(m * s2, axis=0) / ops.maximum(cnt_z, 1e-12)
+        var_n = ops.sum((1.0 - m) * s2, axis=0) / ops.maximum(cnt_n, 1e-12)
         var = m * var_z + (1.0 - m) * var_n
-        out = (x - mu) * ops.rsqrt(var + self.epsilon) * gamma + beta
+        # Normalization fused into one per-example scale and shift: y = x * a_b + c_b.
+        a = ops.rsqrt(var + self.epsilon)
+        if gamma is not None:
+            a = a * gamma
+        c = -mu * a
+        if beta is not None:
+            c = c + beta
+        out = x * ops.reshape(a, bcast) + ops.reshape(c, bcast)
         has = ops.cast(cnt_n > 0, "float32")
         mom = self.momentum
         new_mean = moving_mean * mom + mean_n * (1.0 - mom)

@@ -165,34 +165,81 @@ def _numpy_gate(name, x, k):
 
 
 # ------------------------------------------------------------------------------------------------
-# The reductions, on a tensor of shape (..., G, k).
+# The reductions. ``parts`` is the list of the k group members, each of shape (..., C/k): the
+# strided channel slices x[..., i::k] (group j = channels j k .. j k + k - 1, i.e. the reshape to
+# (..., C/k, k) read column by column). Reductions over a tiny minor axis (ops.max/min/sum/prod
+# over k after that reshape) lower badly under XLA on CPU (the backward of a max reduction alone
+# is ~5x a ReLU's cost) and even reshape-then-index costs more inside a conv net than the strided
+# slices, so the k members are combined with elementwise maximum/minimum/add/multiply (k is static).
+#
+# k = 2 closed forms (identical values; identical gradients wherever the inputs are nonzero and
+# distinct, i.e. almost everywhere):
+#   OR_AIL(a, b)   = max(a, b) + relu(min(a, b))       (both > 0: a + b; otherwise the max)
+#   AND_AIL(a, b)  = min(a, b) - relu(-max(a, b))      (= -OR_AIL(-a, -b))
+#   XNOR_AIL(a, b) = max(min(a, b), -max(a, b))        (= sign(ab) min(|a|, |b|); the selected
+#                    input enters with slope sign(ab) sign(x_j), the constant-sign gradient)
+# At an exact zero input XNOR's constant-sign form has gradient 0 and the closed form a one-sided
+# slope +/-1 (both are subgradients); general k keeps the sign(prod) form.
 # ------------------------------------------------------------------------------------------------
-def _reduce(name, g, k):
+def _tree(fn, parts):
+    parts = list(parts)
+    while len(parts) > 1:
+        nxt = [fn(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            nxt.append(parts[-1])
+        parts = nxt
+    return parts[0]
+
+
+def _add(a, b):
+    return a + b
+
+
+def _mul(a, b):
+    return a * b
+
+
+def _reduce_parts(name, parts):
+    k = len(parts)
     if name == "or_ail":
-        s = ops.sum(ops.relu(g), axis=-1)
-        return ops.where(s > 0, s, ops.max(g, axis=-1))
+        if k == 2:
+            a, b = parts
+            return ops.maximum(a, b) + ops.relu(ops.minimum(a, b))
+        s = _tree(_add, [ops.relu(p) for p in parts])
+        return ops.where(s > 0, s, _tree(ops.maximum, parts))
     if name == "and_ail":
-        s = -ops.sum(ops.relu(-g), axis=-1)
-        return ops.where(s < 0, s, ops.min(g, axis=-1))
+        if k == 2:
+            a, b = parts
+            return ops.minimum(a, b) - ops.relu(-ops.maximum(a, b))
+        s = -_tree(_add, [ops.relu(-p) for p in parts])
+        return ops.where(s < 0, s, _tree(ops.minimum, parts))
     if name == "xnor_ail":
-        sgn = ops.stop_gradient(ops.sign(ops.prod(g, axis=-1)))
+        if k == 2:
+            a, b = parts
+            return ops.maximum(ops.minimum(a, b), -ops.maximum(a, b))
+        sgn = ops.stop_gradient(ops.sign(_tree(_mul, parts)))
         if k % 2:
             sgn = -sgn
-        return sgn * ops.min(ops.abs(g), axis=-1)
+        return sgn * _tree(ops.minimum, [ops.abs(p) for p in parts])
     if name in ("and_il", "or_il"):
         if name == "or_il":
-            g = -g
-        lp = ops.sum(ops.log_sigmoid(g), axis=-1)  # log prod p_i
+            parts = [-p for p in parts]
+        lp = _tree(_add, [ops.log_sigmoid(p) for p in parts])  # log prod p_i
         lp = ops.clip(lp, math.log(_PROB_EPS), math.log1p(-_PROB_EPS))
         out = lp - ops.log(-ops.expm1(lp))
         return -out if name == "or_il" else out
     if name == "xnor_il":
-        q = ops.prod(ops.tanh(0.5 * g), axis=-1)
+        q = _tree(_mul, [ops.tanh(0.5 * p) for p in parts])
         if k % 2:
             q = -q
         lim = 1.0 - 2.0 * _PROB_EPS
         return 2.0 * ops.arctanh(ops.clip(q, -lim, lim))
     raise ValueError(f"Unknown logit gate function {name!r}; expected one of {GATE_FUNCTIONS}.")
+
+
+def _reduce(name, g, k):
+    """The gate on a tensor ``g`` of shape (..., k) whose last axis holds the group members."""
+    return _reduce_parts(name, [g[..., i] for i in range(int(k))])
 
 
 def _check_name(name):
@@ -210,8 +257,9 @@ def _group(x, k):
             f"LogitGate: the channel count {c} is not divisible by the group size k={k}; "
             "groups are formed from k consecutive channels on the last axis."
         )
-    shape = ops.shape(x)
-    return ops.reshape(x, tuple(shape[:-1]) + (c // k, k))
+    if k == 1:
+        return [x]
+    return [x[..., i::k] for i in range(k)]  # member i of every group: channels i, i + k, ...
 
 
 def apply_gate(x, name, k=2, normalize=False):
@@ -222,9 +270,9 @@ def apply_gate(x, name, k=2, normalize=False):
         raise ValueError(f"k must be >= 1, got {k}.")
     if name in IL_FUNCTIONS:  # the 1e-7 clamps need float32 (they round away in float16)
         dtype = x.dtype
-        out = ops.cast(_reduce(name, _group(ops.cast(x, "float32"), k), k), dtype)
+        out = ops.cast(_reduce_parts(name, _group(ops.cast(x, "float32"), k)), dtype)
     else:
-        out = _reduce(name, _group(x, k), k)
+        out = _reduce_parts(name, _group(x, k))
     if normalize:
         if name not in AIL_FUNCTIONS:
             raise ValueError("normalize=True (NAIL) is defined for the AIL functions only.")
