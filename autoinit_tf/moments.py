@@ -24,7 +24,9 @@ __all__ = [
     "Moments",
     "gaussian_expectations",
     "elementwise_moments",
+    "max_expectations",
     "max_of_gaussians",
+    "max_order_expectations",
     "mix",
     "standard_normal_quantiles",
 ]
@@ -345,6 +347,129 @@ def max_of_gaussians(k: int, m: Moments) -> Moments:
     e2 = float(np.dot(w * dens, z * z))
     s = m.std
     return Moments(m.mean + s * e1, s * s * max(e2 - e1 * e1, 0.0))
+
+
+def _identity(x):
+    return x
+
+
+def _piecewise_nodes(edges, gl_x, gl_w):
+    """Gauss-Legendre nodes z (rows, panels, q) and weights (times the N(0,1) density) on per-row panel edges."""
+    a, b = edges[:, :-1], edges[:, 1:]
+    half = 0.5 * (b - a)
+    z = half[..., None] * gl_x + (0.5 * (a + b))[..., None]
+    w = half[..., None] * gl_w * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return z, w
+
+
+def _kink_cuts(kinks, means, s):
+    """The kinks of a function, mapped to the standardised variable of each row, clipped to [-L, L]."""
+    kinks = [k for k in kinks if k is not None and math.isfinite(k)]
+    if not kinks:
+        return np.empty((means.size, 0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
+    return np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
+
+
+def max_order_expectations(fn, means, variances, k: int, kinks=(), coarse=False):
+    """E[g(M)] and E[g(M)^2] for M the largest of k i.i.d. N(means[c], variances[c]), every c at once.
+
+    With M = mu + s Z_(k) and Z_(k) the largest of k standard normals (density k phi(z) Phi(z)^(k-1)),
+
+        E[g(M)^p] = integral g(mu + s z)^p k Phi(z)^(k-1) phi(z) dz,
+
+    by piecewise Gauss-Legendre on [-L, L] split at the kinks of g. `fn` None means g(x) = x.
+    Monotone non-decreasing activations commute with the maximum (max f(x_i) = f(max x_i)), so this
+    gives max pooling after such an activation exactly, where applying f to a Gaussian with the
+    moments of M would not (M is skewed).
+    """
+    from scipy.special import ndtr
+
+    g = _identity if fn is None else fn
+    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
+    means = np.asarray(means, dtype=np.float64).reshape(-1)
+    s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
+    base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
+    edges = np.sort(np.concatenate([base, _kink_cuts(kinks, means, s)], axis=1), axis=1)
+    z, w = _piecewise_nodes(edges, gl_x, gl_w)
+    k = max(int(k), 1)
+    if k > 1:
+        w = w * (k * np.power(ndtr(z), k - 1))
+    x = means[:, None, None] + s[:, None, None] * z
+    y = np.asarray(g(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
+    e1 = np.sum(w * y, axis=(1, 2))
+    e2 = np.sum(w * y * y, axis=(1, 2))
+    return e1, np.maximum(e2, e1 * e1)
+
+
+def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False):
+    """E[g(M)] and E[g(M)^2] for M = max_i X_i of independent X_i ~ N(means[..., i], variances[..., i]).
+
+    The entries of one maximum lie along the last axis; `valid` (same shape, bool) excludes entries
+    (windows with fewer entries). `fn` None means g(x) = x. With Phi_j the CDF of X_j, the density of M is
+    sum_i phi_i(x) prod_{j != i} Phi_j(x), so
+
+        E[g(M)^p] = sum_i E[ g(X_i)^p prod_{j != i} Phi((X_i - mu_j) / s_j) ],
+
+    each term a Gaussian expectation in the standardised X_i, integrated by piecewise Gauss-Legendre
+    split at the kinks of g and at every other entry's mean, where its CDF factor rises (and 2 and 6
+    s_j / s_i either side of it when that rise is steep, s_j < s_i / 2). A zero-variance entry is the constant mu_j with the step CDF 1[x > mu_j] (ties
+    between constants go to the first). Entries with equal statistics share the work: identical rows
+    are integrated once. Returns arrays of shape ``means.shape[:-1]``.
+    """
+    from scipy.special import ndtr
+
+    g = _identity if fn is None else fn
+    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
+    means = np.asarray(means, dtype=np.float64)
+    variances = np.maximum(np.asarray(variances, dtype=np.float64), 0.0)
+    out_shape = means.shape[:-1]
+    k = means.shape[-1]
+    mu = means.reshape(-1, k)
+    var = np.broadcast_to(variances, means.shape).reshape(-1, k)
+    ok = np.ones_like(mu, dtype=bool) if valid is None else np.broadcast_to(valid, means.shape).reshape(-1, k)
+    mu = np.where(ok, mu, 0.0)
+    var = np.where(ok, var, 0.0)
+    keys = np.concatenate([np.round(mu, 12), np.round(var, 12), ok.astype(np.float64)], axis=1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    mu, var, ok = uniq[:, :k], uniq[:, k : 2 * k], uniq[:, 2 * k :] > 0.5
+    s = np.sqrt(var)
+    e1 = np.zeros(len(uniq))
+    e2 = np.zeros(len(uniq))
+    kinks = tuple(kinks)
+    for i in range(k):
+        si = s[:, i]
+        safe = np.where(si > 0, si, 1.0)
+        others = [j for j in range(k) if j != i]
+        cuts = [np.broadcast_to(np.asarray(_PANELS), (len(uniq), len(_PANELS))), _kink_cuts(kinks, mu[:, i], si)]
+        for j in others:
+            c = (mu[:, j] - mu[:, i]) / safe
+            r = s[:, j] / safe
+            live = ok[:, j] & (si > 0)
+            # A factor narrower than half of entry i's spread gets panels across its rise.
+            offsets = (-6.0, -2.0, 0.0, 2.0, 6.0) if np.any(live & (r < 0.5)) else (0.0,)
+            for off in offsets:
+                cut = np.where(live, c + off * r, -_L)
+                cuts.append(np.clip(cut, -_L, _L)[:, None])
+        edges = np.sort(np.concatenate(cuts, axis=1), axis=1)
+        z, w = _piecewise_nodes(edges, gl_x, gl_w)
+        x = mu[:, i, None, None] + si[:, None, None] * z
+        factor = np.ones_like(x)
+        for j in others:
+            sj = s[:, j, None, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cdf = ndtr((x - mu[:, j, None, None]) / np.where(sj > 0, sj, 1.0))
+            step = (x > mu[:, j, None, None]) if j > i else (x >= mu[:, j, None, None])
+            cdf = np.where(sj > 0, cdf, step)
+            factor *= np.where(ok[:, j, None, None], cdf, 1.0)
+        y = np.asarray(g(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
+        wf = w * factor * ok[:, i, None, None]
+        e1 += np.sum(wf * y, axis=(1, 2))
+        e2 += np.sum(wf * y * y, axis=(1, 2))
+    e1, e2 = e1[inverse].reshape(out_shape), e2[inverse].reshape(out_shape)
+    return e1, np.maximum(e2, e1 * e1)
 
 
 def standard_normal_quantiles(n: int) -> np.ndarray:

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, mix, standard_normal_quantiles
+from autoinit_tf.moments import (
+    Moments,
+    elementwise_moments,
+    max_expectations,
+    max_of_gaussians,
+    max_order_expectations,
+    mix,
+    standard_normal_quantiles,
+)
 from autoinit_tf.rules.activation import (
     ACTIVATION_KINKS,
     VECTOR_ACTIVATIONS,
@@ -177,3 +185,104 @@ def test_relu_channel_closed_form_matches_quadrature():
     quad = elementwise_moments(lambda x: np.maximum(x, 0.0), m, (0.0,))
     np.testing.assert_allclose(closed.ch_mean, quad.ch_mean, atol=1e-12)
     np.testing.assert_allclose(closed.ch_var, quad.ch_var, atol=1e-12)
+
+
+def _max_density_moments(g, mu, s, points=()):
+    """E[g(M)], E[g(M)^2] for M the max of independent N(mu_i, s_i^2), by scipy quad of the density
+    sum_i phi_i(x) prod_{j != i} Phi_j(x)."""
+
+    def pdf(x, m, sd):
+        return math.exp(-0.5 * ((x - m) / sd) ** 2) / (sd * math.sqrt(2.0 * math.pi))
+
+    def cdf(x, m, sd):
+        return 0.5 * math.erfc(-(x - m) / (sd * math.sqrt(2.0)))
+
+    def dens(x):
+        cdfs = [cdf(x, m, sd) for m, sd in zip(mu, s)]
+        total = 0.0
+        for i in range(len(mu)):
+            term = pdf(x, mu[i], s[i])
+            for j in range(len(mu)):
+                if j != i:
+                    term *= cdfs[j]
+            total += term
+        return total
+
+    lo, hi = min(mu) - 12 * max(s), max(mu) + 12 * max(s)
+    pts = sorted(p for p in set(points) | set(mu) if lo < p < hi)
+    kw = dict(points=pts, limit=500, epsabs=1e-13, epsrel=1e-12)
+    return (integrate.quad(lambda x: g(x) * dens(x), lo, hi, **kw)[0],
+            integrate.quad(lambda x: g(x) ** 2 * dens(x), lo, hi, **kw)[0])
+
+
+# Independent scalar references for the Keras activations used below (gelu: exact erf form).
+SCALAR = {
+    "identity": lambda x: x,
+    "relu": lambda x: max(x, 0.0),
+    "tanh": math.tanh,
+    "gelu": lambda x: 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0))),
+}
+
+
+MAX_CASES = [
+    ([0.3, -0.2, 1.0, 0.5], [1.0, 0.5, 2.0, 0.3]),
+    ([2.0, 2.1, 1.9, 2.05], [0.09, 0.1, 0.05, 0.2]),
+    ([-1.0, 0.0, 3.0, -2.0], [1.0, 0.01, 0.04, 4.0]),
+    ([0.0, 0.1], [1.0, 1e-4]),
+    ([-0.4, 0.2, 0.1, -0.3, 0.0, 0.5, -1.0, 0.3, 0.2], [0.5, 1.0, 0.7, 1.2, 0.9, 0.4, 2.0, 1.0, 0.6]),
+]
+
+
+@pytest.mark.parametrize("fn_name", ["identity", "relu", "tanh", "gelu"])
+@pytest.mark.parametrize("case", range(len(MAX_CASES)))
+def test_max_of_independent_gaussians_against_scipy_quad(fn_name, case):
+    """E[f(max_i X_i)] for independent non-identical Gaussians, fine and coarse nodes."""
+    mu, var = MAX_CASES[case]
+    s = np.sqrt(var)
+    g, kinks = SCALAR[fn_name], ACTIVATION_KINKS.get(fn_name, ())
+    fn = None if fn_name == "identity" else numpy_function(keras.activations.get(fn_name))
+    r1, r2 = _max_density_moments(g, mu, s, kinks)
+    for coarse, tol in ((False, 1e-7), (True, 1e-5)):
+        e1, e2 = max_expectations(fn, np.array([mu]), np.array([var]), kinks, coarse=coarse)
+        assert e1[0] == pytest.approx(r1, rel=tol, abs=tol)
+        assert e2[0] == pytest.approx(r2, rel=tol, abs=tol)
+
+
+def test_max_of_independent_gaussians_monte_carlo_and_masks():
+    rng = np.random.default_rng(0)
+    mu = np.array([[0.5, -0.3, 1.2], [0.0, 0.0, 0.0]])
+    var = np.array([[0.4, 1.5, 0.2], [1.0, 1.0, 1.0]])
+    x = rng.normal(mu[None], np.sqrt(var)[None], size=(400_000, 2, 3))
+    y = np.maximum(x.max(axis=-1), 0.0)
+    e1, e2 = max_expectations(lambda v: np.maximum(v, 0.0), mu, var, (0.0,))
+    np.testing.assert_allclose(e1, y.mean(axis=0), rtol=5e-3)
+    np.testing.assert_allclose(e2 - e1 * e1, y.var(axis=0), rtol=1e-2)
+    # identical entries: the order statistic; excluded entries are ignored
+    o1, o2 = max_order_expectations(None, [0.0], [1.0], 3)
+    ref = max_of_gaussians(3, Moments(0.0, 1.0))
+    assert o1[0] == pytest.approx(ref.mean, abs=1e-10)
+    assert o2[0] - o1[0] ** 2 == pytest.approx(ref.var, rel=1e-9)
+    np.testing.assert_allclose(max_expectations(None, mu[1:], var[1:]), (o1, o2), rtol=1e-10)
+    valid = np.array([[True, False, True]])
+    m1, m2 = max_expectations(None, np.array([[1.0, 9.0, 0.0]]), np.array([[1.0, 0.0, 1.0]]), valid=valid)
+    d = 1.0 / math.sqrt(2.0)  # E max(X, Y), X ~ N(1, 1), Y ~ N(0, 1): Phi(d) + sqrt(2) phi(d)
+    assert m1[0] == pytest.approx(stats.norm.cdf(d) + math.sqrt(2.0) * stats.norm.pdf(d), rel=1e-10)
+    # zero-variance entries are constants; ties between constants count once
+    c1, c2 = max_expectations(None, np.array([[1.0, 1.0, -2.0]]), np.array([[0.0, 0.0, 0.0]]))
+    assert (c1[0], c2[0]) == pytest.approx((1.0, 1.0), abs=1e-12)
+    z1, _ = max_expectations(None, np.array([[0.0, 0.0]]), np.array([[1.0, 0.0]]))
+    assert z1[0] == pytest.approx(stats.norm.pdf(0.0), rel=1e-9)  # E max(X, 0) = phi(0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 9, 64])
+def test_order_statistic_expectations_against_scipy_quad(k):
+    g = SCALAR["gelu"]
+    mean, var = np.array([0.3, -1.0]), np.array([0.7, 2.0])
+    e1, e2 = max_order_expectations(numpy_function(keras.activations.get("gelu")), mean, var, k)
+    for c in range(2):
+        s = math.sqrt(var[c])
+        dens = lambda z: k * stats.norm.pdf(z) * stats.norm.cdf(z) ** (k - 1)  # noqa: E731
+        r1 = integrate.quad(lambda z: g(mean[c] + s * z) * dens(z), -12, 12, epsabs=1e-13, limit=200)[0]
+        r2 = integrate.quad(lambda z: g(mean[c] + s * z) ** 2 * dens(z), -12, 12, epsabs=1e-13, limit=200)[0]
+        assert e1[c] == pytest.approx(r1, rel=1e-7, abs=1e-9)
+        assert e2[c] == pytest.approx(r2, rel=1e-7, abs=1e-9)

@@ -20,7 +20,7 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments, max_order_statistic
+from autoinit_tf.moments import Moments, max_expectations
 
 ELEMENT_LIMIT = 1 << 15
 
@@ -87,8 +87,22 @@ def _windows(n, k, stride, padding):
     return [(max(a, 0), min(a + k, n)) for a in starts]
 
 
-def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind):
-    """Local average or max pooling of 1D/2D element maps, or None."""
+def _window_index(windows):
+    """(index, valid) arrays (windows x largest window) of the entries of each window."""
+    k = max(b - a for a, b in windows)
+    t = np.arange(k)[None, :]
+    start = np.array([a for a, _ in windows])[:, None]
+    stop = np.array([b for _, b in windows])[:, None]
+    return np.minimum(start + t, stop - 1), start + t < stop
+
+
+def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind, fn=None, kinks=()):
+    """Local average or max pooling of 1D/2D element maps, or None.
+
+    Max: the maximum of each window's entries, independent Gaussians with their own means and
+    variances (`max_expectations`, padding excluded). With `fn` (monotone non-decreasing), the moments
+    of fn(max) instead, integrated over the distribution of the max.
+    """
     maps = element_maps(m, in_shape[1:])
     if maps is None or len(pool_size) not in (1, 2):
         return None
@@ -98,6 +112,18 @@ def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind):
         pool_size, strides = (pool_size[0], 1), (strides[0], 1)
     rows = _windows(mean.shape[0], pool_size[0], strides[0], padding)
     cols = _windows(mean.shape[1], pool_size[1], strides[1], padding)
+    if kind == "max":
+        (ri, rok), (ci, cok) = _window_index(rows), _window_index(cols)
+        gather = (ri[:, None, :, None], ci[None, :, None, :])
+        nr, nc, c = len(rows), len(cols), mean.shape[-1]
+        wm = np.moveaxis(mean[gather], -1, 2).reshape(nr, nc, c, -1)
+        wv = np.moveaxis(var[gather], -1, 2).reshape(nr, nc, c, -1)
+        ok = (rok[:, None, :, None] & cok[None, :, None, :]).reshape(nr, nc, 1, -1)
+        e1, e2 = max_expectations(fn, wm, wv, kinks, valid=ok, coarse=True)
+        out_mean, out_var = e1, e2 - e1 * e1
+        if len(in_shape) == 3:  # 1D
+            out_mean, out_var = out_mean[:, 0, :], out_var[:, 0, :]
+        return Moments.from_elements(out_mean, out_var)
     out_mean = np.empty((len(rows), len(cols), mean.shape[-1]))
     out_var = np.empty_like(out_mean)
     for i, (r0, r1) in enumerate(rows):
@@ -105,14 +131,8 @@ def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind):
             wm = mean[r0:r1, c0:c1].reshape(-1, mean.shape[-1])
             wv = var[r0:r1, c0:c1].reshape(-1, mean.shape[-1])
             k = wm.shape[0]
-            if kind == "average":
-                out_mean[i, j] = wm.mean(axis=0)
-                out_var[i, j] = wv.sum(axis=0) / (k * k)
-            else:  # the largest of k Gaussians with the window's average mean and variance
-                e1, e2 = max_order_statistic(k)
-                s = np.sqrt(wv.mean(axis=0))
-                out_mean[i, j] = wm.mean(axis=0) + s * e1
-                out_var[i, j] = s * s * (e2 - e1 * e1)
+            out_mean[i, j] = wm.mean(axis=0)
+            out_var[i, j] = wv.sum(axis=0) / (k * k)
     if len(in_shape) == 3:  # 1D
         out_mean, out_var = out_mean[:, 0, :], out_var[:, 0, :]
     return Moments.from_elements(out_mean, out_var)

@@ -3,7 +3,10 @@
 Average over a window of k entries: mean mu, variance v / k. With 'same' padding border windows
 hold fewer real entries (padding is excluded from the average), so the variance is v * E_o[1/k_o]
 over output positions o. Max over k entries: the moments of the largest of k i.i.d. Gaussians
-(`max_of_gaussians`), mixed over the window sizes that occur.
+(`max_of_gaussians`), mixed over the window sizes that occur; for element maps, the exact maximum of
+each window's independent non-identical Gaussians (`max_expectations`). After a monotone non-decreasing
+activation f, max f(x_i) = f(max x_i): the pre-activations are pooled and E[f(M)], E[f(M)^2] integrated
+over the distribution of the maximum M.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, max_order_statistic, mix
+from autoinit_tf.moments import (Moments, elementwise_moments, max_of_gaussians, max_order_expectations,
+                                 max_order_statistic, mix)
 from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.registry import register_rule
 
@@ -67,8 +71,19 @@ def _average(m, sizes):
     return Moments(m.mean, m.between + m.within * inv_k, m.between)
 
 
-def _maximum(m, sizes):
-    """Max of k entries sharing their channel's offset: the order statistic of the within part."""
+def _maximum(m, sizes, fn=None, kinks=()):
+    """Max of k entries sharing their channel's offset: the order statistic of the within part.
+
+    With `fn`, the moments of fn(max) per channel (`max_order_expectations`); None without channels.
+    """
+    if m.ch_mean is not None and fn is not None:
+        mean = second = 0.0
+        for k, p in sizes.items():
+            e1, e2 = max_order_expectations(fn, m.ch_mean, m.ch_var, k, kinks)
+            mean, second = mean + p * e1, second + p * e2
+        return Moments.from_channel_second(mean, second)
+    if fn is not None:
+        return None
     if m.ch_mean is not None:
         s = np.sqrt(m.ch_var)
         mean = np.zeros_like(m.ch_mean)
@@ -121,9 +136,16 @@ def average_pooling_rule(ctx):
 
 
 def _max_of(m, pool):
-    """`pool(moments)` applied to the pre-activation when m = f(pre) with f monotone: max f = f(max)."""
+    """Max pooling `pool(moments, fn=None, kinks=())`; when m = f(pre) with f monotone, max f = f(max).
+
+    `pool(pre, f, kinks)` integrates f over the distribution of the max of the pre-activations; where it
+    cannot (pooled moments only), f is applied to a Gaussian with the moments of the max.
+    """
     if m.pre is not None:
         pre, fn, kinks = m.pre
+        pooled = pool(pre, fn, kinks)
+        if pooled is not None:
+            return pooled
         pooled = pool(pre)
         if pooled is not None:
             return elementwise_moments(fn, pooled, kinks)
@@ -131,13 +153,13 @@ def _max_of(m, pool):
 
 
 def max_pooling_rule(ctx):
-    def pool(m):
+    def pool(m, fn=None, kinks=()):
         exact = None
         if m.el_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
             layer = ctx.layer
             exact = element_maps.pool_maps(m, ctx.input_shapes[0], tuple(layer.pool_size), tuple(layer.strides),
-                                           layer.padding, "max")
-        return exact if exact is not None else _maximum(m, _local_sizes(ctx))
+                                           layer.padding, "max", fn, kinks)
+        return exact if exact is not None else _maximum(m, _local_sizes(ctx), fn, kinks)
 
     return _max_of(ctx.input, pool)
 
@@ -158,7 +180,8 @@ for _cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D):
 for _rank, _cls in ((1, L.GlobalAveragePooling1D), (2, L.GlobalAveragePooling2D), (3, L.GlobalAveragePooling3D)):
     register_rule(_cls, lambda ctx, r=_rank: _global_average(ctx, r))
 for _rank, _cls in ((1, L.GlobalMaxPooling1D), (2, L.GlobalMaxPooling2D), (3, L.GlobalMaxPooling3D)):
-    register_rule(_cls, lambda ctx, r=_rank: _max_of(ctx.input, lambda m: _maximum(m, _global_sizes(ctx, r))))
+    register_rule(_cls, lambda ctx, r=_rank: _max_of(
+        ctx.input, lambda m, fn=None, kinks=(): _maximum(m, _global_sizes(ctx, r), fn, kinks)))
 for _rank in (1, 2, 3):
     _avg = getattr(L, f"AdaptiveAveragePooling{_rank}D", None)
     _max = getattr(L, f"AdaptiveMaxPooling{_rank}D", None)
