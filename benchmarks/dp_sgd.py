@@ -8,7 +8,11 @@ batch 256, each variant in its own process (for its peak memory):
              default per_example_method="direct": one batched pass, closed-form per-example
              gradients from layer inputs and output gradients)
   dp_nojit   make_private(..., jit_compile=False) (the direct engine never uses XLA: same as dp)
-  dp_poisson make_private train step on poisson_batches (padded to the 1e-9-overflow size)
+  dp_poisson make_private train step on poisson_batches (default padding="none": real,
+             variable Poisson batch sizes, mean 256, the step traced once for any size)
+  dp_poisson_max  the same with padding="max" (every batch padded to the 1e-9-overflow size)
+Keras-model variants are timed per step inside an ordinary model.fit (a callback records each
+batch's wall time; the first --warmup steps are dropped); the naive loops are timed directly.
   dp_vmap    make_private(..., per_example_method="vectorized_map"): the tf.vectorized_map
              engine (the previous default), XLA; dp_vmap_nojit: the same without XLA
   naive      one-example-at-a-time DP-SGD: a compiled tf.while_loop over the batch computing
@@ -74,6 +78,26 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+class _StepTimer:
+    """Keras callback: wall time of every training batch (time spent inside ``fit``'s step)."""
+
+    def __new__(cls):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.times = []
+
+            def on_train_batch_begin(self, batch, logs=None):
+                self._t = time.perf_counter()
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.times.append(time.perf_counter() - self._t)
+
+        return Timer()
+
+
 def run_variant(variant, batch, steps, warmup):
     import keras
     import tensorflow as tf
@@ -86,24 +110,24 @@ def run_variant(variant, batch, steps, warmup):
     y = rng.integers(0, 10, n).astype("int32")
     model = cnn()
     rss0 = _rss_mb()
+    step = None
+    total = warmup + steps
+    plain_data = lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()  # noqa: E731
+    rows = batch
     if variant in ("plain", "plain_xla"):
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_loss(), jit_compile=True if variant == "plain_xla" else "auto")
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
-        step = lambda it: model.train_on_batch(*next(it))  # noqa: E731
-    elif variant in ("dp", "dp_nojit", "dp_poisson", "dp_vmap", "dp_vmap_nojit"):
+        data = plain_data()
+    elif variant in ("dp", "dp_nojit", "dp_poisson", "dp_poisson_max", "dp_vmap", "dp_vmap_nojit"):
         privacy.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=batch, dataset_size=n, seed=0,
                              jit_compile=not variant.endswith("nojit"),
                              per_example_method="vectorized_map" if variant.startswith("dp_vmap") else "direct")
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_loss())
-        if variant in ("dp", "dp_nojit", "dp_vmap", "dp_vmap_nojit"):
-            data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
-            step = lambda it: model.train_on_batch(*next(it))  # noqa: E731
+        if variant.startswith("dp_poisson"):
+            padding = "max" if variant == "dp_poisson_max" else "none"
+            data = privacy.poisson_batches(x, y, batch_size=batch, seed=0, steps_per_epoch=total, padding=padding)
+            rows = data.dp_sampler.max_batch_size if padding == "max" else batch
         else:
-            data = privacy.poisson_batches(x, y, batch_size=batch, seed=0).repeat()
-            model.make_train_function()
-
-            def step(it):
-                return model.train_function(iter([next(it)]))
+            data = plain_data()
     elif variant == "naive":
         opt = keras.optimizers.SGD(0.1)
         opt.build(model.trainable_variables)
@@ -127,7 +151,7 @@ def run_variant(variant, batch, steps, warmup):
             grads = [(a + tf.random.normal(tf.shape(a)) * sigma * clip) / tf.cast(tf.shape(xb)[0], tf.float32) for a in acc]
             opt.apply(grads, tv)
 
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
+        data = plain_data()
         step = lambda it: naive_step(*next(it))  # noqa: E731
     elif variant == "naive_python":
         opt = keras.optimizers.SGD(0.1)
@@ -148,27 +172,36 @@ def run_variant(variant, batch, steps, warmup):
             grads = [(a + tf.random.normal(tf.shape(a)) * sigma * clip) / float(xb.shape[0]) for a in acc]
             opt.apply(grads, tv)
 
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
+        data = plain_data()
     else:
         raise ValueError(variant)
-    it = iter(data)
-    for _ in range(warmup):
-        step(it)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        out = step(it)
-        if isinstance(out, dict):
-            [np.asarray(v) for v in out.values()]
-        times.append(time.perf_counter() - t)
+    if step is None:
+        # Keras models: time each step of an ordinary ``fit`` (the data pipeline runs as in real
+        # training: tf.data prefetching, the generator of poisson_batches in its own thread).
+        timer = _StepTimer()
+        model.fit(data, epochs=1, steps_per_epoch=total, verbose=0, callbacks=[timer])
+        times = timer.times[warmup:]
+        if os.environ.get("DP_BENCH_DEBUG"):
+            print([round(1000 * t) for t in timer.times], file=sys.stderr)
+    else:
+        it = iter(data)
+        for _ in range(warmup):
+            step(it)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            step(it)
+            times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {
         "variant": variant,
         "ms_per_step_median": 1000 * float(np.median(times)),
         "ms_per_step_mean": 1000 * float(np.mean(times)),
+        "rows_per_step": rows,
         "peak_rss_mb": peak,
         "peak_rss_over_model_mb": peak - rss0,
         "params": int(model.count_params()),
+        "load_avg": os.getloadavg(),
     }
 
 
@@ -184,14 +217,16 @@ def speed(args):
             raise SystemExit(f"variant {variant} failed")
         results[variant] = json.loads(lines[-1])
         r = results[variant]
-        print(f"{variant:11s} {r['ms_per_step_median']:9.1f} ms/step (median of {steps})  "
-              f"peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['peak_rss_over_model_mb']:.0f} MB after model build)", flush=True)
+        print(f"{variant:14s} {r['ms_per_step_median']:9.1f} ms/step (median of {steps}, {r['rows_per_step']} rows)  "
+              f"peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['peak_rss_over_model_mb']:.0f} MB after model build)  "
+              f"load {r['load_avg'][0]:.1f}", flush=True)
     plain = min(results[v]["ms_per_step_median"] for v in ("plain", "plain_xla") if v in results)
     summary = {}
     if "dp" in results:
         summary["dp_over_best_plain"] = results["dp"]["ms_per_step_median"] / plain
-    if "dp_poisson" in results:
-        summary["dp_poisson_over_best_plain"] = results["dp_poisson"]["ms_per_step_median"] / plain
+    for v in ("dp_poisson", "dp_poisson_max"):
+        if v in results:
+            summary[f"{v}_over_best_plain"] = results[v]["ms_per_step_median"] / plain
     for v in ("dp_nojit", "dp_vmap", "dp_vmap_nojit"):
         if v in results:
             summary[f"{v}_over_best_plain"] = results[v]["ms_per_step_median"] / plain
@@ -255,13 +290,35 @@ def utility(args):
         ema_momentum=args.ema or None, microbatch_size=args.microbatch or None,
     )
     model.compile(optimizer=keras.optimizers.SGD(args.lr, momentum=args.momentum), loss=_loss(), metrics=["accuracy"])
+    t_setup = time.time() - t0
+    print(f"setup (data, model, AutoInit, noise calibration) {t_setup:.1f} s", flush=True)
     cb = privacy.PrivacyCallback(max_epsilon=args.epsilon)
 
+    epochs_log = []
+
     class Progress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t_epoch = time.time()
+            self.t_batch = time.time()
+            self.batch_times = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.time()
+            self.batch_times.append(now - self.t_batch)
+            self.t_batch = now
+
         def on_epoch_end(self, epoch, logs=None):
+            train_s = time.time() - self.t_epoch
+            t = time.time()
             test = model.evaluate(x_te, y_te, batch_size=2000, verbose=0)[1]
+            eval_s = time.time() - t
+            step_s = float(np.median(self.batch_times)) if self.batch_times else float("nan")
+            epochs_log.append({"epoch": epoch + 1, "loss": float(logs["loss"]), "epsilon": float(logs.get("epsilon", float("nan"))),
+                               "test_accuracy": float(test), "train_s": train_s, "eval_s": eval_s,
+                               "median_step_s": step_s, "load": os.getloadavg()})
             print(f"epoch {epoch + 1}: loss {logs['loss']:.4f} eps {logs.get('epsilon', float('nan')):.3f} "
-                  f"test acc {test:.4f} ({time.time() - t0:.0f} s)", flush=True)
+                  f"test acc {test:.4f} train {train_s:.0f} s (median step {step_s:.2f} s) eval {eval_s:.1f} s "
+                  f"load {os.getloadavg()[0]:.1f} ({time.time() - t0:.0f} s)", flush=True)
 
     model.fit(privacy.poisson_batches(x_tr, y_tr, batch_size=args.batch, seed=args.seed), epochs=args.epochs,
               callbacks=[cb, Progress()], verbose=0)
@@ -273,16 +330,21 @@ def utility(args):
     st = privacy.statement(model)
     print(str(st))
     res = {"test_accuracy": acc, "test_accuracy_ema": acc_ema, "epsilon": st.epsilon, "delta": st.delta,
-           "steps": st.steps, "noise_multiplier": st.noise_multiplier, "init": init,
-           "wall_s": time.time() - t0, "config": vars(args), "versions": versions()}
+           "steps": st.steps, "noise_multiplier": st.noise_multiplier, "init": init, "statement": str(st),
+           "padding": "auto", "load_avg_end": os.getloadavg(),
+           "wall_s": time.time() - t0, "setup_s": t_setup, "epochs": epochs_log, "config": vars(args),
+           "versions": versions()}
     print(json.dumps(res, indent=1, default=str))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
     return res
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--variants", nargs="+", default=["plain", "plain_xla", "dp", "dp_poisson", "dp_vmap", "dp_vmap_nojit", "naive",
+    p.add_argument("--variants", nargs="+", default=["plain", "plain_xla", "dp", "dp_poisson", "dp_poisson_max", "dp_vmap", "dp_vmap_nojit", "naive",
                                                     "naive_python"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
@@ -299,6 +361,7 @@ def main(argv=None):
     p.add_argument("--microbatch", type=int, default=0)
     p.add_argument("--autoinit", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="utility: also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_variant(args.child, args.batch, args.steps, args.warmup)), flush=True)

@@ -45,7 +45,7 @@ def test_padded_batches_fixed_shape_and_mask():
     n = 300
     x = np.random.default_rng(0).normal(size=(n, 4, 4, 1)).astype("float32") + 5.0
     y = np.arange(n)
-    ds = privacy.poisson_batches(x, y, batch_size=30, seed=0)
+    ds = privacy.poisson_batches(x, y, batch_size=30, seed=0, padding="max")
     m = default_max_batch_size(n, 0.1)
     assert 30 < m < n
     for xb, yb, extra in ds:
@@ -83,3 +83,36 @@ def test_bad_dataset_inputs():
         privacy.poisson_batches(np.zeros((10, 2)), np.zeros(9), batch_size=2)
     with pytest.raises(ValueError, match="targets"):
         privacy.poisson_batches(np.zeros((10, 2)), None, batch_size=2)
+
+
+@pytest.mark.parametrize("padding", ["auto", "none", 16])
+def test_variable_size_batches_are_whole_poisson_batches(padding):
+    n, b = 400, 40
+    x = np.random.default_rng(0).normal(size=(n, 3)).astype("float32") + 5.0
+    y = np.arange(n)
+    ds = privacy.poisson_batches(x, y, batch_size=b, seed=3, padding=padding)
+    assert ds.element_spec[0].shape.as_list() == [None, 3]  # one trace for every size
+    k = {"auto": privacy.sampling.auto_padding_multiple(b, n), "none": 1, 16: 16}[padding]
+    ref = privacy.PoissonSampler(n, b, seed=3)  # the same stream of Poisson draws
+    sizes = []
+    for xb, yb, extra in ds:
+        mask = extra[MASK_KEY].numpy()
+        real = ref.sample(truncate=False)
+        r = int(mask.sum())
+        assert r == len(real) and mask[:r].all() and not mask[r:].any()
+        assert len(mask) % k == 0 and len(mask) - r < k
+        np.testing.assert_array_equal(yb.numpy()[:r], real)
+        np.testing.assert_array_equal(xb.numpy()[:r], x[real])
+        assert np.all(xb.numpy()[r:] == 0) and np.all(yb.numpy()[r:] == 0)
+        sizes.append(r)
+    assert len(set(sizes)) > 3
+
+
+def test_auto_padding_multiple_and_bad_padding():
+    assert privacy.sampling.auto_padding_multiple(256, 60_000) == 8
+    assert privacy.sampling.auto_padding_multiple(2048, 60_000) == 32
+    assert privacy.sampling.auto_padding_multiple(1, 100) == 1
+    with pytest.raises(ValueError, match="padding"):
+        privacy.poisson_batches(np.zeros((10, 2)), np.zeros(10), batch_size=2, padding="fixed")
+    with pytest.raises(ValueError, match="padding"):
+        privacy.poisson_batches(np.zeros((10, 2)), np.zeros(10), batch_size=2, padding=0)
