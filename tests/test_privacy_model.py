@@ -98,7 +98,7 @@ def test_bad_parameters(kw, match):
 
 
 def test_other_backend_clear_error(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
     with pytest.raises(NotImplementedError, match="KERAS_BACKEND=tensorflow"):
         _private(_cnn())
 

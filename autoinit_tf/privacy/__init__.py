@@ -8,7 +8,9 @@
               callbacks=[privacy.PrivacyCallback()])
     print(privacy.statement(model))
 
-TensorFlow backend (the per-example gradient engine is TensorFlow code).
+Keras backends: TensorFlow (per-example engine in :mod:`autoinit_tf.privacy.per_example`, train
+step in :mod:`autoinit_tf.privacy.tf_step`) and JAX (``jax.vmap`` per-example gradients,
+:mod:`autoinit_tf.privacy.jax_step`); other backends get a clear error.
 """
 
 from autoinit_tf.privacy.accounting import (  # noqa: F401

@@ -19,7 +19,7 @@ def swap_in_ema(model):
     ema = _ema_vars(model)
     raw = [v.numpy() for v in model.trainable_variables]
     for v, e in zip(model.trainable_variables, ema):
-        v.assign(e.value())
+        v.assign(e.numpy())
     return raw
 
 

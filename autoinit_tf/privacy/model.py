@@ -20,8 +20,22 @@ import secrets
 import keras
 
 from autoinit_tf.privacy import accounting
-from autoinit_tf.privacy.per_example import PerExampleGradients, check_backend
 from autoinit_tf.privacy.sampling import MASK_KEY, RATE_KEY
+
+#: Keras backends make_private supports (TensorFlow: tf_step + per_example; JAX: jax_step).
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def check_backend():
+    """The current Keras backend, or a clear error if make_private does not support it."""
+    backend = keras.backend.backend()
+    if backend not in SUPPORTED_BACKENDS:
+        raise NotImplementedError(
+            f"autoinit_tf.privacy (DP-SGD) supports the Keras backends {SUPPORTED_BACKENDS}; "
+            f"the current backend is {backend!r}. Set KERAS_BACKEND=tensorflow (or jax) before "
+            "importing keras."
+        )
+    return backend
 
 logger = logging.getLogger(__name__)
 
@@ -123,31 +137,32 @@ class PrivacyConfig:
 
 
 class PrivacyState:
-    """DP configuration and counters kept next to (not inside) the model's variables."""
+    """DP configuration and counters kept next to (not inside) the model's variables.
 
-    def __init__(self, model, config: PrivacyConfig, engine: PerExampleGradients, seed: int):
-        import tensorflow as tf
+    Backend-neutral interface; the counters live in backend-specific subclasses
+    (:mod:`autoinit_tf.privacy.tf_step`, :mod:`autoinit_tf.privacy.jax_step`).
+    ``ema`` is ``None`` or a list of variables (``.numpy()``, ``.assign``) holding the averaged
+    trainable weights.
+    """
 
+    def __init__(self, config: PrivacyConfig, engine, seed: int):
         self.config = config
         self.engine = engine
         self.seed = int(seed)
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_steps")
-        self.poisson_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_poisson_steps")
-        self.observed_rate = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="dp_observed_rate")
         self.ema = None
-        if config.ema_momentum is not None:
-            self.ema = [
-                tf.Variable(v.value, trainable=False, name="dp_ema_" + v.name.replace("/", "_"))
-                for v in model.trainable_variables
-            ]
 
     @property
     def steps_taken(self) -> int:
-        return int(self.steps.numpy())
+        raise NotImplementedError
 
     @property
     def poisson_steps_taken(self) -> int:
-        return int(self.poisson_steps.numpy())
+        raise NotImplementedError
+
+    @property
+    def observed_rate_value(self) -> float:
+        """Sampling rate carried by the last Poisson batch (-1 before any)."""
+        raise NotImplementedError
 
 
 def get_state(model) -> PrivacyState:
@@ -217,7 +232,7 @@ def make_private(
     After ``make_private``, ``compile`` and ``fit`` as usual; feed
     :func:`autoinit_tf.privacy.poisson_batches` for honest accounting.
     """
-    check_backend()
+    backend = check_backend()
     check_model(model)
     if getattr(model, "_dp_privacy_state", None) is not None:
         raise ValueError("make_private was already applied to this model.")
@@ -276,21 +291,32 @@ def make_private(
         augmult=int(augmult),
         ema_momentum=None if ema_momentum is None else float(ema_momentum),
     )
-    engine = PerExampleGradients(
-        model,
-        resolve_loss_fn(model, loss_fn),
-        microbatch_size=microbatch_size,
-        augmult=augmult,
-        augment=augment,
-        jit_compile=jit_compile,
-        method=per_example_method,
-    )
     if seed is None:
         seed = secrets.randbits(62)
-    state = PrivacyState(model, config, engine, seed)
-    # Plain Python attributes: not tracked as model state, not saved with the weights.
-    object.__setattr__(model, "_dp_privacy_state", state)
-    object.__setattr__(model, "train_step", _dp_train_step.__get__(model))
+    loss = resolve_loss_fn(model, loss_fn)
+    if backend == "jax":
+        from autoinit_tf.privacy import jax_step
+
+        if augmult != 1 or augment is not None:
+            raise NotImplementedError(
+                "augmult / augment are implemented for the TensorFlow backend only (the augment "
+                "function is TensorFlow code); on JAX use augmult=1."
+            )
+        jax_step.install(model, config, loss, seed)
+    else:
+        from autoinit_tf.privacy import tf_step
+        from autoinit_tf.privacy.per_example import PerExampleGradients
+
+        engine = PerExampleGradients(
+            model,
+            loss,
+            microbatch_size=microbatch_size,
+            augmult=augmult,
+            augment=augment,
+            jit_compile=jit_compile,
+            method=per_example_method,
+        )
+        tf_step.install(model, config, engine, seed)
     model.train_function = None
     return model
 
@@ -306,75 +332,3 @@ def _parse_sample_weight(sample_weight):
         "example's clipped gradient past l2_norm_clip and void the privacy bound. Rebalance by "
         "resampling the data instead (use privacy.poisson_batches for the batches)."
     )
-
-
-def _dp_train_step(self, data):
-    import tensorflow as tf
-
-    state = self._dp_privacy_state
-    cfg = state.config
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    mask, rate = _parse_sample_weight(sample_weight)
-    first = tf.nest.flatten(x)[0]
-    if mask is None:
-        mask = tf.ones(tf.shape(first)[:1], tf.bool)
-        denominator = tf.cast(tf.shape(first)[0], tf.float32)
-    else:
-        denominator = tf.constant(float(cfg.batch_size), tf.float32)
-    variables = self.trainable_variables
-    trainable = [v.value for v in variables]
-    non_trainable = [v.value for v in self.non_trainable_variables]
-    step = state.steps.read_value()
-    seed = tf.stack([tf.constant(state.seed % (2**62), tf.int64), step])
-
-    grad_sum, losses, y_pred, _, seed_states = state.engine.clipped_sum(
-        trainable, non_trainable, x, y, mask, tf.constant(cfg.l2_norm_clip, tf.float32), seed
-    )
-
-    # One Gaussian draw for all parameters: N(0, (sigma C)^2) per coordinate on the sum.
-    std = cfg.noise_multiplier * cfg.l2_norm_clip
-    grads = []
-    if std > 0:
-        sizes = [int(math.prod(v.shape)) for v in variables]
-        noise = tf.random.stateless_normal([sum(sizes)], seed=seed, dtype=tf.float32) * std
-        pieces = tf.split(noise, sizes)
-        for g, n, v in zip(grad_sum, pieces, variables):
-            grads.append((g + tf.cast(tf.reshape(n, v.shape), g.dtype)) / tf.cast(denominator, g.dtype))
-    else:
-        grads = [g / tf.cast(denominator, g.dtype) for g in grad_sum]
-
-    # Data-independent weight regularization: exact gradient, no clipping, no privacy cost.
-    regularized = [(i, v) for i, v in enumerate(variables) if getattr(v, "regularizer", None) is not None]
-    reg_loss = tf.constant(0.0)
-    if regularized:
-        with tf.GradientTape() as tape:
-            watched = [trainable[i] for i, _ in regularized]
-            tape.watch(watched)
-            reg_loss = tf.add_n([tf.cast(v.regularizer(t), tf.float32) for (_, v), t in zip(regularized, watched)])
-        for (i, _), g in zip(regularized, tape.gradient(reg_loss, watched)):
-            grads[i] = grads[i] + tf.cast(g, grads[i].dtype)
-
-    self.optimizer.apply(grads, variables)
-
-    # RNG seed states (dropout etc.) advance as in a normal step.
-    nt_vars = self.non_trainable_variables
-    for k, new in zip(state.engine.seed_state_index, seed_states):
-        nt_vars[k].assign(new)
-
-    new_step = state.steps.assign_add(1)
-    if rate is not None:
-        state.poisson_steps.assign_add(1)
-        state.observed_rate.assign(tf.cast(rate, tf.float64))
-    if state.ema is not None:
-        t = tf.cast(new_step, tf.float32)
-        mu = tf.minimum(tf.constant(cfg.ema_momentum, tf.float32), (1.0 + t) / (10.0 + t))
-        for e, v in zip(state.ema, variables):
-            e.assign(tf.cast(mu, e.dtype) * e + tf.cast(1.0 - mu, e.dtype) * v.value)
-
-    # Logged training loss/metrics use the private data directly (as in any DP-SGD library,
-    # they are not covered by the guarantee); padded rows have weight 0.
-    maskf = tf.cast(mask, tf.float32)
-    n_real = tf.reduce_sum(maskf)
-    mean_loss = tf.reduce_sum(losses * maskf) / tf.maximum(n_real, 1.0) + reg_loss
-    self._loss_tracker.update_state(mean_loss, sample_weight=n_real)
-    return self.compute_metrics(x, y, y_pred, sample_weight=maskf)

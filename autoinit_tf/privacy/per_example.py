@@ -16,16 +16,13 @@ import contextlib
 
 import keras
 
-SUPPORTED_BACKENDS = ("tensorflow",)
-
-
 def check_backend():
-    """Raise a clear error unless Keras runs on a backend this package supports."""
+    """This engine is TensorFlow code: raise a clear error on any other Keras backend."""
     backend = keras.backend.backend()
-    if backend not in SUPPORTED_BACKENDS:
+    if backend != "tensorflow":
         raise NotImplementedError(
-            f"autoinit_tf.privacy (DP-SGD) supports the Keras backends {SUPPORTED_BACKENDS}; "
-            f"the current backend is {backend!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+            "PerExampleGradients is the TensorFlow engine; the current Keras backend is "
+            f"{backend!r}. On JAX, make_private uses autoinit_tf.privacy.jax_step (jax.vmap)."
         )
     return backend
 
@@ -469,6 +466,10 @@ def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None, metho
     """Convenience: stacked per-example gradients of a compiled (or given) loss at the current weights."""
     from autoinit_tf.privacy.model import resolve_loss_fn
 
+    if keras.backend.backend() == "jax":
+        from autoinit_tf.privacy import jax_step
+
+        return jax_step.per_example_gradients(model, x, y, loss_fn=loss_fn, microbatch_size=microbatch_size)
     engine = PerExampleGradients(
         model, resolve_loss_fn(model, loss_fn), microbatch_size=microbatch_size, method=method
     )

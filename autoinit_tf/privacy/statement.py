@@ -68,7 +68,7 @@ def statement(model, delta: float | None = None, accountant: str | None = None) 
     else:
         sampling = f"mixed: {poisson} Poisson steps, {steps - poisson} plain-batch steps (epsilon assumes Poisson sampling)"
         caveats.append(POISSON_CAVEAT)
-    observed = float(state.observed_rate.numpy())
+    observed = state.observed_rate_value
     if poisson and abs(observed - cfg.sampling_rate) > 1e-9 * max(1.0, cfg.sampling_rate):
         caveats.append(
             f"The Poisson batches were sampled at rate {observed:.6g} but make_private was configured for "
