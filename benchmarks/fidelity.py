@@ -9,6 +9,21 @@ For each model and each initialization (default Keras init, analytic `wrap`, `wr
 Measurements use `autoinit_tf.measure` on a Gaussian probe (0, 1), training mode.
 
     python benchmarks/fidelity.py [--only NAME ...] [--quick]
+    python benchmarks/fidelity.py --diagnose mlp_gelu_30 [--full-cov]
+
+`--diagnose` (Dense MLPs of the zoo) splits the analytic error of the drawn network layer by layer, on
+20,000 fresh Gaussian inputs pushed through its real weights and activation ("true" moments):
+  * lin: the linear step alone, from the TRUE per-channel input moments: log(sum_i W_ij^2 var_i / true
+    Var(z_j)), pooled like the benchmark (mean of per-channel variances + variance of channel means); it
+    is the error of treating the input channels as uncorrelated (w_j^T Sigma w_j is exact);
+  * act: the activation step alone, from the TRUE per-channel mean and variance of the pre-activation z:
+    Gaussian-marginal quadrature (the engine's) vs the true output; the error of treating z as Gaussian;
+  * the pre-activations' median excess kurtosis and skewness, and the effective rank
+    (sum lambda)^2 / sum lambda^2 of the covariance of the layer input over the inputs;
+  * analytic: the engine's accumulated log(predicted / true) at that layer;
+  * with --full-cov: the Gaussian closure with the FULL channel covariance (Sigma_z = W^T Sigma_h W, and
+    Cov(f(z_i), f(z_j)) by 24 x 24-node bivariate Gauss-Hermite over every pair), i.e. the best any Gaussian
+    moment propagation can do, with its median/max log error.
 """
 
 from __future__ import annotations
@@ -187,11 +202,132 @@ def run_one(name, build, batch):
     return out
 
 
+def _pooled(mean, var):
+    """Variance over all elements of channels with these means and variances."""
+    return float(np.mean(var) + np.var(mean))
+
+
+def _gaussian_full_cov(fn, mean, cov, nodes=24, chunk=1024):
+    """Mean vector and covariance of fn(z), z ~ N(mean, cov): bivariate Gauss-Hermite over every pair.
+
+    For standardised (u, v) with correlation r: u = a, v = r a + sqrt(1 - r^2) b, a, b i.i.d. N(0, 1).
+    """
+    from autoinit_tf.moments import channel_expectations
+
+    s = np.sqrt(np.maximum(np.diag(cov), 1e-300))
+    corr = np.clip(cov / np.outer(s, s), -1.0, 1.0)
+    e1, e2 = channel_expectations(fn, mean, s * s)
+    z, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / w.sum()
+    ww = np.outer(w, w)
+    iu = np.triu_indices(len(mean), 1)
+    out = np.empty(len(iu[0]))
+    for a in range(0, len(out), chunk):
+        i, j = iu[0][a : a + chunk], iu[1][a : a + chunk]
+        r = corr[i, j][:, None, None]
+        fu = fn(mean[i][:, None, None] + s[i][:, None, None] * z[None, :, None] + 0.0 * z[None, None, :])
+        v = r * z[None, :, None] + np.sqrt(np.maximum(1.0 - r * r, 0.0)) * z[None, None, :]
+        fv = fn(mean[j][:, None, None] + s[j][:, None, None] * v)
+        out[a : a + chunk] = np.einsum("pab,ab->p", fu * fv, ww)
+    second = np.diag(e2)
+    second[iu] = out
+    second.T[iu] = out
+    return e1, second - np.outer(e1, e1)
+
+
+def diagnose(name, samples=20000, full_cov=False):
+    """Per-layer split of the analytic error of a drawn Dense MLP (see the module docstring)."""
+    from autoinit_tf.moments import channel_expectations
+    from autoinit_tf.rules.activation import kinks_of, numpy_function
+
+    build, _ = ZOO[name]
+    keras.utils.set_random_seed(0)
+    model = build()
+    pred = {r.name: r.outputs[0] for r in autoinit_tf.analyze(model, seed=0).rows if r.outputs}
+    autoinit_tf.wrap(model, seed=0)
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if len(dense) != len(model.layers) - 1:
+        raise SystemExit(f"--diagnose needs a plain Dense MLP; {name} is not one.")
+    rng = np.random.default_rng(5)
+    h = rng.standard_normal((samples, int(model.inputs[0].shape[-1])))
+    mu, cov = np.zeros(h.shape[1]), np.eye(h.shape[1])
+    print(f"{name}: {samples} Gaussian inputs through the drawn weights (seed 0)")
+    head = f"{'layer':>5} {'lin':>8} {'act':>8} {'kurt':>6} {'skew':>6} {'eff.rank':>8} {'analytic':>9}"
+    print(head + (f" {'full-cov':>9}" if full_cov else ""))
+    errs, full_errs, act_sum, lin_sum, last_hidden = [], [], 0.0, 0.0, 0.0
+    inputs, layers, trues = [], [], []
+    for k, layer in enumerate(dense):
+        w = np.asarray(keras.ops.convert_to_numpy(layer.kernel), dtype=np.float64)
+        b = np.zeros(w.shape[1]) if layer.bias is None else np.asarray(
+            keras.ops.convert_to_numpy(layer.bias), dtype=np.float64)
+        fn = numpy_function(layer.activation)
+        ev = np.linalg.eigvalsh(np.cov(h.T))
+        rank = float(ev.sum() ** 2 / np.sum(ev**2))
+        hm, hv = h.mean(axis=0), h.var(axis=0)
+        z = h @ w + b
+        zm, zv = z.mean(axis=0), z.var(axis=0)
+        lin = math.log(_pooled(zm, hv @ (w * w)) / _pooled(zm, zv))
+        y = fn(z)
+        true = _pooled(y.mean(axis=0), y.var(axis=0))
+        e1, e2 = channel_expectations(fn, zm, zv, kinks_of(layer.activation))
+        act = math.log(_pooled(e1, e2 - e1 * e1) / true)
+        zc = (z - zm) / np.sqrt(zv)
+        kurt = float(np.median(np.mean(zc**4, axis=0)) - 3.0)
+        skew = float(np.median(np.mean(zc**3, axis=0)))
+        analytic = math.log(pred[layer.name].var / true)
+        errs.append(abs(analytic))
+        if k < len(dense) - 1:  # hidden layers
+            lin_sum += lin
+            act_sum += act
+            last_hidden = analytic
+        line = f"{k:>5} {lin:>+8.4f} {act:>+8.4f} {kurt:>+6.2f} {skew:>+6.2f} {rank:>8.1f} {analytic:>+9.4f}"
+        if full_cov:
+            mz, sz = mu @ w + b, w.T @ cov @ w
+            if activation_name(layer.activation) == "linear":
+                mu, cov = mz, sz
+            else:
+                mu, cov = _gaussian_full_cov(fn, mz, sz)
+            fe = math.log(_pooled(mu, np.diag(cov)) / true)
+            full_errs.append(abs(fe))
+            line += f" {fe:>+9.4f}"
+        print(line, flush=True)
+        inputs.append((hm, hv))
+        layers.append((w, b, fn, kinks_of(layer.activation)))
+        trues.append(true)
+        h = y
+    print(f"hidden layers: sum of one-step errors lin {lin_sum:+.3f}, act {act_sum:+.3f}; accumulated analytic "
+          f"error at the last one {last_hidden:+.3f}")
+    print(f"analytic |log(pred/true)| median {np.median(errs):.3f} max {np.max(errs):.3f}")
+    last = len(dense) - 2
+    for start in range(0, last + 1, 5):  # the per-channel pass restarted from the true moments at `start`
+        m, v = inputs[start]
+        for w, b, fn, kinks in layers[start : last + 1]:
+            m, v = m @ w + b, v @ (w * w)
+            e1, e2 = channel_expectations(fn, m, v, kinks)
+            m, v = e1, e2 - e1 * e1
+        print(f"per-channel pass restarted from the true moments at layer {start:>2}: log(pred/true) at layer "
+              f"{last} {math.log(_pooled(m, v) / trues[last]):+.3f}")
+    if full_cov:
+        print(f"full-covariance Gaussian closure |log(pred/true)| median {np.median(full_errs):.3f} "
+              f"max {np.max(full_errs):.3f}")
+
+
+def activation_name(fn):
+    from autoinit_tf.rules.activation import activation_name as name
+
+    return name(fn)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--diagnose", metavar="NAME", help="per-layer error split of a Dense MLP of the zoo")
+    ap.add_argument("--full-cov", action="store_true", help="with --diagnose: full-covariance Gaussian closure")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.diagnose:
+        diagnose(args.diagnose, full_cov=args.full_cov)
+        return
     names = args.only or list(ZOO)
     print(f"keras {keras.__version__} backend {keras.backend.backend()}  autoinit-tf {autoinit_tf.__version__}")
     head = (f"{'model':<20} {'default med/max':>16} {'analytic med/max':>17} {'calib med/max':>14} "
