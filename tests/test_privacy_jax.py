@@ -113,6 +113,9 @@ SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(a - b, g * 5 / 8, rtol=1e-3, atol=1e-6)
     st = privacy.statement(m)
     assert st.steps == 1 and st.poisson_steps == 1, st
+    assert not any("rate other" in c for c in st.caveats), st.caveats
+    m.train_on_batch(X[:8], Y[:8], sample_weight={"dp_poisson_mask": mask, "dp_sampling_rate": np.float64(0.5)})
+    assert any(c.startswith("1 Poisson batches were sampled at a rate other") for c in privacy.statement(m).caveats)
     print("padding OK")
 
     # 6. noise: no real rows, so the update is -noise / B with std sigma * C / B; fresh each step

@@ -152,6 +152,16 @@ def test_plain_batches_statement_has_caveat_and_training_learns():
     assert "Caveat" in str(st)
 
 
+def test_poisson_rate_other_than_configured_gets_a_caveat():
+    model = _compile(_private(_cnn(), noise_multiplier=0.5))  # configured q = 20 / 200
+    model.fit(privacy.poisson_batches(X, Y, batch_size=20, seed=0, steps_per_epoch=2), epochs=1, verbose=0)
+    assert privacy.statement(model).caveats[0].startswith("Training losses")  # same rate: no caveat
+    model.fit(privacy.poisson_batches(X, Y, batch_size=40, seed=0, steps_per_epoch=3), epochs=1, verbose=0)
+    st = privacy.statement(model)
+    assert st.steps == st.poisson_steps == 5
+    assert any(c.startswith("3 Poisson batches were sampled at a rate other") for c in st.caveats), st.caveats
+
+
 def test_budget_stop():
     model = _compile(_private(_cnn(), noise_multiplier=0.6, accountant="rdp"))
     budget = privacy.compute_epsilon(0.1, 0.6, 35, 1e-5, "rdp")  # 3.5 epochs of 10 steps

@@ -145,7 +145,7 @@ class JaxPrivacyState(PrivacyState):
         super().__init__(config, engine, seed)
         self._steps = 0
         self._poisson_steps = 0
-        self._observed_rate = -1.0
+        self._rate_mismatches = 0
         self._ema_update = None
         if config.ema_momentum is not None:
             self.ema = [
@@ -163,8 +163,8 @@ class JaxPrivacyState(PrivacyState):
         return self._poisson_steps
 
     @property
-    def observed_rate_value(self) -> float:
-        return self._observed_rate
+    def rate_mismatch_steps(self) -> int:
+        return self._rate_mismatches
 
     def record_step(self, data, trainable_values):
         """Count one executed step of ``data``; update the EMA from the new trainable values."""
@@ -172,8 +172,8 @@ class JaxPrivacyState(PrivacyState):
         _, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(sample_weight, dict) and MASK_KEY in sample_weight:
             self._poisson_steps += 1
-            if RATE_KEY in sample_weight:
-                self._observed_rate = float(np.asarray(sample_weight[RATE_KEY]))
+            if RATE_KEY in sample_weight and self.rate_differs(np.asarray(sample_weight[RATE_KEY])):
+                self._rate_mismatches += 1
         if self.ema is not None:
             import jax
             import jax.numpy as jnp

@@ -160,9 +160,14 @@ class PrivacyState:
         raise NotImplementedError
 
     @property
-    def observed_rate_value(self) -> float:
-        """Sampling rate carried by the last Poisson batch (-1 before any)."""
+    def rate_mismatch_steps(self) -> int:
+        """Poisson steps whose batch carried a sampling rate other than the configured one."""
         raise NotImplementedError
+
+    def rate_differs(self, rate) -> bool:
+        # relative 1e-6: the rate may arrive as float32 (JAX without x64)
+        q = self.config.sampling_rate
+        return abs(float(rate) - q) > 1e-6 * q
 
 
 def get_state(model) -> PrivacyState:

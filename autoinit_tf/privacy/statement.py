@@ -68,10 +68,10 @@ def statement(model, delta: float | None = None, accountant: str | None = None) 
     else:
         sampling = f"mixed: {poisson} Poisson steps, {steps - poisson} plain-batch steps (epsilon assumes Poisson sampling)"
         caveats.append(POISSON_CAVEAT)
-    observed = state.observed_rate_value
-    if poisson and abs(observed - cfg.sampling_rate) > 1e-9 * max(1.0, cfg.sampling_rate):
+    mismatched = state.rate_mismatch_steps
+    if poisson and mismatched:
         caveats.append(
-            f"The Poisson batches were sampled at rate {observed:.6g} but make_private was configured for "
+            f"{mismatched} Poisson batches were sampled at a rate other than the configured "
             f"{cfg.sampling_rate:.6g}; the figure uses the configured rate and the noise was scaled for the "
             "configured batch size. Use the same batch_size and data set in both."
         )
