@@ -370,16 +370,28 @@ def wrap(
     engine = _run(model, **_pass_options(locals()))
     engine.apply()
     report = SignalReport(model.name, engine.rows, assigned=sorted(engine.pending))
+    n_assigned = len(engine.pending)
     if calibrate is not None:
         from autoinit_tf.measure import calibrate as _calibrate
 
         # With data=..., the probe takes the data's moments.
         resolved = input_moments if data is None else [(m.mean, m.var) for m in engine.input_moments]
-        report = _calibrate(model, calibrate, report=report, input_moments=resolved, seed=seed,
-                            signal_variance=signal_variance)
+        options = dict(input_moments=resolved, seed=seed, signal_variance=signal_variance)
+        # Free the analytic pass before the calibration replay: its drawn arrays (now in the variables)
+        # and, unless the report is returned, its per-node moments (only the weighted rows' names are
+        # needed).
+        del engine
+        if return_report:
+            report = _calibrate(model, calibrate, report=report, **options)
+        else:
+            from autoinit_tf.measure import _calibration_replay
+
+            only = {r.name for r in report.rows if r.weighted}
+            report = None
+            _calibration_replay(model, calibrate, only=only, record=False, **options)
     logger.info(
         "autoinit: %d weight tensors re-initialized in '%s' (%.2fs).",
-        len(engine.pending),
+        n_assigned,
         model.name,
         time.perf_counter() - t0,
     )

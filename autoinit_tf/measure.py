@@ -9,7 +9,9 @@ computes with the values it is handed and returns its would-be state updates, wh
 * `measure(model, x)` -> `SignalReport` whose rows hold the *measured* moments of every node's
   outputs, plus the Signal Propagation Plot quantities (Brock et al. 2021) per output: the average
   squared channel mean and the average channel variance (channels = last axis), and, for layers with
-  a fused activation (``Dense(..., activation="relu")``), the pre-activation moments.
+  a fused activation (``Dense(..., activation="relu")``), the pre-activation moments; for recurrent
+  layers (SimpleRNN/LSTM/GRU, Bidirectional) the moments of the input contribution x W of every step
+  to the gate pre-activations (all gates side by side), the quantity AutoInit's recurrent rule sets.
 * `compare(model, x)` -> the analytic report (`analyze`) with the measured moments beside the
   predicted ones (`SignalReport.with_measurement`).
 * `calibrate(model, "probe" | data)` (also ``wrap(..., calibrate=...)``): the same replay, but at each
@@ -17,15 +19,25 @@ computes with the values it is handed and returns its would-be state updates, wh
   multiplied by the factor that makes the layer's realized **pre-activation** variance (the output
   before its fused activation; the output itself for layers without one) equal the target exactly on
   the calibration batch (LSUV, Mishkin & Matas 2016; data-free when the batch is a Gaussian probe with
-  the model's input moments). The kernel is assigned in place (``variable.assign``); the scaled output
-  is re-used downstream without a second call, so the pass is linear in the number of layers.
+  the model's input moments). The kernel is assigned in place (``variable.assign`` of value * s, in
+  the variable's dtype); the scaled output is re-used downstream without a second call, so the pass is
+  linear in the number of layers. Recurrent layers are not linear in their kernels, but AutoInit's
+  target for them is: each gate's block of the input kernel is scaled so that the gate's input
+  contribution x W has the target variance (exact, one scale per gate and direction), then the layer
+  runs once.
 
-Statistics are reduced on the backend (float32 for float32 tensors) and only scalars are copied out.
+Statistics are reduced on the backend (float32 for float32 tensors; E[y^2] in batch slices, so no
+full-size temporary) and only scalars are copied out. Memory: the walk drops each value after its last
+consumer; a calibrated layer holds at most its output and the scaled output at once; ``wrap`` without a
+report replays without per-node statistics (`_Replay(record=False)`); on glibc, heap memory freed by
+the replay is handed back to the OS as it goes (`_HeapTrim`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import keras
 import numpy as np
@@ -78,6 +90,11 @@ CALIBRATION_KERNELS: dict = {
 }
 
 
+# Classes whose output is exactly (weighted part) + (bias broadcast over the batch), so the bias term can
+# be computed on one example (exact types only: a subclass may change `call`).
+_BIAS_SPLIT = frozenset(CALIBRATION_KERNELS) - {keras.layers.Embedding}
+
+
 def calibration_kernel(op):
     """``(kernel, bias)`` that calibration scales for `op`, or None when `op` is not calibratable."""
     for cls in type(op).__mro__:
@@ -88,6 +105,46 @@ def calibration_kernel(op):
                 return None
             return (kernel, bias) if kernel is not None else None
     return None
+
+
+def _rnn_cell(layer):
+    """The cell of a SimpleRNN/LSTM/GRU-like layer with a 2-D input kernel of ``gates * units`` columns."""
+    if not isinstance(layer, keras.layers.RNN):
+        return None
+    cell = getattr(layer, "cell", None)
+    kernel = getattr(cell, "kernel", None)
+    units = getattr(cell, "units", None)
+    if kernel is None or not isinstance(units, int) or units <= 0 or len(kernel.shape) != 2:
+        return None
+    return cell if int(kernel.shape[-1]) % units == 0 else None
+
+
+def _recurrent_cells(op):
+    """The cells whose input kernels calibration scales (both directions of a Bidirectional), or None."""
+    if isinstance(op, keras.layers.Bidirectional):
+        cells = [_rnn_cell(op.forward_layer), _rnn_cell(op.backward_layer)]
+        return cells if all(c is not None for c in cells) else None
+    cell = _rnn_cell(op)
+    return None if cell is None else [cell]
+
+
+def _sequence_input(args, kwargs):
+    """The (batch, steps, features) input of a recurrent layer call, or None."""
+    x = args[0] if args else kwargs.get("sequences", kwargs.get("inputs"))
+    if isinstance(x, (list, tuple)) and x:
+        x = x[0]
+    if x is None or not hasattr(x, "shape") or len(x.shape) != 3:
+        return None
+    return x
+
+
+def _gate_inputs(x, cells):
+    """The input contribution x W of every step to the gate pre-activations: (examples * steps, columns),
+    the columns of all `cells` side by side."""
+    x = _as_float(x)
+    x = ops.reshape(x, (-1, int(x.shape[-1])))
+    parts = [ops.matmul(x, ops.cast(cell.kernel.value, x.dtype)) for cell in cells]
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 
 # -- calling one node without side effects ----------------------------------------------------------
@@ -178,11 +235,16 @@ def _as_float(y):
 _NUMPY_MAX = 1 << 20  # tensors up to this many elements are reduced in numpy (fewer eager dispatches)
 
 
-def _small(y):
+# _var_cov (calibration) copies to the host only below this size: above it the backend's reductions need
+# no float64 host copies of whole activations.
+_HOST_MAX = 1 << 16
+
+
+def _small(y, limit=_NUMPY_MAX):
     n = 1
     for d in y.shape:
         n *= int(d)
-    return n <= _NUMPY_MAX
+    return n <= limit
 
 
 def _np(y):
@@ -208,17 +270,29 @@ def _stats(y) -> _Stats:
         mean, within, between, msq = float(cm.mean()), float(cv.mean()), float(cm.var()), float(np.mean(cm * cm))
     else:
         y = _as_float(y)
-        if rank == 1:
-            cm = ops.mean(y, keepdims=True)
-            cv = ops.var(y, keepdims=True)
-        else:
-            axes = tuple(range(rank - 1))
-            cm = ops.mean(y, axis=axes)
-            cv = ops.var(y, axis=axes)
-        vec = ops.stack([ops.mean(cm), ops.mean(cv), ops.var(cm), ops.mean(ops.square(cm))])
-        mean, within, between, msq = (float(v) for v in np.asarray(ops.convert_to_numpy(vec), dtype=np.float64))
+        cm = ops.mean(y, axis=tuple(range(rank - 1))) if rank > 1 else ops.mean(y, keepdims=True)
+        cm = np.asarray(ops.convert_to_numpy(cm), dtype=np.float64)
+        mean, between, msq = float(cm.mean()), float(cm.var()), float(np.mean(cm * cm))
+        # Mean within-channel variance = E[y^2] - mean of squared channel means (no full-size temporary).
+        within = max(_mean_square(y) - msq, 0.0)
     # Equal counts per channel: total variance = mean within-channel variance + variance of means.
     return _Stats(_moments(mean, within + between), msq, within)
+
+
+def _mean_square(y) -> float:
+    """E[y^2] over all elements, in slices along the batch axis of at most ~2**20 elements, so the only
+    temporary is one slice's square (first-axis slices share the tensor's buffer)."""
+    n = int(y.shape[0]) if len(y.shape) else 1
+    size = 1
+    for d in y.shape:
+        size *= int(d)
+    if size == 0:
+        return float("nan")
+    step = max(1, _NUMPY_MAX // max(size // max(n, 1), 1))
+    if len(y.shape) == 0 or step >= n:
+        return float(ops.convert_to_numpy(ops.mean(ops.square(y))))
+    parts = [ops.sum(ops.square(y[i:i + step])) for i in range(0, n, step)]
+    return float(np.sum(np.asarray(ops.convert_to_numpy(ops.stack(parts)), dtype=np.float64))) / size
 
 
 def _moments(mean, var):
@@ -230,22 +304,45 @@ def _moments(mean, var):
 
 
 def _var_cov(u, c=None):
-    """Var(u), and when `c` is given Cov(u, c) and Var(c)."""
+    """Var(u), and when `c` is given Cov(u, c) and Var(c), over all elements.
+
+    `c` has the batch size of `u` or 1 (a term that is the same for every example, broadcast over the
+    batch: then Cov(u, c) = mean over positions of mean_batch(u) * (c - mean(c))).
+    """
     u = ops.convert_to_tensor(u)
-    if _small(u):
-        a = _np(u).astype(np.float64).reshape(-1)
+    if c is not None:
+        c = ops.convert_to_tensor(c)
+    shared = c is not None and len(u.shape) > 0 and int(c.shape[0]) == 1 and int(u.shape[0]) != 1
+    if _small(u, _HOST_MAX):
+        a = _np(u).astype(np.float64)
+        vu = float(a.var())
         if c is None:
-            return float(a.var()), 0.0, 0.0
-        b = _np(c).astype(np.float64).reshape(-1)
-        return float(a.var()), float(np.mean((a - a.mean()) * (b - b.mean()))), float(b.var())
+            return vu, 0.0, 0.0
+        b = _np(c).astype(np.float64)
+        b = b - b.mean()
+        cov = float(np.mean(a.mean(axis=0) * b[0])) if shared else float(np.mean(a * b))
+        return vu, cov, float(np.mean(b * b))
     u = _as_float(u)
+    mu = float(ops.convert_to_numpy(ops.mean(u)))
+    vu = max(_mean_square(u) - mu * mu, 0.0)  # no full-size temporary (ops.var makes three)
     if c is None:
-        return float(ops.convert_to_numpy(ops.var(u))), 0.0, 0.0
+        return vu, 0.0, 0.0
     c = _as_float(c)
-    mu, mc = ops.mean(u), ops.mean(c)
-    vec = ops.stack([ops.var(u), ops.mean(u * c) - mu * mc, ops.var(c)])
-    vu, cov, vc = (float(v) for v in np.asarray(ops.convert_to_numpy(vec), dtype=np.float64))
+    c = c - ops.mean(c)
+    cov = ops.mean(ops.mean(u, axis=0) * c[0]) if shared else ops.mean(u * c)
+    vec = ops.stack([cov, ops.mean(ops.square(c))])
+    cov, vc = (float(v) for v in np.asarray(ops.convert_to_numpy(vec), dtype=np.float64))
     return vu, cov, vc
+
+
+def _first_example(args, kwargs):
+    """`(args, kwargs)` with every batched tensor cut to its first example."""
+    def cut(t):
+        if t is not None and hasattr(t, "shape") and hasattr(t, "dtype") and len(t.shape) > 0:
+            return t[:1]
+        return t
+
+    return tree.map_structure(cut, (args, kwargs))
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -317,26 +414,92 @@ def _auto_batch(fn, lo=8, hi=1024, elements=1 << 17):
     return int(np.clip(elements // max(feats), lo, hi))
 
 
+# -- returning freed memory to the OS during a replay ------------------------------------------------
+
+
+def _find_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class _HeapTrim:
+    """Hand memory freed by the replay back to the OS when the resident size grew by `step` bytes.
+
+    The replay allocates and frees activations of tens of MB (ResNet50 at batch 8: 25.7 MB each). glibc
+    serves them from its heap once its adaptive mmap threshold has risen, and the heap fragments: the
+    resident size ends up far above the live set (ResNet50 probe calibration: about 2x). `malloc_trim`
+    returns the free pages; it changes no value, only the process's resident size. Called between nodes,
+    only after the resident size grew by `step` since the last call (a handful of calls per replay).
+    A no-op off glibc/Linux.
+    """
+
+    _trim = None
+    _looked = False
+
+    def __init__(self, step=32 << 20):
+        cls = type(self)
+        if not cls._looked:
+            cls._trim, cls._looked = _find_malloc_trim(), True
+        self.step = step
+        self.mark = self._rss() if cls._trim is not None else None
+
+    @staticmethod
+    def _rss():
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __call__(self):
+        if self.mark is None:
+            return
+        now = self._rss()
+        if now is None:
+            self.mark = None
+        elif now > self.mark + self.step:
+            type(self)._trim(0)
+            self.mark = self._rss() or now
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 # -- the replay --------------------------------------------------------------------------------------
 
 
 class _Replay:
-    """One walk over the graph with real tensors; optionally calibrates weighted layers."""
+    """One walk over the graph with real tensors; optionally calibrates weighted layers.
 
-    def __init__(self, fn, *, training, calibrate=False, targets=None, signal_variance=1.0, only=None):
+    ``record=False`` (calibration whose report nobody reads) skips the statistics and rows of the nodes
+    that are not calibrated: less time and no full-size temporaries for them.
+    """
+
+    def __init__(self, fn, *, training, calibrate=False, targets=None, signal_variance=1.0, only=None,
+                 record=True):
         self.fn = fn
         self.training = training
         self.calibrate = calibrate
         self.targets = targets or {}
         self.signal_variance = float(signal_variance)
         self.only = only  # names of rows to calibrate (None: every calibratable layer)
+        self.record = record
         self.counts = graph.count_calls(fn)
         self.call_index = {}
         self.stats = {}  # id(KerasTensor) -> _Stats (symbolic ids are stable; values are freed by the walk)
         self.rows = []
-        self.factors = {}  # row name -> scale factor applied
+        self.trim = _HeapTrim()
+        self.factors = {}  # row name -> scale factor applied (a tuple per gate for recurrent layers)
         self.calibrated_ops = set()
-        self.pending = []  # (variable, new value)
 
     def stats_of(self, v, kt=None, produced=False):
         """Statistics of value `v` of symbolic tensor `kt`.
@@ -354,11 +517,13 @@ class _Replay:
         return s
 
     def run(self, inputs):
-        for kt, v in zip(self.fn.inputs, tree.flatten(inputs)):
-            self.stats_of(v, kt, produced=True)
+        if self.record:
+            for kt, v in zip(self.fn.inputs, tree.flatten(inputs)):
+                self.stats_of(v, kt, produced=True)
         return graph.walk(self.fn, inputs, self.visit)
 
     def visit(self, node, args, kwargs, path):
+        self.trim()
         op = node.operation
         key = id(op)
         k = self.call_index.get(key, 0)
@@ -366,22 +531,39 @@ class _Replay:
         name = "/".join(path + (op.name,))
         if self.counts.get(key, 1) > 1:
             name += f"#{k}"
-        sym = tree.flatten((node.arguments.args, node.arguments.kwargs))
-        filled = tree.flatten((args, kwargs))
-        in_stats = [self.stats_of(v, kt).moments for kt, v in zip(sym, filled) if isinstance(kt, keras.KerasTensor)]
+        record = self.record
+        in_stats = []
+        if record:
+            sym = tree.flatten((node.arguments.args, node.arguments.kwargs))
+            filled = tree.flatten((args, kwargs))
+            in_stats = [self.stats_of(v, kt).moments for kt, v in zip(sym, filled)
+                        if isinstance(kt, keras.KerasTensor)]
+        layer = isinstance(op, keras.layers.Layer)
         act = _fused_activation(op)
-        kern = calibration_kernel(op) if isinstance(op, keras.layers.Layer) else None
+        kern = calibration_kernel(op) if layer else None
+        cells = _recurrent_cells(op) if layer and kern is None else None
         notes = []
         pre_stats = None
-        if self.calibrate and kern is not None and self._wants(op, name):
-            outs, pre_stats, note = self._calibrated_call(op, name, args, kwargs, kern, act)
+        if self.calibrate and (kern is not None or cells is not None) and self._wants(op, name):
+            if kern is not None:
+                outs, pre_stats, note = self._calibrated_call(op, name, args, kwargs, kern, act)
+            else:
+                outs, pre_stats, note = self._calibrated_recurrent(op, name, args, kwargs, cells)
             notes.append(note)
         else:
             with _NoActivation(op, act is not None):
                 outs = _call(op, args, kwargs, self.training)
             if act is not None:
-                pre_stats = _stats(outs)
+                pre_stats = _stats(outs) if record else None
                 outs = act(outs)
+            elif cells is not None and record:
+                x = _sequence_input(args, kwargs)
+                pre_stats = None if x is None else _stats(_gate_inputs(x, cells))
+        if not record:
+            if notes:
+                self.rows.append(NodeRow(name=name, type=type(op).__name__, inputs=[], outputs=[],
+                                         rule="measured", notes=notes, weighted=True))
+            return outs
         flat = tree.flatten(outs)
         out_kts = node.outputs if len(node.outputs) == len(flat) else [None] * len(flat)
         out_stats = [self.stats_of(v, kt, produced=True) for v, kt in zip(flat, out_kts)]
@@ -393,7 +575,7 @@ class _Replay:
                 outputs=[s.moments for s in out_stats],
                 rule="measured",
                 notes=notes,
-                weighted=kern is not None,
+                weighted=kern is not None or cells is not None,
                 channel=[s.channel() for s in out_stats],
                 preactivation=None if pre_stats is None else pre_stats.moments,
             )
@@ -407,37 +589,95 @@ class _Replay:
             return False
         return self.only is None or name in self.only
 
+    def _calibrated_recurrent(self, op, name, args, kwargs, cells):
+        """Scale each gate's block of the input kernel so its input contribution x W hits the target.
+
+        AutoInit's recurrent rule targets the input contribution x W to each gate's pre-activation (the
+        recurrent blocks are orthogonal and keep their scale). x W is linear in the kernel, so one scale per
+        gate (and direction) computed on the layer's own input makes it exact on this batch; the layer is
+        then run once with the new kernels.
+        """
+        target = float(self.targets.get(name, self.signal_variance))
+        self.calibrated_ops.add(id(op))
+        x = _sequence_input(args, kwargs)
+        factors, problems = [], []
+        if x is not None:
+            for cell in cells:
+                units = int(cell.units)
+                z = _gate_inputs(x, [cell])
+                gates = int(z.shape[-1]) // units
+                var = np.asarray(ops.convert_to_numpy(ops.var(ops.reshape(z, (-1, gates, units)), axis=(0, 2))),
+                                 dtype=np.float64)
+                del z
+                if not np.all(np.isfinite(var) & (var > 0)):
+                    problems.append(f"zero or non-finite gate input variance {var.tolist()}")
+                    continue
+                s = np.sqrt(target / var)
+                kernel = cell.kernel
+                cols = ops.convert_to_tensor(np.repeat(s, units).astype(_np_dtype(kernel)))
+                kernel.assign(ops.multiply(kernel.value, ops.cast(cols, kernel.dtype)))
+                factors.extend(float(v) for v in s)
+        else:
+            problems.append("no sequence input found")
+        outs = _call(op, args, kwargs, self.training)
+        pre_stats = _stats(_gate_inputs(x, cells)) if (self.record and x is not None) else None
+        if factors:
+            self.factors[name] = tuple(factors)
+            note = ("calibrated: input kernel x(" + ", ".join(f"{v:.4g}" for v in factors)
+                    + f") per gate (gate input variance -> {target:.4g})")
+            if problems:
+                note += f" [{'; '.join(problems)}]"
+        else:
+            note = f"not calibrated ({'; '.join(problems)})"
+        return outs, pre_stats, note
+
     def _calibrated_call(self, op, name, args, kwargs, kern, act):
         kernel, bias = kern
         target = float(self.targets.get(name, self.signal_variance))
-        k_val = kernel.value
         has_bias = bias is not None and bool(np.any(ops.convert_to_numpy(bias.value) != 0))
+        c = None
         with _NoActivation(op, act is not None):
-            full = _call(op, args, kwargs, self.training)
-            if has_bias:
-                const = _call(op, args, kwargs, self.training, {id(kernel): ops.zeros_like(k_val)})
+            if has_bias and type(op) in _BIAS_SPLIT:
+                # Known layers: output = (weighted part u, linear in the kernel) + bias broadcast. Run once
+                # with a zero bias (u) and once on the first example with a zero kernel (the bias term c,
+                # the same for every example), so no full-size copy of the constant part is made.
+                full = _call(op, args, kwargs, self.training, {id(bias): ops.zeros_like(bias.value)})
+                first_args, first_kwargs = _first_example(args, kwargs)
+                c = tree.flatten(_call(op, first_args, first_kwargs, self.training,
+                                       {id(kernel): ops.zeros_like(kernel.value)}))[0]
+            else:
+                full = _call(op, args, kwargs, self.training)
+                if has_bias:
+                    # A registered custom layer: its constant part may depend on the input, so split
+                    # y = u + c with a second full call at zero kernel.
+                    c = tree.flatten(_call(op, args, kwargs, self.training,
+                                           {id(kernel): ops.zeros_like(kernel.value)}))[0]
         flat = tree.flatten(full)
-        y = flat[0]
-        c = tree.flatten(const)[0] if has_bias else None
-        u = y - c if has_bias else y
+        struct = full if len(flat) > 1 else None
+        u, rest = flat[0], flat[1:]
+        del full, flat
+        if c is not None and type(op) not in _BIAS_SPLIT:
+            u = u - c
         vu, cov, vc = _var_cov(u, c)
         s, how = _solve_scale(vu, cov, vc, target)
         self.calibrated_ops.add(id(op))
         if s is None:
             note = f"not calibrated ({how})"
-            pre = y
+            pre = u if c is None else u + c
         else:
-            new_k = ops.convert_to_numpy(k_val).astype(np.float64) * s
-            kernel.assign(new_k.astype(_np_dtype(kernel)))
-            pre = u * s + c if has_bias else y * s
+            # Rescale in place, in the variable's dtype (no float64 or host copy of the weights).
+            kernel.assign(ops.multiply(kernel.value, ops.cast(s, kernel.dtype)))
+            u = u * s  # the unscaled output is freed here, before the bias is added
+            pre = u if c is None else u + c
             self.factors[name] = s
             note = f"calibrated: kernel x{s:.4g} (pre-activation var {vu + 2 * cov + vc:.4g} -> {target:.4g})"
             if how:
                 note += f" [{how}]"
-        pre_stats = _stats(pre) if act is not None else None
+        del u, c
+        pre_stats = _stats(pre) if (act is not None and self.record) else None
         out0 = act(pre) if act is not None else pre
-        flat = [out0] + list(flat[1:])
-        outs = tree.pack_sequence_as(full, flat) if len(flat) > 1 else out0
+        del pre
+        outs = tree.pack_sequence_as(struct, [out0] + rest) if struct is not None else out0
         return outs, pre_stats, note
 
 
@@ -518,10 +758,11 @@ def compare(model, x=None, *, training=True, batch_size=256, probe_seed=None, in
 
 
 def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
-              training=True, batch_size=None, targets=None) -> SignalReport:
+              training=True, batch_size=None, targets=None, only=None) -> SignalReport:
     """Rescale each weighted layer's kernel so its realized pre-activation variance hits the target.
 
-    One replay in topological order: at each calibratable layer (see `CALIBRATION_KERNELS`) the layer is
+    One replay in topological order: at each calibratable layer (see `CALIBRATION_KERNELS`; recurrent
+    layers: see the module docstring, their factor is a tuple, one per gate and direction) the layer is
     run on the already-calibrated upstream signal, the kernel is multiplied by ``s`` so that the
     variance of the layer's output *before its fused activation* equals the target exactly on this
     batch (with a nonzero bias, ``s`` solves ``Var(s*Wx + b) = target``), the kernel is assigned in place
@@ -541,20 +782,17 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
         batch_size: the probe's batch size (None: about 2**17 input elements, between 8 and 1024) or
             the number of examples of `data` used.
         targets: optional ``{row name: target variance}`` overriding `signal_variance` per layer.
+        only: optional set of row names to calibrate (default: the weighted rows of `report`, or every
+            calibratable layer when there is no report).
 
     Returns:
         The report (the given one, updated in place, or a new measured one).
     """
-    fn = graph.as_functional(model)
-    if batch_size is None:
-        batch_size = _auto_batch(fn) if (data is None or isinstance(data, str)) else None
-    inputs, source = _inputs(fn, data, batch_size, seed, input_moments)
-    only = None
-    if report is not None:
+    if only is None and report is not None:
         only = {r.name for r in report.rows if r.weighted}
-    replay = _Replay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
-                     only=only)
-    replay.run(inputs)
+    replay, source = _calibration_replay(model, data, only=only, record=True, input_moments=input_moments,
+                                         seed=seed, signal_variance=signal_variance, training=training,
+                                         batch_size=batch_size, targets=targets)
     if report is None:
         out = SignalReport(model.name, replay.rows, assigned=[], source="measured")
         out.calibration = dict(replay.factors)
@@ -572,3 +810,17 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
     report.calibration = dict(replay.factors)
     report.calibrated_on = source
     return report
+
+
+def _calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
+                        training=True, batch_size=None, targets=None):
+    """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
+    without a report). Returns the `_Replay` (its ``factors``) and the source ("probe" or "data")."""
+    fn = graph.as_functional(model)
+    if batch_size is None:
+        batch_size = _auto_batch(fn) if (data is None or isinstance(data, str)) else None
+    inputs, source = _inputs(fn, data, batch_size, seed, input_moments)
+    replay = _Replay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
+                     only=None if only is None else set(only), record=record)
+    replay.run(inputs)
+    return replay, source

@@ -189,6 +189,139 @@ def test_calibrate_on_data_with_nonzero_bias_is_exact():
 
 
 @pytest.mark.core
+def test_calibrate_bias_split_conv_and_attention_is_exact():
+    # Conv2D and MultiHeadAttention with nonzero biases: the bias term is computed on one example.
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 4))
+    h = keras.layers.Conv2D(8, 3, padding="same", bias_initializer=keras.initializers.RandomNormal(stddev=0.5),
+                            activation="relu", name="conv")(inp)
+    h = keras.layers.Reshape((36, 8))(h)
+    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")
+    h = mha(h, h)
+    model = keras.Model(inp, h)
+    mha._output_dense.bias.assign(np.linspace(-0.5, 0.5, 8).astype("float32"))
+    x = (np.random.default_rng(0).standard_normal((32, 6, 6, 4)) * 2.0 + 0.5).astype("float32")
+    rep = calibrate(model, x, signal_variance=1.5)
+    assert set(rep.calibration) == {"conv", "mha"}
+    after = measure(model, x)
+    assert after["conv"].preactivation.var == pytest.approx(1.5, rel=1e-3)
+    assert after["mha"].outputs[0].var == pytest.approx(1.5, rel=1e-3)
+
+
+@pytest.mark.core
+def test_wrap_calibrate_without_report_equals_with_report():
+    # wrap(calibrate=...) without return_report skips the per-node statistics: same weights.
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        return keras.Model(inp, keras.layers.Dense(4, bias_initializer="ones")(h))
+
+    a, b = build(), build()
+    autoinit_tf.wrap(a, seed=0, calibrate="probe")
+    _, rep = autoinit_tf.wrap(b, seed=0, calibrate="probe", return_report=True)
+    assert len(rep.calibration) == 2
+    for va, vb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(va), keras.ops.convert_to_numpy(vb), rtol=1e-6)
+
+
+def _rnn_model(kind):
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inp = keras.Input((12, 8))
+    if kind == "bidirectional":
+        h = L.Bidirectional(L.LSTM(16, return_sequences=True))(inp)
+        h = L.Bidirectional(L.GRU(16))(h)
+    else:
+        cls = {"lstm": L.LSTM, "gru": L.GRU, "simple_rnn": L.SimpleRNN}[kind]
+        h = cls(32, return_sequences=True)(inp)
+        h = cls(32)(h)
+    return keras.Model(inp, L.Dense(10)(h))
+
+
+def _cells(layer):
+    if isinstance(layer, keras.layers.Bidirectional):
+        return [layer.forward_layer.cell, layer.backward_layer.cell]
+    return [layer.cell]
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn", "bidirectional"])
+def test_calibrate_probe_recurrent(kind):
+    # AutoInit's recurrent rule targets the input contribution x W of each gate's pre-activation: after
+    # calibration every gate's x W has the target variance on the probe, and on a fresh probe every
+    # weighted layer (recurrent layers and the head) is within 5%.
+    model = _rnn_model(kind)
+    _, report = autoinit_tf.wrap(model, calibrate="probe", seed=0, return_report=True)
+    weighted = [r for r in report.rows if r.weighted]
+    assert len(weighted) == 3 and set(report.calibration) == {r.name for r in weighted}
+    probe = autoinit_tf.measure(model, batch_size=256, seed=0)  # the calibration probe's distribution
+    for layer in model.layers:
+        if layer.name not in report.calibration or isinstance(layer, keras.layers.Dense):
+            continue
+        assert any(n.startswith("calibrated: input kernel x(") for n in report[layer.name].notes)
+        factors = report.calibration[layer.name]
+        assert len(factors) == sum(c.kernel.shape[-1] // c.units for c in _cells(layer))
+        # measure() reports x W (all gates side by side) as the row's pre-activation: check it by hand.
+        x = keras.ops.convert_to_numpy(_layer_input(model, layer, seed=3))
+        z = np.concatenate([x.reshape(-1, x.shape[-1]) @ keras.ops.convert_to_numpy(c.kernel) for c in _cells(layer)],
+                           axis=1)
+        got = autoinit_tf.measure(model, batch_size=64, seed=3)[layer.name].preactivation
+        assert got.var == pytest.approx(z.astype(np.float64).var(), rel=1e-4)
+        assert probe[layer.name].preactivation.var == pytest.approx(1.0, abs=0.05)
+    fresh = autoinit_tf.measure(model, batch_size=2048, seed=123)
+    ratios = np.array([_realized(fresh, r) for r in weighted])
+    assert np.all(np.abs(ratios - 1.0) <= 0.05), ratios
+
+
+def _layer_input(model, layer, seed):
+    from autoinit_tf.measure import _probe
+
+    (x,) = _probe(graph.as_functional(model), None, 64, seed)  # the probe measure(batch_size=64, seed) uses
+    if layer.input is model.inputs[0]:
+        return x
+    return keras.Model(model.inputs, layer.input)(x)
+
+
+@pytest.mark.core
+def test_calibrate_recurrent_changes_only_the_input_kernels():
+    # Calibration scales each gate's columns of the input kernels (and the Dense kernel); recurrent
+    # kernels, biases, BN moving statistics, RNG state and optimizer slots stay bit-identical.
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inp = keras.Input((10, 6))
+    h = L.LSTM(16, return_sequences=True, name="lstm")(inp)
+    h = L.BatchNormalization(name="bn")(h)
+    h = L.Dropout(0.2, name="drop")(h)
+    h = L.Bidirectional(L.GRU(8), name="bi")(h)
+    model = keras.Model(inp, L.Dense(3, name="head")(h))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.standard_normal((16, 10, 6)).astype("float32"), rng.standard_normal((16, 3)).astype("float32"),
+              epochs=1, verbose=0)
+    before = dict(_snapshot(model))
+    rep = calibrate(model, "probe")
+    assert set(rep.calibration) == {"lstm", "bi", "head"}
+    scaled = {}
+    for name in ("lstm", "bi"):
+        layer = model.get_layer(name)
+        factors = iter(rep.calibration[name])
+        for cell in _cells(layer):
+            gates = cell.kernel.shape[-1] // cell.units
+            scaled[cell.kernel.path] = np.repeat([next(factors) for _ in range(gates)], cell.units)
+    scaled[model.get_layer("head").kernel.path] = rep.calibration["head"]
+    after = dict(_snapshot(model))
+    assert list(before) == list(after)
+    for path, a in before.items():
+        if path in scaled:
+            np.testing.assert_allclose(after[path], a * np.float32(scaled[path]), rtol=1e-6, err_msg=path)
+        else:
+            assert np.array_equal(a, after[path]), path
+
+
+@pytest.mark.core
 def test_calibrate_skips_frozen_and_keeps_report_rows():
     keras.utils.set_random_seed(0)
     inp = keras.Input((8,))
