@@ -76,7 +76,8 @@ class SignalReport:
         source: ``"predicted"`` (the analytic pass; measured values, when present, are in
             ``row.measured``) or ``"measured"`` (a report of `autoinit_tf.measure`: ``row.outputs`` are
             measured).
-        calibration: ``{row name: kernel scale factor}`` applied by calibration (empty if none ran).
+        calibration: ``{row name: kernel scale factor}`` applied by calibration (empty if none ran); for a
+            recurrent layer a tuple of scales, one per gate (and direction) of its input kernel.
     """
 
     def __init__(self, model_name: str, rows: list, assigned: list | None = None, source: str = "predicted"):
