@@ -55,6 +55,16 @@ class DARBatchNormalization(keras.layers.Layer):
         self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros", trainable=False)
         self.moving_variance = self.add_weight(name="moving_variance", shape=(c,), initializer="ones", trainable=False)
 
+    def _scale_shift(self, mean, var, gamma, beta):
+        """(a, c) with gamma (x - mean) / sqrt(var + eps) + beta = x * a + c."""
+        a = ops.rsqrt(var + self.epsilon)
+        if gamma is not None:
+            a = a * gamma
+        c = -mean * a
+        if beta is not None:
+            c = c + beta
+        return a, c
+
     def call(self, inputs, noise_mask=None, training=None):
         if isinstance(inputs, (list, tuple)):
             inputs, noise_mask = inputs
@@ -65,12 +75,7 @@ class DARBatchNormalization(keras.layers.Layer):
         moving_mean = ops.cast(self.moving_mean, "float32")
         moving_var = ops.cast(self.moving_variance, "float32")
         if not training:  # one scale/shift per channel, one pass over x
-            a = ops.rsqrt(moving_var + self.epsilon)
-            if gamma is not None:
-                a = a * gamma
-            c = -moving_mean * a
-            if beta is not None:
-                c = c + beta
+            a, c = self._scale_shift(moving_mean, moving_var, gamma, beta)
             return ops.cast(x * a + c, self.compute_dtype)
         if noise_mask is None:
             m = ops.zeros((ops.shape(x)[0], 1), dtype="float32")
@@ -102,12 +107,7 @@ class DARBatchNormalization(keras.layers.Layer):
         var_n = ops.sum((1.0 - m) * s2, axis=0) / ops.maximum(cnt_n, 1e-12)
         var = m * var_z + (1.0 - m) * var_n
         # Normalization fused into one per-example scale and shift: y = x * a_b + c_b.
-        a = ops.rsqrt(var + self.epsilon)
-        if gamma is not None:
-            a = a * gamma
-        c = -mu * a
-        if beta is not None:
-            c = c + beta
+        a, c = self._scale_shift(mu, var, gamma, beta)
         out = x * ops.reshape(a, bcast) + ops.reshape(c, bcast)
         has = ops.cast(cnt_n > 0, "float32")
         mom = self.momentum
