@@ -207,19 +207,32 @@ def run_variant(variant, batch, steps, warmup):
 
 def speed(args):
     results = {}
-    for variant in args.variants:
-        steps = args.naive_steps if variant.startswith("naive") else args.steps
-        cmd = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch), "--steps", str(steps), "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode != 0 or not lines:
-            sys.stderr.write(out.stderr[-3000:])
-            raise SystemExit(f"variant {variant} failed")
-        results[variant] = json.loads(lines[-1])
-        r = results[variant]
-        print(f"{variant:14s} {r['ms_per_step_median']:9.1f} ms/step (median of {steps}, {r['rows_per_step']} rows)  "
-              f"peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['peak_rss_over_model_mb']:.0f} MB after model build)  "
-              f"load {r['load_avg'][0]:.1f}", flush=True)
+    runs = {v: [] for v in args.variants}
+    for r in range(args.rounds):
+        # Rounds interleave the variants, so a burst of load from other processes on a shared
+        # machine hits every variant alike; each variant's figure is the median over rounds.
+        for variant in args.variants:
+            steps = args.naive_steps if variant.startswith("naive") else args.steps
+            cmd = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch), "--steps", str(steps),
+                   "--warmup", str(args.warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode != 0 or not lines:
+                sys.stderr.write(out.stderr[-3000:])
+                raise SystemExit(f"variant {variant} failed")
+            res = json.loads(lines[-1])
+            runs[variant].append(res)
+            print(f"[round {r + 1}] {variant:14s} {res['ms_per_step_median']:9.1f} ms/step (median of {steps}, "
+                  f"{res['rows_per_step']} rows)  peak RSS {res['peak_rss_mb']:7.0f} MB "
+                  f"(+{res['peak_rss_over_model_mb']:.0f} MB after model build)  load {res['load_avg'][0]:.1f}", flush=True)
+    for variant, rs in runs.items():
+        r = dict(rs[-1])
+        r["ms_per_step_median"] = float(np.median([x["ms_per_step_median"] for x in rs]))
+        r["ms_per_step_rounds"] = [x["ms_per_step_median"] for x in rs]
+        r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
+        results[variant] = r
+        print(f"{variant:14s} {r['ms_per_step_median']:9.1f} ms/step (median over {len(rs)} rounds: "
+              f"{', '.join(f'{t:.0f}' for t in r['ms_per_step_rounds'])})  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
     plain = min(results[v]["ms_per_step_median"] for v in ("plain", "plain_xla") if v in results)
     summary = {}
     if "dp" in results:
@@ -350,6 +363,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--naive-steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="speed: run every variant this many times, interleaved")
     p.add_argument("--utility", action="store_true")
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--epsilon", type=float, default=3.0)
