@@ -1,4 +1,4 @@
-"""``make_private``: install a DP-SGD train step on a Keras model (TensorFlow backend).
+"""``make_private``: install a DP-SGD train step on a Keras model (TensorFlow or JAX backend).
 
 The installed step (Abadi et al. 2016): per-example gradients of the compiled
 loss, each clipped to global L2 norm ``l2_norm_clip`` (all trainable tensors
@@ -8,6 +8,11 @@ together), summed over the real (unmasked) examples, Gaussian noise
 ``model.optimizer``. Weight regularizers (``kernel_regularizer=...``) do not
 look at the data: their gradient is added after the noise, outside clipping,
 at no privacy cost.
+
+This module is backend-neutral (checks, configuration, calibration, the state interface);
+the train steps live in :mod:`autoinit_tf.privacy.tf_step` (TensorFlow, per-example engine
+:mod:`autoinit_tf.privacy.per_example`) and :mod:`autoinit_tf.privacy.jax_step` (JAX,
+``jax.vmap``).
 """
 
 from __future__ import annotations
@@ -229,10 +234,12 @@ def make_private(
         loss_fn: per-batch mean loss ``f(y_true, y_pred)``; default: the compiled loss.
         seed: seed of the noise (default: fresh OS randomness; a fixed seed makes the noise
             predictable, use it only for tests).
-        jit_compile: XLA-compile the per-example gradient computation.
-        per_example_method: ``"direct"`` (default: one batched pass, closed-form per-example
-            gradients for Dense / Conv1D / Conv2D / Embedding, ``tf.vectorized_map`` for other
-            variables) or ``"vectorized_map"`` (every variable through ``tf.vectorized_map``).
+        jit_compile: XLA-compile the per-example gradient computation (TensorFlow,
+            ``"vectorized_map"`` method; on JAX the trainer's own ``jit_compile`` applies).
+        per_example_method: TensorFlow: ``"direct"`` (default: one batched pass, closed-form
+            per-example gradients for Dense / Conv1D / Conv2D / Embedding, ``tf.vectorized_map``
+            for other variables) or ``"vectorized_map"`` (every variable through
+            ``tf.vectorized_map``). JAX always uses ``jax.vmap`` of the one-example gradient.
 
     After ``make_private``, ``compile`` and ``fit`` as usual; feed
     :func:`autoinit_tf.privacy.poisson_batches` for honest accounting.
