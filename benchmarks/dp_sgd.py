@@ -215,7 +215,8 @@ def speed(args):
             steps = args.naive_steps if variant.startswith("naive") else args.steps
             cmd = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch), "--steps", str(steps),
                    "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            env = dict(os.environ, KERAS_BACKEND=args.backend)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if out.returncode != 0 or not lines:
                 sys.stderr.write(out.stderr[-3000:])
@@ -250,7 +251,7 @@ def speed(args):
                     summary[f"speedup_{v}_over_{naive}"] = (
                         results[naive]["ms_per_step_median"] / results[v]["ms_per_step_median"])
     print(json.dumps(summary, indent=1))
-    print(versions())
+    print(versions(), f"(variants ran on the {args.backend} backend)")
     return results, summary
 
 
@@ -262,7 +263,16 @@ def versions():
     from importlib.metadata import version
 
     return (f"python {platform.python_version()}, tensorflow {tf.__version__}, keras {keras.__version__}, "
-            f"dp-accounting {version('dp-accounting')}, {platform.machine()} {os.cpu_count()} cores")
+            f"dp-accounting {version('dp-accounting')}, jax {_jax_version()}, {platform.machine()} {os.cpu_count()} cores")
+
+
+def _jax_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jax")
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def load_fashion_mnist(root="/usr/share/datasets/fashion-mnist"):
@@ -363,6 +373,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--naive-steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"],
+                   help="speed: Keras backend of the variant processes (jax: plain, dp, dp_poisson* only)")
     p.add_argument("--rounds", type=int, default=1, help="speed: run every variant this many times, interleaved")
     p.add_argument("--utility", action="store_true")
     p.add_argument("--epochs", type=int, default=25)
