@@ -17,6 +17,7 @@ the train steps live in :mod:`autoinit_tf.privacy.tf_step` (TensorFlow, per-exam
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -141,7 +142,7 @@ class PrivacyConfig:
         return self.batch_size / self.dataset_size
 
 
-class PrivacyState:
+class PrivacyState(abc.ABC):
     """DP configuration and counters kept next to (not inside) the model's variables.
 
     Backend-neutral interface; the counters live in backend-specific subclasses
@@ -157,17 +158,19 @@ class PrivacyState:
         self.ema = None
 
     @property
+    @abc.abstractmethod
     def steps_taken(self) -> int:
-        raise NotImplementedError
+        """DP steps taken so far (every batch, Poisson or not)."""
 
     @property
+    @abc.abstractmethod
     def poisson_steps_taken(self) -> int:
-        raise NotImplementedError
+        """DP steps taken on Poisson-sampled batches."""
 
     @property
+    @abc.abstractmethod
     def rate_mismatch_steps(self) -> int:
         """Poisson steps whose batch carried a sampling rate other than the configured one."""
-        raise NotImplementedError
 
     def rate_differs(self, rate) -> bool:
         # relative 1e-6: the rate may arrive as float32 (JAX without x64)
