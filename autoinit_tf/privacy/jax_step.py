@@ -185,7 +185,7 @@ class JaxPrivacyState(PrivacyState):
 
                 self._ema_update = jax.jit(update)
             t = float(self._steps)
-            mu = jnp.float32(min(self.config.ema_momentum, (1.0 + t) / (10.0 + t)))
+            mu = jnp.float32(self.ema_decay(t))
             new = self._ema_update([e.value for e in self.ema], list(trainable_values), mu)
             for e, v in zip(self.ema, new):
                 e.assign(v)
@@ -320,8 +320,8 @@ def dp_train_step(self, state, data):
     return logs, (trainable, non_trainable, optimizer_vars, new_metrics)
 
 
-def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None):
-    """Stacked per-example gradients at the model's current weights (JAX backend)."""
+def _engine_and_inputs(model, x, y, loss_fn, microbatch_size):
+    """A one-off engine for ``model`` and its current weights, with ``x``/``y`` as JAX arrays."""
     import jax.numpy as jnp
 
     from autoinit_tf.privacy.model import resolve_loss_fn
@@ -331,6 +331,12 @@ def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None):
     non_trainable = [v.value for v in model.non_trainable_variables]
     x = keras.tree.map_structure(jnp.asarray, x)
     y = keras.tree.map_structure(jnp.asarray, y)
+    return engine, trainable, non_trainable, x, y
+
+
+def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None):
+    """Stacked per-example gradients at the model's current weights (JAX backend)."""
+    engine, trainable, non_trainable, x, y = _engine_and_inputs(model, x, y, loss_fn, microbatch_size)
     grads, _, _, _ = engine.per_example(trainable, non_trainable, x, y)
     return grads
 
@@ -339,13 +345,7 @@ def clipped_sum(model, x, y, l2_norm_clip, mask=None, loss_fn=None, microbatch_s
     """``(sum_i mask_i clip(g_i), per-example norms)`` at the current weights (JAX backend)."""
     import jax.numpy as jnp
 
-    from autoinit_tf.privacy.model import resolve_loss_fn
-
-    engine = JaxPerExampleGradients(model, resolve_loss_fn(model, loss_fn), microbatch_size=microbatch_size)
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    x = keras.tree.map_structure(jnp.asarray, x)
-    y = keras.tree.map_structure(jnp.asarray, y)
+    engine, trainable, non_trainable, x, y = _engine_and_inputs(model, x, y, loss_fn, microbatch_size)
     b = _flatten(x)[0].shape[0]
     maskf = jnp.ones((b,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
     sums, _, _, norms, _ = engine.clipped_sum(trainable, non_trainable, x, y, maskf, float(l2_norm_clip))

@@ -172,6 +172,12 @@ class PrivacyState(abc.ABC):
     def rate_mismatch_steps(self) -> int:
         """Poisson steps whose batch carried a sampling rate other than the configured one."""
 
+    def ema_decay(self, t):
+        """EMA decay after ``t`` steps: ``min(mu, (1 + t) / (10 + t))`` (warm-up; ``t`` float or tensor)."""
+        return keras.ops.minimum(
+            keras.ops.cast(self.config.ema_momentum, "float32"), (1.0 + t) / (10.0 + t)
+        )
+
     def rate_differs(self, rate) -> bool:
         # relative 1e-6: the rate may arrive as float32 (JAX without x64)
         q = self.config.sampling_rate

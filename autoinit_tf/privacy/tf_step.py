@@ -115,7 +115,7 @@ def dp_train_step(self, data):
         state.rate_mismatches.assign_add(tf.cast(off, tf.int64))
     if state.ema is not None:
         t = tf.cast(new_step, tf.float32)
-        mu = tf.minimum(tf.constant(cfg.ema_momentum, tf.float32), (1.0 + t) / (10.0 + t))
+        mu = state.ema_decay(t)
         for e, v in zip(state.ema, variables):
             e.assign(tf.cast(mu, e.dtype) * e + tf.cast(1.0 - mu, e.dtype) * v.value)
 
