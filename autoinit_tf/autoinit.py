@@ -45,8 +45,15 @@ def _load_builtin_rules():
 
 
 class _Engine:
-    def __init__(self, *, signal_variance, distribution, seed, strict, rules, include_frozen, progress=None):
+    def __init__(self, *, signal_variance, distribution, seed, strict, rules, include_frozen, progress=None,
+                 keep_drawn=True):
         self.progress = progress
+        # keep_drawn=False (analyze): a drawn array is dropped once its layer's last call has been
+        # visited, unless another layer of the graph holds the same variable, so analyze's memory does
+        # not grow with the model's weight bytes. wrap keeps every array for its single assignment.
+        self.keep_drawn = keep_drawn
+        self.owners = None  # variable path -> number of graph ops holding it (keep_drawn=False only)
+        self.visit_records = []  # variable paths first recorded during the current visit
         self.done = 0
         self.signal_variance = float(signal_variance)
         self.distribution = distributions.check_distribution(distribution)
@@ -82,11 +89,18 @@ class _Engine:
                 f"Rule for '{op.name}' produced shape {array.shape} for {variable.path} of shape "
                 f"{tuple(variable.shape)}."
             )
+        if variable.path not in self.pending:
+            self.visit_records.append(variable.path)
         self.pending[variable.path] = (variable, array)
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self, fn, input_moments):
         self.counts = graph.count_calls(fn)
+        if not self.keep_drawn:
+            self.owners = {}
+            for op in graph.leaf_ops(fn):
+                for path in {v.path for v in getattr(op, "weights", ())}:
+                    self.owners[path] = self.owners.get(path, 0) + 1
         shared = any(c > 1 for c in self.counts.values())
         self.total = sum(self.counts.values()) * (2 if shared else 1)
         out = self._one_pass(fn, input_moments)
@@ -106,6 +120,7 @@ class _Engine:
 
     def _one_pass(self, fn, input_moments):
         self.call_index = {}
+        self.drawn_by = {}  # id(op) -> variable paths its calls drew so far (keep_drawn=False only)
         self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
         return graph.walk(fn, input_moments, self._visit)
 
@@ -128,7 +143,7 @@ class _Engine:
 
             rule = fallback_rule
             ctx.note("fallback rule used (measured on a probe)")
-        before = set(self.pending)
+        self.visit_records = []
         outs = rule(ctx)
         if isinstance(outs, Moments):
             outs = [outs]
@@ -145,7 +160,15 @@ class _Engine:
         name = "/".join(path + (op.name,))
         if self.counts.get(key, 1) > 1:
             name += f"#{k}"
-        weighted = bool(set(self.pending) - before) or ctx.weight_scale is not None
+        weighted = bool(self.visit_records) or ctx.weight_scale is not None
+        if self.owners is not None:
+            drawn = self.drawn_by.setdefault(key, [])
+            drawn.extend(self.visit_records)
+            if k + 1 == self.counts.get(key, 1):  # the op's last call: nobody reads its arrays again
+                for p in drawn:
+                    if self.owners.get(p, 0) <= 1:
+                        self.pending.pop(p, None)
+                drawn.clear()
         self.rows.append(
             NodeRow(
                 name=name,
@@ -265,7 +288,7 @@ def resolve_input_moments(fn, input_moments=None, data=None):
 
 
 def _run(model, *, input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
-         progress=None):
+         progress=None, keep_drawn=True):
     _load_builtin_rules()
     fn = graph.as_functional(model)
     if not (isinstance(signal_variance, (int, float)) and math.isfinite(signal_variance) and signal_variance > 0):
@@ -281,6 +304,7 @@ def _run(model, *, input_moments, data, signal_variance, distribution, seed, str
         rules=rules,
         include_frozen=include_frozen,
         progress=progress,
+        keep_drawn=keep_drawn,
     )
     engine.input_moments = moments
     engine.run(fn, moments)
@@ -313,7 +337,7 @@ def analyze(
 
     Returns a `SignalReport` (one row per call of each layer or op, in topological order).
     """
-    engine = _run(model, **_pass_options(locals()))
+    engine = _run(model, **_pass_options(locals()), keep_drawn=False)
     return SignalReport(model.name, engine.rows, assigned=[])
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 from keras.src import tree
 
-__all__ = ["as_functional", "is_model", "topo_nodes", "walk", "GraphError"]
+__all__ = ["as_functional", "is_model", "topo_nodes", "walk", "count_calls", "leaf_ops", "GraphError"]
 
 
 class GraphError(TypeError):
@@ -131,3 +131,22 @@ def count_calls(fn, path=(), counts=None):
         else:
             counts[id(op)] = counts.get(id(op), 0) + 1
     return counts
+
+
+def leaf_ops(fn):
+    """Every distinct non-model op reachable in `fn` (nested models included), in walk order."""
+    seen, ops = set(), []
+
+    def visit(g):
+        for node in topo_nodes(g):
+            op = node.operation
+            if node.is_input or op is None:
+                continue
+            if is_model(op):
+                visit(as_functional(op))
+            elif id(op) not in seen:
+                seen.add(id(op))
+                ops.append(op)
+
+    visit(fn)
+    return ops

@@ -1,13 +1,21 @@
 """Wall time and peak memory of `analyze`, `wrap` and `wrap(calibrate="probe")`, side by side.
 
 Models: keras.applications ResNet50 (weights=None, 224x224x3; the calibration probe has batch 8) and
-plain ReLU MLPs of width 256 and depth 10, 100, 1000. Each operation runs `--repeat` times (default 3)
-on a freshly built model (after one warm-up `analyze` of that model, so one-time imports are not
-counted); the time is the best of the repeats (the usual guard against other processes' noise on a
-shared machine); memory is shown for the first call and as the largest over the repeats. Peak memory added = peak resident set size during the
-operation (sampled every 2 ms from /proc) minus the resident size just before it.
+plain ReLU MLPs of width 256 and depth 10, 100, 1000. All models are built first (one warm-up `analyze`
+each, so one-time imports are not counted); then each operation runs `--repeat` times (default 3) on
+every model in turn, so the models are timed side by side (interleaved) under the same machine load.
+The time is the best of the repeats (the usual guard against other processes' noise on a shared
+machine); memory is shown for the first call and as the largest over the repeats. Peak memory added =
+peak resident set size during the operation (sampled every 2 ms from /proc) minus the resident size
+just before it.
 
-    python benchmarks/wrap_speed.py [--depths 10 100 1000] [--no-resnet] [--repeat 3]
+Before every timed call the CPU caches are flushed (a 64 MiB buffer is rewritten, twice the 32 MiB L3 of
+the machine BENCHMARKS.md reports). Without it the depth-100 MLP (25 MB of weights) sits in the L3
+cache from the previous repeat while the depth-1000 one (251 MB) cannot, so the depth ratio measured
+the cache size rather than the algorithm; a real `wrap` call meets a model whose weights were last
+touched when it was built. `--warm` skips the flush.
+
+    python benchmarks/wrap_speed.py [--depths 10 100 1000] [--no-resnet] [--repeat 3] [--warm]
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import autoinit_tf  # noqa: E402
 
@@ -53,6 +62,17 @@ class PeakRSS:
         return False
 
 
+_FLUSH = None
+
+
+def flush_caches():
+    """Evict the CPU caches: rewrite a buffer of twice the 32 MiB L3 cache."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = np.zeros(16 << 20, np.float32)  # 64 MiB
+    np.add(_FLUSH, 1.0, out=_FLUSH)
+
+
 def mlp(depth, width=256):
     inp = keras.Input((width,))
     h = inp
@@ -72,22 +92,34 @@ OPS = {
 }
 
 
-def bench(name, build, repeat=3):
-    model = build()
-    weight_bytes = sum(int(v.numpy().nbytes) if hasattr(v, "numpy") else 0 for v in model.weights)
-    autoinit_tf.analyze(model, seed=0)  # warm-up (imports, quadrature tables)
-    res = {}
+def bench(cases, repeat=3, flush=True):
+    """Time every op on every model, the models interleaved within each repeat.
+
+    Returns {name: (weight_bytes, {op: (best_s, first_added_bytes, max_added_bytes)})}.
+    """
+    models = {}
+    for name, build in cases:
+        model = build()
+        autoinit_tf.analyze(model, seed=0)  # warm-up (imports, quadrature tables)
+        weight_bytes = sum(int(v.numpy().nbytes) if hasattr(v, "numpy") else 0 for v in model.weights)
+        models[name] = (model, weight_bytes)
+    times = {name: {op: [] for op in OPS} for name in models}
+    added = {name: {op: [] for op in OPS} for name in models}
     for op, fn in OPS.items():
-        best, added = float("inf"), []
         for _ in range(repeat):
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                fn(model)
-                dt = time.perf_counter() - t0
-            best = min(best, dt)
-            added.append(mem.added)
-        res[op] = (best, added[0], max(added))
-    return weight_bytes, res
+            for name, (model, _) in models.items():
+                if flush:
+                    flush_caches()
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    fn(model)
+                    dt = time.perf_counter() - t0
+                times[name][op].append(dt)
+                added[name][op].append(mem.added)
+    return {
+        name: (wb, {op: (min(times[name][op]), added[name][op][0], max(added[name][op])) for op in OPS})
+        for name, (_, wb) in models.items()
+    }
 
 
 def main():
@@ -95,25 +127,23 @@ def main():
     ap.add_argument("--depths", nargs="*", type=int, default=[10, 100, 1000])
     ap.add_argument("--no-resnet", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="runs per operation: best time; first and largest memory")
+    ap.add_argument("--warm", action="store_true", help="do not flush the CPU caches before each timed call")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     print(f"keras {keras.__version__} backend {keras.backend.backend()}  autoinit-tf {autoinit_tf.__version__}  "
-          f"cpus {os.cpu_count()}")
+          f"cpus {os.cpu_count()}  caches {'warm' if args.warm else 'flushed before each call'}")
     cases = [] if args.no_resnet else [("resnet50_224", resnet50)]
     cases += [(f"mlp_depth_{d}", lambda d=d: mlp(d)) for d in args.depths]
     head = f"{'model':<15} {'weights MB':>10} " + " ".join(f"{op + ' s':>12} {'+MB 1st/max':>12}" for op in OPS)
     print(head)
     print("-" * len(head))
-    times = {}
-    for name, build in cases:
-        wb, res = bench(name, build, args.repeat)
-        times[name] = res
+    results = bench(cases, args.repeat, flush=not args.warm)
+    for name, (wb, res) in results.items():
         cells = " ".join(f"{res[op][0]:>12.2f} {res[op][1] / 2**20:>6.0f}/{res[op][2] / 2**20:<5.0f}" for op in OPS)
         print(f"{name:<15} {wb / 2**20:>10.1f} {cells}", flush=True)
-        keras.backend.clear_session()
-    if "mlp_depth_100" in times and "mlp_depth_1000" in times:
+    if "mlp_depth_100" in results and "mlp_depth_1000" in results:
         for op in OPS:
-            r = times["mlp_depth_1000"][op][0] / times["mlp_depth_100"][op][0]
+            r = results["mlp_depth_1000"][1][op][0] / results["mlp_depth_100"][1][op][0]
             print(f"depth-1000 / depth-100 time, {op}: {r:.1f}")
 
 

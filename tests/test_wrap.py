@@ -286,3 +286,45 @@ def test_progress_callback_sees_every_node_once():
     assert [c[0] for c in calls] == list(range(1, 7))
     assert {c[1] for c in calls} == {6}
     assert calls[-1][2] == m.layers[-1].name
+
+
+class _TiedTranspose(L.Layer):
+    """y = x @ dense.kernel^T: a layer holding another layer's variable (weight tying)."""
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = dense
+
+    def call(self, x):
+        return keras.ops.matmul(x, keras.ops.transpose(self.dense.kernel))
+
+
+def _rows(rep):
+    return [(r.name, r.weighted, r.weight_scale, [(o.mean, o.var) for o in r.outputs]) for r in rep.rows]
+
+
+def test_analyze_drops_drawn_arrays_after_each_layer_but_predicts_what_wrap_leaves():
+    from autoinit_tf.autoinit import _run
+
+    inner_in = keras.Input((8,))
+    inner = keras.Model(inner_in, L.Dense(8, activation="relu", name="inner_dense")(inner_in), name="block")
+    a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+    shared = L.Dense(6, activation="tanh", name="shared")
+    h = L.Concatenate()([shared(inner(a)), shared(inner(b))])
+    enc = L.Dense(8, name="enc")
+    z = enc(L.Dense(8, name="mix")(h))
+    out = _TiedTranspose(enc, name="tied")(z)  # reads enc's drawn kernel after enc's last call
+    model = keras.Model([a, b], out)
+    options = dict(input_moments=None, data=None, signal_variance=1.0, distribution="truncated_normal", seed=3,
+                   strict=False, rules=None, include_frozen=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackRuleWarning)
+        lean = _run(model, **options, keep_drawn=False)
+        full = _run(model, **options, keep_drawn=True)
+        rep = autoinit_tf.analyze(model, seed=3)
+    # Only the tied kernel (held by two layers) is still held at the end; wrap's engine holds all.
+    assert sorted(lean.pending) == [enc.kernel.path]
+    assert len(full.pending) == 4  # every kernel (biases keep their zeros)
+    assert _rows(lean) == _rows(full) == [
+        (r.name, r.weighted, r.weight_scale, [(o.mean, o.var) for o in r.outputs]) for r in rep.rows
+    ]
