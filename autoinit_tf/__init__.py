@@ -14,6 +14,6 @@ from autoinit_tf.report import NodeRow, SignalReport  # noqa: F401
 from autoinit_tf.rules import RuleContext, UnsupportedLayerError, register_rule, unregister_rule  # noqa: F401
 from autoinit_tf.rules.activation import register_activation_kinks  # noqa: F401
 from autoinit_tf.rewrite import SwapRule, list_recipes, plan_swaps, rewrite  # noqa: F401,E402
-from autoinit_tf.measure import calibrate, compare, measure  # noqa: F401
+from autoinit_tf.measure import CalibrationWarning, calibrate, compare, measure  # noqa: F401
 from autoinit_tf.callbacks import SignalMonitor  # noqa: F401
 from autoinit_tf import layers  # noqa: F401,E402

@@ -35,9 +35,11 @@ the replay is handed back to the OS as it goes (`_HeapTrim`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -48,9 +50,30 @@ from autoinit_tf import graph
 from autoinit_tf.moments import Moments
 from autoinit_tf.report import NodeRow, SignalReport
 
-__all__ = ["measure", "compare", "calibrate", "calibration_kernel", "CALIBRATION_KERNELS"]
+__all__ = ["measure", "compare", "calibrate", "calibration_kernel", "CALIBRATION_KERNELS", "CalibrationWarning",
+           "CALIBRATION_RSE"]
+
+logger = logging.getLogger("autoinit_tf")
 
 _PROBE_SALT = 0x5EED
+
+#: Calibration wants every calibrated variance known to this relative standard error (RSE) or better on
+#: its batch: a fresh batch of the same distribution then lands within +-5% of the target with a margin
+#: of 2.5 standard errors. Worse triggers the automatic probe's growth, or a `CalibrationWarning`.
+CALIBRATION_RSE = 0.02
+
+#: When the automatic probe grows, it grows to reach this RSE (a margin of 3.3 standard errors, the
+#: margin every one of a deep network's layers needs). Only networks worse than `CALIBRATION_RSE` pay for
+#: it: most stay on the default probe.
+_GROWTH_RSE = 0.015
+
+#: An automatically sized probe grows (to reach `CALIBRATION_RSE`) only while its largest activation
+#: holds at most this many elements (64 MiB of float32).
+_GROWTH_ELEMENTS = 1 << 24
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration could not fix a layer's variance to the intended precision on its batch."""
 
 
 # -- which variable calibration scales ------------------------------------------------------------
@@ -303,8 +326,49 @@ def _moments(mean, var):
     return Moments(mean, max(var, 0.0))
 
 
+def _example_moments(u):
+    """Per-example mean and mean square of `u` over all its non-batch axes (float64 numpy vectors),
+    reduced in batch slices of at most ~2**20 elements, so no full-size temporary is made."""
+    n = int(u.shape[0])
+    per = 1
+    for d in u.shape[1:]:
+        per *= int(d)
+    axes = tuple(range(1, len(u.shape)))
+    if not axes or n * per <= _NUMPY_MAX:  # small: one host copy, reduced in numpy (fewer dispatches)
+        a = _np(u).reshape(n, -1)
+        return a.mean(axis=1, dtype=np.float64), np.mean(np.square(a, dtype=np.float64), axis=1)
+    step = max(1, _NUMPY_MAX // max(per, 1))
+    m1, m2 = [], []
+    for i in range(0, n, step):
+        part = u[i:i + step]
+        m1.append(ops.mean(part, axis=axes))
+        m2.append(ops.mean(ops.square(part), axis=axes))
+    both = np.asarray(ops.convert_to_numpy(ops.stack([ops.concatenate(m1), ops.concatenate(m2)])),
+                      dtype=np.float64)
+    return both[0], both[1]
+
+
+def _relative_se(m1, m2):
+    """Relative standard error of the pooled variance estimated from per-example moments.
+
+    The pooled variance is the batch mean of q_e = E_e[(u - mu)^2] (mu the pooled mean), so its relative
+    standard error is std(q) / (mean(q) sqrt(n)). Heavy-tailed signals (a few examples carrying most of
+    the energy) have a large one: their variance is only known to that precision on this batch.
+    """
+    n = m1.size
+    if n < 2:
+        return float("inf")
+    mu = float(m1.mean())
+    q = m2 - 2.0 * mu * m1 + mu * mu
+    mean_q = float(q.mean())
+    if not (math.isfinite(mean_q) and mean_q > 0):
+        return float("inf")
+    return float(q.std(ddof=1)) / (mean_q * math.sqrt(n))
+
+
 def _var_cov(u, c=None):
-    """Var(u), and when `c` is given Cov(u, c) and Var(c), over all elements.
+    """Var(u), the relative standard error of that estimate (`_relative_se`), and when `c` is given
+    Cov(u, c) and Var(c), over all elements: ``(var_u, rse_u, cov, var_c)``.
 
     `c` has the batch size of `u` or 1 (a term that is the same for every example, broadcast over the
     batch: then Cov(u, c) = mean over positions of mean_batch(u) * (c - mean(c))).
@@ -313,26 +377,32 @@ def _var_cov(u, c=None):
     if c is not None:
         c = ops.convert_to_tensor(c)
     shared = c is not None and len(u.shape) > 0 and int(c.shape[0]) == 1 and int(u.shape[0]) != 1
+    if len(u.shape) == 0:
+        return 0.0, float("inf"), 0.0, 0.0
     if _small(u, _HOST_MAX):
         a = _np(u).astype(np.float64)
         vu = float(a.var())
+        flat = a.reshape(a.shape[0], -1)
+        rse = _relative_se(flat.mean(axis=1), np.mean(flat * flat, axis=1))
         if c is None:
-            return vu, 0.0, 0.0
+            return vu, rse, 0.0, 0.0
         b = _np(c).astype(np.float64)
         b = b - b.mean()
         cov = float(np.mean(a.mean(axis=0) * b[0])) if shared else float(np.mean(a * b))
-        return vu, cov, float(np.mean(b * b))
+        return vu, rse, cov, float(np.mean(b * b))
     u = _as_float(u)
-    mu = float(ops.convert_to_numpy(ops.mean(u)))
-    vu = max(_mean_square(u) - mu * mu, 0.0)  # no full-size temporary (ops.var makes three)
+    m1, m2 = _example_moments(u)
+    mu = float(m1.mean())
+    vu = max(float(m2.mean()) - mu * mu, 0.0)  # no full-size temporary (ops.var makes three)
+    rse = _relative_se(m1, m2)
     if c is None:
-        return vu, 0.0, 0.0
+        return vu, rse, 0.0, 0.0
     c = _as_float(c)
     c = c - ops.mean(c)
     cov = ops.mean(ops.mean(u, axis=0) * c[0]) if shared else ops.mean(u * c)
     vec = ops.stack([cov, ops.mean(ops.square(c))])
     cov, vc = (float(v) for v in np.asarray(ops.convert_to_numpy(vec), dtype=np.float64))
-    return vu, cov, vc
+    return vu, rse, cov, vc
 
 
 def _first_example(args, kwargs):
@@ -485,7 +555,7 @@ class _Replay:
     """
 
     def __init__(self, fn, *, training, calibrate=False, targets=None, signal_variance=1.0, only=None,
-                 record=True):
+                 record=True, prior=None):
         self.fn = fn
         self.training = training
         self.calibrate = calibrate
@@ -499,6 +569,10 @@ class _Replay:
         self.rows = []
         self.trim = _HeapTrim()
         self.factors = {}  # row name -> scale factor applied (a tuple per gate for recurrent layers)
+        self.rse = {}  # row name -> relative standard error of its calibrated variance on this batch
+        self.prior = prior or {}  # row name -> factor an earlier calibration round applied
+        self.widest = 0  # the most elements per example of any node output seen
+        self.batch = None
         self.calibrated_ops = set()
 
     def stats_of(self, v, kt=None, produced=False):
@@ -524,6 +598,8 @@ class _Replay:
 
     def visit(self, node, args, kwargs, path):
         self.trim()
+        for kt in node.outputs:
+            self.widest = max(self.widest, _per_example(kt))
         op = node.operation
         key = id(op)
         k = self.call_index.get(key, 0)
@@ -600,11 +676,12 @@ class _Replay:
         target = float(self.targets.get(name, self.signal_variance))
         self.calibrated_ops.add(id(op))
         x = _sequence_input(args, kwargs)
-        factors, problems = [], []
+        factors, problems, rse = [], [], 0.0
         if x is not None:
             for cell in cells:
                 units = int(cell.units)
                 z = _gate_inputs(x, [cell])
+                rse = max(rse, _relative_se(*_example_moments(_as_float(z))))
                 gates = int(z.shape[-1]) // units
                 var = np.asarray(ops.convert_to_numpy(ops.var(ops.reshape(z, (-1, gates, units)), axis=(0, 2))),
                                  dtype=np.float64)
@@ -622,9 +699,10 @@ class _Replay:
         outs = _call(op, args, kwargs, self.training)
         pre_stats = _stats(_gate_inputs(x, cells)) if (self.record and x is not None) else None
         if factors:
-            self.factors[name] = tuple(factors)
-            note = ("calibrated: input kernel x(" + ", ".join(f"{v:.4g}" for v in factors)
-                    + f") per gate (gate input variance -> {target:.4g})")
+            self.factors[name] = _combine(self.prior.get(name), tuple(factors))
+            self.rse[name] = rse
+            note = (f"calibrated: input kernel x{_fmt(self.factors[name])} per gate (gate input variance -> "
+                    f"{target:.4g}, +-{100 * rse:.2g}% on {int(x.shape[0])} examples)")
             if problems:
                 note += f" [{'; '.join(problems)}]"
         else:
@@ -658,7 +736,8 @@ class _Replay:
         del full, flat
         if c is not None and type(op) not in _BIAS_SPLIT:
             u = u - c
-        vu, cov, vc = _var_cov(u, c)
+        vu, rse, cov, vc = _var_cov(u, c)
+        self.rse[name] = rse
         s, how = _solve_scale(vu, cov, vc, target)
         self.calibrated_ops.add(id(op))
         if s is None:
@@ -669,8 +748,9 @@ class _Replay:
             kernel.assign(ops.multiply(kernel.value, ops.cast(s, kernel.dtype)))
             u = u * s  # the unscaled output is freed here, before the bias is added
             pre = u if c is None else u + c
-            self.factors[name] = s
-            note = f"calibrated: kernel x{s:.4g} (pre-activation var {vu + 2 * cov + vc:.4g} -> {target:.4g})"
+            self.factors[name] = _combine(self.prior.get(name), s)
+            note = (f"calibrated: kernel x{_fmt(self.factors[name])} (pre-activation var {vu + 2 * cov + vc:.4g} -> "
+                    f"{target:.4g}, +-{100 * rse:.2g}% on {int(u.shape[0])} examples)")
             if how:
                 note += f" [{how}]"
         del u, c
@@ -679,6 +759,28 @@ class _Replay:
         del pre
         outs = tree.pack_sequence_as(struct, [out0] + rest) if struct is not None else out0
         return outs, pre_stats, note
+
+
+def _per_example(kt) -> int:
+    n = 1
+    for d in tuple(kt.shape)[1:]:
+        n *= int(d) if d is not None else 1
+    return n
+
+
+def _combine(prior, s):
+    """The total factor of two calibration rounds (elementwise for recurrent tuples)."""
+    if prior is None:
+        return s
+    if isinstance(s, tuple):
+        return tuple(float(a) * float(b) for a, b in zip(prior, s))
+    return float(prior) * float(s)
+
+
+def _fmt(factor) -> str:
+    if isinstance(factor, tuple):
+        return "(" + ", ".join(f"{v:.4g}" for v in factor) + ")"
+    return f"{factor:.4g}"
 
 
 def _np_dtype(variable):
@@ -796,6 +898,8 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
     if report is None:
         out = SignalReport(model.name, replay.rows, assigned=[], source="measured")
         out.calibration = dict(replay.factors)
+        out.calibration_error = dict(replay.rse)
+        out.calibration_batch = replay.batch
         return out
     by_name = {r.name: r for r in replay.rows}
     for row in report.rows:
@@ -808,6 +912,8 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
         for note in got.notes:
             row.notes.append(note + f" on the {source}")
     report.calibration = dict(replay.factors)
+    report.calibration_error = dict(replay.rse)
+    report.calibration_batch = replay.batch
     report.calibrated_on = source
     return report
 
@@ -815,12 +921,62 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
 def _calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
                         training=True, batch_size=None, targets=None):
     """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
-    without a report). Returns the `_Replay` (its ``factors``) and the source ("probe" or "data")."""
+    without a report). Returns the `_Replay` (its ``factors``, ``rse`` and ``batch``) and the source
+    ("probe" or "data").
+
+    With an automatically sized probe (``data="probe"``, ``batch_size=None``) the probe grows when a
+    calibrated variance is known to worse than `CALIBRATION_RSE` on it (heavy-tailed signals, where a few
+    examples carry most of the energy: for per-example energies q the relative standard error of the
+    variance is std(q) / (mean(q) sqrt(n))): the replay runs again on about n (rse / _GROWTH_RSE)^2
+    examples, refining the kernels already calibrated, while the largest activation stays within
+    `_GROWTH_ELEMENTS`. A layer still short of `CALIBRATION_RSE` gets a `CalibrationWarning`.
+    """
     fn = graph.as_functional(model)
+    probe = data is None or isinstance(data, str)
+    grow = probe and batch_size is None
     if batch_size is None:
-        batch_size = _auto_batch(fn) if (data is None or isinstance(data, str)) else None
-    inputs, source = _inputs(fn, data, batch_size, seed, input_moments)
-    replay = _Replay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
-                     only=None if only is None else set(only), record=record)
-    replay.run(inputs)
+        batch_size = _auto_batch(fn) if probe else None
+    replay = None
+    for _ in range(3):  # the first round, then up to two growths (each grown probe re-estimates the RSE)
+        inputs, source = _inputs(fn, data, batch_size, seed, input_moments)
+        n = int(tree.flatten(inputs)[0].shape[0])
+        replay = _Replay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
+                         only=None if only is None else set(only), record=record,
+                         prior=None if replay is None else replay.factors)
+        replay.run(inputs)
+        replay.batch = n
+        del inputs
+        worst = max(replay.rse.values(), default=0.0)
+        if not grow or worst <= CALIBRATION_RSE:
+            break
+        cap = max(n, _GROWTH_ELEMENTS // max(replay.widest, 1))
+        want = min(math.ceil(1.1 * n * (worst / _GROWTH_RSE) ** 2), cap)
+        if want < 1.25 * n:
+            break
+        logger.info("autoinit: a calibrated variance is known to +-%.1f%% on %d probe examples; "
+                    "calibrating again on %d.", 100 * worst, n, want)
+        batch_size = want
+    _warn_imprecise(replay, source, grow)
     return replay, source
+
+
+def _warn_imprecise(replay, source, grew):
+    name, rse = max(replay.rse.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    if name is None or not rse > CALIBRATION_RSE:
+        return
+    n = replay.batch
+    need = math.ceil(n * (rse / CALIBRATION_RSE) ** 2) if math.isfinite(rse) else None
+    where = "probe" if source == "probe" else "data sample"
+    limit = " (the automatic probe stops growing there to bound memory)" if grew else ""
+    advice = (f"Calibrate on about {need} examples (calibrate(..., batch_size={need})"
+              + (", or more real data" if source != "probe" else "") + ")") if need else "Use more examples"
+    warnings.warn(
+        f"Calibration fixes the variance of '{name}' only to +-{100 * rse:.1f}% (one standard error of a "
+        f"variance estimated on the {where} of {n} examples{limit}; the examples' energies at that layer vary "
+        f"by {rse * math.sqrt(n):.2g}x their mean), so another batch may land further from the target. "
+        f"{advice} for +-{100 * CALIBRATION_RSE:.0f}%.",
+        CalibrationWarning,
+        stacklevel=4,
+    )
+
+

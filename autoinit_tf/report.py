@@ -78,6 +78,10 @@ class SignalReport:
             measured).
         calibration: ``{row name: kernel scale factor}`` applied by calibration (empty if none ran); for a
             recurrent layer a tuple of scales, one per gate (and direction) of its input kernel.
+        calibration_error: ``{row name: relative standard error}`` of the variance each calibrated layer
+            was fitted to (the calibration batch's own sampling error: a fresh batch of the same
+            distribution lands within about +-2 of these of the target).
+        calibration_batch: the number of examples calibration used (None if none ran).
     """
 
     def __init__(self, model_name: str, rows: list, assigned: list | None = None, source: str = "predicted"):
@@ -86,6 +90,8 @@ class SignalReport:
         self.assigned = list(assigned or [])  # variable paths this pass (re)initialized
         self.source = source
         self.calibration: dict = {}
+        self.calibration_error: dict = {}
+        self.calibration_batch: int | None = None
         self.calibrated_on: str | None = None
 
     def __len__(self):
@@ -130,6 +136,7 @@ class SignalReport:
         out = copy.copy(self)
         out.rows = [copy.copy(r) for r in self.rows]
         out.calibration = dict(self.calibration)
+        out.calibration_error = dict(self.calibration_error)
         by_name = {r.name: r for r in measured.rows}
         for r in out.rows:
             r.notes = list(r.notes)
@@ -161,6 +168,8 @@ class SignalReport:
             "source": self.source,
             "assigned": self.assigned,
             "calibration": dict(self.calibration),
+            "calibration_error": dict(self.calibration_error),
+            "calibration_batch": self.calibration_batch,
             "nodes": [r.to_dict() for r in self.rows],
         }
 

@@ -173,10 +173,24 @@ def final_var(measured):
     return (r.preactivation or r.outputs[0]).var
 
 
-def check_batch(model, batch, most=2048, element_budget=1 << 22):
-    """Size of the fresh probe for the calibration check: ``most`` examples, fewer for big inputs."""
+def check_batch(model, batch, rep=None, most=2048, element_budget=1 << 22, activation_budget=1 << 25,
+                check_rse=0.01):
+    """Size of the fresh probe for the calibration check.
+
+    ``most`` examples within an input-element budget, and more where the calibration found the signal
+    heavy-tailed: enough that the check's own relative standard error stays at ``check_rse`` (from the
+    calibration's per-layer RSE on its batch), as long as the widest activation holds at most
+    ``activation_budget`` elements.
+    """
     per_example = sum(int(np.prod([d for d in t.shape[1:] if d is not None])) for t in model.inputs)
-    return int(max(batch, min(most, element_budget // max(per_example, 1))))
+    n = int(max(batch, min(most, element_budget // max(per_example, 1))))
+    if rep is not None and rep.calibration_error and rep.calibration_batch:
+        worst = max(rep.calibration_error.values())
+        want = int(np.ceil(rep.calibration_batch * (worst / check_rse) ** 2))
+        widest = max(int(np.prod([d for d in t.shape[1:] if d is not None])) for layer in model.layers
+                     for t in keras.tree.flatten(layer.output))
+        n = max(n, min(want, activation_budget // max(widest, 1)))
+    return n
 
 
 def run_one(name, build, batch):
@@ -202,12 +216,13 @@ def run_one(name, build, batch):
         if mode == "calibrated":
             # The 5% check needs a fresh probe large enough that its own sampling noise (relative std of a
             # variance estimate ~ sqrt(2 / n)) stays well below 5%: up to 2048 examples, within an element budget.
-            check = check_batch(model, batch)
+            check = check_batch(model, batch, rep)
             by = {r.name: r for r in autoinit_tf.measure(model, batch_size=check, seed=2).rows}
             ratios = [(by[n].preactivation or by[n].outputs[0]).var for n in rep.calibration]
             row["worst"] = float(max(abs(np.array(ratios) - 1.0))) if ratios else float("nan")
             row["n_cal"] = len(ratios)
             row["check_batch"] = check
+            row["cal_batch"] = rep.calibration_batch
             row["n_weighted"] = sum(r.weighted for r in rep.rows)
         out[mode] = row
     return out
@@ -342,7 +357,7 @@ def main():
     names = args.only or list(ZOO)
     print(f"keras {keras.__version__} backend {keras.backend.backend()}  autoinit-tf {autoinit_tf.__version__}")
     head = (f"{'model':<20} {'default med/max':>16} {'analytic med/max':>17} {'calib med/max':>14} "
-            f"{'final var d/a/c':>22} {'calib worst |r-1| (n) [check n]':>31} {'wrap s':>7}")
+            f"{'final var d/a/c':>22} {'calib worst |r-1| (n) [cal n/check n]':>37} {'wrap s':>7}")
     print(head)
     print("-" * len(head))
     for n in names:
@@ -352,7 +367,7 @@ def main():
         d, a, c = r["default"], r["analytic"], r["calibrated"]
         print(f"{n:<20} {d['median']:>7.3f}/{d['max']:<8.3f} {a['median']:>7.3f}/{a['max']:<9.3f} "
               f"{c['median']:>6.3f}/{c['max']:<7.3f} {d['final']:>7.3g}/{a['final']:<6.3g}/{c['final']:<7.3g} "
-              f"{c['worst']:>13.4f} ({c['n_cal']}/{c['n_weighted']}) [{c['check_batch']}] {a['t']:>6.2f}  [{time.perf_counter() - t:.0f}s]",
+              f"{c['worst']:>13.4f} ({c['n_cal']}/{c['n_weighted']}) [{c['cal_batch']}/{c['check_batch']}] {a['t']:>6.2f}  [{time.perf_counter() - t:.0f}s]",
               flush=True)
         keras.backend.clear_session()
 

@@ -1,5 +1,6 @@
 """measure / compare / calibrate: exactness against sub-models, no side effects, calibrated variance."""
 
+import importlib
 import warnings
 
 import keras
@@ -8,7 +9,9 @@ import pytest
 
 import autoinit_tf
 from autoinit_tf import graph
-from autoinit_tf.measure import calibrate, compare, measure
+from autoinit_tf.measure import CALIBRATION_RSE, CalibrationWarning, calibrate, compare, measure
+
+measure_module = importlib.import_module("autoinit_tf.measure")  # the package attribute is the function
 
 
 def _np_moments(y):
@@ -181,7 +184,9 @@ def test_calibrate_on_data_with_nonzero_bias_is_exact():
     h = keras.layers.Dense(24, bias_initializer=keras.initializers.RandomNormal(stddev=0.2), name="d2")(h)
     model = keras.Model(inp, h)
     x = (np.random.default_rng(3).standard_normal((128, 12)) * 3.0 + 1.0).astype("float32")
-    rep = calibrate(model, x, signal_variance=2.0)
+    # 128 examples fix d2's variance only to about +-5%: said, with the batch size that would do.
+    with pytest.warns(CalibrationWarning, match=r"'d2' only to \+-4\.\d% .* batch_size=\d+"):
+        rep = calibrate(model, x, signal_variance=2.0)
     assert set(rep.calibration) == {"d1", "d2"}
     after = measure(model, x)
     assert after["d1"].preactivation.var == pytest.approx(2.0, rel=1e-3)
@@ -201,7 +206,8 @@ def test_calibrate_bias_split_conv_and_attention_is_exact():
     model = keras.Model(inp, h)
     mha._output_dense.bias.assign(np.linspace(-0.5, 0.5, 8).astype("float32"))
     x = (np.random.default_rng(0).standard_normal((32, 6, 6, 4)) * 2.0 + 0.5).astype("float32")
-    rep = calibrate(model, x, signal_variance=1.5)
+    with pytest.warns(CalibrationWarning, match="data sample of 32 examples"):
+        rep = calibrate(model, x, signal_variance=1.5)
     assert set(rep.calibration) == {"conv", "mha"}
     after = measure(model, x)
     assert after["conv"].preactivation.var == pytest.approx(1.5, rel=1e-3)
@@ -347,3 +353,66 @@ def test_compare_default_init_vs_wrap():
     first = rep2.rows[0]
     assert first.weighted and errs[first.name] < 0.05  # Gaussian input, exact drawn weights
     assert rep2.rows[0].measured[0].var == pytest.approx(measure(model, batch_size=1024).rows[0].outputs[0].var)
+
+
+@pytest.mark.core
+def test_relative_standard_error_predicts_the_spread_of_variance_estimates():
+    # Heavy-tailed examples: each example's 32 values share a log-normal scale. The RSE computed from one
+    # batch's per-example moments must match the spread of the variance estimate over many batches.
+    rng = np.random.default_rng(0)
+    n, batches = 256, 600
+    scale = np.exp(0.4 * rng.standard_normal((batches, n, 1)))
+    x = scale * rng.standard_normal((batches, n, 32)) + 0.3
+    estimates = x.reshape(batches, -1).var(axis=1)
+    spread = estimates.std() / estimates.mean()
+    flat = x[0]
+    rse = measure_module._relative_se(flat.mean(axis=1), np.mean(flat * flat, axis=1))
+    rses = [measure_module._relative_se(b.mean(axis=1), np.mean(b * b, axis=1)) for b in x]
+    assert np.median(rses) == pytest.approx(spread, rel=0.15)
+    assert rse == pytest.approx(spread, rel=0.5)
+    # The sliced backend path gives the same per-example moments as numpy.
+    m1, m2 = measure_module._example_moments(keras.ops.convert_to_tensor(x[0].astype("float32")))
+    np.testing.assert_allclose(m1, x[0].mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m2, np.mean(x[0] ** 2, axis=1), rtol=1e-5)
+
+
+def _cubic_model():
+    # d1 -> cube -> d2: d2's input is heavy-tailed, so a 1024-example probe knows its variance to ~7%.
+    inp = keras.Input((16,))
+    h = keras.layers.Dense(16, name="d1")(inp)
+    return keras.Model(inp, keras.layers.Dense(8, name="d2")(keras.ops.power(h, 3)))
+
+
+@pytest.mark.core
+def test_probe_grows_until_heavy_tailed_variances_are_known_to_the_target_precision():
+    keras.utils.set_random_seed(0)
+    model = _cubic_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate="probe", return_report=True)
+    assert rep.calibration_batch > 4 * 1024  # grew from the automatic 1024
+    assert set(rep.calibration_error) == {"d1", "d2"}
+    assert max(rep.calibration_error.values()) <= CALIBRATION_RSE
+    assert "+-" in " ".join(rep["d2"].notes) and f"on {rep.calibration_batch} examples" in " ".join(rep["d2"].notes)
+    data = rep.to_dict()
+    assert data["calibration_batch"] == rep.calibration_batch and set(data["calibration_error"]) == {"d1", "d2"}
+    # A fresh probe 4x larger lands within 5% of the target on both layers.
+    again = measure(model, batch_size=4 * rep.calibration_batch, seed=77)
+    assert again["d1"].outputs[0].var == pytest.approx(1.0, rel=0.05)
+    assert again["d2"].outputs[0].var == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.core
+def test_probe_growth_stops_at_the_memory_bound_and_warns(monkeypatch):
+    keras.utils.set_random_seed(0)
+    model = _cubic_model()
+    monkeypatch.setattr(measure_module, "_GROWTH_ELEMENTS", 16 * 2048)  # widest activation: 16 per example
+    with pytest.warns(CalibrationWarning, match=r"'d2' only to .* probe of 2048 examples \(the automatic probe "
+                                                r"stops growing there"):
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate="probe", return_report=True)
+    assert rep.calibration_batch == 2048
+    assert rep.calibration_error["d2"] > CALIBRATION_RSE
+    # An explicit batch size is used as given (no growth).
+    with pytest.warns(CalibrationWarning, match="probe of 512 examples"):
+        rep = calibrate(model, "probe", batch_size=512)
+    assert rep.calibration_batch == 512
