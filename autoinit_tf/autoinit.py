@@ -22,6 +22,7 @@ import numpy as np
 from keras.src import tree
 
 from autoinit_tf import distributions, graph
+from autoinit_tf.heap import HeapTrim
 from autoinit_tf.moments import Moments, mix
 from autoinit_tf.report import NodeRow, SignalReport
 from autoinit_tf.rules import registry
@@ -95,6 +96,7 @@ class _Engine:
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self, fn, input_moments):
+        self.trim = HeapTrim()  # freed per-node temporaries (drawn kernels' float64 blocks) go back to the OS
         self.counts = graph.count_calls(fn)
         if not self.keep_drawn:
             self.owners = {}
@@ -125,6 +127,7 @@ class _Engine:
         return graph.walk(fn, input_moments, self._visit)
 
     def _visit(self, node, args, kwargs, path):
+        self.trim()
         op = node.operation
         inputs = [a for a in tree.flatten((args, kwargs)) if isinstance(a, Moments)]
         key = id(op)
@@ -186,9 +189,15 @@ class _Engine:
             self.progress(self.done, self.total, name)
         return outs if len(outs) > 1 else outs[0]
 
-    def apply(self):
-        for variable, array in self.pending.values():
+    def apply(self) -> list:
+        """Assign every drawn array; returns the assigned variable paths. Each array is released once
+        assigned, so the drawn copies and the variables' new buffers are not all alive at once."""
+        paths = sorted(self.pending)
+        while self.pending:
+            _, (variable, array) = self.pending.popitem()
             variable.assign(array.astype(_np_dtype(variable), copy=False))
+            del array
+        return paths
 
 
 def _fit_detail(m, kt):
@@ -392,9 +401,9 @@ def wrap(
 
         model = rewrite(model, swaps=swaps)
     engine = _run(model, **_pass_options(locals()))
-    engine.apply()
-    report = SignalReport(model.name, engine.rows, assigned=sorted(engine.pending))
-    n_assigned = len(engine.pending)
+    assigned = engine.apply()
+    report = SignalReport(model.name, engine.rows, assigned=assigned)
+    n_assigned = len(assigned)
     if calibrate is not None:
         from autoinit_tf.measure import calibrate as _calibrate
 

@@ -30,15 +30,13 @@ Statistics are reduced on the backend (float32 for float32 tensors; E[y^2] in ba
 full-size temporary) and only scalars are copied out. Memory: the walk drops each value after its last
 consumer; a calibrated layer holds at most its output and the scaled output at once; ``wrap`` without a
 report replays without per-node statistics (`_Replay(record=False)`); on glibc, heap memory freed by
-the replay is handed back to the OS as it goes (`_HeapTrim`).
+the replay is handed back to the OS as it goes (`autoinit_tf.heap.HeapTrim`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import warnings
 
 import keras
@@ -47,6 +45,7 @@ from keras import ops
 from keras.src import tree
 
 from autoinit_tf import graph
+from autoinit_tf.heap import HeapTrim
 from autoinit_tf.moments import Moments
 from autoinit_tf.report import NodeRow, SignalReport
 
@@ -484,66 +483,6 @@ def _auto_batch(fn, lo=8, hi=1024, elements=1 << 17):
     return int(np.clip(elements // max(feats), lo, hi))
 
 
-# -- returning freed memory to the OS during a replay ------------------------------------------------
-
-
-def _find_malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-class _HeapTrim:
-    """Hand memory freed by the replay back to the OS when the resident size grew by `step` bytes.
-
-    The replay allocates and frees activations of tens of MB (ResNet50 at batch 8: 25.7 MB each). glibc
-    serves them from its heap once its adaptive mmap threshold has risen, and the heap fragments: the
-    resident size ends up far above the live set (ResNet50 probe calibration: about 2x). `malloc_trim`
-    returns the free pages; it changes no value, only the process's resident size. Called between nodes,
-    only after the resident size grew by `step` since the last call (a handful of calls per replay).
-    A no-op off glibc/Linux.
-    """
-
-    _trim = None
-    _looked = False
-
-    def __init__(self, step=32 << 20):
-        cls = type(self)
-        if not cls._looked:
-            cls._trim, cls._looked = _find_malloc_trim(), True
-        self.step = step
-        self.mark = self._rss() if cls._trim is not None else None
-
-    @staticmethod
-    def _rss():
-        try:
-            with open("/proc/self/statm", "rb") as f:
-                return int(f.read().split()[1]) * _PAGE
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def __call__(self):
-        if self.mark is None:
-            return
-        now = self._rss()
-        if now is None:
-            self.mark = None
-        elif now > self.mark + self.step:
-            type(self)._trim(0)
-            self.mark = self._rss() or now
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
 # -- the replay --------------------------------------------------------------------------------------
 
 
@@ -567,7 +506,7 @@ class _Replay:
         self.call_index = {}
         self.stats = {}  # id(KerasTensor) -> _Stats (symbolic ids are stable; values are freed by the walk)
         self.rows = []
-        self.trim = _HeapTrim()
+        self.trim = HeapTrim(trim_now=True)
         self.factors = {}  # row name -> scale factor applied (a tuple per gate for recurrent layers)
         self.rse = {}  # row name -> relative standard error of its calibrated variance on this batch
         self.prior = prior or {}  # row name -> factor an earlier calibration round applied

@@ -7,7 +7,9 @@ every model in turn, so the models are timed side by side (interleaved) under th
 The time is the best of the repeats (the usual guard against other processes' noise on a shared
 machine); memory is shown for the first call and as the largest over the repeats. Peak memory added =
 peak resident set size during the operation (sampled every 2 ms from /proc) minus the resident size
-just before it.
+just before it, after the heap's free pages were returned to the OS (`malloc_trim`, glibc): without that
+the figure depended on what earlier calls left free in the heap (a warm process read +92 to +305 MB for
+the same calibrated ResNet50 call).
 
 Before every timed call the CPU caches are flushed (a 64 MiB buffer is rewritten, twice the 32 MiB L3 of
 the machine BENCHMARKS.md reports). Without it the depth-100 MLP (25 MB of weights) sits in the L3
@@ -73,6 +75,14 @@ def flush_caches():
     np.add(_FLUSH, 1.0, out=_FLUSH)
 
 
+def trim_heap():
+    """Return the heap's free pages to the OS (glibc), so every call's memory is measured from the live set
+    rather than from whatever free memory earlier calls left in the heap."""
+    from autoinit_tf.heap import HeapTrim
+
+    HeapTrim(trim_now=True)
+
+
 def mlp(depth, width=256):
     inp = keras.Input((width,))
     h = inp
@@ -110,6 +120,7 @@ def bench(cases, repeat=3, flush=True):
             for name, (model, _) in models.items():
                 if flush:
                     flush_caches()
+                trim_heap()
                 with PeakRSS() as mem:
                     t0 = time.perf_counter()
                     fn(model)

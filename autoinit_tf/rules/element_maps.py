@@ -68,11 +68,18 @@ def dense_maps(m: Moments, in_shape, kernel, bias):
     if maps is None:
         return None
     mean, var = maps
-    w = np.asarray(kernel, dtype=np.float64)
-    out_mean = mean @ w
+    kernel = np.asarray(kernel)
+    units = kernel.shape[-1]
+    out_mean = np.empty(mean.shape[:-1] + (units,))
+    out_var = np.empty(mean.shape[:-1] + (units,))
+    step = max(1, (1 << 19) // max(kernel.shape[0], 1))  # float64 blocks of at most 4 MiB
+    for j0 in range(0, units, step):
+        w = np.asarray(kernel[:, j0:j0 + step], dtype=np.float64)
+        out_mean[..., j0:j0 + step] = mean @ w
+        out_var[..., j0:j0 + step] = var @ (w * w)
     if bias is not None:
         out_mean = out_mean + np.asarray(bias, dtype=np.float64)
-    return Moments.from_elements(out_mean, var @ (w * w))
+    return Moments.from_elements(out_mean, out_var)
 
 
 def _windows(n, k, stride, padding):

@@ -30,18 +30,33 @@ from autoinit_tf.rules.activation import axis_size, function_moments
 from autoinit_tf.rules.registry import register_rule
 
 
+#: linear_output works on blocks of output units whose float64 copy holds at most this many values
+#: (4 MiB), so a large kernel is never copied whole to float64 (or squared whole).
+_BLOCK_VALUES = 1 << 19
+
+
+def _unit_blocks(w3):
+    """(slice, float64 copy of w3[:, :, slice]) over blocks of output units."""
+    units = w3.shape[2]
+    step = max(1, _BLOCK_VALUES // max(w3.shape[0] * w3.shape[1], 1))
+    for j0 in range(0, units, step):
+        sl = slice(j0, min(j0 + step, units))
+        yield sl, np.asarray(w3[:, :, sl], dtype=np.float64)
+
+
 def linear_output(m: Moments, w3, taps, bias=None):
     """Output moments of a linear map with kernel w3[t, c, j] (see the module docstring).
 
     `taps` describes which taps read real input: a list of ``(weight, valid)`` position classes
     (``valid``: a 0/1 vector over taps, ``weight``: the fraction of output positions in the class),
     or a plain vector of per-tap fractions (one class). Position classes make the border effects of
-    padding exact, including the position-dependent mean they create.
+    padding exact, including the position-dependent mean they create. `w3` may be float32 (the drawn
+    kernel itself): every sum is taken in float64, one block of output units at a time.
 
     Returns (Moments, within, between): the total moments, the average within-unit variance and the
     variance of unit means (over units and positions).
     """
-    w3 = np.asarray(w3, dtype=np.float64)
+    w3 = np.asarray(w3)
     if not (isinstance(taps, list) and taps and isinstance(taps[0], tuple)):
         taps = [(1.0, np.asarray(taps, dtype=np.float64).reshape(-1))]
     units = w3.shape[2]
@@ -57,23 +72,34 @@ def linear_output(m: Moments, w3, taps, bias=None):
         v = m.ch_var if per_channel else np.full(w3.shape[1], m.var)
         out_mean = np.zeros(units)
         out_second = np.zeros(units)
-        for weight, valid in taps:
-            if w3.shape[0] == 1:
-                wv, wv2 = valid[0] * w3[0], valid[0] * (w3[0] * w3[0])
-            else:
-                wv = np.einsum("t,tcj->cj", valid, w3)
-                wv2 = np.einsum("t,tcj->cj", valid, w3 * w3)
-            means = mu @ wv
-            if b is not None:
-                means = means + b
-            out_mean += weight * means
-            out_second += weight * (v @ wv2 + means * means)
+        for sl, wb in _unit_blocks(w3):
+            wb2 = wb * wb
+            for weight, valid in taps:
+                if wb.shape[0] == 1:
+                    wv, wv2 = valid[0] * wb[0], valid[0] * wb2[0]
+                else:
+                    wv = np.einsum("t,tcj->cj", valid, wb)
+                    wv2 = np.einsum("t,tcj->cj", valid, wb2)
+                means = mu @ wv
+                if b is not None:
+                    means = means + b[sl]
+                out_mean[sl] += weight * means
+                out_second[sl] += weight * (v @ wv2 + means * means)
         result = Moments.from_channel_second(out_mean, out_second)
         return result, result.within, result.between
-    colsum = w3.sum(axis=1)  # (taps, units)
-    colsq = (w3 * w3).sum(axis=1)
+    ntaps = w3.shape[0]
+    colsum = np.empty((ntaps, units))  # (taps, units)
+    colsq = np.empty((ntaps, units))
+    coherent = np.zeros((len(taps), units))  # per class: sum_c (sum_t valid_t W[t,c,j])^2
+    for sl, wb in _unit_blocks(w3):
+        colsum[:, sl] = wb.sum(axis=1)
+        colsq[:, sl] = (wb * wb).sum(axis=1)
+        if ntaps > 1:
+            for i, (_, valid) in enumerate(taps):
+                pc = np.einsum("t,tcj->cj", valid, wb)
+                coherent[i, sl] = np.sum(pc * pc, axis=0)
     mean = second_means = within = 0.0
-    for weight, valid in taps:
+    for i, (weight, valid) in enumerate(taps):
         means = m.mean * (valid @ colsum)
         if b is not None:
             means = means + b
@@ -81,12 +107,11 @@ def linear_output(m: Moments, w3, taps, bias=None):
         second_means += weight * float(np.mean(means * means))
         within += weight * m.within * float(np.mean(valid @ colsq))
         # Input channel offsets d_c (unknown, variance `between`) are the same at every tap.
-        if w3.shape[0] == 1:
-            coherent = float(valid[0] ** 2 * colsq[0].mean())
+        if ntaps == 1:
+            coh = float(valid[0] ** 2 * colsq[0].mean())
         else:
-            pc = np.einsum("t,tcj->cj", valid, w3)
-            coherent = float(np.mean(np.sum(pc * pc, axis=0)))
-        second_means += weight * m.between * coherent
+            coh = float(np.mean(coherent[i]))
+        second_means += weight * m.between * coh
     between = max(second_means - mean * mean, 0.0)
     return Moments(mean, within + between, between), within, between
 
@@ -183,7 +208,7 @@ def _draw_kernel(ctx, variable, fan_eff, target=None):
     target = ctx.signal_variance if target is None else target
     var = target / (fan_eff * s) if fan_eff > 0 and s > 0 else target
     ctx.weight_scale = var
-    return ctx.draw(variable, var).astype(np.float64)
+    return ctx.draw(variable, var)  # the drawn array itself (float32): rules sum it in float64 blockwise
 
 
 def _bias(ctx, layer):
