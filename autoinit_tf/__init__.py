@@ -15,5 +15,6 @@ from autoinit_tf.rules import RuleContext, UnsupportedLayerError, register_rule,
 from autoinit_tf.rules.activation import register_activation_kinks  # noqa: F401
 from autoinit_tf.rewrite import SwapRule, list_recipes, plan_swaps, rewrite  # noqa: F401,E402
 from autoinit_tf.measure import CalibrationWarning, calibrate, compare, measure  # noqa: F401
+from autoinit_tf.stability import UnstableSignalWarning  # noqa: F401
 from autoinit_tf.callbacks import SignalMonitor  # noqa: F401
 from autoinit_tf import layers  # noqa: F401,E402

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from keras.src import tree
 
-from autoinit_tf import distributions, graph
+from autoinit_tf import distributions, graph, stability
 from autoinit_tf.heap import HeapTrim
 from autoinit_tf.moments import Moments, mix
 from autoinit_tf.report import NodeRow, SignalReport
@@ -121,6 +121,7 @@ class _Engine:
         return out
 
     def _one_pass(self, fn, input_moments):
+        self.amplification = stability.Amplification(self.signal_variance)
         self.call_index = {}
         self.drawn_by = {}  # id(op) -> variable paths its calls drew so far (keep_drawn=False only)
         self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
@@ -163,6 +164,7 @@ class _Engine:
         name = "/".join(path + (op.name,))
         if self.counts.get(key, 1) > 1:
             name += f"#{k}"
+        self.amplification.visit(op, node, inputs, name)
         weighted = bool(self.visit_records) or ctx.weight_scale is not None
         if self.owners is not None:
             drawn = self.drawn_by.setdefault(key, [])
@@ -297,7 +299,7 @@ def resolve_input_moments(fn, input_moments=None, data=None):
 
 
 def _run(model, *, input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
-         progress=None, keep_drawn=True):
+         progress=None, keep_drawn=True, warn_unstable=True):
     _load_builtin_rules()
     fn = graph.as_functional(model)
     if not (isinstance(signal_variance, (int, float)) and math.isfinite(signal_variance) and signal_variance > 0):
@@ -317,6 +319,8 @@ def _run(model, *, input_moments, data, signal_variance, distribution, seed, str
     )
     engine.input_moments = moments
     engine.run(fn, moments)
+    if warn_unstable and engine.amplification.worst[0] > stability.AMPLIFICATION_LIMIT:
+        warnings.warn(engine.amplification.message(), stability.UnstableSignalWarning, stacklevel=3)
     return engine
 
 
@@ -347,7 +351,9 @@ def analyze(
     Returns a `SignalReport` (one row per call of each layer or op, in topological order).
     """
     engine = _run(model, **_pass_options(locals()), keep_drawn=False)
-    return SignalReport(model.name, engine.rows, assigned=[])
+    report = SignalReport(model.name, engine.rows, assigned=[])
+    report.amplification = engine.amplification.worst[:2]
+    return report
 
 
 def wrap(
@@ -400,9 +406,11 @@ def wrap(
         from autoinit_tf.rewrite import rewrite
 
         model = rewrite(model, swaps=swaps)
-    engine = _run(model, **_pass_options(locals()))
+    # Calibration is the remedy for an unstable prediction: no warning when it runs.
+    engine = _run(model, **_pass_options(locals()), warn_unstable=calibrate is None)
     assigned = engine.apply()
     report = SignalReport(model.name, engine.rows, assigned=assigned)
+    report.amplification = engine.amplification.worst[:2]
     n_assigned = len(assigned)
     if calibrate is not None:
         from autoinit_tf.measure import calibrate as _calibrate

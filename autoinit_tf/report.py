@@ -82,6 +82,10 @@ class SignalReport:
             was fitted to (the calibration batch's own sampling error: a fresh batch of the same
             distribution lands within about +-2 of these of the target).
         calibration_batch: the number of examples calibration used (None if none ran).
+        amplification: ``(factor, node name)``: the largest factor by which the analytic pass's signal
+            amplifies a relative deviation of the variance along any path (the product of the activations'
+            variance elasticities, see `autoinit_tf.stability`), and where. Above
+            `stability.AMPLIFICATION_LIMIT` the prediction of one drawn network is unreliable.
     """
 
     def __init__(self, model_name: str, rows: list, assigned: list | None = None, source: str = "predicted"):
@@ -92,6 +96,7 @@ class SignalReport:
         self.calibration: dict = {}
         self.calibration_error: dict = {}
         self.calibration_batch: int | None = None
+        self.amplification: tuple = (1.0, None)
         self.calibrated_on: str | None = None
 
     def __len__(self):
@@ -170,6 +175,7 @@ class SignalReport:
             "calibration": dict(self.calibration),
             "calibration_error": dict(self.calibration_error),
             "calibration_batch": self.calibration_batch,
+            "amplification": {"factor": self.amplification[0], "node": self.amplification[1]},
             "nodes": [r.to_dict() for r in self.rows],
         }
 

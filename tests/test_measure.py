@@ -184,8 +184,9 @@ def test_calibrate_on_data_with_nonzero_bias_is_exact():
     h = keras.layers.Dense(24, bias_initializer=keras.initializers.RandomNormal(stddev=0.2), name="d2")(h)
     model = keras.Model(inp, h)
     x = (np.random.default_rng(3).standard_normal((128, 12)) * 3.0 + 1.0).astype("float32")
-    # 128 examples fix d2's variance only to about +-5%: said, with the batch size that would do.
-    with pytest.warns(CalibrationWarning, match=r"'d2' only to \+-4\.\d% .* batch_size=\d+"):
+    # 128 examples fix d2's variance only to about +-5% (the weights differ per backend): said, with the batch
+    # size that would do.
+    with pytest.warns(CalibrationWarning, match=r"'d2' only to \+-\d+\.\d% .* batch_size=\d+"):
         rep = calibrate(model, x, signal_variance=2.0)
     assert set(rep.calibration) == {"d1", "d2"}
     after = measure(model, x)
