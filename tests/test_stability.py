@@ -46,9 +46,10 @@ def test_elasticity_matches_quadrature(name, f, mean, var):
 
 
 def test_elasticity_of_homogeneous_and_known_activations():
-    # ReLU and leaky ReLU are positively homogeneous: E[f(z)^2] is proportional to Var(z) at mean 0.
-    assert variance_elasticity("relu", Moments(0.0, 1.0)) == pytest.approx(1.0, abs=1e-9)
-    assert variance_elasticity("leaky_relu", Moments(0.0, 3.0)) == pytest.approx(1.0, abs=1e-9)
+    # ReLU and leaky ReLU are positively homogeneous: E[f(z)^2] is proportional to Var(z) at mean 0 (to the
+    # float32 precision the Keras function is evaluated in on JAX).
+    assert variance_elasticity("relu", Moments(0.0, 1.0)) == pytest.approx(1.0, abs=1e-6)
+    assert variance_elasticity("leaky_relu", Moments(0.0, 3.0)) == pytest.approx(1.0, abs=1e-6)
     assert variance_elasticity("linear", Moments(0.5, 1.0)) == 1.0
     assert variance_elasticity("softmax", Moments(0.0, 1.0)) == 1.0
     for name in ("gelu", "silu", "mish", "hard_silu"):  # grow deviations around unit variance
