@@ -66,7 +66,7 @@ CALIBRATION_RSE = 0.02
 #: it: most stay on the default probe.
 _GROWTH_RSE = 0.015
 
-#: An automatically sized probe grows (to reach `CALIBRATION_RSE`) only while its largest activation
+#: An automatically sized probe grows (towards `_GROWTH_RSE`) only while its largest activation
 #: holds at most this many elements (64 MiB of float32).
 _GROWTH_ELEMENTS = 1 << 24
 
@@ -820,8 +820,9 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
         input_moments, seed: the probe's moments and seed (None: ``(0, 1)`` and 0).
         signal_variance: the target pre-activation variance.
         training: run layers in training mode.
-        batch_size: the probe's batch size (None: about 2**17 input elements, between 8 and 1024) or
-            the number of examples of `data` used.
+        batch_size: the probe's batch size (None: about 2**17 input elements, between 8 and 1024, grown
+            where a calibrated variance is known to worse than `CALIBRATION_RSE`, see
+            `_calibration_replay`) or the number of examples of `data` used.
         targets: optional ``{row name: target variance}`` overriding `signal_variance` per layer.
         only: optional set of row names to calibrate (default: the weighted rows of `report`, or every
             calibratable layer when there is no report).
