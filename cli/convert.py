@@ -39,6 +39,27 @@ def resolve_verbosity(local):
     return max(local or 0, group)
 
 
+#: autoinit-tf's own warnings, always shown (others only with -v), with what to do on the command line.
+_OWN_WARNINGS = {
+    "FallbackRuleWarning": "",
+    "UnstableSignalWarning": " On the command line: autoinit-tf convert --calibrate probe.",
+    "CalibrationWarning": "",
+}
+
+
+def echo_warnings(caught, verbose, skip=()):
+    """Echo caught warnings as one `warning:` line each on standard error: autoinit-tf's own always
+    (except the categories named in `skip`), any other only with -v."""
+    for w in caught:
+        name = w.category.__name__
+        if name in skip:
+            continue
+        if name in _OWN_WARNINGS:
+            click.echo(f"warning: {w.message}{_OWN_WARNINGS[name]}", err=True)
+        elif verbose:
+            click.echo(f"warning: {w.message}", err=True)
+
+
 def fail(exc, verbose):
     """Echo a one-paragraph error (plus the traceback with -v) and exit with status 1."""
     if verbose:
@@ -289,9 +310,8 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
         finally:
             for _, layer in kept:
                 layer.trainable = frozen_before[id(layer)]
-        for w in caught:
-            if verbose or w.category.__name__ == "FallbackRuleWarning":
-                echo(f"warning: {w.message}", err=True)
+        # With --calibrate the instability warning's remedy is already applied.
+        echo_warnings(caught, verbose, skip=("UnstableSignalWarning",) if calibrate else ())
 
         if dry_run:
             progress.finish()

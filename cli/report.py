@@ -4,10 +4,11 @@ with its current (stored) weights, on a Gaussian probe or on ``--data``."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
-from .convert import common_model_options, fail, load_data, resolve_verbosity, stage_progress
+from .convert import common_model_options, echo_warnings, fail, load_data, resolve_verbosity, stage_progress
 
 
 @click.command("report")
@@ -38,8 +39,13 @@ def command(model_path, input_format, custom_objects, allow_lambda, data_path, i
     if batch_size <= 0:
         raise click.BadParameter("must be positive.", param_hint="--batch-size")
     try:
-        _report(model_path, input_format, custom_objects, allow_lambda, data_path, input_mean, input_var, seed,
-                batch_size, inference, plot_path, json_path, overwrite, quiet)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                _report(model_path, input_format, custom_objects, allow_lambda, data_path, input_mean, input_var,
+                        seed, batch_size, inference, plot_path, json_path, overwrite, quiet)
+            finally:
+                echo_warnings(caught, verbose)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -206,3 +206,22 @@ def test_installed_script_subprocess(k3_file, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "layers re-initialized" in proc.stdout and out.exists()
     # (the error path of the same command is covered through CliRunner above: one subprocess keeps time down)
+
+
+def test_unstable_signal_warning_is_one_line_with_the_command_line_remedy(tmp_path):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,))
+    h = inp
+    for _ in range(30):  # 30 GELU layers: deviations grow ~57x (autoinit_tf.stability)
+        h = keras.layers.Dense(16, activation="gelu")(h)
+    path = tmp_path / "gelu.keras"
+    keras.Model(inp, keras.layers.Dense(2)(h)).save(path)
+    res = run(["convert", path, tmp_path / "plain.keras"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if "unstable" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "--calibrate probe" in lines[0]
+    res = run(["convert", path, tmp_path / "calibrated.keras", "--calibrate", "probe"])
+    assert res.exit_code == 0 and "unstable" not in res.stderr  # the remedy is applied: nothing to say
+    res = run(["report", path, "-q"])
+    assert res.exit_code == 0 and any(ln.startswith("warning: The predicted signal is unstable")
+                                      for ln in res.stderr.splitlines())
