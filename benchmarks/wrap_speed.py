@@ -5,11 +5,12 @@ plain ReLU MLPs of width 256 and depth 10, 100, 1000. All models are built first
 each, so one-time imports are not counted); then each operation runs `--repeat` times (default 3) on
 every model in turn, so the models are timed side by side (interleaved) under the same machine load.
 The time is the best of the repeats (the usual guard against other processes' noise on a shared
-machine); memory is shown for the first call and as the largest over the repeats. Peak memory added =
-peak resident set size during the operation (sampled every 2 ms from /proc) minus the resident size
-just before it, after the heap's free pages were returned to the OS (`malloc_trim`, glibc): without that
-the figure depended on what earlier calls left free in the heap (a warm process read +92 to +305 MB for
-the same calibrated ResNet50 call).
+machine). Memory comes from two further calls of each op on each model, each started from a trimmed heap
+(the heap's free pages returned to the OS with `malloc_trim`, glibc), shown for the first call and as the
+larger of the two: peak resident set size during the call (sampled every 2 ms from /proc) minus the
+resident size just before it. Without the trim the figure depended on what earlier calls left free in
+the heap (a warm process read +92 to +305 MB for the same calibrated ResNet50 call); the timed calls are
+not trimmed, since a trim costs the next call its page faults.
 
 Before every timed call the CPU caches are flushed (a 64 MiB buffer is rewritten, twice the 32 MiB L3 of
 the machine BENCHMARKS.md reports). Without it the depth-100 MLP (25 MB of weights) sits in the L3
@@ -102,9 +103,13 @@ OPS = {
 }
 
 
-def bench(cases, repeat=3, flush=True):
-    """Time every op on every model, the models interleaved within each repeat.
+def bench(cases, repeat=3, flush=True, memory_runs=2):
+    """Time every op on every model, the models interleaved within each round; then measure memory.
 
+    Timed rounds (`repeat`) start from the process as it is (caches flushed unless `flush` is False);
+    memory rounds (`memory_runs`) start from a trimmed heap, so "+MB" counts the live set the call adds.
+    They are separate because trimming costs the next call its page faults: ResNet50 `analyze` read
+    0.64 s from a warm heap and 0.81 s right after a trim (one process, best of 3).
     Returns {name: (weight_bytes, {op: (best_s, first_added_bytes, max_added_bytes)})}.
     """
     models = {}
@@ -120,12 +125,14 @@ def bench(cases, repeat=3, flush=True):
             for name, (model, _) in models.items():
                 if flush:
                     flush_caches()
+                t0 = time.perf_counter()
+                fn(model)
+                times[name][op].append(time.perf_counter() - t0)
+        for _ in range(memory_runs):
+            for name, (model, _) in models.items():
                 trim_heap()
                 with PeakRSS() as mem:
-                    t0 = time.perf_counter()
                     fn(model)
-                    dt = time.perf_counter() - t0
-                times[name][op].append(dt)
                 added[name][op].append(mem.added)
     return {
         name: (wb, {op: (min(times[name][op]), added[name][op][0], max(added[name][op])) for op in OPS})
@@ -137,7 +144,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--depths", nargs="*", type=int, default=[10, 100, 1000])
     ap.add_argument("--no-resnet", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per operation: best time; first and largest memory")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per operation (best time)")
     ap.add_argument("--warm", action="store_true", help="do not flush the CPU caches before each timed call")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
