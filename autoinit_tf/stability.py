@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import keras
+
 from autoinit_tf.moments import Moments
 
 __all__ = ["variance_elasticity", "Amplification", "UnstableSignalWarning", "AMPLIFICATION_LIMIT"]
@@ -48,7 +50,6 @@ def variance_elasticity(fn, m: Moments) -> float:
     (quadrature) second moments at Var(z) * exp(+-0.05). 1.0 for the identity and for vector activations
     (softmax and the like, whose output scale does not follow the input's)."""
     from autoinit_tf.rules.activation import VECTOR_ACTIVATIONS, _function_moments, activation_name
-    import keras
 
     f = keras.activations.get(fn) if isinstance(fn, str) else fn
     name = activation_name(f)

@@ -18,47 +18,37 @@ def _run(code_or_args, env_extra, timeout=900):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_core_tests_pass_on_jax_backend():
-    pytest.importorskip("jax")
-    if os.environ.get("KERAS_BACKEND") == "jax":
-        pytest.skip("already running on JAX")
+def _rerun_core(backend, module, files, extra=(), timeout=900):
+    """Run the core tests of `files` in a subprocess with KERAS_BACKEND=`backend`; assert they pass."""
+    pytest.importorskip(module)
+    if os.environ.get("KERAS_BACKEND") == backend:
+        pytest.skip(f"already running on {backend}")
     proc = _run([sys.executable, "-m", "pytest", "-q", "-m", "core and not slow", "-p", "no:cacheprovider",
-                 "-x", "tests/test_moments.py", "tests/test_rules_monte_carlo.py", "tests/test_wrap.py"],
-                {"KERAS_BACKEND": "jax"})
+                 *extra, *files], {"KERAS_BACKEND": backend}, timeout=timeout)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert " passed" in tail
 
 
+def test_core_tests_pass_on_jax_backend():
+    _rerun_core("jax", "jax", ["tests/test_moments.py", "tests/test_rules_monte_carlo.py", "tests/test_wrap.py"],
+                extra=["-x"])
+
+
 def test_layers_measure_and_rewrite_pass_on_jax_backend():
-    pytest.importorskip("jax")
-    if os.environ.get("KERAS_BACKEND") == "jax":
-        pytest.skip("already running on JAX")
     import glob
 
     files = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(HERE, "test_layer_*.py")))
     files += ["tests/test_measure.py", "tests/test_report_measure.py", "tests/test_rewrite.py",
               "tests/test_stability.py"]
-    proc = _run([sys.executable, "-m", "pytest", "-q", "-m", "core and not slow", "-p", "no:cacheprovider",
-                 *files], {"KERAS_BACKEND": "jax"}, timeout=1500)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in tail
+    _rerun_core("jax", "jax", files, timeout=1500)
 
 
 def test_wrap_measure_calibrate_and_stability_pass_on_torch_backend():
     # The whole core suite passed on torch 2.13 (CPU) by hand (393 tests, 4.5 min); CI reruns the engine,
     # measurement/calibration and stability tests plus one paper layer's.
-    pytest.importorskip("torch")
-    if os.environ.get("KERAS_BACKEND") == "torch":
-        pytest.skip("already running on PyTorch")
-    files = ["tests/test_wrap.py", "tests/test_measure.py", "tests/test_stability.py",
-             "tests/test_report_measure.py", "tests/test_layer_logit_gates.py"]
-    proc = _run([sys.executable, "-m", "pytest", "-q", "-m", "core and not slow", "-p", "no:cacheprovider",
-                 *files], {"KERAS_BACKEND": "torch"}, timeout=1500)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in tail
+    _rerun_core("torch", "torch", ["tests/test_wrap.py", "tests/test_measure.py", "tests/test_stability.py",
+                                   "tests/test_report_measure.py", "tests/test_layer_logit_gates.py"], timeout=1500)
 
 
 def test_wrap_inside_mirrored_strategy_then_fit():
