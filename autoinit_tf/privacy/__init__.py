@@ -20,11 +20,13 @@ from autoinit_tf.privacy.accounting import (  # noqa: F401
     steps_per_epoch,
 )
 from autoinit_tf.privacy.sampling import PoissonSampler, poisson_batches  # noqa: F401
-from autoinit_tf.privacy.model import (  # noqa: F401
+from autoinit_tf.privacy.model import make_private  # noqa: F401
+from autoinit_tf.privacy.validators import (  # noqa: F401
     EXAMPLE_MIXING_LAYERS,
+    DataDependentLossError,
     ExampleMixingLayerError,
+    check_example_independence,
     find_example_mixing_layers,
-    make_private,
     register_example_mixing_layer,
 )
 from autoinit_tf.privacy.per_example import (  # noqa: F401

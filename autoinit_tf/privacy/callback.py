@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import keras
 
-from autoinit_tf.privacy import accounting
+from autoinit_tf.privacy import accounting, ledger
 from autoinit_tf.privacy.ema import swap_in_ema, swap_out_ema
 from autoinit_tf.privacy.model import get_state
+from autoinit_tf.privacy.statement import statement
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +18,15 @@ logger = logging.getLogger(__name__)
 class PrivacyCallback(keras.callbacks.Callback):
     """Log epsilon each epoch; optionally stop before a privacy budget is exceeded.
 
+    The logged ``epsilon`` is the statement's (:func:`autoinit_tf.privacy.statement`): the
+    proven bound for the sampling actually used, ``inf`` once a step was not an untruncated
+    Poisson step (plain ``fit(x, y, batch_size=...)`` batches, truncated batches); a warning says
+    so once.
+
     Args:
-        max_epsilon: budget. After each epoch, if one more epoch (as many steps as the last one)
-            would push epsilon above it, training stops -- so the budget is never exceeded.
-            ``None``: no stop.
+        max_epsilon: budget. After each epoch, if one more epoch (the same steps as the last one,
+            at the same rates) would push epsilon above it, training stops -- so the budget is
+            never exceeded; with no proven epsilon (inf) training stops too. ``None``: no stop.
         log_dir: if given, also write ``epsilon`` to a TensorBoard event file there. Without it,
             a ``keras.callbacks.TensorBoard`` placed after this callback in the list records the
             ``epsilon`` entry of the logs.
@@ -38,15 +45,21 @@ class PrivacyCallback(keras.callbacks.Callback):
         self.key = key
         self.history = []
         self._writer = None
-        self._steps_at_epoch_start = 0
+        self._ledger_at_epoch_start = None
         self._swapped = None
+        self._warned = False
 
     def _state(self):
         return get_state(self.model)
 
-    def _epsilon(self, steps):
+    def _projected_epsilon(self, book):
+        """Proven epsilon of the steps in ``book`` (inf unless all untruncated Poisson)."""
         cfg = self._state().config
-        return accounting.compute_epsilon(cfg.sampling_rate, cfg.noise_multiplier, steps, cfg.delta, cfg.accountant)
+        if not book.proven:
+            return math.inf
+        return ledger.epsilon_of_events(
+            book.events(cfg.noise_multiplier, cfg.dataset_size), cfg.noise_multiplier, cfg.delta, cfg.accountant
+        )
 
     def on_train_begin(self, logs=None):
         state = self._state()
@@ -58,7 +71,7 @@ class PrivacyCallback(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._steps_at_epoch_start = self._state().steps_taken
+        self._ledger_at_epoch_start = self._state().ledger()
 
     def on_test_begin(self, logs=None):
         if self.evaluate_with_ema and self._swapped is None:
@@ -70,8 +83,11 @@ class PrivacyCallback(keras.callbacks.Callback):
             self._swapped = None
 
     def on_epoch_end(self, epoch, logs=None):
-        steps = self._state().steps_taken
-        eps = self._epsilon(steps)
+        st = statement(self.model)
+        eps, steps = st.epsilon, st.steps
+        if not st.guarantee and not self._warned:
+            self._warned = True
+            logger.warning("No proven privacy guarantee (epsilon logged as inf): %s", st.caveats[0])
         if logs is not None:
             logs[self.key] = eps
         self.history.append(eps)
@@ -82,8 +98,9 @@ class PrivacyCallback(keras.callbacks.Callback):
                 tf.summary.scalar(self.key, eps, step=epoch)
             self._writer.flush()
         if self.max_epsilon is not None:
-            per_epoch = max(steps - self._steps_at_epoch_start, 1)
-            if eps >= self.max_epsilon or self._epsilon(steps + per_epoch) > self.max_epsilon:
+            book = self._state().ledger()
+            last = book.minus(self._ledger_at_epoch_start) if self._ledger_at_epoch_start is not None else book
+            if eps >= self.max_epsilon or self._projected_epsilon(book.plus(last)) > self.max_epsilon:
                 logger.warning(
                     "Stopping: epsilon is %.4g after %d steps and another epoch would exceed the budget %.4g.",
                     eps, steps, self.max_epsilon,

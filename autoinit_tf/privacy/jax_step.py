@@ -20,13 +20,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from autoinit_tf.privacy.model import PrivacyState, _parse_sample_weight
-from autoinit_tf.privacy.sampling import MASK_KEY, RATE_KEY
-
-
-def _is_seed_state(variable) -> bool:
-    path = getattr(variable, "path", "") or getattr(variable, "name", "")
-    return path.split("/")[-1].startswith("seed_generator_state")
+from autoinit_tf.privacy.ledger import StepLedger
+from autoinit_tf.privacy.model import PrivacyState, parse_sample_weight
+from autoinit_tf.privacy.sampling import MASK_KEY
+from autoinit_tf.privacy.validators import is_seed_state
 
 
 def _flatten(x):
@@ -52,7 +49,7 @@ class JaxPerExampleGradients:
         self.model = model
         self.loss_fn = loss_fn
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
-        self.seed_state_index = [i for i, v in enumerate(model.non_trainable_variables) if _is_seed_state(v)]
+        self.seed_state_index = [i for i, v in enumerate(model.non_trainable_variables) if is_seed_state(v)]
 
     # ------------------------------------------------------------------ one example
     def _example_loss(self, trainable, non_trainable, x_i, y_i, index):
@@ -139,13 +136,16 @@ class JaxPerExampleGradients:
 
 
 class JaxPrivacyState(PrivacyState):
-    """Counters in Python, updated after every compiled step; EMA as ``keras.Variable`` objects."""
+    """Counters in Python, updated after every compiled step; EMA as ``keras.Variable`` objects.
+
+    The step counter is the DP random state: step k's noise key is ``fold_in(key(seed), k)``,
+    handed to the compiled step as an argument, so it never repeats across compiles, fits or
+    optimizers (the optimizer's own iteration counter restarts with a fresh optimizer).
+    """
 
     def __init__(self, model, config, engine, seed: int):
         super().__init__(config, engine, seed)
-        self._steps = 0
-        self._poisson_steps = 0
-        self._rate_mismatches = 0
+        self._ledger = StepLedger()
         self._ema_update = None
         if config.ema_momentum is not None:
             self.ema = [
@@ -154,26 +154,18 @@ class JaxPrivacyState(PrivacyState):
                 for v in model.trainable_variables
             ]
 
-    @property
-    def steps_taken(self) -> int:
-        return self._steps
-
-    @property
-    def poisson_steps_taken(self) -> int:
-        return self._poisson_steps
-
-    @property
-    def rate_mismatch_steps(self) -> int:
-        return self._rate_mismatches
+    def ledger(self) -> StepLedger:
+        return self._ledger.copy()
 
     def record_step(self, data, trainable_values):
         """Count one executed step of ``data``; update the EMA from the new trainable values."""
-        self._steps += 1
-        _, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if isinstance(sample_weight, dict) and MASK_KEY in sample_weight:
-            self._poisson_steps += 1
-            if RATE_KEY in sample_weight and self.rate_differs(np.asarray(sample_weight[RATE_KEY])):
-                self._rate_mismatches += 1
+        x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        mask, rate, truncated = parse_sample_weight(sample_weight)
+        if mask is None:
+            self._ledger.record_plain(int(_flatten(x)[0].shape[0]))
+        else:
+            q = self.config.sampling_rate if rate is None else self.accounted_rate(np.asarray(rate))
+            self._ledger.record_poisson(q, truncated=bool(truncated is not None and np.asarray(truncated)))
         if self.ema is not None:
             import jax
             import jax.numpy as jnp
@@ -184,7 +176,7 @@ class JaxPrivacyState(PrivacyState):
                     return [mu.astype(e.dtype) * e + (1 - mu).astype(e.dtype) * v for e, v in zip(ema, values)]
 
                 self._ema_update = jax.jit(update)
-            t = float(self._steps)
+            t = float(self._ledger.steps)
             mu = jnp.float32(self.ema_decay(t))
             new = self._ema_update([e.value for e in self.ema], list(trainable_values), mu)
             for e, v in zip(self.ema, new):
@@ -237,7 +229,9 @@ def make_train_function(self, force=False):
     state = self._dp_privacy_state
 
     def counted_step(jax_state, data):
-        logs, jax_state = step(jax_state, data)
+        # the DP step counter, as an array: one compiled function serves every step
+        counter = np.uint32(state.steps_taken % (2**32))
+        logs, jax_state = step(jax_state, data, counter)
         state.record_step(data, jax_state[0])
         return logs, jax_state
 
@@ -245,15 +239,21 @@ def make_train_function(self, force=False):
     return self.train_function
 
 
-def _noise_key(seed: int, iteration):
+def _noise_key(seed: int, counter):
+    """Step ``counter``'s noise key: (seed, NOISE_STREAM, counter) folded into one key."""
     import jax
 
     key = jax.random.PRNGKey(seed % (2**32))
     key = jax.random.fold_in(key, (seed >> 32) % (2**31))
-    return jax.random.fold_in(key, iteration)
+    key = jax.random.fold_in(key, NOISE_STREAM)
+    return jax.random.fold_in(key, counter)
 
 
-def dp_train_step(self, state, data):
+#: Stream number of the noise (as in the TensorFlow step).
+NOISE_STREAM = 0
+
+
+def dp_train_step(self, state, data, noise_counter):
     import jax
     import jax.numpy as jnp
 
@@ -261,7 +261,7 @@ def dp_train_step(self, state, data):
     cfg = dp.config
     trainable, non_trainable, optimizer_vars, metrics_vars = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    mask, _ = _parse_sample_weight(sample_weight)
+    mask, _, _ = parse_sample_weight(sample_weight)
     b = _flatten(x)[0].shape[0]
     if mask is None:
         maskf = jnp.ones((b,), jnp.float32)
@@ -275,11 +275,10 @@ def dp_train_step(self, state, data):
     )
 
     # Gaussian noise N(0, (sigma C)^2) per coordinate on the sum; the key depends on the seed
-    # and on the optimizer's iteration counter, so every step draws fresh noise.
+    # and on the DP state's own step counter, so every step draws fresh noise.
     std = cfg.noise_multiplier * cfg.l2_norm_clip
-    opt_index = [id(v) for v in self.optimizer.variables].index(id(self.optimizer.iterations))
     if std > 0:
-        keys = jax.random.split(_noise_key(dp.seed, optimizer_vars[opt_index]), len(grad_sum))
+        keys = jax.random.split(_noise_key(dp.seed, noise_counter), len(grad_sum))
         grads = [
             (g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)) / denominator
             for g, k in zip(grad_sum, keys)

@@ -24,9 +24,21 @@ import math
 import secrets
 
 import keras
+import numpy as np
 
 from autoinit_tf.privacy import accounting
-from autoinit_tf.privacy.sampling import MASK_KEY, RATE_KEY
+from autoinit_tf.privacy.ledger import StepLedger
+from autoinit_tf.privacy.sampling import MASK_KEY, RATE_KEY, TRUNCATED_KEY
+from autoinit_tf.privacy.validators import all_layers
+from autoinit_tf.privacy.validators import (  # noqa: F401  (public names, re-exported)
+    EXAMPLE_MIXING_LAYERS,
+    DataDependentLossError,
+    ExampleMixingLayerError,
+    check_example_independence,
+    check_model,
+    find_example_mixing_layers,
+    register_example_mixing_layer,
+)
 
 #: Keras backends make_private supports (TensorFlow: tf_step + per_example; JAX: jax_step).
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
@@ -44,66 +56,6 @@ def check_backend():
     return backend
 
 logger = logging.getLogger(__name__)
-
-#: Layer classes (matched by class name anywhere in the MRO) whose output for one
-#: example depends on other examples of the batch.
-EXAMPLE_MIXING_LAYERS = {
-    "BatchNormalization": "GroupNormalization (or LayerNormalization)",
-    "SyncBatchNormalization": "GroupNormalization (or LayerNormalization)",
-    "IterNormWhitening": "GroupNormalization (or LayerNormalization)",
-    "DARBatchNormalization": "GroupNormalization (or LayerNormalization)",
-}
-
-
-class ExampleMixingLayerError(ValueError):
-    """The model has a layer that mixes examples of a batch: per-example privacy would not hold."""
-
-
-def register_example_mixing_layer(class_name: str, replacement: str = "GroupNormalization"):
-    """Declare another layer class (by name) as mixing examples, so make_private refuses it."""
-    EXAMPLE_MIXING_LAYERS[str(class_name)] = str(replacement)
-
-
-def _all_layers(model):
-    if hasattr(model, "_flatten_layers"):
-        return list(model._flatten_layers(include_self=False, recursive=True))
-    return list(model.layers)
-
-
-def find_example_mixing_layers(model):
-    """``[(layer, class_name, replacement)]`` for every layer that mixes examples."""
-    found = []
-    for layer in _all_layers(model):
-        if getattr(layer, "mixes_examples", False):
-            found.append((layer, type(layer).__name__, "a per-example normalization"))
-            continue
-        for cls in type(layer).__mro__:
-            if cls.__name__ in EXAMPLE_MIXING_LAYERS:
-                found.append((layer, cls.__name__, EXAMPLE_MIXING_LAYERS[cls.__name__]))
-                break
-    return found
-
-
-def check_model(model):
-    """Refuse models whose training would break the per-example sensitivity bound."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"make_private expects a keras.Model, got {type(model).__name__}.")
-    mixing = find_example_mixing_layers(model)
-    if mixing:
-        names = ", ".join(f"{layer.name!r} ({cls})" for layer, cls, _ in mixing)
-        repl = sorted({r for _, _, r in mixing})
-        raise ExampleMixingLayerError(
-            f"DP-SGD needs per-example gradients, but these layers mix the examples of a batch "
-            f"(batch statistics): {names}. Replace them with {' / '.join(repl)} -- the "
-            "`bn->groupnorm` swap, e.g. autoinit_tf.wrap(model, swaps=['bn->groupnorm']) -- before make_private (a per-example normalization such as "
-            "GroupNormalization keeps each example's gradient independent of the others)."
-        )
-    activity = [layer.name for layer in _all_layers(model) if getattr(layer, "activity_regularizer", None) is not None]
-    if activity:
-        raise ValueError(
-            f"Layers {activity} have an activity_regularizer: it is a data-dependent loss that "
-            "DP-SGD would have to clip per example; remove it (weight regularizers are fine)."
-        )
 
 
 def resolve_loss_fn(model, loss_fn=None):
@@ -157,20 +109,36 @@ class PrivacyState(abc.ABC):
         self.seed = int(seed)
         self.ema = None
 
-    @property
     @abc.abstractmethod
+    def ledger(self) -> StepLedger:
+        """How every DP step taken so far was sampled (a fresh copy)."""
+
+    @property
     def steps_taken(self) -> int:
         """DP steps taken so far (every batch, Poisson or not)."""
+        return self.ledger().steps
 
     @property
-    @abc.abstractmethod
     def poisson_steps_taken(self) -> int:
-        """DP steps taken on Poisson-sampled batches."""
+        """DP steps taken on Poisson-sampled batches (truncated ones included)."""
+        return self.ledger().poisson_steps
 
     @property
-    @abc.abstractmethod
     def rate_mismatch_steps(self) -> int:
         """Poisson steps whose batch carried a sampling rate other than the configured one."""
+        return sum(n for q, n in self.ledger().poisson.items() if self.rate_differs(q))
+
+    def accounted_rate(self, rate) -> float:
+        """The rate a Poisson step is accounted at: the configured one when ``rate`` is it (up to
+        float32 rounding); else ``rate`` itself, rounded up by one float32 step when it looks like
+        a float32 value (JAX without x64 may have rounded it down; a larger rate only overstates
+        epsilon)."""
+        q = float(rate)
+        if not self.rate_differs(q):
+            return self.config.sampling_rate
+        if float(np.float32(q)) == q:
+            q = float(np.nextafter(np.float32(q), np.float32(2.0)))
+        return min(1.0, q)
 
     def ema_decay(self, t):
         """EMA decay after ``t`` steps: ``min(mu, (1 + t) / (10 + t))`` (warm-up; ``t`` float or tensor)."""
@@ -217,6 +185,7 @@ def make_private(
     seed: int | None = None,
     jit_compile: bool = True,
     per_example_method: str = "direct",
+    probe_inputs=None,
 ):
     """Make ``model`` train with DP-SGD; returns the same model object.
 
@@ -254,13 +223,15 @@ def make_private(
     :func:`autoinit_tf.privacy.poisson_batches` for honest accounting.
     """
     backend = check_backend()
-    check_model(model)
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"make_private expects a keras.Model, got {type(model).__name__}.")
     if getattr(model, "_dp_privacy_state", None) is not None:
         raise ValueError("make_private was already applied to this model.")
     if not model.built:
         raise ValueError(
             "The model must be built before make_private (give it an Input or call it on a batch)."
         )
+    check_model(model, probe_inputs)
     c = float(l2_norm_clip)
     if not (c > 0.0) or math.isinf(c):
         raise ValueError(f"l2_norm_clip must be a finite number > 0, got {l2_norm_clip!r}.")
@@ -328,6 +299,17 @@ def make_private(
         from autoinit_tf.privacy import tf_step
         from autoinit_tf.privacy.per_example import PerExampleGradients
 
+        attention = [
+            layer.name
+            for layer in all_layers(model)
+            if isinstance(layer, keras.layers.MultiHeadAttention)
+        ]
+        if per_example_method == "direct" and attention:
+            logger.info(
+                "Attention layers %s: per-example gradients through tf.vectorized_map (the direct "
+                "engine is not used for attention models on TensorFlow).", attention,
+            )
+            per_example_method = "vectorized_map"
         engine = PerExampleGradients(
             model,
             loss,
@@ -342,12 +324,13 @@ def make_private(
     return model
 
 
-def _parse_sample_weight(sample_weight):
-    """``(mask, rate)`` from a Poisson batch; ``(None, None)`` for plain batches; errors otherwise."""
+def parse_sample_weight(sample_weight):
+    """``(mask, rate, truncated)`` from a Poisson batch; ``(None, None, None)`` for plain batches;
+    errors otherwise. ``rate`` and ``truncated`` are ``None`` when the batch does not carry them."""
     if sample_weight is None:
-        return None, None
+        return None, None, None
     if isinstance(sample_weight, dict) and MASK_KEY in sample_weight:
-        return sample_weight[MASK_KEY], sample_weight.get(RATE_KEY)
+        return sample_weight[MASK_KEY], sample_weight.get(RATE_KEY), sample_weight.get(TRUNCATED_KEY)
     raise ValueError(
         "DP-SGD does not accept sample_weight or class_weight: a weight > 1 would scale an "
         "example's clipped gradient past l2_norm_clip and void the privacy bound. Rebalance by "

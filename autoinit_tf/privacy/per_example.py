@@ -16,6 +16,8 @@ import contextlib
 
 import keras
 
+from autoinit_tf.privacy.validators import is_seed_state
+
 def check_backend():
     """This engine is TensorFlow code: raise a clear error on any other Keras backend."""
     backend = keras.backend.backend()
@@ -27,9 +29,32 @@ def check_backend():
     return backend
 
 
-def _is_seed_state(variable) -> bool:
-    path = getattr(variable, "path", "") or getattr(variable, "name", "")
-    return path.split("/")[-1].startswith("seed_generator_state")
+class unrolled_recurrent_layers:
+    """Context manager: every Keras RNN layer of ``model`` runs unrolled while active.
+
+    ``tf.vectorized_map`` cannot convert the gradient of the ``tf.while_loop`` a rolled RNN
+    builds (its TensorArray is a variant tensor: "dtype variant is not compatible with int64"),
+    and the direct engine cannot see the kernel reads inside the loop. Unrolled, the same
+    cell runs once per time step in the outer graph: same values, per-example gradients in
+    closed form (the direct engine) or vectorized. Needs a fixed sequence length.
+    """
+
+    def __init__(self, model):
+        from autoinit_tf.privacy.validators import all_layers
+
+        self._layers = [
+            layer for layer in all_layers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll
+        ]
+
+    def __enter__(self):
+        for layer in self._layers:
+            layer.unroll = True
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self._layers:
+            layer.unroll = False
+        return False
 
 
 def global_norms(per_example_grads):
@@ -207,7 +232,7 @@ class PerExampleGradients:
         self.augmult = int(augmult)
         self.augment = augment
         self.fast_conv = bool(fast_conv)
-        self.seed_state_index = [i for i, v in enumerate(model.non_trainable_variables) if _is_seed_state(v)]
+        self.seed_state_index = [i for i, v in enumerate(model.non_trainable_variables) if is_seed_state(v)]
         # The direct engine runs as a plain TF graph: its work is a few large batched matmuls and
         # convolutions, and XLA (TF 2.21, CPU) constant-folded its whole forward pass at compile
         # time (minutes for a 26k-parameter CNN at batch 256). XLA is kept for vectorized_map.
@@ -361,6 +386,10 @@ class PerExampleGradients:
 
     # ----------------------------------------------------------- public API
     def _per_example_impl(self, trainable, non_trainable, x, y, seed):
+        with unrolled_recurrent_layers(self.model):
+            return self._per_example_traced(trainable, non_trainable, x, y, seed)
+
+    def _per_example_traced(self, trainable, non_trainable, x, y, seed):
         import tensorflow as tf
 
         b = tf.shape(tf.nest.flatten(x)[0])[0]
@@ -383,6 +412,10 @@ class PerExampleGradients:
 
     def _clipped_sum_impl(self, trainable, non_trainable, x, y, mask, l2_norm_clip, seed):
         """Sum over examples of mask_i * clip(g_i), with per-example losses, predictions, norms."""
+        with unrolled_recurrent_layers(self.model):
+            return self._clipped_sum_traced(trainable, non_trainable, x, y, mask, l2_norm_clip, seed)
+
+    def _clipped_sum_traced(self, trainable, non_trainable, x, y, mask, l2_norm_clip, seed):
         import tensorflow as tf
 
         x_views = self._views(x, seed)

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 MASK_KEY = "dp_poisson_mask"
 #: Key of the sampling rate in the third slot of every Poisson batch.
 RATE_KEY = "dp_sampling_rate"
+#: Key of the truncation flag (``padding="max"`` cut the batch to ``max_batch_size``).
+TRUNCATED_KEY = "dp_truncated"
 
 
 def default_max_batch_size(dataset_size: int, sampling_rate: float, overflow_probability: float = 1e-9) -> int:
@@ -94,29 +96,36 @@ class PoissonSampler:
         self.max_batch_size = int(max_batch_size)
         self.rng = np.random.default_rng(seed)
         self.overflows = 0
+        self.last_truncated = False
 
     def sample(self, truncate: bool = True) -> np.ndarray:
         """Indices of one Poisson batch (sorted; with ``truncate``, length <= max_batch_size)."""
         chosen = np.flatnonzero(self.rng.random(self.dataset_size) < self.sampling_rate)
         if truncate and len(chosen) > self.max_batch_size:
-            # Probability <= the overflow probability the padded size was chosen for.
+            # Probability <= the overflow probability the padded size was chosen for. The batch
+            # carries the flag, and the privacy statement then claims no guarantee.
             self.overflows += 1
             logger.warning(
                 "Poisson batch of %d examples exceeds max_batch_size=%d; keeping a uniform random "
-                "subset (the accounting assumes the full Poisson batch: raise max_batch_size).",
+                "subset: the accountant does not cover this step, and the privacy statement will "
+                "say so (raise max_batch_size, or use padding='auto').",
                 len(chosen), self.max_batch_size,
             )
             chosen = np.sort(self.rng.choice(chosen, self.max_batch_size, replace=False))
+            self.last_truncated = True
+        else:
+            self.last_truncated = False
         return chosen
 
     def padded_indices(self):
-        """``(indices, mask)`` of fixed length max_batch_size; padded slots point at row 0 and are masked."""
+        """``(indices, mask, truncated)`` of fixed length max_batch_size; padded slots point at row 0
+        and are masked; ``truncated`` says the Poisson batch was cut to max_batch_size."""
         chosen = self.sample()
         idx = np.zeros(self.max_batch_size, dtype=np.int64)
         idx[: len(chosen)] = chosen
         mask = np.zeros(self.max_batch_size, dtype=bool)
         mask[: len(chosen)] = True
-        return idx, mask
+        return idx, mask, np.bool_(self.last_truncated)
 
 
 def poisson_batches(
@@ -130,7 +139,8 @@ def poisson_batches(
 ):
     """A ``tf.data.Dataset`` of Poisson-sampled, masked batches for ``model.fit``.
 
-    Every element is ``(x_batch, y_batch, {"dp_poisson_mask": mask, "dp_sampling_rate": q})``.
+    Every element is ``(x_batch, y_batch, {"dp_poisson_mask": mask, "dp_sampling_rate": q,
+    "dp_truncated": flag})``.
     The real rows come first (mask True), then zero rows (mask False) up to the padded size:
     with ``padding="auto"`` (default) the next multiple of a small power of two (see the
     module docstring), with an integer ``k`` the next multiple of ``k``, with ``"none"`` no
@@ -147,7 +157,8 @@ def poisson_batches(
         seed: numpy seed for the sampler; successive epochs continue the same stream.
         steps_per_epoch: batches per pass; default ``ceil(N / L)``.
         max_batch_size: padded size for ``padding="max"``; default exceeded with probability
-            <= 1e-9 per step (a larger batch is cut to it, with a warning). Not used otherwise.
+            <= 1e-9 per step (a larger batch is cut to it, with a warning, and the batch's
+            ``dp_truncated`` flag makes the privacy statement claim no guarantee). Not used otherwise.
         padding: ``"auto"``, ``"none"``, ``"max"`` or a positive integer ``k`` (see above).
     """
     import tensorflow as tf
@@ -191,13 +202,13 @@ def poisson_batches(
             idx[:k] = chosen
             mask = np.zeros(rows, dtype=bool)
             mask[:k] = True
-            yield idx, mask
+            yield idx, mask, np.bool_(False)
 
     x_const = [tf.constant(a) for a in x_flat]
     y_const = [tf.constant(a) for a in y_flat]
     rate = tf.constant(q, tf.float64)
 
-    def fetch(idx, mask):
+    def fetch(idx, mask, truncated):
         def take(a):
             rows = tf.gather(a, idx)
             keep = tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([tf.rank(rows) - 1], tf.int32)], 0))
@@ -205,9 +216,9 @@ def poisson_batches(
 
         xb = tf.nest.pack_sequence_as(x, [take(a) for a in x_const])
         yb = tf.nest.pack_sequence_as(y, [take(a) for a in y_const])
-        return xb, yb, {MASK_KEY: mask, RATE_KEY: rate}
+        return xb, yb, {MASK_KEY: mask, RATE_KEY: rate, TRUNCATED_KEY: truncated}
 
-    signature = (tf.TensorSpec((lead,), tf.int64), tf.TensorSpec((lead,), tf.bool))
+    signature = (tf.TensorSpec((lead,), tf.int64), tf.TensorSpec((lead,), tf.bool), tf.TensorSpec((), tf.bool))
     ds = tf.data.Dataset.from_generator(indices, output_signature=signature)
     ds = ds.map(fetch).apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
     ds.dp_sampler = sampler  # plain attribute, for inspection; not part of the pipeline
