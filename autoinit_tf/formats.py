@@ -28,9 +28,10 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import zipfile
+
+from autoinit_tf import io_utils
 
 logger = logging.getLogger("autoinit_tf.formats")
 
@@ -775,55 +776,55 @@ def check_writable(target, *, overwrite=False, what="output"):
 
 
 def save_keras(model, target, *, overwrite=False):
-    """Save `model` as a ``.keras`` archive at `target` atomically (temp file in the same dir + rename)."""
+    """Save `model` as a ``.keras`` archive at `target`: written to a pid-tagged temporary file in the
+    same directory, then published atomically and, without `overwrite`, exclusively (two concurrent
+    writers cannot both win); temporaries of earlier killed runs in that directory are removed first."""
     target = os.fspath(target)
     check_writable(target, overwrite=overwrite)
     if os.path.isdir(target):
         raise ConversionError(f"The output '{target}' is a directory; give a file name ending in .keras.")
     parent = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-autoinit-", suffix=".keras", dir=parent)
-    os.close(fd)
+    io_utils.clean_stale_temps(parent)
+    tmp = io_utils.temp_path(parent, suffix=".keras")
     try:
         model.save(tmp)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, Exception) and not isinstance(exc, ConversionError):
-            raise ConversionError(f"Could not write '{target}': {type(exc).__name__}: {exc}") from exc
-        raise
+        io_utils.publish(tmp, target, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise ConversionError(
+            f"The output '{target}' appeared while this model was being written (another process?); "
+            "nothing was replaced. Pass --overwrite to replace it."
+        ) from exc
+    except Exception as exc:
+        if isinstance(exc, ConversionError):
+            raise
+        raise ConversionError(f"Could not write '{target}': {type(exc).__name__}: {exc}") from exc
+    finally:
+        if os.path.lexists(tmp):
+            io_utils.remove(tmp)
     return target
 
 
 def export_saved_model(model, target, *, overwrite=False):
-    """``model.export(target)`` (a serving SavedModel), written to a temporary directory then renamed."""
+    """``model.export(target)`` (a serving SavedModel), written to a temporary directory then published
+    as `save_keras` publishes."""
     target = os.fspath(target)
     check_writable(target, overwrite=overwrite, what="SavedModel directory")
     parent = os.path.dirname(os.path.abspath(target))
-    tmp = tempfile.mkdtemp(prefix=".tmp-autoinit-export-", dir=parent)
-    old = None
+    io_utils.clean_stale_temps(parent)
+    tmp = io_utils.temp_path(parent, suffix="-export", folder=True)
     try:
-        shutil.rmtree(tmp)
+        os.rmdir(tmp)
         model.export(tmp, verbose=False)
-        if os.path.lexists(target):
-            old = tempfile.mkdtemp(prefix=".tmp-autoinit-old-", dir=parent)
-            os.rmdir(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and os.path.exists(old) and not os.path.exists(target):
-            os.replace(old, target)
-            old = None
-        if isinstance(exc, Exception) and not isinstance(exc, ConversionError):
-            raise ConversionError(f"Could not export the SavedModel '{target}': {type(exc).__name__}: {exc}") \
-                from exc
-        raise
+        io_utils.publish(tmp, target, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise ConversionError(
+            f"The SavedModel directory '{target}' appeared while it was being written; nothing was replaced."
+        ) from exc
+    except Exception as exc:
+        if isinstance(exc, ConversionError):
+            raise
+        raise ConversionError(f"Could not export the SavedModel '{target}': {type(exc).__name__}: {exc}") from exc
     finally:
-        if old is not None and os.path.exists(old):
-            if os.path.isdir(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.unlink(old)
+        if os.path.lexists(tmp):
+            io_utils.remove(tmp)
     return target

@@ -116,6 +116,7 @@ class stage_progress:  # noqa: N801 - used like a function
         return self
 
     def __call__(self, stage):
+        _io().ABORT.check()  # between stages: stop on a signal even if its exception was swallowed
         if self.bar is None:
             return
         if self.current is not None:
@@ -158,6 +159,37 @@ class stage_progress:  # noqa: N801 - used like a function
 
 
 DISTRIBUTIONS = ("truncated_normal", "untruncated_normal", "uniform", "orthogonal")
+
+
+def _io():
+    """autoinit_tf.io_utils, imported late (importing autoinit_tf loads Keras: `--help` stays fast)."""
+    from autoinit_tf import io_utils
+
+    return io_utils
+
+
+def refuse_input_paths(input_path, **outputs):
+    """Usage error when an output is the input, or inside it, once symbolic links are resolved."""
+    for what, path in outputs.items():
+        if path and _io().same_or_inside(path, input_path):
+            raise click.UsageError(
+                f"{what} '{path}' is the INPUT (or inside it), once symbolic links are resolved: the input is "
+                "never modified; choose another path."
+            )
+
+
+def check_finite_options(**values):
+    """Usage errors (exit 2) for a NaN/inf option or a non-positive variance, before anything loads."""
+    import math
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise click.BadParameter(f"must be a finite number, got {value}.", param_hint=flag)
+        if name != "input_mean" and not value > 0:
+            raise click.BadParameter("must be positive.", param_hint=flag)
 
 
 def default_output(input_path):
@@ -217,25 +249,25 @@ def command(input_path, output_path, input_format, custom_objects, allow_lambda,
         raise click.UsageError("Pass either --data or --input-mean/--input-var, not both.")
     if calibrate == "data" and data_path is None:
         raise click.UsageError("--calibrate data needs --data FILE.npy|.npz.")
-    if input_var is not None and input_var <= 0:
-        raise click.BadParameter("must be positive.", param_hint="--input-var")
-    if signal_variance <= 0:
-        raise click.BadParameter("must be positive.", param_hint="--signal-variance")
+    check_finite_options(input_mean=input_mean, input_var=input_var, signal_variance=signal_variance)
     if output_path is not None and not output_path.endswith(".keras"):
         raise click.BadParameter(f"'{output_path}' must end in .keras.", param_hint="OUTPUT")
     if data_path is not None and not data_path.lower().endswith((".npy", ".npz")):
         raise click.BadParameter("must be a .npy or .npz file.", param_hint="--data")
     output_path = output_path or default_output(input_path)
-    if os.path.abspath(output_path) == os.path.abspath(input_path):
-        raise click.UsageError("OUTPUT is the INPUT: the input is never modified; choose another OUTPUT.")
+    refuse_input_paths(input_path, OUTPUT=output_path, **{"--export-saved-model": export_dir, "--report": report_path,
+                                                         "--plot": plot_path})
 
+    _io().install_signal_handlers()
     try:
         _convert(**locals())
+        _io().ABORT.check()  # a signal whose exception a library swallowed still fails the run
     except SystemExit:
         raise
-    except KeyboardInterrupt:  # pragma: no cover
+    except (KeyboardInterrupt, _io().Interrupted) as exc:
+        code = exc.exit_code if isinstance(exc, _io().Interrupted) else 130
         click.echo("Interrupted; nothing was written.", err=True)
-        sys.exit(130)
+        sys.exit(code)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a one-paragraph message, exit 1
         fail(exc, verbose)
 
@@ -348,11 +380,15 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
             if plot_path:
                 report.plot(plot_path)
                 written.append(plot_path)
-        except Exception:
-            # All or nothing: remove what this run wrote.
+        except BaseException:
+            # All or nothing: remove what this run wrote (also on SIGINT / SIGTERM).
             for p in written:
                 _remove(p)
             raise
+        if _io().ABORT.signum is not None:  # interrupted, the exception swallowed: undo
+            for p in written:
+                _remove(p)
+            _io().ABORT.check()
 
     if verbose:
         for line in loaded.fixups:

@@ -8,7 +8,7 @@ import warnings
 
 import click
 
-from .convert import common_model_options, echo_warnings, fail, load_data, resolve_verbosity, stage_progress
+from .convert import check_finite_options, common_model_options, echo_warnings, fail, load_data, resolve_verbosity, stage_progress
 
 
 @click.command("report")
@@ -34,8 +34,7 @@ def command(model_path, input_format, custom_objects, allow_lambda, data_path, i
     verbose = resolve_verbosity(verbose)
     if data_path is not None and (input_mean is not None or input_var is not None):
         raise click.UsageError("Pass either --data or --input-mean/--input-var, not both.")
-    if input_var is not None and input_var <= 0:
-        raise click.BadParameter("must be positive.", param_hint="--input-var")
+    check_finite_options(input_mean=input_mean, input_var=input_var)
     if batch_size <= 0:
         raise click.BadParameter("must be positive.", param_hint="--batch-size")
     try:
