@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 
+import keras
 import numpy as np
 from keras.src import tree
 
@@ -90,6 +91,7 @@ class _Engine:
                 f"Rule for '{op.name}' produced shape {array.shape} for {variable.path} of shape "
                 f"{tuple(variable.shape)}."
             )
+        _check_array_fits(variable, array)
         if variable.path not in self.pending:
             self.visit_records.append(variable.path)
         self.pending[variable.path] = (variable, array)
@@ -191,13 +193,23 @@ class _Engine:
             self.progress(self.done, self.total, name)
         return outs if len(outs) > 1 else outs[0]
 
+    def replace_pending(self, values):
+        """Replace drawn arrays by other values (``id(variable) -> value``, e.g. calibrated kernels)."""
+        for path, (variable, _) in list(self.pending.items()):
+            new = values.get(id(variable))
+            if new is not None:
+                self.pending[path] = (variable, new)
+
     def apply(self) -> list:
         """Assign every drawn array; returns the assigned variable paths. Each array is released once
         assigned, so the drawn copies and the variables' new buffers are not all alive at once."""
         paths = sorted(self.pending)
         while self.pending:
             _, (variable, array) = self.pending.popitem()
-            variable.assign(array.astype(_np_dtype(variable), copy=False))
+            if isinstance(array, np.ndarray):
+                variable.assign(array.astype(_np_dtype(variable), copy=False))
+            else:
+                variable.assign(keras.ops.cast(array, variable.dtype))
             del array
         return paths
 
@@ -212,6 +224,20 @@ def _fit_detail(m, kt):
     if m.ch_mean is not None and (not shape or shape[-1] != m.channels):
         m = m.pooled()
     return m
+
+
+def _check_array_fits(variable, array):
+    """Refuse a drawn array that the variable's dtype cannot hold (before anything is assigned)."""
+    a = np.asarray(array)
+    if a.size == 0 or a.dtype.kind != "f":
+        return
+    dtype = _np_dtype(variable)
+    if np.dtype(dtype).kind != "f":
+        return
+    amax = float(max(a.max(), -a.min()))
+    if amax == 0.0:
+        return
+    distributions.check_representable(amax / 2.0 if np.isfinite(amax) else amax, dtype, where=variable.path)
 
 
 def _np_dtype(variable):
@@ -408,28 +434,26 @@ def wrap(
         model = rewrite(model, swaps=swaps)
     # Calibration is the remedy for an unstable prediction: no warning when it runs.
     engine = _run(model, **_pass_options(locals()), warn_unstable=calibrate is None)
-    assigned = engine.apply()
-    report = SignalReport(model.name, engine.rows, assigned=assigned)
+    # Everything is computed before anything is assigned: the analytic arrays, then (with
+    # `calibrate`) the calibrated kernels on a replay that reads the drawn arrays in place of the
+    # variables. A failure anywhere leaves every variable bit-identical.
+    report = SignalReport(model.name, engine.rows, assigned=sorted(engine.pending))
     report.amplification = engine.amplification.worst[:2]
-    n_assigned = len(assigned)
     if calibrate is not None:
-        from autoinit_tf.measure import calibrate as _calibrate
+        from autoinit_tf.measure import calibrated_values
 
         # With data=..., the probe takes the data's moments.
         resolved = input_moments if data is None else [(m.mean, m.var) for m in engine.input_moments]
-        options = dict(input_moments=resolved, seed=seed, signal_variance=signal_variance)
-        # Free the analytic pass before the calibration replay: its drawn arrays (now in the variables)
-        # and, unless the report is returned, its per-node moments (only the weighted rows' names are
-        # needed).
-        del engine
-        if return_report:
-            report = _calibrate(model, calibrate, report=report, **options)
-        else:
-            from autoinit_tf.measure import _calibration_replay
-
-            only = {r.name for r in report.rows if r.weighted}
-            report = None
-            _calibration_replay(model, calibrate, only=only, record=False, **options)
+        values = {id(variable): array for variable, array in engine.pending.values()}
+        only = {r.name for r in report.rows if r.weighted}
+        report, values = calibrated_values(
+            model, calibrate, report=report if return_report else None, only=only, values=values,
+            record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
+        )
+        engine.replace_pending(values)
+        del values
+    assigned = engine.apply()
+    n_assigned = len(assigned)
     logger.info(
         "autoinit: %d weight tensors re-initialized in '%s' (%.2fs).",
         n_assigned,

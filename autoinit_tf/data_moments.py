@@ -9,6 +9,28 @@ import numpy as np
 from autoinit_tf.moments import Moments
 
 
+def check_input_array(a, name, what="data"):
+    """Refuse an input sample that cannot stand for real inputs: empty, complex, not numeric, NaN/inf.
+
+    Shared by ``data=`` (input moments) and ``calibrate=`` (the calibration replay), so both refuse
+    the same things with the same words.
+    """
+    a = np.asarray(a)
+    if a.size == 0 or (a.ndim and a.shape[0] == 0):
+        raise ValueError(f"{what} for input '{name}' is empty (shape {a.shape}): give at least one example.")
+    if np.iscomplexobj(a):
+        raise ValueError(f"{what} for input '{name}' is complex ({a.dtype}); the model's inputs are real-valued.")
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"{what} for input '{name}' is not numeric (dtype {a.dtype}).")
+    if a.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:
+            raise ValueError(
+                f"{what} for input '{name}' contains NaN or inf ({bad} of {a.size} values); clean or drop those "
+                "examples first."
+            )
+
+
 def _to_numpy(x):
     if isinstance(x, np.ndarray):
         return x
@@ -61,10 +83,13 @@ def moments_from_data(fn, data):
             raise ValueError(
                 f"data for input '{kt.name}' has shape {a.shape}, but the model expects (batch,) + {want}."
             )
+        check_input_array(a, kt.name, "data")
         a = a.astype(np.float64)
         mean, var = float(a.mean()), float(a.var())
         if not (math.isfinite(mean) and math.isfinite(var)):
-            raise ValueError(f"data for input '{kt.name}' contains NaN or inf.")
+            raise ValueError(
+                f"data for input '{kt.name}' is too large to take its moments in float64 (mean {mean}, variance {var})."
+            )
         if var == 0:
             raise ValueError(f"data for input '{kt.name}' has zero variance: there is no signal to scale against.")
         out.append(Moments(mean, var))

@@ -59,6 +59,7 @@ def sample(shape, var: float, distribution: str, rng: np.random.Generator, *,
         return _orthogonal(shape, var, rng)
     check_distribution(distribution)
     std = float(np.sqrt(max(var, 0.0)))
+    check_representable(std, np.float32)
     out = np.empty(n, dtype=np.float32)
     if n <= CHUNK:
         _fill(out, std, distribution, rng)
@@ -79,6 +80,29 @@ def sample(shape, var: float, distribution: str, rng: np.random.Generator, *,
                 for f in [pool.submit(_fill, part, std, distribution, child) for part, child in jobs]:
                     f.result()
     return out.reshape(shape)
+
+
+class UnrepresentableVarianceError(ValueError):
+    """A requested weight scale is outside the range of the variable's float dtype."""
+
+
+def check_representable(std: float, dtype, where: str = "") -> None:
+    """Raise `UnrepresentableVarianceError` when weights of standard deviation `std` cannot be stored in
+    `dtype`: non-finite, above its largest value, or (for a nonzero `std`) below its smallest normal
+    number, where they would become subnormal or zero (a silently dead layer)."""
+    info = np.finfo(dtype)
+    where = f" for {where}" if where else ""
+    if not np.isfinite(std) or std > float(info.max) / 4:
+        problem = f"overflow to inf in {np.dtype(dtype).name} (largest {float(info.max):.3g})"
+    elif 0 < std < float(info.tiny):
+        problem = f"underflow to zero or subnormal numbers in {np.dtype(dtype).name} (smallest normal {float(info.tiny):.3g})"
+    else:
+        return
+    raise UnrepresentableVarianceError(
+        f"The weights{where} would have standard deviation {std:.3g}, which would {problem}. Check "
+        "signal_variance and the input moments (input_moments / data, --signal-variance / --input-var): "
+        "rescale the inputs to a moderate variance instead of compensating in the weights."
+    )
 
 
 def _fill(out: np.ndarray, std: float, distribution: str, rng: np.random.Generator) -> None:

@@ -363,16 +363,25 @@ def _is_keras3_config(config) -> bool:
 
 
 def iter_layer_entries(config):
-    """Yield every layer entry (dict with ``class_name``) of a model config, recursively."""
+    """Yield every layer entry (dict with ``class_name``) of a model config, recursively: the layers of
+    nested models and the layers wrapped by TimeDistributed / Bidirectional / any wrapper (``layer``,
+    ``forward_layer``, ``backward_layer``, ``cell``, ``cells``)."""
     inner = config.get("config") if isinstance(config, dict) else None
     if not isinstance(inner, dict):
         return
+    children = []
     layers = inner.get("layers")
     if isinstance(layers, list):
-        for ly in layers:
-            if isinstance(ly, dict):
-                yield ly
-                yield from iter_layer_entries(ly)
+        children.extend(layers)
+    for key in ("layer", "forward_layer", "backward_layer", "cell"):
+        if isinstance(inner.get(key), dict):
+            children.append(inner[key])
+    if isinstance(inner.get("cells"), list):
+        children.extend(inner["cells"])
+    for ly in children:
+        if isinstance(ly, dict) and "class_name" in ly:
+            yield ly
+            yield from iter_layer_entries(ly)
 
 
 def _layer_name(entry):

@@ -35,6 +35,8 @@ the replay is handed back to the OS as it goes (`autoinit_tf.heap.HeapTrim`).
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import warnings
@@ -160,12 +162,12 @@ def _sequence_input(args, kwargs):
     return x
 
 
-def _gate_inputs(x, cells):
+def _gate_inputs(x, cells, value=lambda v: v.value):
     """The input contribution x W of every step to the gate pre-activations: (examples * steps, columns),
-    the columns of all `cells` side by side."""
+    the columns of all `cells` side by side (``value(variable)``: the kernel's value in this replay)."""
     x = _as_float(x)
     x = ops.reshape(x, (-1, int(x.shape[-1])))
-    parts = [ops.matmul(x, ops.cast(cell.kernel.value, x.dtype)) for cell in cells]
+    parts = [ops.matmul(x, ops.cast(value(cell.kernel), x.dtype)) for cell in cells]
     return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 
@@ -223,10 +225,50 @@ def _call(op, args, kwargs, training, overrides=None):
         # As keras.Model.__call__(training=...) does: the call's mode overrides the recorded one.
         kwargs = dict(kwargs, training=training)
     overrides = overrides or {}
-    tv = [overrides.get(id(v), v.value) for v in op.trainable_variables]
-    ntv = [overrides.get(id(v), v.value) for v in op.non_trainable_variables]
-    outs, _ = op.stateless_call(tv, ntv, *args, **kwargs)
+
+    def value(v):
+        o = overrides.get(id(v))
+        return v.value if o is None else ops.convert_to_tensor(o, dtype=v.dtype)
+
+    tv = [value(v) for v in op.trainable_variables]
+    ntv = [value(v) for v in op.non_trainable_variables]
+    with _autocast(op):
+        args, kwargs = _convert_inputs(op, args, kwargs)
+        outs, _ = op.stateless_call(tv, ntv, *args, **kwargs)
     return outs
+
+
+def _autocast(op):
+    """The autocast scope ``Layer.__call__`` would enter (``stateless_call`` enters none): under a mixed
+    policy (``mixed_float16``/``mixed_bfloat16``) the float32 variables are read in the compute dtype."""
+    from keras.src.backend import AutocastScope, get_autocast_scope, is_float_dtype
+
+    current = get_autocast_scope()
+    if not getattr(op, "autocast", True) or not is_float_dtype(op.compute_dtype):
+        return AutocastScope(None) if current is not None else contextlib.nullcontext()
+    if (current is None and op.compute_dtype != op.variable_dtype) or (
+        current is not None and current.dtype != op.compute_dtype
+    ):
+        return AutocastScope(op.compute_dtype)
+    return contextlib.nullcontext()
+
+
+def _convert_inputs(op, args, kwargs):
+    """Float inputs cast to the layer's compute dtype, as ``Layer.__call__`` does (masks kept)."""
+    policy = getattr(op, "dtype_policy", None)
+    if policy is None or op.compute_dtype == op.variable_dtype:
+        return args, kwargs
+
+    def convert(x):
+        if not hasattr(x, "dtype") or not keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype)):
+            return x
+        mask = keras.backend.get_keras_mask(x) if hasattr(keras.backend, "get_keras_mask") else None
+        y = policy.convert_input(x, op.autocast, op.input_dtype)
+        if mask is not None:
+            keras.backend.set_keras_mask(y, mask)
+        return y
+
+    return tree.map_structure(convert, args), tree.map_structure(convert, kwargs)
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -452,8 +494,11 @@ def _input_arrays(fn, x, batch_size):
         arrays = [batch]
     if len(arrays) != len(fn.inputs):
         raise ValueError(f"x provides {len(arrays)} arrays but the model has {len(fn.inputs)} inputs ({names}).")
+    from autoinit_tf.data_moments import check_input_array
+
     out = []
     for kt, a in zip(fn.inputs, arrays):
+        check_input_array(ops.convert_to_numpy(a) if not isinstance(a, np.ndarray) else a, kt.name, "calibrate")
         t = ops.convert_to_tensor(a)
         want, got = tuple(kt.shape[1:]), tuple(t.shape[1:])
         if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
@@ -494,8 +539,12 @@ class _Replay:
     """
 
     def __init__(self, fn, *, training, calibrate=False, targets=None, signal_variance=1.0, only=None,
-                 record=True, prior=None):
+                 record=True, prior=None, values=None):
         self.fn = fn
+        # id(variable) -> the value it stands for during this replay (the analytic pass's drawn
+        # arrays, then the calibrated kernels): calibration writes here and never assigns, so a
+        # failure anywhere leaves every variable as it was.
+        self.values = {} if values is None else values
         self.training = training
         self.calibrate = calibrate
         self.targets = targets or {}
@@ -567,13 +616,13 @@ class _Replay:
             notes.append(note)
         else:
             with _NoActivation(op, act is not None):
-                outs = _call(op, args, kwargs, self.training)
+                outs = _call(op, args, kwargs, self.training, self.values)
             if act is not None:
                 pre_stats = _stats(outs) if record else None
                 outs = act(outs)
             elif cells is not None and record:
                 x = _sequence_input(args, kwargs)
-                pre_stats = None if x is None else _stats(_gate_inputs(x, cells))
+                pre_stats = None if x is None else _stats(_gate_inputs(x, cells, self.value))
         if not record:
             if notes:
                 self.rows.append(NodeRow(name=name, type=type(op).__name__, inputs=[], outputs=[],
@@ -597,6 +646,17 @@ class _Replay:
         )
         return outs
 
+    def value(self, variable):
+        """The value `variable` stands for in this replay."""
+        v = self.values.get(id(variable))
+        return variable.value if v is None else ops.convert_to_tensor(v, dtype=variable.dtype)
+
+    def _set(self, variable, value):
+        self.values[id(variable)] = value
+
+    def _overrides(self, extra):
+        return {**self.values, **extra}
+
     def _wants(self, op, name):
         if id(op) in self.calibrated_ops:
             return False  # a shared layer is calibrated on its first call
@@ -619,7 +679,7 @@ class _Replay:
         if x is not None:
             for cell in cells:
                 units = int(cell.units)
-                z = _gate_inputs(x, [cell])
+                z = _gate_inputs(x, [cell], self.value)
                 rse = max(rse, _relative_se(*_example_moments(_as_float(z))))
                 gates = int(z.shape[-1]) // units
                 var = np.asarray(ops.convert_to_numpy(ops.var(ops.reshape(z, (-1, gates, units)), axis=(0, 2))),
@@ -631,12 +691,12 @@ class _Replay:
                 s = np.sqrt(target / var)
                 kernel = cell.kernel
                 cols = ops.convert_to_tensor(np.repeat(s, units).astype(_np_dtype(kernel)))
-                kernel.assign(ops.multiply(kernel.value, ops.cast(cols, kernel.dtype)))
+                self._set(kernel, ops.multiply(self.value(kernel), ops.cast(cols, kernel.dtype)))
                 factors.extend(float(v) for v in s)
         else:
             problems.append("no sequence input found")
-        outs = _call(op, args, kwargs, self.training)
-        pre_stats = _stats(_gate_inputs(x, cells)) if (self.record and x is not None) else None
+        outs = _call(op, args, kwargs, self.training, self.values)
+        pre_stats = _stats(_gate_inputs(x, cells, self.value)) if (self.record and x is not None) else None
         if factors:
             self.factors[name] = _combine(self.prior.get(name), tuple(factors))
             self.rse[name] = rse
@@ -651,24 +711,24 @@ class _Replay:
     def _calibrated_call(self, op, name, args, kwargs, kern, act):
         kernel, bias = kern
         target = float(self.targets.get(name, self.signal_variance))
-        has_bias = bias is not None and bool(np.any(ops.convert_to_numpy(bias.value) != 0))
+        has_bias = bias is not None and bool(np.any(ops.convert_to_numpy(self.value(bias)) != 0))
         c = None
         with _NoActivation(op, act is not None):
             if has_bias and type(op) in _BIAS_SPLIT:
                 # Known layers: output = (weighted part u, linear in the kernel) + bias broadcast. Run once
                 # with a zero bias (u) and once on the first example with a zero kernel (the bias term c,
                 # the same for every example), so no full-size copy of the constant part is made.
-                full = _call(op, args, kwargs, self.training, {id(bias): ops.zeros_like(bias.value)})
+                full = _call(op, args, kwargs, self.training, self._overrides({id(bias): ops.zeros_like(bias.value)}))
                 first_args, first_kwargs = _first_example(args, kwargs)
                 c = tree.flatten(_call(op, first_args, first_kwargs, self.training,
-                                       {id(kernel): ops.zeros_like(kernel.value)}))[0]
+                                       self._overrides({id(kernel): ops.zeros_like(kernel.value)})))[0]
             else:
-                full = _call(op, args, kwargs, self.training)
+                full = _call(op, args, kwargs, self.training, self.values)
                 if has_bias:
                     # A registered custom layer: its constant part may depend on the input, so split
                     # y = u + c with a second full call at zero kernel.
                     c = tree.flatten(_call(op, args, kwargs, self.training,
-                                           {id(kernel): ops.zeros_like(kernel.value)}))[0]
+                                           self._overrides({id(kernel): ops.zeros_like(kernel.value)})))[0]
         flat = tree.flatten(full)
         struct = full if len(flat) > 1 else None
         u, rest = flat[0], flat[1:]
@@ -683,8 +743,9 @@ class _Replay:
             note = f"not calibrated ({how})"
             pre = u if c is None else u + c
         else:
-            # Rescale in place, in the variable's dtype (no float64 or host copy of the weights).
-            kernel.assign(ops.multiply(kernel.value, ops.cast(s, kernel.dtype)))
+            # Rescale in the variable's dtype (no float64 or host copy); assigned by the caller once
+            # the whole replay succeeded.
+            self._set(kernel, ops.multiply(self.value(kernel), ops.cast(s, kernel.dtype)))
             u = u * s  # the unscaled output is freed here, before the bias is added
             pre = u if c is None else u + c
             self.factors[name] = _combine(self.prior.get(name), s)
@@ -806,8 +867,9 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
     layers: see the module docstring, their factor is a tuple, one per gate and direction) the layer is
     run on the already-calibrated upstream signal, the kernel is multiplied by ``s`` so that the
     variance of the layer's output *before its fused activation* equals the target exactly on this
-    batch (with a nonzero bias, ``s`` solves ``Var(s*Wx + b) = target``), the kernel is assigned in place
-    and the scaled output is passed on. Frozen layers are left alone; a layer called several times is
+    batch (with a nonzero bias, ``s`` solves ``Var(s*Wx + b) = target``), and the scaled output is passed
+    on. The kernels are assigned in place at the end, once the whole replay succeeded (a failure leaves
+    every variable as it was). Frozen layers are left alone; a layer called several times is
     calibrated on its first call.
 
     Args:
@@ -830,17 +892,36 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
     Returns:
         The report (the given one, updated in place, or a new measured one).
     """
+    report, values = calibrated_values(model, data, report=report, input_moments=input_moments, seed=seed,
+                                       signal_variance=signal_variance, training=training, batch_size=batch_size,
+                                       targets=targets, only=only)
+    assign_values(model, values)
+    return report
+
+
+def calibrated_values(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
+                      training=True, batch_size=None, targets=None, only=None, values=None, record=True):
+    """`calibrate` without assigning anything: ``(report, values)`` with ``values`` the calibrated
+    kernels as ``id(variable) -> value``.
+
+    ``values`` (optional) maps variables to the values they stand for before calibration (`wrap`
+    passes the analytic pass's drawn arrays, so calibration runs before anything is assigned); the
+    calibrated kernels are written into it. ``record=False`` keeps no per-node statistics and returns
+    no report (``report`` must then be None; ``only`` names the rows to calibrate).
+    """
     if only is None and report is not None:
         only = {r.name for r in report.rows if r.weighted}
-    replay, source = _calibration_replay(model, data, only=only, record=True, input_moments=input_moments,
+    replay, source = _calibration_replay(model, data, only=only, record=record, input_moments=input_moments,
                                          seed=seed, signal_variance=signal_variance, training=training,
-                                         batch_size=batch_size, targets=targets)
+                                         batch_size=batch_size, targets=targets, values=values)
+    if not record:
+        return None, replay.values
     if report is None:
         out = SignalReport(model.name, replay.rows, assigned=[], source="measured")
         out.calibration = dict(replay.factors)
         out.calibration_error = dict(replay.rse)
         out.calibration_batch = replay.batch
-        return out
+        return out, replay.values
     by_name = {r.name: r for r in replay.rows}
     for row in report.rows:
         got = by_name.get(row.name)
@@ -855,11 +936,19 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
     report.calibration_error = dict(replay.rse)
     report.calibration_batch = replay.batch
     report.calibrated_on = source
-    return report
+    return report, replay.values
+
+
+def assign_values(model, values):
+    """Assign ``values`` (``id(variable) -> value``) to the model's variables, after every check passed."""
+    for variable in model.variables:
+        v = values.get(id(variable))
+        if v is not None:
+            variable.assign(ops.cast(v, variable.dtype))
 
 
 def _calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
-                        training=True, batch_size=None, targets=None):
+                        training=True, batch_size=None, targets=None, values=None):
     """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
     without a report). Returns the `_Replay` (its ``factors``, ``rse`` and ``batch``) and the source
     ("probe" or "data").
@@ -877,12 +966,13 @@ def _calibration_replay(model, data, *, only, record, input_moments=None, seed=N
     if batch_size is None:
         batch_size = _auto_batch(fn) if probe else None
     replay = None
+    values = {} if values is None else values
     for _ in range(3):  # the first round, then up to two growths (each grown probe re-estimates the RSE)
         inputs, source = _inputs(fn, data, batch_size, seed, input_moments)
         n = int(tree.flatten(inputs)[0].shape[0])
         replay = _Replay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
                          only=None if only is None else set(only), record=record,
-                         prior=None if replay is None else replay.factors)
+                         prior=None if replay is None else replay.factors, values=values)
         replay.run(inputs)
         replay.batch = n
         del inputs

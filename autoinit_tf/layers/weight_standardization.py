@@ -66,6 +66,27 @@ def _ws_conv(base, rank):
             k = ops.cast(standardize_kernel(kernel, self.gain, self.ws_epsilon), inputs.dtype)
             return super().convolution_op(inputs, k)
 
+        def call(self, inputs):
+            # Our own call, not the base class's: Keras 3.15's Conv1D.call runs ops.conv on
+            # self.kernel directly (for causal padding), so a convolution_op override alone never
+            # standardized WSConv1D.
+            padding = self.padding
+            if padding == "causal":
+                inputs = ops.pad(inputs, self._compute_causal_padding())
+                padding = "valid"
+            k = ops.cast(standardize_kernel(self.kernel, self.gain, self.ws_epsilon), inputs.dtype)
+            outputs = ops.conv(inputs, k, strides=list(self.strides), padding=padding,
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
+            if self.use_bias:
+                if self.data_format == "channels_last":
+                    shape = (1,) * (self.rank + 1) + (self.filters,)
+                else:
+                    shape = (1, self.filters) + (1,) * self.rank
+                outputs = ops.add(outputs, ops.reshape(self.bias, shape))
+            if self.activation is not None:
+                return self.activation(outputs)
+            return outputs
+
         def get_config(self):
             return {**super().get_config(), "ws_epsilon": self.ws_epsilon}
 

@@ -510,8 +510,17 @@ def _check_last_axis(recipe, info):
     return rank
 
 
+#: The default group count of the GroupNorm swaps: the largest divisor of the channels up to this.
+DEFAULT_GROUPS = 32
+
+
 def _groups_for(recipe, info, groups):
+    """The group count for this BN's channels: with the default (``groups=None``) the largest divisor
+    of the channel count not above 32 (36 channels -> 18), as IterNormWhitening chooses its groups;
+    an explicit ``groups=`` must divide the channels."""
     c = int(info.inputs[0].shape[-1])
+    if groups is None:
+        return max(d for d in range(1, min(DEFAULT_GROUPS, c) + 1) if c % d == 0)
     g = min(int(groups), c)
     if c % g:
         raise SwapError(f"swap '{recipe.name}' cannot apply to node '{info.label}': groups={g} does not divide "
@@ -522,12 +531,12 @@ def _groups_for(recipe, info, groups):
 class BNToNorm(Recipe):
     """bn->groupnorm / bn->layernorm."""
 
-    def __init__(self, norm, groups=32):
+    def __init__(self, norm, groups=None):
         self.norm = norm
-        self.groups = int(groups)
+        self.groups = None if groups is None else int(groups)
         self.name = f"bn->{norm}norm"
         self.args = {"groups": 32} if norm == "group" else {}
-        if self.groups < 1:
+        if self.groups is not None and self.groups < 1:
             raise SwapError(f"{self.name}: groups must be >= 1.")
 
     def plan(self, state):
@@ -562,10 +571,10 @@ class BNToProxyNorm(Recipe):
     doc = ("BatchNormalization followed by an activation becomes GroupNorm/LayerNorm (no affine) followed by "
            "ProxyNormalization carrying that activation (Labatie et al.).")
 
-    def __init__(self, norm="group", groups=32):
+    def __init__(self, norm="group", groups=None):
         if norm not in ("group", "layer"):
             raise SwapError(f"{self.name}: norm must be 'group' or 'layer', got {norm!r}.")
-        self.norm, self.groups = norm, int(groups)
+        self.norm, self.groups = norm, None if groups is None else int(groups)
         self.name = "bn->proxynorm" + (f"(norm={norm})" if norm != "group" else "")
 
     def plan(self, state):
@@ -769,7 +778,7 @@ RECIPES = {
     "pool->strided": (PoolToStrided, {}, PoolToStrided.doc),
     "gap->logavgexp": (GapToLogAvgExp, dict(GapToLogAvgExp.args), GapToLogAvgExp.doc),
     "bn->proxynorm": (BNToProxyNorm, dict(BNToProxyNorm.args), BNToProxyNorm.doc),
-    "bn->groupnorm": (lambda groups=32: BNToNorm("group", groups), {"groups": 32},
+    "bn->groupnorm": (lambda groups=None: BNToNorm("group", groups), {"groups": 32},
                       "BatchNormalization becomes GroupNormalization (batch-independent, e.g. for DP-SGD)."),
     "bn->layernorm": (lambda: BNToNorm("layer"), {},
                       "BatchNormalization becomes LayerNormalization over channels (batch-independent)."),
