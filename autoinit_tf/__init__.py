@@ -7,14 +7,14 @@
 
 __version__ = "0.1.0"
 
-from autoinit_tf.autoinit import FallbackRuleWarning, analyze, wrap  # noqa: F401
+from autoinit_tf.autoinit import FallbackRuleWarning, analyze, compare, wrap  # noqa: F401
 from autoinit_tf.compat import AutoInit  # noqa: F401
 from autoinit_tf.moments import Moments  # noqa: F401
 from autoinit_tf.report import NodeRow, SignalReport  # noqa: F401
 from autoinit_tf.rules import RuleContext, UnsupportedLayerError, register_rule, unregister_rule  # noqa: F401
 from autoinit_tf.rules.activation import register_activation_kinks  # noqa: F401
 from autoinit_tf.rewrite import SwapRule, list_recipes, plan_swaps, rewrite  # noqa: F401,E402
-from autoinit_tf.measure import CalibrationWarning, calibrate, compare, measure  # noqa: F401
+from autoinit_tf.measure import CalibrationWarning, calibrate, measure  # noqa: F401
 from autoinit_tf.stability import UnstableSignalWarning  # noqa: F401
 from autoinit_tf.callbacks import SignalMonitor  # noqa: F401
 from autoinit_tf import layers  # noqa: F401,E402

@@ -18,7 +18,7 @@ import warnings
 
 import keras
 
-from autoinit_tf.autoinit import _run
+from autoinit_tf.engine import run_analytic_pass
 from autoinit_tf.distributions import check_distribution
 from autoinit_tf.moments import Moments
 
@@ -92,9 +92,9 @@ class AutoInit:
             moments = list(zip(self.input_data_mean, self.input_data_var))
         else:
             moments = (self.input_data_mean, self.input_data_var)
-        engine = _run(model, input_moments=moments, data=None, signal_variance=self.signal_variance,
-                      distribution=self.distribution, seed=None, strict=False, rules=self.rules,
-                      include_frozen=False)
+        engine = run_analytic_pass(model, input_moments=moments, data=None, signal_variance=self.signal_variance,
+                                   distribution=self.distribution, seed=None, strict=False, rules=self.rules,
+                                   include_frozen=False)
         engine.apply()
         if return_estimates:
             estimates = {row.name: (row.outputs[0].mean, row.outputs[0].var) for row in engine.rows}

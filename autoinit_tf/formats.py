@@ -526,7 +526,7 @@ class LoadedModel:
 
         stored = self.stored_weights()
         done = []
-        for path, layer in _model_layers(self.model):
+        for path, layer in model_layers(self.model):
             if isinstance(layer, keras.Model) or not layer.weights:
                 continue
             if patterns is not None and not _matches(path, layer, patterns):
@@ -546,7 +546,7 @@ def _matches(path, layer, patterns):
     return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(layer.name, p) for p in patterns)
 
 
-def _model_layers(model, prefix=""):
+def model_layers(model, prefix=""):
     """``[(path, layer)]`` of every layer, recursing into nested models (``outer/inner``)."""
     import keras
 
@@ -557,13 +557,13 @@ def _model_layers(model, prefix=""):
         path = f"{prefix}{layer.name}"
         out.append((path, layer))
         if isinstance(layer, keras.Model):
-            out.extend(_model_layers(layer, prefix=path + "/"))
+            out.extend(model_layers(layer, prefix=path + "/"))
     return out
 
 
 def _weights_of_model(model) -> dict:
     return {path: [w.numpy() if hasattr(w, "numpy") else w for w in layer.get_weights()]
-            for path, layer in _model_layers(model) if layer.weights}
+            for path, layer in model_layers(model) if layer.weights}
 
 
 def _build_from_config(config, custom_objects, keras2):
@@ -710,7 +710,7 @@ def _load_saved_model(path, custom_objects, allow_lambda):
                 f"Could not read the variables of SavedModel '{path}': {type(exc).__name__}: {exc}"
             ) from exc
         out = {}
-        for lpath, layer in _model_layers(model):
+        for lpath, layer in model_layers(model):
             if not layer.weights or isinstance(layer, _keras_model_class()):
                 continue
             arrays = []
@@ -760,7 +760,7 @@ def load(path, *, input_format=None, custom_objects=None, allow_lambda=False) ->
 
 def layers_matching(model, patterns):
     """``[(path, layer)]`` whose name or nested path matches one of the glob patterns."""
-    return [(path, layer) for path, layer in _model_layers(model) if _matches(path, layer, patterns)]
+    return [(path, layer) for path, layer in model_layers(model) if _matches(path, layer, patterns)]
 
 
 # -- writing ---------------------------------------------------------------------------------------

@@ -2,17 +2,20 @@
 
 The walker visits the nodes of a functional graph in topological order (decreasing depth, as Keras'
 own `Functional._run_through_graph` does), rebuilds each call's arguments with the values computed so
-far (`node.arguments.fill_in`) and asks a `visit` callback for the node's outputs. What the values
-are (moments, real tensors, symbolic tensors) is the caller's business. Nested models are walked
-inside, with their own value table. The walk is iterative over nodes, so depth is no limit.
+far (`node.arguments.fill_in`) and asks a `visit` callback for the node's outputs, handing it the
+call's `Site` (row name ``outer/inner/op#k``, call index, call count): every pass names its rows and
+counts calls the same way because only the walk does it. What the values are (moments for the analytic
+pass, real tensors for measurement and calibration, symbolic tensors for rewriting) is the caller's
+business. Nested models are walked inside, with their own value table (or handed to ``on_model``).
+The walk is iterative over nodes, so depth is no limit.
 """
 
 from __future__ import annotations
 
 import keras
-from keras.src import tree
+from keras import tree
 
-__all__ = ["as_functional", "is_model", "topo_nodes", "walk", "count_calls", "leaf_ops", "GraphError"]
+__all__ = ["as_functional", "is_model", "topo_nodes", "walk", "Site", "count_calls", "leaf_ops", "GraphError"]
 
 
 class GraphError(TypeError):
@@ -73,14 +76,65 @@ def topo_nodes(fn):
     return [n for d in sorted(by_depth, reverse=True) for n in by_depth[d]]
 
 
-def walk(fn, input_values, visit, path=()):
+class Site:
+    """Where a call happens in the walk, handed to every visitor with the call.
+
+    Attributes:
+        path: names of the enclosing nested models, outermost first.
+        op: the layer or operation called.
+        index: which call of `op` this is in the walk (0, 1, ...; nested models' calls included).
+        calls: how many times the walk calls `op` in all.
+        name: the row name every pass uses for this call: ``outer/inner/op``, plus ``#index`` when
+            `op` is called more than once (``dense#1``).
+    """
+
+    __slots__ = ("path", "op", "index", "calls")
+
+    def __init__(self, path, op, index, calls):
+        self.path = path
+        self.op = op
+        self.index = index
+        self.calls = calls
+
+    @property
+    def name(self) -> str:
+        name = "/".join(self.path + (self.op.name,))
+        return name + f"#{self.index}" if self.calls > 1 else name
+
+    def __repr__(self):
+        return f"<Site {self.name}>"
+
+
+class _Walk:
+    """The call counts of the whole walk (computed once) and the running call index of every op."""
+
+    def __init__(self, fn, visit, on_model):
+        self.counts = count_calls(fn)
+        self.index = {}
+        self.visit = visit
+        self.on_model = on_model
+
+    def site(self, op, path):
+        key = id(op)
+        k = self.index.get(key, 0)
+        self.index[key] = k + 1
+        return Site(path, op, k, self.counts.get(key, 1))
+
+
+def walk(fn, input_values, visit, *, on_model=None):
     """Replay the functional graph `fn` on `input_values` (one per `fn.inputs`, or their structure).
 
-    `visit(node, args, kwargs, path)` returns the node's outputs (a value or a structure with one leaf
-    per output tensor). Nested models are walked recursively (their outputs come from the inner walk;
-    `visit` is not called for the nested model node itself). Returns the output values packed like the
-    model's outputs.
+    `visit(node, args, kwargs, site)` returns the node's outputs (a value or a structure with one leaf
+    per output tensor); `site` is the call's `Site` (its row name, call index and count). Nested models
+    are walked inside, with their own value table, and `visit` is not called for the nested model node
+    itself, unless `on_model` is given: then ``on_model(node, args, kwargs, site, descend)`` returns that
+    node's outputs, where ``descend(values)`` walks the nested graph on `values` (a visitor may keep a
+    nested model whole instead). Returns the output values packed like the model's outputs.
     """
+    return _walk(fn, input_values, (), _Walk(fn, visit, on_model))
+
+
+def _walk(fn, input_values, path, state):
     flat = tree.flatten(input_values)
     if len(flat) != len(fn.inputs):
         raise ValueError(f"Model '{fn.name}' has {len(fn.inputs)} inputs, got {len(flat)} values.")
@@ -106,9 +160,17 @@ def walk(fn, input_values, visit, path=()):
         op = node.operation
         if is_model(op):
             inner = as_functional(op)
-            outs = walk(inner, args[0], visit, path + (op.name,))
+            inner_path = path + (op.name,)
+
+            def descend(inner_values, inner=inner, inner_path=inner_path):
+                return _walk(inner, inner_values, inner_path, state)
+
+            if state.on_model is None:
+                outs = descend(args[0])
+            else:
+                outs = state.on_model(node, args, kwargs, Site(path, op, 0, 1), descend)
         else:
-            outs = visit(node, args, kwargs, path)
+            outs = state.visit(node, args, kwargs, state.site(op, path))
         outs = tree.flatten(outs)
         if len(outs) != len(node.outputs):
             raise RuntimeError(

@@ -24,6 +24,7 @@ import math
 import keras
 
 from autoinit_tf.moments import Moments
+from autoinit_tf.rules.activation import VECTOR_ACTIVATIONS, activation_moments, activation_name
 
 __all__ = ["variance_elasticity", "Amplification", "UnstableSignalWarning", "AMPLIFICATION_LIMIT"]
 
@@ -49,8 +50,6 @@ def variance_elasticity(fn, m: Moments) -> float:
     """d log E[f(z)^2] / d log Var(z) for z ~ N(m.mean, m.var), by a central difference of the exact
     (quadrature) second moments at Var(z) * exp(+-0.05). 1.0 for the identity and for vector activations
     (softmax and the like, whose output scale does not follow the input's)."""
-    from autoinit_tf.rules.activation import VECTOR_ACTIVATIONS, _function_moments, activation_name
-
     f = keras.activations.get(fn) if isinstance(fn, str) else fn
     name = activation_name(f)
     if f is None or name in ("linear", "softmax", "log_softmax") or name in VECTOR_ACTIVATIONS:
@@ -58,8 +57,8 @@ def variance_elasticity(fn, m: Moments) -> float:
     var = float(m.var)
     if not (math.isfinite(var) and var > 0):
         return 1.0
-    up = _function_moments(f, Moments(float(m.mean), var * math.exp(_STEP)))
-    down = _function_moments(f, Moments(float(m.mean), var * math.exp(-_STEP)))
+    up = activation_moments(f, Moments(float(m.mean), var * math.exp(_STEP)))
+    down = activation_moments(f, Moments(float(m.mean), var * math.exp(-_STEP)))
     s_up, s_down = up.mean ** 2 + up.var, down.mean ** 2 + down.var
     if not (s_up > 0 and s_down > 0 and math.isfinite(s_up) and math.isfinite(s_down)):
         return 1.0

@@ -419,7 +419,7 @@ def _select_kept(loaded, keep):
 
     matched = formats.layers_matching(loaded.model, keep)
     if not matched:
-        names = ", ".join(p for p, _ in formats._model_layers(loaded.model))
+        names = ", ".join(p for p, _ in formats.model_layers(loaded.model))
         raise formats.ConversionError(
             f"--keep-weights-of {' '.join(keep)} matched no layer. The model's layers: {names}."
         )
@@ -427,7 +427,7 @@ def _select_kept(loaded, keep):
     leaves, seen = [], set()
     for path, layer in matched:
         if isinstance(layer, keras.Model):
-            sub = [(f"{path}/{p}", lyr) for p, lyr in formats._model_layers(layer)]
+            sub = [(f"{path}/{p}", lyr) for p, lyr in formats.model_layers(layer)]
         else:
             sub = [(path, layer)]
         for p, lyr in sub:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import click
 
+from autoinit_tf.rules import builtin_rules
+from autoinit_tf.rules.builtin import register_builtin_rules
+
 
 def supported_layers():
     """Rows (class, kind, family, rule name) for every built-in rule, sorted by kind, family and name.
 
-    Rules registered at run time by user code (``register_rule``) are left out: this is the table of
-    what autoinit-tf itself supports.
+    Rules registered at run time by user code (``register_rule``) live in their own table and are left
+    out: this is the table of what autoinit-tf itself supports.
     """
-    from autoinit_tf.autoinit import _load_builtin_rules
-    from autoinit_tf.rules import registered_rules
-
-    _load_builtin_rules()
+    register_builtin_rules()
     rows = []
-    for cls, rule in registered_rules().items():
+    for cls, rule in builtin_rules().items():
         if not getattr(rule, "__module__", "").startswith("autoinit_tf."):
             continue
         family = rule.__module__.rsplit(".", 1)[-1]

@@ -59,7 +59,7 @@ def _report(model_path, input_format, custom_objects, allow_lambda, data_path, i
         if path:
             formats.check_writable(path, overwrite=overwrite, what=what)
     try:
-        from autoinit_tf.measure import compare
+        from autoinit_tf import compare
     except ImportError as exc:  # pragma: no cover - depends on the measurement module being present
         raise formats.ConversionError(
             f"autoinit-tf report needs autoinit_tf.measure.compare, which is not available ({exc})."

@@ -20,13 +20,11 @@ def pytest_configure(config):
 def _rule_registry_left_as_found():
     """The rule registry is process-wide and xdist runs many test files in one process: a test that
     registers a rule must not leak it into later tests (it did once: the README table test failed)."""
-    from autoinit_tf.autoinit import _load_builtin_rules
     from autoinit_tf.rules import registry
+    from autoinit_tf.rules.builtin import register_builtin_rules
 
-    _load_builtin_rules()
-    before = dict(registry._REGISTRY)
+    register_builtin_rules()
+    before = registry.snapshot()
     yield
-    leaked = set(registry._REGISTRY) - set(before)
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(before)
-    assert not leaked, f"test left rules registered for {sorted(c.__name__ for c in leaked)}"
+    leaked = registry.restore(before)
+    assert not leaked, f"test left rules registered for {sorted(getattr(c, '__name__', str(c)) for c in leaked)}"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import autoinit_tf
-from autoinit_tf import graph
-from autoinit_tf.measure import CALIBRATION_RSE, CalibrationWarning, calibrate, compare, measure
+from autoinit_tf import calibration, compare, graph, statistics
+from autoinit_tf.measure import CALIBRATION_RSE, CalibrationWarning, calibrate, measure
 
 measure_module = importlib.import_module("autoinit_tf.measure")  # the package attribute is the function
 
@@ -284,9 +284,9 @@ def test_calibrate_probe_recurrent(kind):
 
 
 def _layer_input(model, layer, seed):
-    from autoinit_tf.measure import _probe
+    from autoinit_tf.inputs import probe_arrays
 
-    (x,) = _probe(graph.as_functional(model), None, 64, seed)  # the probe measure(batch_size=64, seed) uses
+    (x,) = probe_arrays(graph.as_functional(model), None, 64, seed)  # the probe measure(batch_size=64, seed) uses
     if layer.input is model.inputs[0]:
         return x
     return keras.Model(model.inputs, layer.input)(x)
@@ -367,12 +367,12 @@ def test_relative_standard_error_predicts_the_spread_of_variance_estimates():
     estimates = x.reshape(batches, -1).var(axis=1)
     spread = estimates.std() / estimates.mean()
     flat = x[0]
-    rse = measure_module._relative_se(flat.mean(axis=1), np.mean(flat * flat, axis=1))
-    rses = [measure_module._relative_se(b.mean(axis=1), np.mean(b * b, axis=1)) for b in x]
+    rse = statistics.relative_se(flat.mean(axis=1), np.mean(flat * flat, axis=1))
+    rses = [statistics.relative_se(b.mean(axis=1), np.mean(b * b, axis=1)) for b in x]
     assert np.median(rses) == pytest.approx(spread, rel=0.15)
     assert rse == pytest.approx(spread, rel=0.5)
     # The sliced backend path gives the same per-example moments as numpy.
-    m1, m2 = measure_module._example_moments(keras.ops.convert_to_tensor(x[0].astype("float32")))
+    m1, m2 = statistics.example_moments(keras.ops.convert_to_tensor(x[0].astype("float32")))
     np.testing.assert_allclose(m1, x[0].mean(axis=1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m2, np.mean(x[0] ** 2, axis=1), rtol=1e-5)
 
@@ -407,7 +407,7 @@ def test_probe_grows_until_heavy_tailed_variances_are_known_to_the_target_precis
 def test_probe_growth_stops_at_the_memory_bound_and_warns(monkeypatch):
     keras.utils.set_random_seed(0)
     model = _cubic_model()
-    monkeypatch.setattr(measure_module, "_GROWTH_ELEMENTS", 16 * 2048)  # widest activation: 16 per example
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)  # widest activation: 16 per example
     with pytest.warns(CalibrationWarning, match=r"'d2' only to .* probe of 2048 examples \(the automatic probe "
                                                 r"stops growing there"):
         _, rep = autoinit_tf.wrap(model, seed=0, calibrate="probe", return_report=True)

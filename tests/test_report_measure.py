@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import autoinit_tf
-from autoinit_tf.measure import compare, measure
+from autoinit_tf import compare
+from autoinit_tf.measure import measure
 from autoinit_tf.report import supports_color
 
 

@@ -304,7 +304,7 @@ def _rows(rep):
 
 
 def test_analyze_drops_drawn_arrays_after_each_layer_but_predicts_what_wrap_leaves():
-    from autoinit_tf.autoinit import _run
+    from autoinit_tf.engine import run_analytic_pass as _run
 
     inner_in = keras.Input((8,))
     inner = keras.Model(inner_in, L.Dense(8, activation="relu", name="inner_dense")(inner_in), name="block")

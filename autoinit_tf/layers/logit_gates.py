@@ -237,7 +237,7 @@ def _reduce_parts(name, parts):
     raise ValueError(f"Unknown logit gate function {name!r}; expected one of {GATE_FUNCTIONS}.")
 
 
-def _reduce(name, g, k):
+def gate_reduce(name, g, k):
     """The gate on a tensor ``g`` of shape (..., k) whose last axis holds the group members."""
     return _reduce_parts(name, [g[..., i] for i in range(int(k))])
 

@@ -20,7 +20,7 @@ from autoinit_tf.privacy.accounting import (  # noqa: F401
     steps_per_epoch,
 )
 from autoinit_tf.privacy.sampling import PoissonSampler, poisson_batches  # noqa: F401
-from autoinit_tf.privacy.model import make_private  # noqa: F401
+from autoinit_tf.privacy.model import make_private, per_example_gradients  # noqa: F401
 from autoinit_tf.privacy.validators import (  # noqa: F401
     EXAMPLE_MIXING_LAYERS,
     DataDependentLossError,
@@ -33,7 +33,6 @@ from autoinit_tf.privacy.per_example import (  # noqa: F401
     PerExampleGradients,
     clip_per_example,
     global_norms,
-    per_example_gradients,
 )
 from autoinit_tf.privacy.ema import ema_values, ema_weights  # noqa: F401
 from autoinit_tf.privacy.augment import random_flip_and_crop  # noqa: F401

@@ -9,7 +9,7 @@ import keras
 
 from autoinit_tf.privacy import accounting, ledger
 from autoinit_tf.privacy.ema import swap_in_ema, swap_out_ema
-from autoinit_tf.privacy.model import get_state
+from autoinit_tf.privacy.state import get_state
 from autoinit_tf.privacy.statement import statement
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from autoinit_tf.privacy.model import get_state
+from autoinit_tf.privacy.state import get_state
 
 
 def _ema_vars(model):

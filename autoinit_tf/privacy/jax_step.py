@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.privacy.ledger import StepLedger
-from autoinit_tf.privacy.model import PrivacyState, parse_sample_weight
+from autoinit_tf.privacy.state import PrivacyState, parse_sample_weight, resolve_loss_fn
 from autoinit_tf.privacy.sampling import MASK_KEY
 from autoinit_tf.privacy.validators import is_seed_state
 
@@ -323,7 +323,6 @@ def _engine_and_inputs(model, x, y, loss_fn, microbatch_size):
     """A one-off engine for ``model`` and its current weights, with ``x``/``y`` as JAX arrays."""
     import jax.numpy as jnp
 
-    from autoinit_tf.privacy.model import resolve_loss_fn
 
     engine = JaxPerExampleGradients(model, resolve_loss_fn(model, loss_fn), microbatch_size=microbatch_size)
     trainable = [v.value for v in model.trainable_variables]

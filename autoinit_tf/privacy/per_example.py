@@ -7,7 +7,7 @@ processed in chunks of that many examples inside a ``tf.while_loop`` and only
 the running sum of clipped gradients is kept.
 
 Backend-specific code: this module is the TensorFlow implementation; see
-:func:`check_backend` for the policy on other backends.
+:func:`require_tensorflow` for the policy on other backends.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import contextlib
 
 import keras
 
-from autoinit_tf.privacy.validators import is_seed_state
+from autoinit_tf.privacy.validators import all_layers, is_seed_state
 
-def check_backend():
+def require_tensorflow():
     """This engine is TensorFlow code: raise a clear error on any other Keras backend."""
     backend = keras.backend.backend()
     if backend != "tensorflow":
@@ -40,8 +40,6 @@ class unrolled_recurrent_layers:
     """
 
     def __init__(self, model):
-        from autoinit_tf.privacy.validators import all_layers
-
         self._layers = [
             layer for layer in all_layers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll
         ]
@@ -207,7 +205,7 @@ class PerExampleGradients:
     ):
         import tensorflow as tf
 
-        check_backend()
+        require_tensorflow()
         if not model.built:
             raise ValueError(
                 "The model must be built before DP training (give it an Input or call it on a batch)."
@@ -246,7 +244,7 @@ class PerExampleGradients:
         import tensorflow as tf
 
         if self.augmult == 1:
-            return tf.nest.map_structure(lambda a: tf.expand_dims(a, 1), x)
+            return keras.tree.map_structure(lambda a: tf.expand_dims(a, 1), x)
         k = self.augmult
 
         def tile(a):
@@ -254,18 +252,18 @@ class PerExampleGradients:
             rep = tf.repeat(a, k, axis=0)  # (B*K, ...), example-major
             return rep, b
 
-        flat = tf.nest.flatten(x)
+        flat = keras.tree.flatten(x)
         tiled = [tile(a)[0] for a in flat]
-        augmented = self.augment(tf.nest.pack_sequence_as(x, tiled), seed)
-        aug_flat = tf.nest.flatten(augmented)
+        augmented = self.augment(keras.tree.pack_sequence_as(x, tiled), seed)
+        aug_flat = keras.tree.flatten(augmented)
         out = [tf.reshape(a, tf.concat([[-1, k], tf.shape(a)[1:]], 0)) for a in aug_flat]
-        return tf.nest.pack_sequence_as(x, out)
+        return keras.tree.pack_sequence_as(x, out)
 
     def _one_example(self, trainable, non_trainable, x_views, y_i, index, sources=None):
         import tensorflow as tf
 
         v = self.augmult
-        y_views = tf.nest.map_structure(lambda a: tf.repeat(tf.expand_dims(a, 0), v, axis=0), y_i)
+        y_views = keras.tree.map_structure(lambda a: tf.repeat(tf.expand_dims(a, 0), v, axis=0), y_i)
         nt = list(non_trainable)
         for k in self.seed_state_index:
             # a distinct RNG stream per example (dropout masks must differ between examples)
@@ -280,7 +278,7 @@ class PerExampleGradients:
             wanted = trainable if sources is None else [trainable[i] for i in sources]
             grads = tape.gradient(loss, wanted, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         grads = [tf.convert_to_tensor(g) for g in grads]
-        first_view = tf.nest.map_structure(lambda a: a[0], y_pred)
+        first_view = keras.tree.map_structure(lambda a: a[0], y_pred)
         seeds = [new_nt[k] for k in self.seed_state_index]
         return grads, tf.cast(loss, tf.float32), first_view, seeds
 
@@ -304,23 +302,23 @@ class PerExampleGradients:
         variables = list(self.model.trainable_variables)
         if self._biases is None:
             self._biases = direct.bias_of_kernel(self.model, variables)
-        flat_x = tf.nest.flatten(x_views)
+        flat_x = keras.tree.flatten(x_views)
         b = flat_x[0].shape[0]
         if b is None:
             b = tf.shape(flat_x[0])[0]
         v = self.augmult
-        x_rows = tf.nest.map_structure(lambda a: tf.reshape(a, tf.concat([[-1], tf.shape(a)[2:]], 0)), x_views)
+        x_rows = keras.tree.map_structure(lambda a: tf.reshape(a, tf.concat([[-1], tf.shape(a)[2:]], 0)), x_views)
 
         def per_example_loss(args):
             yp_i, y_i = args
-            y_v = tf.nest.map_structure(lambda a: tf.repeat(tf.expand_dims(a, 0), v, axis=0), y_i)
+            y_v = keras.tree.map_structure(lambda a: tf.repeat(tf.expand_dims(a, 0), v, axis=0), y_i)
             return tf.cast(self.loss_fn(y_v, yp_i), tf.float32)
 
         with direct.Recorder(variables) as rec:
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
                 y_pred, new_nt = self.model.stateless_call(trainable, list(non_trainable), x_rows, training=True)
-                y_pred = tf.nest.map_structure(
+                y_pred = keras.tree.map_structure(
                     lambda a: tf.reshape(a, tf.concat([[b, v], tf.shape(a)[1:]], 0)), y_pred
                 )
                 losses = tf.vectorized_map(per_example_loss, (y_pred, y))
@@ -342,7 +340,7 @@ class PerExampleGradients:
             fb = dict(zip(fallback, grads))
         for i in unused:
             fb[i] = tf.zeros(tf.concat([[b], tf.shape(trainable[i])], 0), trainable[i].dtype)
-        first_view = tf.nest.map_structure(lambda a: a[:, 0], y_pred)
+        first_view = keras.tree.map_structure(lambda a: a[:, 0], y_pred)
         seeds = [new_nt[k] for k in self.seed_state_index]
         return groups, fb, losses, first_view, seeds
 
@@ -392,7 +390,7 @@ class PerExampleGradients:
     def _per_example_traced(self, trainable, non_trainable, x, y, seed):
         import tensorflow as tf
 
-        b = tf.shape(tf.nest.flatten(x)[0])[0]
+        b = tf.shape(keras.tree.flatten(x)[0])[0]
         x_views, index = self._views(x, seed), tf.range(b, dtype=tf.int64)
         if self.method == "direct":
             out = self._direct_per_example(trainable, non_trainable, x_views, y, index)
@@ -419,7 +417,7 @@ class PerExampleGradients:
         import tensorflow as tf
 
         x_views = self._views(x, seed)
-        flat_x = tf.nest.flatten(x_views)
+        flat_x = keras.tree.flatten(x_views)
         b = tf.shape(flat_x[0])[0]
         m = self.microbatch_size
         maskf = tf.cast(mask, tf.float32)
@@ -454,29 +452,29 @@ class PerExampleGradients:
             a = tf.pad(a, paddings)
             return tf.reshape(a, tf.concat([[n_chunks, m], tf.shape(a)[1:]], 0))
 
-        xc = tf.nest.map_structure(to_chunks, x_views)
-        yc = tf.nest.map_structure(to_chunks, y)
+        xc = keras.tree.map_structure(to_chunks, x_views)
+        yc = keras.tree.map_structure(to_chunks, y)
         mc = to_chunks(maskf)
         ic = to_chunks(index)
         # Run the first chunk outside the loop to learn output structures.
         sums0, losses0, ypred0, norms0, seeds0 = chunk_sum(
-            tf.nest.map_structure(lambda a: a[0], xc), tf.nest.map_structure(lambda a: a[0], yc), mc[0], ic[0]
+            keras.tree.map_structure(lambda a: a[0], xc), keras.tree.map_structure(lambda a: a[0], yc), mc[0], ic[0]
         )
         loss_ta = tf.TensorArray(tf.float32, size=n_chunks, element_shape=losses0.shape).write(0, losses0)
         norm_ta = tf.TensorArray(norms0.dtype, size=n_chunks, element_shape=norms0.shape).write(0, norms0)
-        ypred_flat0 = tf.nest.flatten(ypred0)
+        ypred_flat0 = keras.tree.flatten(ypred0)
         ypred_tas = [
             tf.TensorArray(p.dtype, size=n_chunks, element_shape=p.shape).write(0, p) for p in ypred_flat0
         ]
 
         def body(i, sums, loss_ta, norm_ta, ypred_tas):
             s, losses, y_pred, norms, _ = chunk_sum(
-                tf.nest.map_structure(lambda a: a[i], xc), tf.nest.map_structure(lambda a: a[i], yc), mc[i], ic[i]
+                keras.tree.map_structure(lambda a: a[i], xc), keras.tree.map_structure(lambda a: a[i], yc), mc[i], ic[i]
             )
             sums = [a + b_ for a, b_ in zip(sums, s)]
             loss_ta = loss_ta.write(i, losses)
             norm_ta = norm_ta.write(i, norms)
-            ypred_tas = [ta.write(i, p) for ta, p in zip(ypred_tas, tf.nest.flatten(y_pred))]
+            ypred_tas = [ta.write(i, p) for ta, p in zip(ypred_tas, keras.tree.flatten(y_pred))]
             return i + 1, sums, loss_ta, norm_ta, ypred_tas
 
         _, sums, loss_ta, norm_ta, ypred_tas = tf.while_loop(
@@ -487,24 +485,9 @@ class PerExampleGradients:
             t = t.stack()
             return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))[:b]
 
-        y_pred = tf.nest.pack_sequence_as(ypred0, [unchunk(ta) for ta in ypred_tas])
+        y_pred = keras.tree.pack_sequence_as(ypred0, [unchunk(ta) for ta in ypred_tas])
         return sums, unchunk(loss_ta), y_pred, unchunk(norm_ta), seeds0
 
     def clipped_sum(self, trainable, non_trainable, x, y, mask, l2_norm_clip, seed):
         """``(sum_i mask_i clip(g_i), per-example losses, predictions, per-example norms, new seed states)``."""
         return self._clipped_sum(trainable, non_trainable, x, y, mask, l2_norm_clip, seed)
-
-
-def per_example_gradients(model, x, y, loss_fn=None, microbatch_size=None, method="direct"):
-    """Convenience: stacked per-example gradients of a compiled (or given) loss at the current weights."""
-    from autoinit_tf.privacy.model import resolve_loss_fn
-
-    if keras.backend.backend() == "jax":
-        from autoinit_tf.privacy import jax_step
-
-        return jax_step.per_example_gradients(model, x, y, loss_fn=loss_fn, microbatch_size=microbatch_size)
-    engine = PerExampleGradients(
-        model, resolve_loss_fn(model, loss_fn), microbatch_size=microbatch_size, method=method
-    )
-    grads, _, _ = engine.per_example_gradients(x, y)
-    return grads

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 
+import keras
 import numpy as np
 
 from autoinit_tf.privacy.accounting import check_sampling_rate, steps_per_epoch as _steps_per_epoch
@@ -170,8 +171,8 @@ def poisson_batches(
 
     if y is None:
         raise ValueError("poisson_batches needs targets y (the DP train step is supervised).")
-    x_flat = [np.asarray(a) for a in tf.nest.flatten(x)]
-    y_flat = [np.asarray(a) for a in tf.nest.flatten(y)]
+    x_flat = [np.asarray(a) for a in keras.tree.flatten(x)]
+    y_flat = [np.asarray(a) for a in keras.tree.flatten(y)]
     sizes = {len(a) for a in x_flat + y_flat}
     if len(sizes) != 1:
         raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}.")
@@ -214,8 +215,8 @@ def poisson_batches(
             keep = tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([tf.rank(rows) - 1], tf.int32)], 0))
             return tf.where(keep, rows, tf.zeros_like(rows))  # padded rows are zeros
 
-        xb = tf.nest.pack_sequence_as(x, [take(a) for a in x_const])
-        yb = tf.nest.pack_sequence_as(y, [take(a) for a in y_const])
+        xb = keras.tree.pack_sequence_as(x, [take(a) for a in x_const])
+        yb = keras.tree.pack_sequence_as(y, [take(a) for a in y_const])
         return xb, yb, {MASK_KEY: mask, RATE_KEY: rate, TRUNCATED_KEY: truncated}
 
     signature = (tf.TensorSpec((lead,), tf.int64), tf.TensorSpec((lead,), tf.bool), tf.TensorSpec((), tf.bool))

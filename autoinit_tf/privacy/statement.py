@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from autoinit_tf.privacy import accounting, ledger
-from autoinit_tf.privacy.model import get_state
+from autoinit_tf.privacy.state import get_state
 
 NOT_POISSON_CAVEAT = (
     "{n} of {steps} steps did not use untruncated Poisson sampling ({what}): the accountants "

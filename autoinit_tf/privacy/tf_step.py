@@ -13,7 +13,7 @@ import math
 import keras
 
 from autoinit_tf.privacy.ledger import SLOTS, StepLedger
-from autoinit_tf.privacy.model import PrivacyState, parse_sample_weight
+from autoinit_tf.privacy.state import PrivacyState, parse_sample_weight
 
 #: Stream numbers folded into (seed, step): the noise and the augmentation never share a draw.
 NOISE_STREAM, AUGMENT_STREAM = 0, 1

@@ -4,9 +4,9 @@ DP-SGD's guarantee rests on one fact: removing one example from a batch changes 
 gradient sum by at most ``C``. That holds only when each example's gradient depends on that
 example alone. Two checks, both run by :func:`autoinit_tf.privacy.make_private`:
 
-* **known classes** (fast, with the best advice): BatchNormalization and the other layers in
-  :data:`EXAMPLE_MIXING_LAYERS`, any layer with ``mixes_examples = True``, activity
-  regularizers.
+* **known classes** (fast, with the best advice): BatchNormalization and the other classes the
+  layer registry declares ``mixes_examples=True`` (:data:`EXAMPLE_MIXING_LAYERS` is a view of it),
+  any layer with a ``mixes_examples = True`` attribute, activity regularizers.
 * **a probe, independent of names**: the model runs twice in training mode on a small batch
   (same weights, same random state, inside a ``keras.StatelessScope`` so nothing is changed),
   the second time with example 0 replaced. Every layer call is recorded; a layer whose inputs
@@ -18,20 +18,50 @@ example alone. Two checks, both run by :func:`autoinit_tf.privacy.make_private`:
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 
 import keras
 import numpy as np
 
-#: Layer classes (matched by class name anywhere in the MRO) whose output for one
-#: example depends on other examples of the batch. The probe finds others; this list gives
-#: the replacement advice for the common ones.
-EXAMPLE_MIXING_LAYERS = {
-    "BatchNormalization": "GroupNormalization (or LayerNormalization)",
-    "SyncBatchNormalization": "GroupNormalization (or LayerNormalization)",
-    "IterNormWhitening": "GroupNormalization (or LayerNormalization)",
-    "DARBatchNormalization": "GroupNormalization (or LayerNormalization)",
-}
+from autoinit_tf.rules import registry
+from autoinit_tf.rules.builtin import register_builtin_rules
+
+class _MixingLayers(collections.abc.MutableMapping):
+    """``{class name: replacement advice}`` of the layer classes declared as mixing examples: a view of
+    the ``mixes_examples`` / ``advice`` fields of the one layer registry (`autoinit_tf.rules.registry`),
+    where the built-ins (BatchNormalization, the paper's batch layers) are declared with their rules.
+    The probe finds others; these give the refusal before any call, with the best advice."""
+
+    def _table(self):
+        register_builtin_rules()
+        out = {}
+        for key in registry.FieldView("mixes_examples"):
+            spec = registry.spec_of(key)
+            if spec.mixes_examples:
+                out[key if isinstance(key, str) else key.__name__] = spec.advice or DEFAULT_ADVICE
+        return out
+
+    def __getitem__(self, name):
+        return self._table()[name]
+
+    def __setitem__(self, name, advice):
+        registry.register_layer(str(name), mixes_examples=True, advice=str(advice))
+
+    def __delitem__(self, name):
+        registry.unregister_layer(str(name), "mixes_examples", "advice")
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self):
+        return len(self._table())
+
+
+DEFAULT_ADVICE = "GroupNormalization (or LayerNormalization)"
+
+#: Layer classes declared as mixing examples, by class name, with the advice given when refusing them.
+EXAMPLE_MIXING_LAYERS = _MixingLayers()
 
 #: Examples in the independence probe.
 PROBE_BATCH = 4
@@ -45,9 +75,11 @@ class DataDependentLossError(ValueError):
     """The model adds a data-dependent loss (``add_loss`` in ``call``) that DP-SGD cannot clip."""
 
 
-def register_example_mixing_layer(class_name: str, replacement: str = "GroupNormalization"):
-    """Declare another layer class (by name) as mixing examples, so make_private refuses it."""
-    EXAMPLE_MIXING_LAYERS[str(class_name)] = str(replacement)
+def register_example_mixing_layer(class_name, replacement: str = "GroupNormalization"):
+    """Declare another layer class (a class, or its name) as mixing examples, so make_private refuses
+    it before probing (``register_layer(cls, mixes_examples=True, advice=replacement)``)."""
+    key = class_name if isinstance(class_name, type) else str(class_name)
+    registry.register_layer(key, mixes_examples=True, advice=str(replacement))
 
 
 def all_layers(model):
@@ -59,15 +91,15 @@ def all_layers(model):
 
 def find_example_mixing_layers(model):
     """``[(layer, class_name, replacement)]`` for every layer of a known example-mixing class."""
+    register_builtin_rules()
     found = []
     for layer in all_layers(model):
         if getattr(layer, "mixes_examples", False):
             found.append((layer, type(layer).__name__, "a per-example normalization"))
             continue
-        for cls in type(layer).__mro__:
-            if cls.__name__ in EXAMPLE_MIXING_LAYERS:
-                found.append((layer, cls.__name__, EXAMPLE_MIXING_LAYERS[cls.__name__]))
-                break
+        spec = registry.spec_for(layer)
+        if spec.mixes_examples:
+            found.append((layer, type(layer).__name__, spec.advice or DEFAULT_ADVICE))
     return found
 
 

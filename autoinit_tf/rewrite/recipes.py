@@ -141,17 +141,52 @@ class PlanState:
         self.index = index
         self.names = index.names  # shared set: generated names are reserved in it
         self.activation_swaps = {}  # id(node) -> new activation name (from act:* recipes)
+        self.rule_results = {}  # (rule, key) -> what a SwapRule's replace returned, built once per key
+        self.generated = {}  # key -> the name generated for it (one per op: shared layers stay shared)
+        self.seen = set()  # keys a recipe has already planned once (e.g. an op with several calls)
+
+    def name_for(self, key, base):
+        """One new unique name per ``key`` (generated from ``base`` the first time)."""
+        if key not in self.generated:
+            self.generated[key] = _new(self, base)
+        return self.generated[key]
+
+    def first_time(self, key) -> bool:
+        """True the first time ``key`` is asked about in this plan."""
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 class Recipe:
-    """Base class of swap rules. Subclasses implement `plan(state) -> number of matches`."""
+    """Base class of swap rules.
+
+    `plan(state)` returns the number of nodes the recipe applies to: it runs `plan_node` on every node of
+    `candidates` (default: every node of the graph, in topological order) that `matches`; a `plan_node`
+    that returns False did not apply and is not counted. Subclasses implement `matches` and `plan_node`
+    (or `plan` itself when they need the whole graph at once).
+    """
 
     name = "recipe"
     args = {}
     doc = ""
 
-    def plan(self, state):  # pragma: no cover - abstract
+    def candidates(self, state):
+        return state.index.nodes
+
+    def matches(self, info, state) -> bool:
+        return True
+
+    def plan_node(self, info, state):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def plan(self, state):
+        count = 0
+        for info in self.candidates(state):
+            if self.matches(info, state) and self.plan_node(info, state) is not False:
+                count += 1
+        return count
 
     def __repr__(self):
         return f"<swap {self.name}>"
@@ -175,37 +210,34 @@ class SwapRule(Recipe):
         self.name = name or f"rule:{getattr(replace, '__name__', 'replace')}"
         self.doc = doc
 
-    def plan(self, state):
-        count = 0
-        for info in state.index.nodes:
-            if not self.match(info):
-                continue
-            calls = state.index.calls_of(info.model, info.op)
-            first = calls[0] if calls else info
-            key = ("rule", id(self), id(info.op))
-            if key not in state.__dict__.setdefault("_rule_results", {}):
-                state._rule_results[key] = self.replace(first)
-            result = state._rule_results[key]
-            if result is None:
-                continue
-            creates = []
-            if isinstance(result, keras.Operation):
-                if result.name in state.names and result.name != info.op.name:
-                    result.name = _new(state, result.name)
-                else:
-                    state.names.add(result.name)
-                creates = [(result.name, type(result).__name__)]
-                desc = f"{type(info.op).__name__} -> {type(result).__name__} '{result.name}'"
+    def matches(self, info, state):
+        return bool(self.match(info))
+
+    def plan_node(self, info, state):
+        calls = state.index.calls_of(info.model, info.op)
+        first = calls[0] if calls else info
+        key = ("rule", id(self), id(info.op))
+        if key not in state.rule_results:
+            state.rule_results[key] = self.replace(first)
+        result = state.rule_results[key]
+        if result is None:
+            return False
+        creates = []
+        if isinstance(result, keras.Operation):
+            if result.name in state.names and result.name != info.op.name:
+                result.name = _new(state, result.name)
             else:
-                desc = f"{type(info.op).__name__} -> sub-graph {getattr(result, '__name__', type(result).__name__)}"
+                state.names.add(result.name)
+            creates = [(result.name, type(result).__name__)]
+            desc = f"{type(info.op).__name__} -> {type(result).__name__} '{result.name}'"
+        else:
+            desc = f"{type(info.op).__name__} -> sub-graph {getattr(result, '__name__', type(result).__name__)}"
 
-            def build(args, kwargs, ctx, _r=result):
-                return _r(*args, **kwargs)
+        def build(args, kwargs, ctx, _r=result):
+            return _r(*args, **kwargs)
 
-            state.plan.claim(PlanEntry(self.name, "replace", info.label, desc, info=info, build=build,
-                                       creates=creates, removes=[info.op.name]))
-            count += 1
-        return count
+        state.plan.claim(PlanEntry(self.name, "replace", info.label, desc, info=info, build=build,
+                                   creates=creates, removes=[info.op.name]))
 
 
 # ------------------------------------------------------------------------------------------------ act
@@ -268,38 +300,28 @@ class ActivationSwap(Recipe):
             return None
         return None
 
-    def plan(self, state):
-        count = 0
-        done_ops = set()
-        for info in state.index.nodes:
-            found = activation_of(info)
-            if not found or found[1] != self.source:
-                continue
-            kind, _ = found
-            op = info.op
-            count += 1
-            if self.target not in GATES:
-                state.activation_swaps[id(info.node)] = self.target
-                if kind == "fused":
-                    if id(op) not in done_ops:
-                        done_ops.add(id(op))
-                        state.plan.override(self.name, op, {"activation": self.target},
-                                            f"activation {self.source} -> {self.target} (recreated, weights kept)",
-                                            target=info.label)
-                    continue
-                self._replace_with_activation(state, info)
-                continue
+    def matches(self, info, state):
+        found = activation_of(info)
+        return bool(found) and found[1] == self.source
+
+    def plan_node(self, info, state):
+        kind, _ = activation_of(info)
+        op = info.op
+        if self.target in GATES:
             self._plan_gate(state, info, kind)
-        return count
+            return
+        state.activation_swaps[id(info.node)] = self.target
+        if kind != "fused":
+            self._replace_with_activation(state, info)
+        elif state.first_time((self.name, "fused", id(op))):
+            state.plan.override(self.name, op, {"activation": self.target},
+                                f"activation {self.source} -> {self.target} (recreated, weights kept)",
+                                target=info.label)
 
     def _replace_with_activation(self, state, info):
         op, target = info.op, self.target
-        name = _new(state, f"{op.name}_{target}") if not info.shared or \
-            state.index.calls_of(info.model, op)[0] is info else None
         key = ("act", id(op))
-        if name is None:  # later call of a shared op: reuse the first call's name
-            name = state.__dict__.setdefault("_act_names", {})[key]
-        state.__dict__.setdefault("_act_names", {})[key] = name
+        name = state.name_for(key, f"{op.name}_{target}")  # a shared op's later calls reuse the first's
 
         def build(args, kwargs, ctx, _name=name, _key=key):
             layer = ctx.cached(_key, lambda: keras.layers.Activation(target, name=_name))
@@ -386,39 +408,32 @@ class MaxPoolToStridedConv(Recipe):
     doc = ("All-CNN: each MaxPooling layer becomes a Conv with the pool's kernel size and stride, the same "
            "channel count and the activation of the preceding conv.")
 
-    def plan(self, state):
-        count = 0
-        for info in state.index.nodes:
-            op = info.op
-            if not isinstance(op, _MAXPOOL):
-                continue
-            count += 1
-            rank = len(op.pool_size)
-            axis = 1 if op.data_format == "channels_first" else -1
-            c = info.inputs[0].shape[axis]
-            if c is None:
-                raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': unknown channel count.")
-            act = _preceding_activation(state, info)
-            conv_cls = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[rank]
-            name = _new(state, f"{op.name}_conv") if not info.shared or \
-                state.index.calls_of(info.model, op)[0] is info else None
-            key = ("mpconv", id(op))
-            names = state.__dict__.setdefault("_mp_names", {})
-            name = name or names[key]
-            names[key] = name
-            cfg = dict(filters=int(c), kernel_size=tuple(op.pool_size), strides=tuple(op.strides),
-                       padding=op.padding, data_format=op.data_format, activation=act)
+    def matches(self, info, state):
+        return isinstance(info.op, _MAXPOOL)
 
-            def build(args, kwargs, ctx, _k=key, _cfg=cfg, _name=name, _cls=conv_cls):
-                layer = ctx.cached(_k, lambda: _cls(name=_name, **_cfg))
-                return layer(args[0])
+    def plan_node(self, info, state):
+        op = info.op
+        rank = len(op.pool_size)
+        axis = 1 if op.data_format == "channels_first" else -1
+        c = info.inputs[0].shape[axis]
+        if c is None:
+            raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': unknown channel count.")
+        act = _preceding_activation(state, info)
+        conv_cls = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[rank]
+        key = ("mpconv", id(op))
+        name = state.name_for(key, f"{op.name}_conv")  # a shared pool's later calls reuse the first's
+        cfg = dict(filters=int(c), kernel_size=tuple(op.pool_size), strides=tuple(op.strides),
+                   padding=op.padding, data_format=op.data_format, activation=act)
 
-            state.plan.claim(PlanEntry(
-                self.name, "replace", info.label,
-                f"{type(op).__name__} -> {conv_cls.__name__} '{name}' ({c} filters, kernel {cfg['kernel_size']}, "
-                f"strides {cfg['strides']}, {act})", info=info, build=build,
-                creates=[(name, conv_cls.__name__)], removes=[op.name]))
-        return count
+        def build(args, kwargs, ctx, _k=key, _cfg=cfg, _name=name, _cls=conv_cls):
+            layer = ctx.cached(_k, lambda: _cls(name=_name, **_cfg))
+            return layer(args[0])
+
+        state.plan.claim(PlanEntry(
+            self.name, "replace", info.label,
+            f"{type(op).__name__} -> {conv_cls.__name__} '{name}' ({c} filters, kernel {cfg['kernel_size']}, "
+            f"strides {cfg['strides']}, {act})", info=info, build=build,
+            creates=[(name, conv_cls.__name__)], removes=[op.name]))
 
 
 class PoolToStrided(Recipe):
@@ -426,34 +441,31 @@ class PoolToStrided(Recipe):
     args = {}
     doc = "Strided-CNN control: each Max/AveragePooling layer is removed and the preceding conv gets its stride."
 
-    def plan(self, state):
-        count = 0
-        for info in state.index.nodes:
-            op = info.op
-            if not isinstance(op, _MAXPOOL + _AVGPOOL):
-                continue
-            count += 1
-            cur = info.producers[0] if info.producers else None
-            conv = None
-            while cur is not None and _single_chain(cur):
-                if isinstance(cur.op, _CONV):
-                    conv = cur
-                    break
-                if isinstance(cur.op, _CHANNELWISE) or (activation_of(cur) or ("",))[0] in ("layer", "raw"):
-                    cur = cur.producers[0] if cur.producers else None
-                    continue
+    def matches(self, info, state):
+        return isinstance(info.op, _MAXPOOL + _AVGPOOL)
+
+    def plan_node(self, info, state):
+        op = info.op
+        cur = info.producers[0] if info.producers else None
+        conv = None
+        while cur is not None and _single_chain(cur):
+            if isinstance(cur.op, _CONV):
+                conv = cur
                 break
-            if conv is None:
-                raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': no unshared Conv layer "
-                                "feeds it (through activation/normalization layers only).")
-            if any(int(s) != 1 for s in conv.op.strides):
-                raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': the preceding conv "
-                                f"'{conv.op.name}' already has strides {conv.op.strides}.")
-            state.plan.override(self.name, conv.op, {"strides": tuple(op.strides)},
-                                f"strides -> {tuple(op.strides)} (from '{op.name}')", target=conv.label)
-            state.plan.claim(PlanEntry(self.name, "remove", info.label, f"{type(op).__name__} removed",
-                                       info=info, removes=[op.name]))
-        return count
+            if isinstance(cur.op, _CHANNELWISE) or (activation_of(cur) or ("",))[0] in ("layer", "raw"):
+                cur = cur.producers[0] if cur.producers else None
+                continue
+            break
+        if conv is None:
+            raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': no unshared Conv layer "
+                            "feeds it (through activation/normalization layers only).")
+        if any(int(s) != 1 for s in conv.op.strides):
+            raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': the preceding conv "
+                            f"'{conv.op.name}' already has strides {conv.op.strides}.")
+        state.plan.override(self.name, conv.op, {"strides": tuple(op.strides)},
+                            f"strides -> {tuple(op.strides)} (from '{op.name}')", target=conv.label)
+        state.plan.claim(PlanEntry(self.name, "remove", info.label, f"{type(op).__name__} removed",
+                                   info=info, removes=[op.name]))
 
 
 class GapToLogAvgExp(Recipe):
@@ -467,32 +479,26 @@ class GapToLogAvgExp(Recipe):
             raise SwapError(f"{self.name}: temperature must be > 0, got {temperature}.")
         self.learnable = bool(learnable)
 
-    def plan(self, state):
-        count = 0
-        for info in state.index.nodes:
-            op = info.op
-            if not isinstance(op, _GAP):
-                continue
-            count += 1
-            idx = _GAP.index(type(op)) if type(op) in _GAP else 1
-            cls = (paper.LogAvgExpPooling1D, paper.LogAvgExpPooling2D, paper.LogAvgExpPooling3D)[idx]
-            key = ("lae", id(op))
-            names = state.__dict__.setdefault("_lae_names", {})
-            if key not in names:
-                names[key] = _new(state, f"{op.name}_logavgexp")
-            name = names[key]
-            cfg = dict(temperature=self.temperature, learnable=self.learnable, data_format=op.data_format,
-                       keepdims=op.keepdims)
+    def matches(self, info, state):
+        return isinstance(info.op, _GAP)
 
-            def build(args, kwargs, ctx, _k=key, _cfg=cfg, _name=name, _cls=cls):
-                layer = ctx.cached(_k, lambda: _cls(name=_name, **_cfg))
-                return layer(args[0])
+    def plan_node(self, info, state):
+        op = info.op
+        idx = _GAP.index(type(op)) if type(op) in _GAP else 1
+        cls = (paper.LogAvgExpPooling1D, paper.LogAvgExpPooling2D, paper.LogAvgExpPooling3D)[idx]
+        key = ("lae", id(op))
+        name = state.name_for(key, f"{op.name}_logavgexp")
+        cfg = dict(temperature=self.temperature, learnable=self.learnable, data_format=op.data_format,
+                   keepdims=op.keepdims)
 
-            state.plan.claim(PlanEntry(self.name, "replace", info.label,
-                                       f"{type(op).__name__} -> {cls.__name__} '{name}' (t={self.temperature}, "
-                                       f"learnable={self.learnable})", info=info, build=build,
-                                       creates=[(name, cls.__name__)], removes=[op.name]))
-        return count
+        def build(args, kwargs, ctx, _k=key, _cfg=cfg, _name=name, _cls=cls):
+            layer = ctx.cached(_k, lambda: _cls(name=_name, **_cfg))
+            return layer(args[0])
+
+        state.plan.claim(PlanEntry(self.name, "replace", info.label,
+                                   f"{type(op).__name__} -> {cls.__name__} '{name}' (t={self.temperature}, "
+                                   f"learnable={self.learnable})", info=info, build=build,
+                                   creates=[(name, cls.__name__)], removes=[op.name]))
 
 
 # ------------------------------------------------------------------------------------ normalization
@@ -500,6 +506,13 @@ def _bn_nodes(state):
     for info in state.index.nodes:
         if isinstance(info.op, keras.layers.BatchNormalization):
             yield info
+
+
+class _BNRecipe(Recipe):
+    """A recipe for BatchNormalization nodes."""
+
+    def candidates(self, state):
+        return _bn_nodes(state)
 
 
 def _check_last_axis(recipe, info):
@@ -528,7 +541,7 @@ def _groups_for(recipe, info, groups):
     return g
 
 
-class BNToNorm(Recipe):
+class BNToNorm(_BNRecipe):
     """bn->groupnorm / bn->layernorm."""
 
     def __init__(self, norm, groups=None):
@@ -539,33 +552,26 @@ class BNToNorm(Recipe):
         if self.groups is not None and self.groups < 1:
             raise SwapError(f"{self.name}: groups must be >= 1.")
 
-    def plan(self, state):
-        count = 0
-        for info in _bn_nodes(state):
-            count += 1
-            op = info.op
-            _check_last_axis(self, info)
-            key = ("bnnorm", id(op))
-            names = state.__dict__.setdefault("_bnn_names", {})
-            if key not in names:
-                names[key] = _new(state, f"{op.name}_{self.norm}norm")
-            name = names[key]
-            if self.norm == "group":
-                cls, cfg = keras.layers.GroupNormalization, dict(groups=_groups_for(self, info, self.groups), axis=-1)
-            else:
-                cls, cfg = keras.layers.LayerNormalization, dict(axis=-1)
-            cfg.update(epsilon=op.epsilon, center=op.center, scale=op.scale)
+    def plan_node(self, info, state):
+        op = info.op
+        _check_last_axis(self, info)
+        key = ("bnnorm", id(op))
+        name = state.name_for(key, f"{op.name}_{self.norm}norm")
+        if self.norm == "group":
+            cls, cfg = keras.layers.GroupNormalization, dict(groups=_groups_for(self, info, self.groups), axis=-1)
+        else:
+            cls, cfg = keras.layers.LayerNormalization, dict(axis=-1)
+        cfg.update(epsilon=op.epsilon, center=op.center, scale=op.scale)
 
-            def build(args, kwargs, ctx, _k=key, _cls=cls, _cfg=cfg, _n=name):
-                return ctx.cached(_k, lambda: _cls(name=_n, **_cfg))(args[0])
+        def build(args, kwargs, ctx, _k=key, _cls=cls, _cfg=cfg, _n=name):
+            return ctx.cached(_k, lambda: _cls(name=_n, **_cfg))(args[0])
 
-            state.plan.claim(PlanEntry(self.name, "replace", info.label, f"BatchNormalization -> {cls.__name__} "
-                                       f"'{name}'", info=info, build=build, creates=[(name, cls.__name__)],
-                                       removes=[op.name]))
-        return count
+        state.plan.claim(PlanEntry(self.name, "replace", info.label, f"BatchNormalization -> {cls.__name__} "
+                                   f"'{name}'", info=info, build=build, creates=[(name, cls.__name__)],
+                                   removes=[op.name]))
 
 
-class BNToProxyNorm(Recipe):
+class BNToProxyNorm(_BNRecipe):
     name = "bn->proxynorm"
     args = {"norm": "group", "groups": 32}
     doc = ("BatchNormalization followed by an activation becomes GroupNorm/LayerNorm (no affine) followed by "
@@ -577,61 +583,56 @@ class BNToProxyNorm(Recipe):
         self.norm, self.groups = norm, None if groups is None else int(groups)
         self.name = "bn->proxynorm" + (f"(norm={norm})" if norm != "group" else "")
 
-    def plan(self, state):
-        count = 0
-        for info in _bn_nodes(state):
-            cons = info.consumers
-            if len(cons) != 1 or info.is_model_output:
-                continue
-            act = activation_of(cons[0])
-            if not act or act[0] == "fused":
-                continue
-            count += 1
-            if info.shared or cons[0].shared:
-                raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': shared layers.")
-            rank = _check_last_axis(self, info)
-            op = info.op
-            nname = _new(state, f"{op.name}_{self.norm}norm")
-            pname = _new(state, f"{cons[0].op.name}_proxynorm")
-            if self.norm == "group":
-                cls = keras.layers.GroupNormalization
-                cfg = dict(groups=_groups_for(self, info, self.groups), axis=-1)
-            else:
-                cls = keras.layers.LayerNormalization
-                cfg = dict(axis=list(range(1, rank)))
-            cfg.update(epsilon=op.epsilon, center=False, scale=False)
+    def matches(self, info, state):
+        cons = info.consumers
+        if len(cons) != 1 or info.is_model_output:
+            return False
+        act = activation_of(cons[0])
+        return bool(act) and act[0] != "fused"
 
-            def build_norm(args, kwargs, ctx, _cls=cls, _cfg=cfg, _n=nname):
-                return _cls(name=_n, **_cfg)(args[0])
+    def plan_node(self, info, state):
+        cons = info.consumers
+        act = activation_of(cons[0])
+        if info.shared or cons[0].shared:
+            raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': shared layers.")
+        rank = _check_last_axis(self, info)
+        op = info.op
+        nname = _new(state, f"{op.name}_{self.norm}norm")
+        pname = _new(state, f"{cons[0].op.name}_proxynorm")
+        if self.norm == "group":
+            cls = keras.layers.GroupNormalization
+            cfg = dict(groups=_groups_for(self, info, self.groups), axis=-1)
+        else:
+            cls = keras.layers.LayerNormalization
+            cfg = dict(axis=list(range(1, rank)))
+        cfg.update(epsilon=op.epsilon, center=False, scale=False)
 
-            act_name = act[1]
+        def build_norm(args, kwargs, ctx, _cls=cls, _cfg=cfg, _n=nname):
+            return _cls(name=_n, **_cfg)(args[0])
 
-            def build_pn(args, kwargs, ctx, _n=pname, _a=act_name):
-                x = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)][0]
-                return paper.ProxyNormalization(activation=_a, name=_n)(x)
+        act_name = act[1]
 
-            state.plan.claim(PlanEntry(self.name, "replace", info.label,
-                                       f"BatchNormalization -> {cls.__name__} '{nname}' (no affine)", info=info,
-                                       build=build_norm, creates=[(nname, cls.__name__)], removes=[op.name]))
-            state.plan.claim(PlanEntry(self.name, "replace", cons[0].label,
-                                       f"{type(cons[0].op).__name__} ({act_name}) -> ProxyNormalization '{pname}'",
-                                       info=cons[0], build=build_pn, creates=[(pname, "ProxyNormalization")],
-                                       removes=[cons[0].op.name]))
-        return count
+        def build_pn(args, kwargs, ctx, _n=pname, _a=act_name):
+            x = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)][0]
+            return paper.ProxyNormalization(activation=_a, name=_n)(x)
+
+        state.plan.claim(PlanEntry(self.name, "replace", info.label,
+                                   f"BatchNormalization -> {cls.__name__} '{nname}' (no affine)", info=info,
+                                   build=build_norm, creates=[(nname, cls.__name__)], removes=[op.name]))
+        state.plan.claim(PlanEntry(self.name, "replace", cons[0].label,
+                                   f"{type(cons[0].op).__name__} ({act_name}) -> ProxyNormalization '{pname}'",
+                                   info=cons[0], build=build_pn, creates=[(pname, "ProxyNormalization")],
+                                   removes=[cons[0].op.name]))
 
 
-class BNRemove(Recipe):
+class BNRemove(_BNRecipe):
     name = "bn->remove"
     args = {}
     doc = "Drop every BatchNormalization (normalizer-free experiments); AutoInit re-scales the rest."
 
-    def plan(self, state):
-        count = 0
-        for info in _bn_nodes(state):
-            count += 1
-            state.plan.claim(PlanEntry(self.name, "remove", info.label, "BatchNormalization removed", info=info,
-                                       removes=[info.op.name]))
-        return count
+    def plan_node(self, info, state):
+        state.plan.claim(PlanEntry(self.name, "remove", info.label, "BatchNormalization removed", info=info,
+                                   removes=[info.op.name]))
 
 
 class ConvUnitToWhitening(Recipe):
@@ -642,33 +643,31 @@ class ConvUnitToWhitening(Recipe):
     def __init__(self, group_size=64, iterations=5):
         self.group_size, self.iterations = int(group_size), int(iterations)
 
-    def plan(self, state):
-        count = 0
-        for info in state.index.nodes:
-            if not isinstance(info.op, _CONV) or not _single_chain(info):
-                continue
-            bn = info.consumers[0]
-            if not isinstance(bn.op, keras.layers.BatchNormalization) or not _single_chain(bn):
-                continue
-            act = activation_of(bn.consumers[0])
-            if not act or act[0] == "fused":
-                continue
-            if info.op.data_format == "channels_first":
-                raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': channels-last only.")
-            count += 1
-            wname = _new(state, f"{info.op.name}_whitening")
-            cfg = dict(group_size=self.group_size, iterations=self.iterations)
+    def matches(self, info, state):
+        if not isinstance(info.op, _CONV) or not _single_chain(info):
+            return False
+        bn = info.consumers[0]
+        if not isinstance(bn.op, keras.layers.BatchNormalization) or not _single_chain(bn):
+            return False
+        act = activation_of(bn.consumers[0])
+        return bool(act) and act[0] != "fused"
 
-            def build(args, kwargs, ctx, _n=info, _w=wname, _cfg=cfg):
-                x = IterNormWhitening(name=_w, **_cfg)(args[0])
-                return ctx.op_for(_n, (x,), kwargs)(x, *args[1:], **kwargs)
+    def plan_node(self, info, state):
+        bn = info.consumers[0]
+        if info.op.data_format == "channels_first":
+            raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': channels-last only.")
+        wname = _new(state, f"{info.op.name}_whitening")
+        cfg = dict(group_size=self.group_size, iterations=self.iterations)
 
-            state.plan.claim(PlanEntry(self.name, "replace", info.label,
-                                       f"IterNormWhitening '{wname}' inserted before {type(info.op).__name__}",
-                                       info=info, build=build, creates=[(wname, "IterNormWhitening")]))
-            state.plan.claim(PlanEntry(self.name, "remove", bn.label, "BatchNormalization removed", info=bn,
-                                       removes=[bn.op.name]))
-        return count
+        def build(args, kwargs, ctx, _n=info, _w=wname, _cfg=cfg):
+            x = IterNormWhitening(name=_w, **_cfg)(args[0])
+            return ctx.op_for(_n, (x,), kwargs)(x, *args[1:], **kwargs)
+
+        state.plan.claim(PlanEntry(self.name, "replace", info.label,
+                                   f"IterNormWhitening '{wname}' inserted before {type(info.op).__name__}",
+                                   info=info, build=build, creates=[(wname, "IterNormWhitening")]))
+        state.plan.claim(PlanEntry(self.name, "remove", bn.label, "BatchNormalization removed", info=bn,
+                                   removes=[bn.op.name]))
 
 
 IterNormWhitening = paper.IterNormWhitening

@@ -16,9 +16,9 @@ import logging
 import warnings
 
 import keras
-from keras.src import tree
+from keras import tree
 
-from autoinit_tf.graph import as_functional, is_model, topo_nodes
+from autoinit_tf.graph import as_functional, is_model, topo_nodes, walk
 
 logger = logging.getLogger("autoinit_tf.rewrite")
 
@@ -366,22 +366,16 @@ def _has_changes(fn, plan):
 
 
 def _replay_graph(fn, new_inputs, ctx):
-    values = {id(kt): v for kt, v in zip(fn.inputs, new_inputs)}
-    for node in topo_nodes(fn):
+    """Replay `fn` symbolically on `new_inputs` (one `graph.walk`, this module's visitor)."""
+
+    def visit(node, args, kwargs, site):
         op = node.operation
-        if node.is_input or op is None:
-            continue
-        if any(id(x) not in values for x in node.input_tensors):
-            continue  # a node of another model sharing this layer
-        args, kwargs = node.arguments.fill_in(values)
         entry = ctx.plan.claimed(node)
         if entry is not None and entry.kind == "remove":
             flat = [t for t in tree.flatten(args) if isinstance(t, keras.KerasTensor)]
             outs = [flat[0]]
         elif entry is not None:
             outs = entry.build(args, kwargs, ctx)
-        elif is_model(op):
-            outs = _replay_model_call(node, args, kwargs, ctx)
         else:
             layer = ctx.op_for(node, args, kwargs)
             try:
@@ -392,18 +386,28 @@ def _replay_graph(fn, new_inputs, ctx):
                 raise SwapError(
                     f"rebuilding '{op.name}' ({type(op).__name__}) on its new inputs failed: {exc}"
                 ) from exc
-        outs = tree.flatten(outs)
-        if len(outs) != len(node.outputs):
-            raise SwapError(
-                f"the replacement of '{op.name}' produced {len(outs)} outputs where the original has "
-                f"{len(node.outputs)}."
-            )
-        for kt, v in zip(node.outputs, outs):
-            values[id(kt)] = v
-    return tree.pack_sequence_as(fn._outputs_struct, [values[id(kt)] for kt in fn.outputs])
+        return _checked(op, node, outs)
+
+    def on_model(node, args, kwargs, site, descend):
+        entry = ctx.plan.claimed(node)
+        if entry is not None:
+            return visit(node, args, kwargs, site)
+        return _checked(node.operation, node, _replay_model_call(node, args, kwargs, ctx, descend))
+
+    return walk(fn, new_inputs, visit, on_model=on_model)
 
 
-def _replay_model_call(node, args, kwargs, ctx):
+def _checked(op, node, outs):
+    outs = tree.flatten(outs)
+    if len(outs) != len(node.outputs):
+        raise SwapError(
+            f"the replacement of '{op.name}' produced {len(outs)} outputs where the original has "
+            f"{len(node.outputs)}."
+        )
+    return outs
+
+
+def _replay_model_call(node, args, kwargs, ctx, descend):
     op = node.operation
     inner = as_functional(op)
     flat_args = [t for t in tree.flatten(args[0]) if isinstance(t, keras.KerasTensor)]
@@ -415,7 +419,7 @@ def _replay_model_call(node, args, kwargs, ctx):
                 keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=kt._keras_history[0].name)
                 for t, kt in zip(flat_args, inner.inputs)
             ]
-            outs = _replay_graph(inner, new_inputs, ctx)
+            outs = descend(new_inputs)
             ctx.models[id(op)] = keras.Model(
                 tree.pack_sequence_as(inner._inputs_struct, new_inputs), outs, name=op.name
             )

@@ -26,7 +26,9 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments, elementwise_moments, gaussian_expectations
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable, register_layer, spec_of
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 # Kinks (x positions where f or f' jumps) of Keras' built-in activations, by function name.
 ACTIVATION_KINKS = {
@@ -58,12 +60,10 @@ MONOTONE = {"relu", "relu6", "leaky_relu", "elu", "selu", "celu", "sigmoid", "ta
 # Activations that are not elementwise; they need their own rule.
 VECTOR_ACTIVATIONS = {"softmax", "log_softmax", "sparsemax", "glu"}
 
-_user_kinks: dict = {}
-
-
 def register_activation_kinks(fn, kinks) -> None:
-    """Declare the kinks of a custom elementwise activation `fn` so quadrature splits there."""
-    _user_kinks[fn] = tuple(float(k) for k in kinks)
+    """Declare the kinks of a custom elementwise activation `fn` so quadrature splits there (the
+    ``kinks`` field of `fn`'s record in the layer registry)."""
+    register_layer(fn, kinks=tuple(kinks))
 
 
 def activation_name(fn) -> str:
@@ -73,8 +73,9 @@ def activation_name(fn) -> str:
 
 
 def kinks_of(fn) -> tuple:
-    if fn in _user_kinks:
-        return _user_kinks[fn]
+    declared = spec_of(fn).kinks
+    if declared is not None:
+        return declared
     return ACTIVATION_KINKS.get(activation_name(fn), ())
 
 
@@ -99,7 +100,7 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     `size` is the number of entries along the softmax axis for vector activations. For monotone
     activations the result remembers its pre-activation (`Moments.pre`) for max pooling.
     """
-    out = _function_moments(fn, m, kinks, size)
+    out = activation_moments(fn, m, kinks, size)
     name = activation_name(keras.activations.get(fn) if isinstance(fn, str) else fn)
     if name in MONOTONE and out is not m:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
@@ -107,7 +108,8 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     return out
 
 
-def _function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
+def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
+    """Moments of activation `fn` applied to `m`, without the pre-activation memo of `function_moments`."""
     if fn is None:
         return m
     if isinstance(fn, str):
@@ -207,14 +209,14 @@ def axis_size(shape, axis) -> int | None:
 # -- layers --------------------------------------------------------------------------------------
 
 
-@register_rule(keras.layers.Activation)
+@BUILTIN.rule(keras.layers.Activation)
 def activation_layer_rule(ctx):
     fn = ctx.layer.activation
     size = axis_size(ctx.output_shapes[0], -1)
     return function_moments(fn, ctx.input, size=size)
 
 
-@register_rule(keras.layers.ReLU)
+@BUILTIN.rule(keras.layers.ReLU)
 def relu_layer_rule(ctx):
     layer = ctx.layer
     plain = layer.max_value is None and not layer.negative_slope and not layer.threshold
@@ -226,13 +228,13 @@ def relu_layer_rule(ctx):
     return elementwise_moments(numpy_function(layer), ctx.input, kinks)
 
 
-@register_rule(keras.layers.LeakyReLU)
-@register_rule(keras.layers.ELU)
+@BUILTIN.rule(keras.layers.LeakyReLU)
+@BUILTIN.rule(keras.layers.ELU)
 def kink_at_zero_layer_rule(ctx):
     return elementwise_moments(numpy_function(ctx.layer), ctx.input, (0.0,))
 
 
-@register_rule(keras.layers.PReLU)
+@BUILTIN.rule(keras.layers.PReLU)
 def prelu_rule(ctx):
     """f(x) = x for x > 0, alpha_c x otherwise: per channel when alpha is per channel, else mixed."""
     from autoinit_tf.moments import channel_expectations
@@ -250,7 +252,7 @@ def prelu_rule(ctx):
     return Moments.from_second(mean, second)
 
 
-@register_rule(keras.layers.Softmax)
+@BUILTIN.rule(keras.layers.Softmax)
 def softmax_layer_rule(ctx):
     size = axis_size(ctx.input_shapes[0], ctx.layer.axis)
     return softmax_moments(ctx.input, size)

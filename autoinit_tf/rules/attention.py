@@ -17,7 +17,9 @@ import numpy as np
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules.activation import softmax_moments
 from autoinit_tf.rules.linear import linear_output
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 
 def _project(ctx, dense, m: Moments, n_contracted: int, target: float):
@@ -82,7 +84,13 @@ def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
     return out
 
 
-@register_rule(keras.layers.MultiHeadAttention)
+def output_projection(layer):
+    """What calibration rescales in an attention layer: the output projection's kernel and bias."""
+    dense = layer._output_dense
+    return dense.kernel, getattr(dense, "bias", None)
+
+
+@BUILTIN.rule(keras.layers.MultiHeadAttention, kernel=output_projection, bias_split=True)
 def multi_head_attention_rule(ctx):
     layer = ctx.layer
     return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
@@ -92,14 +100,14 @@ def multi_head_attention_rule(ctx):
 _GQA = getattr(keras.layers, "GroupQueryAttention", None) or getattr(keras.layers, "GroupedQueryAttention", None)
 if _GQA is not None:
 
-    @register_rule(_GQA)
+    @BUILTIN.rule(_GQA)
     def grouped_query_attention_rule(ctx):
         layer = ctx.layer
         return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
                            layer.head_dim)
 
 
-@register_rule(keras.layers.Attention)
+@BUILTIN.rule(keras.layers.Attention)
 def dot_attention_rule(ctx):
     """Luong attention without weights (the optional scale starts at 1)."""
     layer = ctx.layer
@@ -119,6 +127,6 @@ def dot_attention_rule(ctx):
     return _attended(value, value.var, 0.0, logits, keys, float(layer.dropout))
 
 
-@register_rule(keras.layers.AdditiveAttention)
+@BUILTIN.rule(keras.layers.AdditiveAttention)
 def additive_attention_rule(ctx):
     return ctx.probe()

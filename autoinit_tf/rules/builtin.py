@@ -1,19 +1,52 @@
-"""Importing this module registers every built-in propagation rule."""
+"""The built-in rules, installed explicitly and in a written order by `register_builtin_rules`.
 
-from autoinit_tf.rules import (  # noqa: F401
+Each rule module collects its declarations in a `BuiltinTable` (``BUILTIN``) where the rules are
+written; importing it registers nothing. `register_builtin_rules` installs the tables below in this
+order (a later table may add fields to a class an earlier one declared). Every pass calls it first;
+it is idempotent and cheap after the first call. User registrations (`register_rule`,
+`register_layer`) live in their own table and win over these whatever the order.
+"""
+
+from __future__ import annotations
+
+from autoinit_tf.rules import (
     activation,
     attention,
     linear,
     merge,
     normalization,
     ops,
+    paper_layers,
     pooling,
     recurrent,
     regularization,
     reshape,
 )
+from autoinit_tf.rules.registry import install_builtin
 
-try:  # the paper layers' rules, when that package is present
-    from autoinit_tf.rules import paper_layers  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["BUILTIN_TABLES", "register_builtin_rules"]
+
+#: The order of installation.
+BUILTIN_TABLES = (
+    linear.BUILTIN,
+    normalization.BUILTIN,
+    activation.BUILTIN,
+    pooling.BUILTIN,
+    merge.BUILTIN,
+    regularization.BUILTIN,
+    reshape.BUILTIN,
+    attention.BUILTIN,
+    recurrent.BUILTIN,
+    ops.BUILTIN,
+    paper_layers.BUILTIN,
+)
+
+_installed = False
+
+
+def register_builtin_rules() -> None:
+    """Install autoinit-tf's own rules and layer facts into the registry (once)."""
+    global _installed
+    if not _installed:
+        install_builtin(BUILTIN_TABLES)
+        _installed = True

@@ -8,29 +8,17 @@ no BatchNormalization statistic, no RNG state of the model.
 
 from __future__ import annotations
 
-import inspect
 import zlib
 
 import keras
 import numpy as np
-from keras.src import tree
+from keras import tree
 
+from autoinit_tf.execute import call_stateless, probe_array, probe_shape
 from autoinit_tf.moments import Moments
 
 PROBE_ELEMENTS = 1 << 15  # per input tensor, about
 MAX_PROBE_BATCH = 256
-
-
-def _probe_array(kt, m: Moments, rng, batch):
-    shape = [batch if d is None else int(d) for d in kt.shape]
-    if shape and kt.shape[0] is None:
-        shape[0] = batch
-    dtype = str(kt.dtype)
-    if "int" in dtype or "bool" in dtype:
-        hi = max(int(round(m.mean + 3.0 * np.sqrt(m.var))) + 1, 2)
-        return rng.integers(0, hi, size=shape).astype(dtype)
-    x = rng.standard_normal(shape) * np.sqrt(m.var) + m.mean
-    return x.astype(dtype if "float" in dtype else "float32")
 
 
 def _probe_batch(node):
@@ -42,15 +30,6 @@ def _probe_batch(node):
     return int(np.clip(PROBE_ELEMENTS // per, 2, MAX_PROBE_BATCH))
 
 
-def _accepts_training(op) -> bool:
-    if getattr(op, "_call_has_training_arg", None) is not None:
-        return bool(op._call_has_training_arg)
-    try:
-        return "training" in inspect.signature(op.call).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def run_on_probe(ctx, training=True, use_pending=True, seed=0):
     """Call the op of `ctx` on probe tensors drawn from `ctx.inputs`; returns the flat outputs (numpy)."""
     op = ctx.op
@@ -59,24 +38,21 @@ def run_on_probe(ctx, training=True, use_pending=True, seed=0):
     # Inputs produced by another probed op reuse its real output tensor: a chain of simulated layers
     # (stacked LSTMs, say) then sees the realized structure of its input (e.g. correlation in time),
     # not an i.i.d. stand-in with the same moments.
-    cache = getattr(ctx._engine, "probe_values", None)
+    cache = ctx.probe_cache
     cached = {id(kt): cache[id(kt)] for kt in node.input_tensors if cache is not None and id(kt) in cache}
     batch = int(next(iter(cached.values())).shape[0]) if cached else _probe_batch(node)
     probes = {id(kt): cached.get(id(kt)) if id(kt) in cached
-              else keras.ops.convert_to_tensor(_probe_array(kt, m, rng, batch))
+              else keras.ops.convert_to_tensor(probe_array(probe_shape(kt, batch, batch_axis=False), kt.dtype, m, rng))
               for kt, m in zip(node.input_tensors, ctx.inputs)}
     args, kwargs = node.arguments.fill_in(probes)
-    if isinstance(op, keras.layers.Layer):
-        if _accepts_training(op):
-            # Nodes built outside a training context record training=False: override it.
-            kwargs = dict(kwargs, training=training)
-        engine = ctx._engine
-        tv = [keras.ops.convert_to_tensor(engine.value(v)) if use_pending else v.value
-              for v in op.trainable_variables]
-        ntv = [v.value for v in op.non_trainable_variables]
-        outs, _ = op.stateless_call(tv, ntv, *args, **kwargs)
-    else:
-        outs = op(*args, **kwargs)
+    trainable = {id(v) for v in getattr(op, "trainable_variables", ())}
+
+    def value(v):  # the weights this pass is about to assign (trainable ones), else the current values
+        if use_pending and id(v) in trainable:
+            return keras.ops.convert_to_tensor(ctx.value(v), dtype=v.dtype)
+        return v.value
+
+    outs = call_stateless(op, args, kwargs, training, value)
     outs = tree.flatten(outs)
     if cache is not None and len(outs) == len(node.outputs):
         for kt, o in zip(node.outputs, outs):

@@ -27,7 +27,9 @@ import numpy as np
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.activation import axis_size, function_moments
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable, spec_for
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 
 #: linear_output works on blocks of output units whose float64 copy holds at most this many values
@@ -341,28 +343,20 @@ def _einsum_dense_pre(ctx):
     return pre
 
 
-# Pre-activation rules by layer class; the registered rule adds the fused activation.
-PREACTIVATION_RULES = {
-    keras.layers.Dense: _dense_pre,
-    keras.layers.EinsumDense: _einsum_dense_pre,
-    keras.layers.Conv1D: _conv_pre,
-    keras.layers.Conv2D: _conv_pre,
-    keras.layers.Conv3D: _conv_pre,
-    keras.layers.Conv1DTranspose: _conv_transpose_pre,
-    keras.layers.Conv2DTranspose: _conv_transpose_pre,
-    keras.layers.Conv3DTranspose: _conv_transpose_pre,
-    keras.layers.DepthwiseConv1D: _depthwise_conv_pre,
-    keras.layers.DepthwiseConv2D: _depthwise_conv_pre,
-    keras.layers.SeparableConv1D: _separable_pre,
-    keras.layers.SeparableConv2D: _separable_pre,
-}
+def kernel_and_bias(kernel="kernel", bias="bias"):
+    """``layer -> (layer.<kernel>, layer.<bias> or None)``: what calibration rescales in a layer whose
+    output is linear in that kernel (plus the bias term)."""
+
+    def get(layer):
+        return getattr(layer, kernel), getattr(layer, bias, None)
+
+    get.__name__ = f"kernel_{kernel}"
+    return get
 
 
 def preactivation_rule_for(layer):
-    for cls in type(layer).__mro__:
-        if cls in PREACTIVATION_RULES:
-            return PREACTIVATION_RULES[cls]
-    return None
+    """The registered pre-activation rule of `layer`'s class (None when it has none)."""
+    return spec_for(layer).preactivation
 
 
 def weighted_linear_rule(ctx):
@@ -371,11 +365,26 @@ def weighted_linear_rule(ctx):
     return fused_activation(ctx.layer, pre, ctx.output_shapes[0])
 
 
-for _cls in PREACTIVATION_RULES:
-    register_rule(_cls, weighted_linear_rule)
+# The linear layers: pre-activation rule (the registered rule adds the fused activation), the kernel
+# calibration rescales, and an output that is exactly (kernel part) + (bias broadcast).
+for _cls, _pre, _kernel in [
+    (keras.layers.Dense, _dense_pre, "kernel"),
+    (keras.layers.EinsumDense, _einsum_dense_pre, "kernel"),
+    (keras.layers.Conv1D, _conv_pre, "kernel"),
+    (keras.layers.Conv2D, _conv_pre, "kernel"),
+    (keras.layers.Conv3D, _conv_pre, "kernel"),
+    (keras.layers.Conv1DTranspose, _conv_transpose_pre, "kernel"),
+    (keras.layers.Conv2DTranspose, _conv_transpose_pre, "kernel"),
+    (keras.layers.Conv3DTranspose, _conv_transpose_pre, "kernel"),
+    (keras.layers.DepthwiseConv1D, _depthwise_conv_pre, "kernel"),
+    (keras.layers.DepthwiseConv2D, _depthwise_conv_pre, "kernel"),
+    (keras.layers.SeparableConv1D, _separable_pre, "pointwise_kernel"),
+    (keras.layers.SeparableConv2D, _separable_pre, "pointwise_kernel"),
+]:
+    BUILTIN.rule(_cls, weighted_linear_rule, preactivation=_pre, kernel=kernel_and_bias(_kernel), bias_split=True)
 
 
-@register_rule(keras.layers.Embedding)
+@BUILTIN.rule(keras.layers.Embedding, kernel=kernel_and_bias("embeddings", bias="__no_bias__"))
 def embedding_rule(ctx):
     """The output entries are table entries: drawn with variance `signal_variance`, mean 0."""
     layer = ctx.layer
@@ -386,19 +395,17 @@ def embedding_rule(ctx):
     return Moments.from_channels(w.mean(axis=0), w.var(axis=0))
 
 
-@register_rule(keras.layers.SpectralNormalization)
+@BUILTIN.rule(keras.layers.SpectralNormalization)
 def spectral_normalization_rule(ctx):
     """The wrapped kernel is divided by its largest singular value in training mode.
 
     The wrapped layer's pre-activation rule draws the kernel; the output is that of W / sigma_max(W).
     """
-    from autoinit_tf.rules.registry import RuleContext
-
     inner = ctx.layer.layer
     pre_rule = preactivation_rule_for(inner)
     if pre_rule is None:
         return ctx.probe()
-    sub = RuleContext(inner, ctx.node, ctx.inputs, ctx.args, ctx.kwargs, ctx.fit_inputs, ctx._engine)
+    sub = ctx.sub(inner, share_notes=False)
     pre_rule(sub)
     w = ctx.value(inner.kernel).astype(np.float64)
     sigma = float(np.linalg.norm(w.reshape(-1, w.shape[-1]), 2))

@@ -20,7 +20,9 @@ import numpy as np
 
 from autoinit_tf.moments import Moments, mix
 from autoinit_tf.rules.element_maps import same_shape
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 L = keras.layers
 
@@ -94,12 +96,12 @@ def _is_last(axis, ndim):
     return axis == -1 or axis == ndim - 1
 
 
-@register_rule(L.Add)
+@BUILTIN.rule(L.Add)
 def add_rule(ctx):
     return add_moments(ctx.inputs)
 
 
-@register_rule(L.Subtract)
+@BUILTIN.rule(L.Subtract)
 def subtract_rule(ctx):
     a, b = ctx.inputs
     if same_shape([a, b]):
@@ -109,7 +111,7 @@ def subtract_rule(ctx):
     return Moments(a.mean - b.mean, a.var + b.var, a.between + b.between)
 
 
-@register_rule(L.Average)
+@BUILTIN.rule(L.Average)
 def average_rule(ctx):
     n = len(ctx.inputs)
     if same_channels(ctx.inputs):
@@ -118,29 +120,29 @@ def average_rule(ctx):
                    sum(m.between for m in ctx.inputs) / n**2)
 
 
-@register_rule(L.Multiply)
+@BUILTIN.rule(L.Multiply)
 def multiply_rule(ctx):
     return multiply_moments(ctx.inputs)
 
 
-@register_rule(L.Maximum)
+@BUILTIN.rule(L.Maximum)
 def maximum_rule(ctx):
     return maximum_moments(ctx.inputs)
 
 
-@register_rule(L.Minimum)
+@BUILTIN.rule(L.Minimum)
 def minimum_rule(ctx):
     return minimum_moments(ctx.inputs)
 
 
-@register_rule(L.Concatenate)
+@BUILTIN.rule(L.Concatenate)
 def concatenate_rule(ctx):
     axis = ctx.layer.axis
     sizes = [s[axis] for s in ctx.input_shapes]
     return concat_moments(ctx.inputs, sizes, _is_last(axis, len(ctx.input_shapes[0])))
 
 
-@register_rule(L.Dot)
+@BUILTIN.rule(L.Dot)
 def dot_rule(ctx):
     layer = ctx.layer
     a, b = ctx.inputs

@@ -20,7 +20,14 @@ import numpy as np
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules.activation import axis_size
 from autoinit_tf.rules import element_maps
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
+
+# Batch statistics mix the examples of a batch: DP-SGD refuses these before any probe.
+_PER_EXAMPLE = "GroupNormalization (or LayerNormalization)"
+BUILTIN.declare(keras.layers.BatchNormalization, mixes_examples=True, advice=_PER_EXAMPLE)
+BUILTIN.declare("SyncBatchNormalization", mixes_examples=True, advice=_PER_EXAMPLE)  # tf.keras models
 
 
 def _affine_over_normalized(ctx, gamma, beta, ratio, kept_between=0.0):
@@ -53,7 +60,7 @@ def _last_axis(layer, ndim):
     return [a % ndim for a in axes] == [ndim - 1]
 
 
-@register_rule(keras.layers.BatchNormalization)
+@BUILTIN.rule(keras.layers.BatchNormalization)
 def batch_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
@@ -69,7 +76,7 @@ def batch_normalization_rule(ctx):
     return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)
 
 
-@register_rule(keras.layers.LayerNormalization)
+@BUILTIN.rule(keras.layers.LayerNormalization)
 def layer_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
@@ -86,7 +93,7 @@ def layer_normalization_rule(ctx):
     return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))
 
 
-@register_rule(keras.layers.GroupNormalization)
+@BUILTIN.rule(keras.layers.GroupNormalization)
 def group_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
@@ -105,7 +112,7 @@ def group_normalization_rule(ctx):
 
 if hasattr(keras.layers, "RMSNormalization"):
 
-    @register_rule(keras.layers.RMSNormalization)
+    @BUILTIN.rule(keras.layers.RMSNormalization)
     def rms_normalization_rule(ctx):
         layer = ctx.layer
         m = ctx.input
@@ -119,7 +126,7 @@ if hasattr(keras.layers, "RMSNormalization"):
         return Moments.from_second(mean, g2 * s / (s + eps), g2 * m.between / (s + eps))
 
 
-@register_rule(keras.layers.UnitNormalization)
+@BUILTIN.rule(keras.layers.UnitNormalization)
 def unit_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
@@ -129,7 +136,7 @@ def unit_normalization_rule(ctx):
     return Moments.from_second(m.mean / math.sqrt(n * m.second), 1.0 / n)
 
 
-@register_rule(keras.layers.Normalization)
+@BUILTIN.rule(keras.layers.Normalization)
 def preprocessing_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
@@ -146,7 +153,7 @@ def preprocessing_normalization_rule(ctx):
     return Moments.from_second(float(outs_mean.mean()), float(outs_second.mean()), between)
 
 
-@register_rule(keras.layers.Rescaling)
+@BUILTIN.rule(keras.layers.Rescaling)
 def rescaling_rule(ctx):
     layer = ctx.layer
     scale = np.asarray(layer.scale, dtype=np.float64).ravel()

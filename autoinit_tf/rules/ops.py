@@ -19,8 +19,10 @@ from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians
 from autoinit_tf.rules.activation import log_softmax_moments, numpy_function, softmax_moments
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 # -- elementwise unary ops ---------------------------------------------------------------------
 
@@ -64,10 +66,10 @@ def _unary_elementwise_rule(ctx):
 
 
 for _cls in _KINKS:
-    register_rule(_cls, _unary_elementwise_rule)
+    BUILTIN.rule(_cls, _unary_elementwise_rule)
 
 
-@register_rule(np_ops.Clip)
+@BUILTIN.rule(np_ops.Clip)
 def clip_rule(ctx):
     op = ctx.op
     lo, hi = ctx.args[1], ctx.args[2]
@@ -77,7 +79,7 @@ def clip_rule(ctx):
     return elementwise_moments(lambda x: np.clip(x, lo, hi), ctx.input, (lo, hi)) if op else None
 
 
-@register_rule(np_ops.Negative)
+@BUILTIN.rule(np_ops.Negative)
 def negative_rule(ctx):
     m = ctx.input
     return Moments(-m.mean, m.var, m.between)
@@ -96,7 +98,7 @@ def _binary(ctx):
     return a, b, isinstance(a, Moments), isinstance(b, Moments)
 
 
-@register_rule(np_ops.Add)
+@BUILTIN.rule(np_ops.Add)
 def add_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
@@ -109,7 +111,7 @@ def add_op_rule(ctx):
     return Moments(m.mean + c1, m.var + cvar, m.between + cvar)
 
 
-@register_rule(np_ops.Subtract)
+@BUILTIN.rule(np_ops.Subtract)
 def subtract_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
@@ -120,7 +122,7 @@ def subtract_op_rule(ctx):
     return Moments(m.mean - c1, m.var + cvar) if ma else Moments(c1 - m.mean, m.var + cvar)
 
 
-@register_rule(np_ops.Multiply)
+@BUILTIN.rule(np_ops.Multiply)
 def multiply_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
@@ -141,11 +143,11 @@ def _divide_rule(ctx):
     return ctx.probe()
 
 
-register_rule(np_ops.Divide, _divide_rule)
-register_rule(np_ops.TrueDivide, _divide_rule)
+BUILTIN.rule(np_ops.Divide, _divide_rule)
+BUILTIN.rule(np_ops.TrueDivide, _divide_rule)
 
 
-@register_rule(np_ops.Power)
+@BUILTIN.rule(np_ops.Power)
 def power_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and not mb and isinstance(b, (int, float)):
@@ -155,7 +157,7 @@ def power_rule(ctx):
     return ctx.probe()
 
 
-@register_rule(np_ops.Matmul)
+@BUILTIN.rule(np_ops.Matmul)
 def matmul_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
@@ -184,7 +186,7 @@ def _reduced_count(ctx, axis):
     return int(np.prod(dims)) if dims else 1
 
 
-@register_rule(np_ops.Mean)
+@BUILTIN.rule(np_ops.Mean)
 def mean_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     if n is None:
@@ -193,7 +195,7 @@ def mean_op_rule(ctx):
     return Moments(m.mean, m.between + m.within / n, m.between)
 
 
-@register_rule(np_ops.Sum)
+@BUILTIN.rule(np_ops.Sum)
 def sum_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     if n is None:
@@ -202,7 +204,7 @@ def sum_op_rule(ctx):
     return Moments(n * m.mean, n * n * m.between + n * m.within, n * n * m.between)
 
 
-@register_rule(np_ops.Max)
+@BUILTIN.rule(np_ops.Max)
 def max_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     if n is None:
@@ -210,13 +212,13 @@ def max_op_rule(ctx):
     return max_of_gaussians(n, ctx.input)
 
 
-@register_rule(nn_ops.Softmax)
+@BUILTIN.rule(nn_ops.Softmax)
 def softmax_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     return softmax_moments(ctx.input, n) if n else ctx.probe()
 
 
-@register_rule(nn_ops.LogSoftmax)
+@BUILTIN.rule(nn_ops.LogSoftmax)
 def log_softmax_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     return log_softmax_moments(ctx.input, n) if n else ctx.probe()
@@ -242,15 +244,15 @@ def _row_major_reshape(ctx):
 
 
 for _cls in (np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.ConvertToTensor):
-    register_rule(_cls, _same_for_every_output)
+    BUILTIN.rule(_cls, _same_for_every_output)
 for _cls in (np_ops.Transpose, np_ops.GetItem, np_ops.Moveaxis, np_ops.Swapaxes, np_ops.Repeat,
              np_ops.BroadcastTo, core_ops.Unstack, core_ops.Slice):
-    register_rule(_cls, _pooled_for_every_output)
+    BUILTIN.rule(_cls, _pooled_for_every_output)
 for _cls in (np_ops.Reshape, np_ops.ExpandDims, np_ops.Squeeze, np_ops.Ravel, np_ops.Tile):
-    register_rule(_cls, _row_major_reshape)
+    BUILTIN.rule(_cls, _row_major_reshape)
 
 
-@register_rule(np_ops.Split)
+@BUILTIN.rule(np_ops.Split)
 def split_op_rule(ctx):
     m = ctx.input
     shape = tuple(ctx.node.input_tensors[0].shape)
@@ -262,7 +264,7 @@ def split_op_rule(ctx):
     return m if n == 1 else [m] * n
 
 
-@register_rule(np_ops.Concatenate)
+@BUILTIN.rule(np_ops.Concatenate)
 def concatenate_op_rule(ctx):
     axis = ctx.op.axis
     sizes = [kt.shape[axis] for kt in ctx.node.input_tensors]
@@ -270,7 +272,7 @@ def concatenate_op_rule(ctx):
     return concat_moments(ctx.inputs, sizes, axis == -1 or axis == ndim - 1)
 
 
-@register_rule(np_ops.Stack)
+@BUILTIN.rule(np_ops.Stack)
 def stack_op_rule(ctx):
     return concat_moments(ctx.inputs, [1] * len(ctx.inputs))
 
@@ -280,4 +282,4 @@ def _probe_rule(ctx):
 
 
 for _cls in (np_ops.Einsum, nn_ops.DotProductAttention, np_ops.Where):
-    register_rule(_cls, _probe_rule)
+    BUILTIN.rule(_cls, _probe_rule)

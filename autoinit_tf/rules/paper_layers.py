@@ -31,6 +31,9 @@ import numpy as np
 from autoinit_tf.layers import (
     DARBatchNormalization,
     IterNormWhitening,
+    LogAvgExpPooling1D,
+    LogAvgExpPooling2D,
+    LogAvgExpPooling3D,
     LogitGate,
     ProxyNormalization,
     ScaledResidual,
@@ -40,10 +43,15 @@ from autoinit_tf.layers import (
     WSConv3D,
     WSDense,
 )
-from autoinit_tf.layers.log_avg_exp_pooling import _GlobalLogAvgExpPooling
-from autoinit_tf.layers.logit_gates import AIL_FUNCTIONS, ail_moments, nail_constants
+from autoinit_tf.layers.logit_gates import AIL_FUNCTIONS, ail_moments, gate_reduce, nail_constants
 from autoinit_tf.moments import Moments, gaussian_expectations, standard_normal_quantiles
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
+
+# Batch statistics (whitening, DAR-BN's natural-image statistics) mix the examples of a batch.
+for _cls in (IterNormWhitening, DARBatchNormalization):
+    BUILTIN.declare(_cls, mixes_examples=True, advice="GroupNormalization (or LayerNormalization)")
 
 
 def _per_channel(means, seconds):
@@ -62,7 +70,7 @@ def _np_activation(act):
 
 
 # ---- ProxyNormalization ------------------------------------------------------------------------
-@register_rule(ProxyNormalization)
+@BUILTIN.rule(ProxyNormalization)
 def proxy_normalization_rule(ctx):
     layer, m = ctx.layer, ctx.input
     gamma = ctx.value(layer.gamma).astype(np.float64)
@@ -84,8 +92,6 @@ def proxy_normalization_rule(ctx):
 
 # ---- LogitGate ---------------------------------------------------------------------------------
 def _il_moments(name, k, mean, var):
-    from autoinit_tf.layers.logit_gates import _reduce
-
     mu = np.broadcast_to(np.asarray(mean, np.float64), (k,))
     sd = np.sqrt(np.maximum(np.broadcast_to(np.asarray(var, np.float64), (k,)), 0.0))
     if k <= 4:
@@ -100,7 +106,7 @@ def _il_moments(name, k, mean, var):
         pts = np.random.default_rng(0).standard_normal((200_000, k))
         w = np.full(len(pts), 1.0 / len(pts))
     x = keras.ops.convert_to_tensor((mu + sd * pts).astype(np.float32))
-    y = np.asarray(keras.ops.convert_to_numpy(_reduce(name, x, k)), np.float64)
+    y = np.asarray(keras.ops.convert_to_numpy(gate_reduce(name, x, k)), np.float64)
     return float(np.dot(w, y)), float(np.dot(w, y * y))
 
 
@@ -121,7 +127,7 @@ def gate_moments(name, k, m, normalize=False):
     return e1, e2
 
 
-@register_rule(LogitGate)
+@BUILTIN.rule(LogitGate)
 def logit_gate_rule(ctx):
     """Per output channel: each group of k consecutive input channels is propagated with its own
     channels' means and variances when the input carries them (exact for independent Gaussian
@@ -161,7 +167,6 @@ def logit_gate_rule(ctx):
 
 
 # ---- LogAvgExpPooling --------------------------------------------------------------------------
-@register_rule(_GlobalLogAvgExpPooling)
 def log_avg_exp_rule(ctx):
     from scipy.special import logsumexp
 
@@ -181,8 +186,12 @@ def log_avg_exp_rule(ctx):
     return Moments(m.mean + s * float(y.mean()), s * s * float(y.var()), m.between)
 
 
+for _cls in (LogAvgExpPooling1D, LogAvgExpPooling2D, LogAvgExpPooling3D):
+    BUILTIN.rule(_cls, log_avg_exp_rule)
+
+
 # ---- StochasticDepth ---------------------------------------------------------------------------
-@register_rule(StochasticDepth)
+@BUILTIN.rule(StochasticDepth)
 def stochastic_depth_rule(ctx):
     sc, r = ctx.inputs[0], ctx.inputs[1]
     p = ctx.layer.survival_probability
@@ -200,7 +209,7 @@ def stochastic_depth_rule(ctx):
 
 
 # ---- IterNormWhitening -------------------------------------------------------------------------
-@register_rule(IterNormWhitening)
+@BUILTIN.rule(IterNormWhitening)
 def iternorm_rule(ctx):
     layer, m = ctx.layer, ctx.input
     g = layer.g
@@ -216,7 +225,7 @@ def iternorm_rule(ctx):
 
 
 # ---- DARBatchNormalization ---------------------------------------------------------------------
-@register_rule(DARBatchNormalization)
+@BUILTIN.rule(DARBatchNormalization)
 def dar_batch_normalization_rule(ctx):
     layer, m = ctx.layer, ctx.inputs[0]
     v = m.var
@@ -228,7 +237,7 @@ def dar_batch_normalization_rule(ctx):
 
 
 # ---- ScaledResidual ----------------------------------------------------------------------------
-@register_rule(ScaledResidual)
+@BUILTIN.rule(ScaledResidual)
 def scaled_residual_rule(ctx):
     layer, ins = ctx.layer, ctx.inputs
     n = len(ins)
@@ -267,4 +276,4 @@ def _ws_rule(ctx):
 
 
 for _cls in (WSConv1D, WSConv2D, WSConv3D, WSDense):
-    register_rule(_cls, _ws_rule)
+    BUILTIN.rule(_cls, _ws_rule)

@@ -19,7 +19,9 @@ import numpy as np
 from autoinit_tf.moments import (Moments, elementwise_moments, max_of_gaussians, max_order_expectations,
                                  max_order_statistic, mix)
 from autoinit_tf.rules import element_maps
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 
 def _window_counts(n, k, stride, padding):
@@ -174,18 +176,18 @@ def _global_average(ctx, rank):
 
 L = keras.layers
 for _cls in (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D):
-    register_rule(_cls, average_pooling_rule)
+    BUILTIN.rule(_cls, average_pooling_rule)
 for _cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D):
-    register_rule(_cls, max_pooling_rule)
+    BUILTIN.rule(_cls, max_pooling_rule)
 for _rank, _cls in ((1, L.GlobalAveragePooling1D), (2, L.GlobalAveragePooling2D), (3, L.GlobalAveragePooling3D)):
-    register_rule(_cls, lambda ctx, r=_rank: _global_average(ctx, r))
+    BUILTIN.rule(_cls, lambda ctx, r=_rank: _global_average(ctx, r))
 for _rank, _cls in ((1, L.GlobalMaxPooling1D), (2, L.GlobalMaxPooling2D), (3, L.GlobalMaxPooling3D)):
-    register_rule(_cls, lambda ctx, r=_rank: _max_of(
+    BUILTIN.rule(_cls, lambda ctx, r=_rank: _max_of(
         ctx.input, lambda m, fn=None, kinks=(): _maximum(m, _global_sizes(ctx, r), fn, kinks)))
 for _rank in (1, 2, 3):
     _avg = getattr(L, f"AdaptiveAveragePooling{_rank}D", None)
     _max = getattr(L, f"AdaptiveMaxPooling{_rank}D", None)
     if _avg is not None:
-        register_rule(_avg, lambda ctx, r=_rank: _average(ctx.input, _adaptive_sizes(ctx, r)))
+        BUILTIN.rule(_avg, lambda ctx, r=_rank: _average(ctx.input, _adaptive_sizes(ctx, r)))
     if _max is not None:
-        register_rule(_max, lambda ctx, r=_rank: _maximum(ctx.input, _adaptive_sizes(ctx, r)))
+        BUILTIN.rule(_max, lambda ctx, r=_rank: _maximum(ctx.input, _adaptive_sizes(ctx, r)))

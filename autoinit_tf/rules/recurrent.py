@@ -14,7 +14,10 @@ import keras
 import numpy as np
 
 from autoinit_tf import distributions
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.fallback import fallback_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 L = keras.layers
 
@@ -47,10 +50,10 @@ def _rnn_rule(ctx):
 
 
 for _cls in (L.SimpleRNN, L.LSTM, L.GRU):
-    register_rule(_cls, _rnn_rule)
+    BUILTIN.rule(_cls, _rnn_rule)
 
 
-@register_rule(L.Bidirectional)
+@BUILTIN.rule(L.Bidirectional)
 def bidirectional_rule(ctx):
     layer = ctx.layer
     for sub in (layer.forward_layer, layer.backward_layer):
@@ -60,14 +63,11 @@ def bidirectional_rule(ctx):
     return ctx.probe()
 
 
-@register_rule(L.TimeDistributed)
+@BUILTIN.rule(L.TimeDistributed)
 def time_distributed_rule(ctx):
     """The inner layer's own rule, on shapes without the time axis."""
-    from autoinit_tf.rules.fallback import fallback_rule
-    from autoinit_tf.rules.registry import find_rule
-
     inner = ctx.layer.layer
-    rule, _ = find_rule(inner, ctx._engine.rules)
+    rule = ctx.rule_for(inner)
     if rule is None:
         return fallback_rule(ctx)
     strip = [tuple(s[:1]) + tuple(s[2:]) for s in ctx.input_shapes]

@@ -1,38 +1,119 @@
-"""The rule registry and the context a rule receives.
+"""The one per-class registry: everything the passes know about a layer class, in one record, one lookup.
 
-A *rule* is a function ``rule(ctx) -> Moments | list[Moments]`` registered for a layer or operation
-class. It reads the incoming moments from ``ctx.inputs`` (one per input tensor, in call order) and
-returns the moments of each output. Rules that own weights choose their scale with ``ctx.draw`` (a
-fresh tensor of a given variance, recorded for assignment) and read weights with ``ctx.value``; they
-never assign anything themselves, so the same rule serves dry runs (`analyze`) and `wrap`.
+A `LayerSpec` carries, for one layer or op class (or activation function):
 
-Example, a layer computing ``y = x * self.factor``::
+=================  ==========================================================================================
+``rule``           the propagation rule of the analytic pass, ``rule(ctx) -> Moments | [Moments]``
+                   (`autoinit_tf.rules.context.RuleContext`)
+``preactivation``  for linear layers with a fused activation: the rule of the output *before* the
+                   activation (draws the kernel); wrappers such as SpectralNormalization reuse it
+``kernel``         ``layer -> (kernel variable, bias variable or None)``: what calibration rescales (the
+                   layer's main output must be linear in the kernel plus the bias term)
+``bias_split``     the output is exactly (part linear in the kernel) + (bias broadcast over the batch), so
+                   calibration may compute the bias term on one example; holds for exactly the
+                   registered class (a subclass may change ``call``)
+``mixes_examples`` True: one example's output depends on other examples of the batch (batch statistics);
+                   DP-SGD refuses the layer before probing. None: unknown (the DP probe decides)
+``advice``         what to use instead of an example-mixing layer
+``kinks``          for an activation function: where it is not smooth, so quadrature splits there
+=================  ==========================================================================================
 
-    @autoinit_tf.register_rule(Scale)
-    def scale_rule(ctx):
-        m = ctx.inputs[0]
-        return m.scaled(ctx.layer.factor)
+Two tables: the built-in declarations (`install_builtin`, filled by
+`autoinit_tf.rules.builtin.register_builtin_rules` from each rule module's `BuiltinTable`, in a
+written order) and the user's (`register_layer`, `register_rule`). A field is looked up along the
+class's MRO, most specific class first; at each class the user's value wins over the built-in one.
+A key may also be a class *name* (a string), matched against the names in the MRO, for classes that
+cannot be imported (``"SyncBatchNormalization"``).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import collections.abc
+import dataclasses
+from typing import Any, Callable
 
-from autoinit_tf import distributions
-from autoinit_tf.moments import Moments
-
-_REGISTRY: dict = {}
+__all__ = ["LayerSpec", "BuiltinTable", "UnsupportedLayerError", "register_layer", "unregister_layer", "register_rule",
+           "unregister_rule", "spec_for", "spec_of", "find_rule", "registered_rules", "builtin_rules", "install_builtin",
+           "FieldView", "snapshot", "restore"]
 
 
 class UnsupportedLayerError(TypeError):
     """Raised in strict mode when a layer or op has no registered propagation rule."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What the passes know about one layer class (fields left None are unknown / not applicable)."""
+
+    rule: Callable | None = None
+    preactivation: Callable | None = None
+    kernel: Callable | None = None
+    bias_split: bool | None = None
+    mixes_examples: bool | None = None
+    advice: str | None = None
+    kinks: tuple | None = None
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
+_EXACT_ONLY = frozenset({"bias_split"})
+
+_BUILTIN: dict = {}
+_USER: dict = {}
+
+
+def _check_fields(fields):
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise TypeError(f"Unknown LayerSpec fields {sorted(unknown)}; known: {list(FIELDS)}.")
+    if fields.get("kinks") is not None:
+        fields["kinks"] = tuple(float(k) for k in fields["kinks"])
+    for name in ("rule", "preactivation", "kernel"):
+        if fields.get(name) is not None and not callable(fields[name]):
+            raise TypeError(f"A {name} must be callable, got {fields[name]!r}.")
+    return fields
+
+
+def _merge(table, key, fields):
+    table[key] = dataclasses.replace(table.get(key, LayerSpec()), **fields)
+    return table[key]
+
+
+def register_layer(key, **fields) -> LayerSpec:
+    """Declare what the passes should know about ``key`` (a layer/op class, a class name, or an
+    activation function); fields not given keep their earlier value. Returns the user's record.
+
+    Example, a custom linear layer ``y = x @ self.w + self.b`` with its propagation rule::
+
+        autoinit_tf.rules.register_layer(MyDense, rule=my_rule, kernel=lambda layer: (layer.w, layer.b),
+                                         bias_split=True)
+    """
+    if not isinstance(key, (type, str)) and not callable(key):
+        raise TypeError(f"register_layer expects a class, a class name or a function, got {key!r}.")
+    return _merge(_USER, key, _check_fields(dict(fields)))
+
+
+def unregister_layer(key, *fields) -> None:
+    """Forget the user's ``fields`` of ``key`` (all of them when none are named); built-ins stay."""
+    spec = _USER.get(key)
+    if spec is None:
+        return
+    if not fields:
+        del _USER[key]
+        return
+    _check_fields(dict.fromkeys(fields))
+    spec = dataclasses.replace(spec, **dict.fromkeys(fields))
+    if spec == LayerSpec():
+        del _USER[key]
+    else:
+        _USER[key] = spec
+
+
 def register_rule(layer_class, rule=None):
     """Register ``rule`` for ``layer_class`` (and its subclasses without a rule of their own).
 
     Usable as ``register_rule(Cls, fn)`` or as the decorator ``@register_rule(Cls)``. A later
-    registration for the same class replaces the earlier one. Returns the rule.
+    registration for the same class replaces the earlier one; a user rule wins over a built-in one.
+    Returns the rule.
     """
     if not isinstance(layer_class, type):
         raise TypeError(f"register_rule expects a class, got {layer_class!r}.")
@@ -40,7 +121,7 @@ def register_rule(layer_class, rule=None):
     def _register(fn):
         if not callable(fn):
             raise TypeError(f"A rule must be callable, got {fn!r}.")
-        _REGISTRY[layer_class] = fn
+        register_layer(layer_class, rule=fn)
         return fn
 
     if rule is None:
@@ -49,144 +130,162 @@ def register_rule(layer_class, rule=None):
 
 
 def unregister_rule(layer_class) -> None:
-    """Remove the rule registered for exactly ``layer_class`` (no-op when there is none)."""
-    _REGISTRY.pop(layer_class, None)
+    """Remove the rule the user registered for exactly ``layer_class`` (no-op when there is none)."""
+    unregister_layer(layer_class, "rule")
 
 
-def find_rule(op, extra=None):
-    """The rule for ``op``: first ``extra`` (a dict class -> rule), then the registry, by MRO."""
-    for cls in type(op).__mro__:
-        if extra and cls in extra:
-            return extra[cls], cls
-        if cls in _REGISTRY:
-            return _REGISTRY[cls], cls
+def _named(table):
+    return any(isinstance(k, str) for k in table)
+
+
+def _candidates(cls):
+    """The keys to try for `cls`, most specific first: each class of the MRO, then its name."""
+    named = _named(_USER) or _named(_BUILTIN)
+    for c in cls.__mro__:
+        yield c
+        if named:
+            yield c.__name__
+
+
+def _field(keys, field):
+    for key in keys:
+        for table in (_USER, _BUILTIN):
+            spec = table.get(key)
+            if spec is not None:
+                value = getattr(spec, field)
+                if value is not None:
+                    return value, key
     return None, None
 
 
+def spec_for(op) -> LayerSpec:
+    """Everything known about ``op``'s class: each field from the most specific class that sets it
+    (``bias_split`` only from the exact class)."""
+    cls = op if isinstance(op, type) else type(op)
+    keys = list(_candidates(cls))
+    exact = [cls, cls.__name__]
+    return LayerSpec(**{f: _field(exact if f in _EXACT_ONLY else keys, f)[0] for f in FIELDS})
+
+
+def spec_of(key) -> LayerSpec:
+    """The record of exactly ``key`` (a function, say), the user's fields over the built-in ones."""
+    try:
+        return LayerSpec(**{f: _field([key], f)[0] for f in FIELDS})
+    except TypeError:  # unhashable key: nothing registered
+        return LayerSpec()
+
+
+def find_rule(op, extra=None):
+    """``(rule, class)`` for ``op``: first ``extra`` (a dict class -> rule, e.g. ``wrap(rules=...)``),
+    then the registry, by MRO; ``(None, None)`` when there is none."""
+    for cls in type(op).__mro__:
+        if extra and cls in extra:
+            return extra[cls], cls
+        rule, key = _field([cls, cls.__name__] if (_named(_USER) or _named(_BUILTIN)) else [cls], "rule")
+        if rule is not None:
+            return rule, key
+    return None, None
+
+
+def _rules(tables) -> dict:
+    out = {}
+    for table in tables:
+        for key, spec in table.items():
+            if spec.rule is not None and isinstance(key, type):
+                out[key] = spec.rule
+    return out
+
+
 def registered_rules() -> dict:
-    """A copy of the registry: {class: rule}."""
-    return dict(_REGISTRY)
+    """{class: rule} of every registered rule (the user's over the built-in ones)."""
+    return _rules([_BUILTIN, _USER])
 
 
-class RuleContext:
-    """What a rule sees about one call of one layer or op.
+def builtin_rules() -> dict:
+    """{class: rule} of autoinit-tf's own rules only."""
+    return _rules([_BUILTIN])
 
-    Attributes:
-        op: the layer or operation (also as ``layer``).
-        node: the Keras graph node of this call.
-        inputs: list of `Moments`, one per input tensor of the call (flattened, call order).
-        args, kwargs: the call's arguments with tensors replaced by `Moments` (constants kept).
-        fit_inputs: the moments to choose weight scales from; for a layer called several times these
-            combine all its calls, else they equal ``inputs``.
-        signal_variance: the target variance of every weighted layer's pre-activation output.
-        input_shapes, output_shapes: static shapes of the call's tensors (batch dim may be None).
-    """
 
-    def __init__(self, op, node, inputs, args, kwargs, fit_inputs, engine, input_shapes=None,
-                 output_shapes=None):
-        self._input_shapes = input_shapes
-        self._output_shapes = output_shapes
-        self.op = op
-        self.node = node
-        self.inputs = inputs
-        self.args = args
-        self.kwargs = kwargs
-        self.fit_inputs = fit_inputs if fit_inputs is not None else inputs
-        self._engine = engine
-        self.notes: list[str] = []
-        self.weight_scale = None
+def snapshot():
+    """The user's registrations, to `restore` later (tests, temporary registrations)."""
+    return dict(_USER)
 
-    # -- read-only facts -----------------------------------------------------------------------
-    @property
-    def layer(self):
-        return self.op
 
-    @property
-    def signal_variance(self) -> float:
-        return self._engine.signal_variance
+def restore(saved) -> list:
+    """Put back the user's registrations of a `snapshot`; returns the keys registered since."""
+    added = [k for k in _USER if k not in saved]
+    _USER.clear()
+    _USER.update(saved)
+    return added
 
-    @property
-    def distribution(self) -> str:
-        return self._engine.distribution
 
-    @property
-    def input_shapes(self):
-        if self._input_shapes is not None:
-            return self._input_shapes
-        return [tuple(t.shape) for t in self.node.input_tensors]
+class BuiltinTable:
+    """The built-in declarations of one rule module, collected where the rules are written and
+    installed only by `autoinit_tf.rules.builtin.register_builtin_rules` (importing a rule module
+    registers nothing)."""
 
-    @property
-    def output_shapes(self):
-        if self._output_shapes is not None:
-            return self._output_shapes
-        return [tuple(t.shape) for t in self.node.outputs]
+    def __init__(self, module: str):
+        self.module = module
+        self.entries: list = []
 
-    def sub(self, op, inputs=None, input_shapes=None, output_shapes=None):
-        """A context for an inner layer (of a wrapper) sharing this pass; notes flow back here."""
-        inputs = self.inputs if inputs is None else inputs
-        child = RuleContext(op, self.node, inputs, self.args, self.kwargs,
-                            self.fit_inputs if inputs is self.inputs else inputs, self._engine,
-                            input_shapes=input_shapes, output_shapes=output_shapes)
-        child.notes = self.notes
-        return child
+    def declare(self, key, **fields):
+        self.entries.append((key, _check_fields(dict(fields))))
 
-    @property
-    def input(self) -> Moments:
-        """The single input's moments (first input for multi-input calls)."""
-        return self.inputs[0]
+    def rule(self, layer_class, rule=None, **fields):
+        """``table.rule(Cls, fn)`` or ``@table.rule(Cls)``: the built-in rule of ``Cls`` (plus other
+        fields of its record)."""
 
-    @property
-    def fit_input(self) -> Moments:
-        return self.fit_inputs[0]
+        def _declare(fn):
+            self.declare(layer_class, rule=fn, **fields)
+            return fn
 
-    # -- weights ---------------------------------------------------------------------------------
-    def may_reinit(self, variable) -> bool:
-        """Whether this pass may replace `variable` (frozen layers keep theirs by default)."""
-        return self._engine.may_reinit(self.op, variable)
+        return _declare if rule is None else _declare(rule)
 
-    def value(self, variable) -> np.ndarray:
-        """The value `variable` will have after this pass (pending assignment or current value)."""
-        return self._engine.value(variable)
 
-    def draw(self, variable, var: float, distribution: str | None = None) -> np.ndarray:
-        """Draw a new value for `variable` with entry variance `var` and record it for assignment.
+def install_builtin(tables) -> None:
+    """Install the declarations of `tables` (in order; a later one adds to or replaces an earlier one)."""
+    for table in tables:
+        for key, fields in table.entries:
+            _merge(_BUILTIN, key, fields)
 
-        When the variable may not be re-initialized (a frozen layer) its current value is returned
-        unchanged and a note is added. Returns the value the variable will hold.
-        """
-        if not self.may_reinit(variable):
-            self.note(f"kept frozen weight {variable.path}")
-            return self.value(variable)
-        dist = distribution or self.distribution
-        rng = self.rng(variable)
-        arr = distributions.sample(tuple(variable.shape), var, dist, rng)
-        self.assign(variable, arr)
-        return arr
 
-    def rng(self, variable, salt: str = ""):
-        """The generator for `variable`: it depends only on the seed and the variable's place in the
-        walk (not on auto-generated names), so identical architectures get identical weights."""
-        prefix = getattr(self.op, "path", None) or self.op.name
-        path = variable.path
-        local = path[len(prefix) + 1 :] if path.startswith(prefix + "/") else path.rsplit("/", 2)[-2:]
-        local = local if isinstance(local, str) else "/".join(local)
-        key = f"{self._engine.ordinal(self.op)}/{local}{salt}"
-        return distributions.rng_for(self._engine.seed, key)
+class FieldView(collections.abc.MutableMapping):
+    """One field of the registry as a dict ``{key: value}`` (the keys whose records set it). Setting an
+    item registers it for the user; deleting forgets the user's value. Kept for the tables the
+    registry replaced (``measure.CALIBRATION_KERNELS``)."""
 
-    def assign(self, variable, value) -> None:
-        """Record `value` for `variable` (applied by the engine at the end, if at all)."""
-        if not self.may_reinit(variable):
-            self.note(f"kept frozen weight {variable.path}")
-            return
-        self._engine.record(self.op, variable, np.asarray(value))
+    def __init__(self, field: str):
+        if field not in FIELDS:
+            raise ValueError(f"Unknown field {field!r}.")
+        self.field = field
 
-    def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
+    def __getitem__(self, key) -> Any:
+        value = getattr(spec_of(key), self.field)
+        if value is None:
+            raise KeyError(key)
+        return value
 
-    # -- helpers ---------------------------------------------------------------------------------
-    def probe(self, *args, **kwargs):
-        """Run the op on a deterministic Gaussian probe with the incoming moments (see fallback)."""
-        from autoinit_tf.rules.fallback import probe_moments
+    def __setitem__(self, key, value):
+        register_layer(key, **{self.field: value})
 
-        return probe_moments(self, *args, **kwargs)
+    def __delitem__(self, key):
+        if getattr(_USER.get(key, LayerSpec()), self.field) is None:
+            raise KeyError(key)
+        unregister_layer(key, self.field)
+
+    def _keys(self):
+        seen = []
+        for table in (_BUILTIN, _USER):
+            for key, spec in table.items():
+                if getattr(spec, self.field) is not None and key not in seen:
+                    seen.append(key)
+        return seen
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self):
+        return len(self._keys())
+
+    def __repr__(self):
+        return f"FieldView({self.field!r}, {len(self)} entries)"

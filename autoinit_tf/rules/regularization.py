@@ -12,7 +12,9 @@ from __future__ import annotations
 import keras
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 L = keras.layers
 
@@ -31,10 +33,10 @@ def _inverted_dropout(ctx):
 
 
 for _cls in (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D):
-    register_rule(_cls, _inverted_dropout)
+    BUILTIN.rule(_cls, _inverted_dropout)
 
 
-@register_rule(L.GaussianDropout)
+@BUILTIN.rule(L.GaussianDropout)
 def gaussian_dropout_rule(ctx):
     rate = float(ctx.layer.rate)
     m = ctx.input
@@ -45,7 +47,7 @@ def gaussian_dropout_rule(ctx):
     return Moments.from_second(m.mean, m.second / (1.0 - rate), m.between)
 
 
-@register_rule(L.GaussianNoise)
+@BUILTIN.rule(L.GaussianNoise)
 def gaussian_noise_rule(ctx):
     m = ctx.input
     if m.ch_mean is not None:
@@ -53,7 +55,7 @@ def gaussian_noise_rule(ctx):
     return Moments(m.mean, m.var + float(ctx.layer.stddev) ** 2, m.between)
 
 
-@register_rule(L.AlphaDropout)
+@BUILTIN.rule(L.AlphaDropout)
 def alpha_dropout_rule(ctx):
     rate = float(ctx.layer.rate)
     m = ctx.input
@@ -68,6 +70,6 @@ def alpha_dropout_rule(ctx):
     return Moments.from_second(a * inner_mean + b, a * a * inner_second + 2 * a * b * inner_mean + b * b)
 
 
-@register_rule(L.ActivityRegularization)
+@BUILTIN.rule(L.ActivityRegularization)
 def identity_rule(ctx):
     return ctx.input

@@ -11,7 +11,9 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules.registry import register_rule
+from autoinit_tf.rules.registry import BuiltinTable
+
+BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
 L = keras.layers
 
@@ -52,7 +54,7 @@ def _reshaping(ctx):
     return relayout(ctx.input, ctx.input_shapes[0], ctx.output_shapes[0])
 
 
-@register_rule(L.Permute)
+@BUILTIN.rule(L.Permute)
 def permute_rule(ctx):
     dims = tuple(ctx.layer.dims)
     return ctx.input if dims[-1] == len(dims) else ctx.input.pooled()
@@ -61,12 +63,12 @@ def permute_rule(ctx):
 _PASS = [L.Identity, L.RepeatVector, L.Cropping1D, L.Cropping2D, L.Cropping3D,
          L.UpSampling1D, L.UpSampling3D, L.Masking, L.InputLayer]
 for _cls in _PASS:
-    register_rule(_cls, _identity)
+    BUILTIN.rule(_cls, _identity)
 for _cls in (L.Reshape, L.Flatten):
-    register_rule(_cls, _reshaping)
+    BUILTIN.rule(_cls, _reshaping)
 
 
-@register_rule(L.UpSampling2D)
+@BUILTIN.rule(L.UpSampling2D)
 def upsampling2d_rule(ctx):
     if ctx.layer.interpolation == "nearest":
         return ctx.input
@@ -92,4 +94,4 @@ def _zero_padding_rule(ctx):
 
 
 for _cls in (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
-    register_rule(_cls, _zero_padding_rule)
+    BUILTIN.rule(_cls, _zero_padding_rule)

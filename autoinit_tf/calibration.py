@@ -1,0 +1,200 @@
+"""Calibration: rescale each weighted layer's kernel so its realized pre-activation variance hits the
+target exactly (`calibrate`, and ``wrap(..., calibrate=...)`` through `calibrated_values`).
+
+The replay is `autoinit_tf.signal_replay.SignalReplay`; this module chooses its batch (a Gaussian probe
+with the model's input moments, data-free, or real data), grows an automatic probe while a calibrated
+variance is known to worse than `CALIBRATION_RSE`, and assigns the calibrated kernels only once the
+whole replay succeeded (a failure leaves every variable as it was).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+from keras import ops
+from keras import tree
+
+from autoinit_tf import graph
+from autoinit_tf.inputs import auto_batch, replay_inputs
+from autoinit_tf.report import SignalReport
+from autoinit_tf.rules.builtin import register_builtin_rules
+from autoinit_tf.signal_replay import SignalReplay
+
+__all__ = ["calibrate", "calibrated_values", "assign_values", "CalibrationWarning", "CALIBRATION_RSE"]
+
+logger = logging.getLogger("autoinit_tf")
+
+#: Calibration wants every calibrated variance known to this relative standard error (RSE) or better on
+#: its batch: a fresh batch of the same distribution then lands within +-5% of the target with a margin
+#: of 2.5 standard errors. Worse triggers the automatic probe's growth, or a `CalibrationWarning`.
+CALIBRATION_RSE = 0.02
+
+#: When the automatic probe grows, it grows to reach this RSE (a margin of 3.3 standard errors, the
+#: margin every one of a deep network's layers needs). Only networks worse than `CALIBRATION_RSE` pay for
+#: it: most stay on the default probe.
+GROWTH_RSE = 0.015
+
+#: An automatically sized probe grows (towards `GROWTH_RSE`) only while its largest activation
+#: holds at most this many elements (64 MiB of float32).
+GROWTH_ELEMENTS = 1 << 24
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration could not fix a layer's variance to the intended precision on its batch."""
+
+
+
+def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
+              training=True, batch_size=None, targets=None, only=None) -> SignalReport:
+    """Rescale each weighted layer's kernel so its realized pre-activation variance hits the target.
+
+    One replay in topological order: at each calibratable layer (see `CALIBRATION_KERNELS`; recurrent
+    layers: see the module docstring, their factor is a tuple, one per gate and direction) the layer is
+    run on the already-calibrated upstream signal, the kernel is multiplied by ``s`` so that the
+    variance of the layer's output *before its fused activation* equals the target exactly on this
+    batch (with a nonzero bias, ``s`` solves ``Var(s*Wx + b) = target``), and the scaled output is passed
+    on. The kernels are assigned in place at the end, once the whole replay succeeded (a failure leaves
+    every variable as it was). Frozen layers are left alone; a layer called several times is
+    calibrated on its first call.
+
+    Args:
+        model: the model (usually just initialized by the analytic pass).
+        data: ``"probe"`` (a Gaussian probe with `input_moments`, data-free) or a batch of real inputs
+            (LSUV-style; an array, list/dict of arrays, or a dataset whose first batch is used).
+        report: the analytic `SignalReport` of this model: only its weighted rows are calibrated, and it
+            gets the scale factors (``report.calibration`` and a note per row) and the realized moments
+            (``row.measured``). None: every calibratable layer, and a measured report is returned.
+        input_moments, seed: the probe's moments and seed (None: ``(0, 1)`` and 0).
+        signal_variance: the target pre-activation variance.
+        training: run layers in training mode.
+        batch_size: the probe's batch size (None: about 2**17 input elements, between 8 and 1024, grown
+            where a calibrated variance is known to worse than `CALIBRATION_RSE`, see
+            `calibration_replay`) or the number of examples of `data` used.
+        targets: optional ``{row name: target variance}`` overriding `signal_variance` per layer.
+        only: optional set of row names to calibrate (default: the weighted rows of `report`, or every
+            calibratable layer when there is no report).
+
+    Returns:
+        The report (the given one, updated in place, or a new measured one).
+    """
+    report, values = calibrated_values(model, data, report=report, input_moments=input_moments, seed=seed,
+                                       signal_variance=signal_variance, training=training, batch_size=batch_size,
+                                       targets=targets, only=only)
+    assign_values(model, values)
+    return report
+
+
+def calibrated_values(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
+                      training=True, batch_size=None, targets=None, only=None, values=None, record=True):
+    """`calibrate` without assigning anything: ``(report, values)`` with ``values`` the calibrated
+    kernels as ``id(variable) -> value``.
+
+    ``values`` (optional) maps variables to the values they stand for before calibration (`wrap`
+    passes the analytic pass's drawn arrays, so calibration runs before anything is assigned); the
+    calibrated kernels are written into it. ``record=False`` keeps no per-node statistics and returns
+    no report (``report`` must then be None; ``only`` names the rows to calibrate).
+    """
+    if only is None and report is not None:
+        only = {r.name for r in report.rows if r.weighted}
+    replay, source = calibration_replay(model, data, only=only, record=record, input_moments=input_moments,
+                                         seed=seed, signal_variance=signal_variance, training=training,
+                                         batch_size=batch_size, targets=targets, values=values)
+    if not record:
+        return None, replay.values
+    if report is None:
+        out = SignalReport(model.name, replay.rows, assigned=[], source="measured")
+        out.calibration = dict(replay.factors)
+        out.calibration_error = dict(replay.rse)
+        out.calibration_batch = replay.batch
+        return out, replay.values
+    by_name = {r.name: r for r in replay.rows}
+    for row in report.rows:
+        got = by_name.get(row.name)
+        if got is None:
+            continue
+        row.measured = list(got.outputs)
+        row.channel = got.channel
+        row.preactivation = got.preactivation
+        for note in got.notes:
+            row.notes.append(note + f" on the {source}")
+    report.calibration = dict(replay.factors)
+    report.calibration_error = dict(replay.rse)
+    report.calibration_batch = replay.batch
+    report.calibrated_on = source
+    return report, replay.values
+
+
+def assign_values(model, values):
+    """Assign ``values`` (``id(variable) -> value``) to the model's variables, after every check passed."""
+    for variable in model.variables:
+        v = values.get(id(variable))
+        if v is not None:
+            variable.assign(ops.cast(v, variable.dtype))
+
+
+def calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
+                        training=True, batch_size=None, targets=None, values=None):
+    """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
+    without a report). Returns the `SignalReplay` (its ``factors``, ``rse`` and ``batch``) and the source
+    ("probe" or "data").
+
+    With an automatically sized probe (``data="probe"``, ``batch_size=None``) the probe grows when a
+    calibrated variance is known to worse than `CALIBRATION_RSE` on it (heavy-tailed signals, where a few
+    examples carry most of the energy: for per-example energies q the relative standard error of the
+    variance is std(q) / (mean(q) sqrt(n))): the replay runs again on about n (rse / GROWTH_RSE)^2
+    examples, refining the kernels already calibrated, while the largest activation stays within
+    `GROWTH_ELEMENTS`. A layer still short of `CALIBRATION_RSE` gets a `CalibrationWarning`.
+    """
+    register_builtin_rules()
+    fn = graph.as_functional(model)
+    probe = data is None or isinstance(data, str)
+    grow = probe and batch_size is None
+    if batch_size is None:
+        batch_size = auto_batch(fn) if probe else None
+    replay = None
+    values = {} if values is None else values
+    for _ in range(3):  # the first round, then up to two growths (each grown probe re-estimates the RSE)
+        inputs, source = replay_inputs(fn, data, batch_size, seed, input_moments)
+        n = int(tree.flatten(inputs)[0].shape[0])
+        replay = SignalReplay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
+                         only=None if only is None else set(only), record=record,
+                         prior=None if replay is None else replay.factors, values=values)
+        replay.run(inputs)
+        replay.batch = n
+        del inputs
+        worst = max(replay.rse.values(), default=0.0)
+        if not grow or worst <= CALIBRATION_RSE:
+            break
+        cap = max(n, GROWTH_ELEMENTS // max(replay.widest, 1))
+        want = min(math.ceil(1.1 * n * (worst / GROWTH_RSE) ** 2), cap)
+        if want < 1.25 * n:
+            break
+        logger.info("autoinit: a calibrated variance is known to +-%.1f%% on %d probe examples; "
+                    "calibrating again on %d.", 100 * worst, n, want)
+        batch_size = want
+    warn_imprecise(replay, source, grow)
+    return replay, source
+
+
+def warn_imprecise(replay, source, grew):
+    name, rse = max(replay.rse.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    if name is None or not rse > CALIBRATION_RSE:
+        return
+    n = replay.batch
+    need = math.ceil(n * (rse / CALIBRATION_RSE) ** 2) if math.isfinite(rse) else None
+    where = "probe" if source == "probe" else "data sample"
+    limit = " (the automatic probe stops growing there to bound memory)" if grew else ""
+    advice = (f"Calibrate on about {need} examples (calibrate(..., batch_size={need})"
+              + (", or more real data" if source != "probe" else "") + ")") if need else "Use more examples"
+    warnings.warn(
+        f"Calibration fixes the variance of '{name}' only to +-{100 * rse:.1f}% (one standard error of a "
+        f"variance estimated on the {where} of {n} examples{limit}; the examples' energies at that layer vary "
+        f"by {rse * math.sqrt(n):.2g}x their mean), so another batch may land further from the target. "
+        f"{advice} for +-{100 * CALIBRATION_RSE:.0f}%.",
+        CalibrationWarning,
+        stacklevel=4,
+    )
+
+

@@ -1,0 +1,296 @@
+"""The analytic pass: walk the graph with `Moments`, let each layer's rule choose weight scales.
+
+For every weighted layer the rule draws weights whose variance makes the layer's pre-activation
+output have mean ~0 and variance `signal_variance` given the predicted second moment of its input
+(Bingham & Miikkulainen, AutoInit):
+
+    Var(W) = signal_variance / (fan_in_eff * E[x^2]),   E[x^2] = var_in + mean_in^2,
+
+and the outgoing moments are computed from the weights actually drawn. Rules only record what they
+draw (`AnalyticPass.record`); `AnalyticPass.apply` assigns everything at the end (`variable.assign`,
+in place, in the variable's dtype), so a failure part-way leaves the model untouched. A layer called
+several times (shared) is fitted to the combined moments of all its calls, in a second pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import tree
+
+from autoinit_tf import distributions, graph, stability
+from autoinit_tf.heap import HeapTrim
+from autoinit_tf.inputs import resolve_input_moments
+from autoinit_tf.moments import Moments, mix
+from autoinit_tf.report import NodeRow
+from autoinit_tf.rules import registry
+from autoinit_tf.rules.context import RuleContext
+from autoinit_tf.rules.builtin import register_builtin_rules
+from autoinit_tf.rules.fallback import fallback_rule
+from autoinit_tf.rules.registry import UnsupportedLayerError
+
+logger = logging.getLogger("autoinit_tf")
+
+__all__ = ["AnalyticPass", "FallbackRuleWarning", "run_analytic_pass", "unsupported_message"]
+
+
+class FallbackRuleWarning(UserWarning):
+    """A layer had no registered rule; its output moments were measured on a probe instead."""
+
+
+_warned_classes: set = set()
+
+
+class AnalyticPass:
+    def __init__(self, *, signal_variance, distribution, seed, strict, rules, include_frozen, progress=None,
+                 keep_drawn=True):
+        self.progress = progress
+        # keep_drawn=False (analyze): a drawn array is dropped once its layer's last call has been
+        # visited, unless another layer of the graph holds the same variable, so analyze's memory does
+        # not grow with the model's weight bytes. wrap keeps every array for its single assignment.
+        self.keep_drawn = keep_drawn
+        self.owners = None  # variable path -> number of graph ops holding it (keep_drawn=False only)
+        self.visit_records = []  # variable paths first recorded during the current visit
+        self.done = 0
+        self.signal_variance = float(signal_variance)
+        self.distribution = distributions.check_distribution(distribution)
+        self.seed = seed
+        self.strict = strict
+        self.rules = dict(rules or {})
+        self.include_frozen = include_frozen
+        self.pending = {}  # variable path -> (variable, array)
+        self.rows = []
+        self.fit_inputs = {}  # id(op) -> combined input moments over all calls
+        self.call_inputs = {}  # id(op) -> list of input-moment lists, one per call
+        self.counts = {}
+        self.ordinals = {}
+
+    # -- weight bookkeeping ----------------------------------------------------------------------
+    def may_reinit(self, op, variable) -> bool:
+        return self.include_frozen or bool(getattr(op, "trainable", True))
+
+    def ordinal(self, op) -> int:
+        """The order in which `op` was first visited (stable across passes and model copies)."""
+        return self.ordinals.setdefault(id(op), len(self.ordinals))
+
+    def value(self, variable):
+        hit = self.pending.get(variable.path)
+        if hit is not None:
+            return hit[1]
+        return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
+
+    def record(self, op, variable, array):
+        if tuple(array.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"Rule for '{op.name}' produced shape {array.shape} for {variable.path} of shape "
+                f"{tuple(variable.shape)}."
+            )
+        _check_array_fits(variable, array)
+        if variable.path not in self.pending:
+            self.visit_records.append(variable.path)
+        self.pending[variable.path] = (variable, array)
+
+    # -- the walk ---------------------------------------------------------------------------------
+    def run(self, fn, input_moments):
+        self.trim = HeapTrim()  # freed per-node temporaries (drawn kernels' float64 blocks) go back to the OS
+        self.counts = graph.count_calls(fn)
+        if not self.keep_drawn:
+            self.owners = {}
+            for op in graph.leaf_ops(fn):
+                for path in {v.path for v in getattr(op, "weights", ())}:
+                    self.owners[path] = self.owners.get(path, 0) + 1
+        shared = any(c > 1 for c in self.counts.values())
+        self.total = sum(self.counts.values()) * (2 if shared else 1)
+        out = self._one_pass(fn, input_moments)
+        if shared:
+            # Second pass: shared layers fit their weights to the combined moments of all calls.
+            for key, calls in self.call_inputs.items():
+                if len(calls) > 1:
+                    self.fit_inputs[key] = [
+                        mix([(1.0, c[i]) for c in calls]) for i in range(len(calls[0]))
+                    ]
+            self.pending.clear()
+            self.rows = []
+            self.call_inputs = {}
+            out = self._one_pass(fn, input_moments)
+        self.probe_values = {}
+        return out
+
+    def _one_pass(self, fn, input_moments):
+        self.amplification = stability.Amplification(self.signal_variance)
+        self.drawn_by = {}  # id(op) -> variable paths its calls drew so far (keep_drawn=False only)
+        self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
+        return graph.walk(fn, input_moments, self._visit)
+
+    def _visit(self, node, args, kwargs, site):
+        self.trim()
+        op = node.operation
+        inputs = [a for a in tree.flatten((args, kwargs)) if isinstance(a, Moments)]
+        key = id(op)
+        self.ordinal(op)
+        k = site.index
+        self.call_inputs.setdefault(key, []).append(inputs)
+        ctx = RuleContext(op, node, inputs, args, kwargs, self.fit_inputs.get(key), self)
+        rule, _ = registry.find_rule(op, self.rules)
+        rule_name = getattr(rule, "__name__", type(rule).__name__) if rule is not None else "fallback"
+        if rule is None:
+            if self.strict:
+                raise UnsupportedLayerError(unsupported_message(op))
+            _warn_fallback(op)
+            rule = fallback_rule
+            ctx.note("fallback rule used (measured on a probe)")
+        self.visit_records = []
+        outs = rule(ctx)
+        if isinstance(outs, Moments):
+            outs = [outs]
+        outs = list(tree.flatten(outs))
+        outs = [_fit_detail(m, kt) for m, kt in zip(outs, node.outputs)] if len(outs) == len(node.outputs) else outs
+        for m in outs:
+            if not isinstance(m, Moments):
+                raise TypeError(f"The rule for '{op.name}' returned {m!r}; rules must return Moments.")
+            if not m.is_finite():
+                raise FloatingPointError(
+                    f"The predicted signal became non-finite at '{op.name}' ({m}). Check the input moments "
+                    "and the layer's configuration."
+                )
+        name = site.name
+        self.amplification.visit(op, node, inputs, name)
+        weighted = bool(self.visit_records) or ctx.weight_scale is not None
+        if self.owners is not None:
+            drawn = self.drawn_by.setdefault(key, [])
+            drawn.extend(self.visit_records)
+            if k + 1 == site.calls:  # the op's last call: nobody reads its arrays again
+                for p in drawn:
+                    if self.owners.get(p, 0) <= 1:
+                        self.pending.pop(p, None)
+                drawn.clear()
+        self.rows.append(
+            NodeRow(
+                name=name,
+                type=type(op).__name__,
+                inputs=inputs,
+                outputs=outs,
+                weight_scale=ctx.weight_scale,
+                rule=rule_name,
+                notes=ctx.notes,
+                weighted=weighted,
+            )
+        )
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, name)
+        return outs if len(outs) > 1 else outs[0]
+
+    def replace_pending(self, values):
+        """Replace drawn arrays by other values (``id(variable) -> value``, e.g. calibrated kernels)."""
+        for path, (variable, _) in list(self.pending.items()):
+            new = values.get(id(variable))
+            if new is not None:
+                self.pending[path] = (variable, new)
+
+    def apply(self) -> list:
+        """Assign every drawn array; returns the assigned variable paths. Each array is released once
+        assigned, so the drawn copies and the variables' new buffers are not all alive at once."""
+        paths = sorted(self.pending)
+        while self.pending:
+            _, (variable, array) = self.pending.popitem()
+            if isinstance(array, np.ndarray):
+                variable.assign(array.astype(_np_dtype(variable), copy=False))
+            else:
+                variable.assign(keras.ops.cast(array, variable.dtype))
+            del array
+        return paths
+
+
+def _fit_detail(m, kt):
+    """Keep per-element / per-channel detail only where it matches the output tensor's shape."""
+    if not isinstance(m, Moments):
+        return m
+    shape = tuple(kt.shape[1:])
+    if m.el_mean is not None and tuple(m.el_mean.shape) != shape:
+        m = m.per_channel()
+    if m.ch_mean is not None and (not shape or shape[-1] != m.channels):
+        m = m.pooled()
+    return m
+
+
+def _check_array_fits(variable, array):
+    """Refuse a drawn array that the variable's dtype cannot hold (before anything is assigned)."""
+    a = np.asarray(array)
+    if a.size == 0 or a.dtype.kind != "f":
+        return
+    dtype = _np_dtype(variable)
+    if np.dtype(dtype).kind != "f":
+        return
+    amax = float(max(a.max(), -a.min()))
+    if amax == 0.0:
+        return
+    distributions.check_representable(amax / 2.0 if np.isfinite(amax) else amax, dtype, where=variable.path)
+
+
+def _np_dtype(variable):
+    try:
+        return np.dtype(str(variable.dtype))
+    except TypeError:
+        return np.float32
+
+
+def unsupported_message(op) -> str:
+    cls = type(op)
+    return (
+        f"No propagation rule for layer '{op.name}' ({cls.__module__}.{cls.__name__}). Register one with "
+        f"autoinit_tf.register_rule({cls.__name__}, rule) where rule(ctx) returns the output "
+        "autoinit_tf.Moments from ctx.inputs (see the README, 'Writing a rule for a custom layer'), or pass "
+        "rules={" + cls.__name__ + ": rule} to wrap()."
+    )
+
+
+def _warn_fallback(op):
+    cls = type(op)
+    if cls in _warned_classes:
+        return
+    _warned_classes.add(cls)
+    warnings.warn(
+        unsupported_message(op)
+        + " Its output moments were measured on a small deterministic Gaussian probe instead, and its "
+        "weights (if any) were left as they are. strict=True turns this into an error.",
+        FallbackRuleWarning,
+        stacklevel=4,
+    )
+
+
+# -- the entry point ---------------------------------------------------------------------------------
+
+
+def run_analytic_pass(model, *, input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
+         progress=None, keep_drawn=True, warn_unstable=True):
+    """The analytic pass over `model` (nothing assigned): the `AnalyticPass` holds the rows, the drawn
+    arrays (``pending``; ``keep_drawn=False`` drops each once its layer's last call is visited, for
+    `analyze`) and the amplification of the signal. ``warn_unstable``: an `UnstableSignalWarning` when
+    a deviation would grow past `stability.AMPLIFICATION_LIMIT`."""
+    register_builtin_rules()
+    fn = graph.as_functional(model)
+    if not (isinstance(signal_variance, (int, float)) and math.isfinite(signal_variance) and signal_variance > 0):
+        raise ValueError(f"signal_variance must be a positive finite number, got {signal_variance!r}.")
+    if rules is not None and not isinstance(rules, dict):
+        raise TypeError("rules must be a dict {LayerClass: rule}.")
+    moments = resolve_input_moments(fn, input_moments, data)
+    engine = AnalyticPass(
+        signal_variance=signal_variance,
+        distribution=distribution,
+        seed=seed,
+        strict=strict,
+        rules=rules,
+        include_frozen=include_frozen,
+        progress=progress,
+        keep_drawn=keep_drawn,
+    )
+    engine.input_moments = moments
+    engine.run(fn, moments)
+    if warn_unstable and engine.amplification.worst[0] > stability.AMPLIFICATION_LIMIT:
+        warnings.warn(engine.amplification.message(), stability.UnstableSignalWarning, stacklevel=3)
+    return engine

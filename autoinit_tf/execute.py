@@ -1,0 +1,106 @@
+"""Running one layer on real tensors without side effects, and the one Gaussian probe generator.
+
+Every pass that runs a layer (measurement, calibration, the probe fallback of the analytic pass) runs it
+here, the way ``Layer.__call__`` would but through ``layer.stateless_call``: the layer computes with the
+variable values it is handed and returns its would-be state updates, which are dropped. So no weight,
+BatchNormalization moving statistic or seed-generator (RNG) state changes, on every backend.
+
+* `call_stateless(op, args, kwargs, training, value)`: the ``training`` flag overrides the recorded one
+  (as ``Model.__call__(training=...)`` does) when the layer's ``call`` takes it; under a mixed
+  precision policy the autocast scope and the input casts ``Layer.__call__`` would apply are applied
+  (``stateless_call`` skips both); ``value(variable)`` gives each variable's value for this call.
+  Raw ops (``x + y``, ``keras.ops.relu``...) are plain calls.
+* `probe_shape` / `probe_array`: the one Gaussian probe generator (model inputs and single layers):
+  entries with given moments (integer tensors: uniform integers up to mean + 3 std).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+
+import keras
+from keras import tree
+
+__all__ = ["accepts_training", "call_stateless", "current_value", "probe_shape", "probe_array"]
+
+
+def accepts_training(op) -> bool:
+    """Whether ``op.call`` takes a ``training`` argument."""
+    if getattr(op, "_call_has_training_arg", None) is not None:
+        return bool(op._call_has_training_arg)
+    try:
+        return "training" in inspect.signature(op.call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def current_value(variable):
+    """The variable's own value (the default for `call_stateless`)."""
+    return variable.value
+
+
+def call_stateless(op, args, kwargs, training, value=current_value):
+    """Run `op` on real tensors; layers through ``stateless_call`` (state updates are discarded)."""
+    if not isinstance(op, keras.layers.Layer):
+        return op(*args, **kwargs)
+    if training is not None and accepts_training(op):
+        # As keras.Model.__call__(training=...) does: the call's mode overrides the recorded one.
+        kwargs = dict(kwargs, training=training)
+    tv = [value(v) for v in op.trainable_variables]
+    ntv = [value(v) for v in op.non_trainable_variables]
+    with autocast_scope(op):
+        args, kwargs = convert_inputs(op, args, kwargs)
+        outs, _ = op.stateless_call(tv, ntv, *args, **kwargs)
+    return outs
+
+
+def autocast_scope(op):
+    """The autocast scope ``Layer.__call__`` would enter (``stateless_call`` enters none): under a mixed
+    policy (``mixed_float16``/``mixed_bfloat16``) the float32 variables are read in the compute dtype."""
+    from keras.src.backend import AutocastScope, get_autocast_scope, is_float_dtype
+
+    current = get_autocast_scope()
+    if not getattr(op, "autocast", True) or not is_float_dtype(op.compute_dtype):
+        return AutocastScope(None) if current is not None else contextlib.nullcontext()
+    if (current is None and op.compute_dtype != op.variable_dtype) or (
+        current is not None and current.dtype != op.compute_dtype
+    ):
+        return AutocastScope(op.compute_dtype)
+    return contextlib.nullcontext()
+
+
+def convert_inputs(op, args, kwargs):
+    """Float inputs cast to the layer's compute dtype, as ``Layer.__call__`` does (masks kept)."""
+    policy = getattr(op, "dtype_policy", None)
+    if policy is None or op.compute_dtype == op.variable_dtype:
+        return args, kwargs
+
+    def convert(x):
+        if not hasattr(x, "dtype") or not keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype)):
+            return x
+        mask = keras.backend.get_keras_mask(x) if hasattr(keras.backend, "get_keras_mask") else None
+        y = policy.convert_input(x, op.autocast, op.input_dtype)
+        if mask is not None:
+            keras.backend.set_keras_mask(y, mask)
+        return y
+
+    return tree.map_structure(convert, args), tree.map_structure(convert, kwargs)
+
+
+def probe_shape(kt, batch, *, batch_axis=True):
+    """The concrete shape of a probe for the symbolic tensor `kt`: every unknown dimension set to
+    ``batch`` (and the first one too when ``batch_axis``)."""
+    return [batch if ((batch_axis and i == 0) or d is None) else int(d) for i, d in enumerate(kt.shape)]
+
+
+def probe_array(shape, dtype, moments, rng):
+    """A probe array of `shape`: entries N(mean, var) of `moments`; integer/bool dtypes get uniform
+    integers in ``[0, round(mean + 3 std) + 1)`` (at least {0, 1}); other non-float dtypes float32."""
+    dtype = str(dtype)
+    if "int" in dtype or "bool" in dtype:
+        hi = max(int(round(moments.mean + 3.0 * math.sqrt(moments.var))) + 1, 2)
+        return rng.integers(0, hi, size=shape).astype(dtype)
+    x = rng.standard_normal(shape) * math.sqrt(moments.var) + moments.mean
+    return x.astype(dtype if "float" in dtype else "float32")

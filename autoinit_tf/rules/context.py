@@ -1,0 +1,156 @@
+"""What a propagation rule receives: `RuleContext`, one call of one layer or op in the analytic pass.
+
+A *rule* is a function ``rule(ctx) -> Moments | list[Moments]`` registered for a layer or operation
+class (`autoinit_tf.rules.registry`). It reads the incoming moments from ``ctx.inputs`` (one per input
+tensor, in call order) and returns the moments of each output. Rules that own weights choose their
+scale with ``ctx.draw`` (a fresh tensor of a given variance, recorded for assignment) and read weights
+with ``ctx.value``; they never assign anything themselves, so the same rule serves dry runs
+(`analyze`) and `wrap`. Everything a rule needs is a public attribute or method of the context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autoinit_tf import distributions
+from autoinit_tf.moments import Moments
+from autoinit_tf.rules.fallback import probe_moments
+from autoinit_tf.rules.registry import find_rule
+
+__all__ = ["RuleContext"]
+
+
+class RuleContext:
+    """What a rule sees about one call of one layer or op.
+
+    Attributes:
+        op: the layer or operation (also as ``layer``).
+        node: the Keras graph node of this call.
+        inputs: list of `Moments`, one per input tensor of the call (flattened, call order).
+        args, kwargs: the call's arguments with tensors replaced by `Moments` (constants kept).
+        fit_inputs: the moments to choose weight scales from; for a layer called several times these
+            combine all its calls, else they equal ``inputs``.
+        signal_variance: the target variance of every weighted layer's pre-activation output.
+        input_shapes, output_shapes: static shapes of the call's tensors (batch dim may be None).
+    """
+
+    def __init__(self, op, node, inputs, args, kwargs, fit_inputs, engine, input_shapes=None,
+                 output_shapes=None):
+        self._input_shapes = input_shapes
+        self._output_shapes = output_shapes
+        self.op = op
+        self.node = node
+        self.inputs = inputs
+        self.args = args
+        self.kwargs = kwargs
+        self.fit_inputs = fit_inputs if fit_inputs is not None else inputs
+        self._engine = engine
+        self.notes: list[str] = []
+        self.weight_scale = None
+
+    # -- read-only facts -----------------------------------------------------------------------
+    @property
+    def layer(self):
+        return self.op
+
+    @property
+    def signal_variance(self) -> float:
+        return self._engine.signal_variance
+
+    @property
+    def distribution(self) -> str:
+        return self._engine.distribution
+
+    @property
+    def input_shapes(self):
+        if self._input_shapes is not None:
+            return self._input_shapes
+        return [tuple(t.shape) for t in self.node.input_tensors]
+
+    @property
+    def output_shapes(self):
+        if self._output_shapes is not None:
+            return self._output_shapes
+        return [tuple(t.shape) for t in self.node.outputs]
+
+    def sub(self, op, inputs=None, input_shapes=None, output_shapes=None, share_notes=True):
+        """A context for an inner layer (of a wrapper) sharing this pass; notes flow back here unless
+        ``share_notes=False``."""
+        inputs = self.inputs if inputs is None else inputs
+        child = RuleContext(op, self.node, inputs, self.args, self.kwargs,
+                            self.fit_inputs if inputs is self.inputs else inputs, self._engine,
+                            input_shapes=input_shapes, output_shapes=output_shapes)
+        if share_notes:
+            child.notes = self.notes
+        return child
+
+    def rule_for(self, op):
+        """The rule this pass uses for `op` (the call's ``rules=`` overrides first, then the registry);
+        ``None`` when there is none."""
+        rule, _ = find_rule(op, self._engine.rules)
+        return rule
+
+    @property
+    def probe_cache(self):
+        """Realized outputs of the ops this pass ran on probes (``id(KerasTensor) -> tensor``), so a
+        chain of probed layers sees the real structure of its input; None outside a pass."""
+        return getattr(self._engine, "probe_values", None)
+
+    @property
+    def input(self) -> Moments:
+        """The single input's moments (first input for multi-input calls)."""
+        return self.inputs[0]
+
+    @property
+    def fit_input(self) -> Moments:
+        return self.fit_inputs[0]
+
+    # -- weights ---------------------------------------------------------------------------------
+    def may_reinit(self, variable) -> bool:
+        """Whether this pass may replace `variable` (frozen layers keep theirs by default)."""
+        return self._engine.may_reinit(self.op, variable)
+
+    def value(self, variable) -> np.ndarray:
+        """The value `variable` will have after this pass (pending assignment or current value)."""
+        return self._engine.value(variable)
+
+    def draw(self, variable, var: float, distribution: str | None = None) -> np.ndarray:
+        """Draw a new value for `variable` with entry variance `var` and record it for assignment.
+
+        When the variable may not be re-initialized (a frozen layer) its current value is returned
+        unchanged and a note is added. Returns the value the variable will hold.
+        """
+        if not self.may_reinit(variable):
+            self.note(f"kept frozen weight {variable.path}")
+            return self.value(variable)
+        dist = distribution or self.distribution
+        rng = self.rng(variable)
+        arr = distributions.sample(tuple(variable.shape), var, dist, rng)
+        self.assign(variable, arr)
+        return arr
+
+    def rng(self, variable, salt: str = ""):
+        """The generator for `variable`: it depends only on the seed and the variable's place in the
+        walk (not on auto-generated names), so identical architectures get identical weights."""
+        prefix = getattr(self.op, "path", None) or self.op.name
+        path = variable.path
+        local = path[len(prefix) + 1 :] if path.startswith(prefix + "/") else path.rsplit("/", 2)[-2:]
+        local = local if isinstance(local, str) else "/".join(local)
+        key = f"{self._engine.ordinal(self.op)}/{local}{salt}"
+        return distributions.rng_for(self._engine.seed, key)
+
+    def assign(self, variable, value) -> None:
+        """Record `value` for `variable` (applied by the engine at the end, if at all)."""
+        if not self.may_reinit(variable):
+            self.note(f"kept frozen weight {variable.path}")
+            return
+        self._engine.record(self.op, variable, np.asarray(value))
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def probe(self, *args, **kwargs):
+        """Run the op on a deterministic Gaussian probe with the incoming moments (see fallback)."""
+        return probe_moments(self, *args, **kwargs)
