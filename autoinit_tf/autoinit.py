@@ -9,7 +9,7 @@ import logging
 import time
 
 from autoinit_tf import distribute
-from autoinit_tf.engine import FallbackRuleWarning, run_analytic_pass
+from autoinit_tf.engine import FallbackRuleWarning, PassOptions, run_analytic_pass
 from autoinit_tf.measure import calibrated_values, measure
 from autoinit_tf.report import SignalReport
 from autoinit_tf.rewrite import rewrite
@@ -36,10 +36,9 @@ def analyze(
 
     Returns a `SignalReport` (one row per call of each layer or op, in topological order).
     """
-    engine = run_analytic_pass(
-        model, input_moments=input_moments, data=data, signal_variance=signal_variance, distribution=distribution,
-        seed=seed, strict=strict, rules=rules, include_frozen=include_frozen, progress=progress, keep_drawn=False,
-    )
+    options = PassOptions(input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
+                          progress)
+    engine = run_analytic_pass(model, options, keep_drawn=False)
     report = SignalReport(model.name, engine.rows, assigned=[])
     report.amplification = engine.amplification.worst[:2]
     return report
@@ -92,11 +91,9 @@ def wrap(
     if swaps:
         model = rewrite(model, swaps=swaps)
     # Calibration is the remedy for an unstable prediction: no warning when it runs.
-    engine = run_analytic_pass(
-        model, input_moments=input_moments, data=data, signal_variance=signal_variance, distribution=distribution,
-        seed=seed, strict=strict, rules=rules, include_frozen=include_frozen, progress=progress,
-        warn_unstable=calibrate is None,
-    )
+    options = PassOptions(input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
+                          progress)
+    engine = run_analytic_pass(model, options, warn_unstable=calibrate is None)
     # Everything is computed before anything is assigned: the analytic arrays, then (with
     # `calibrate`) the calibrated kernels on a replay that reads the drawn arrays in place of the
     # variables. A failure anywhere leaves every variable bit-identical.

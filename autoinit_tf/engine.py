@@ -14,8 +14,10 @@ several times (shared) is fitted to the combined moments of all its calls, in a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from typing import Any, Callable
 import warnings
 
 import keras
@@ -35,7 +37,7 @@ from autoinit_tf.rules.registry import UnsupportedLayerError
 
 logger = logging.getLogger("autoinit_tf")
 
-__all__ = ["AnalyticPass", "FallbackRuleWarning", "run_analytic_pass", "unsupported_message"]
+__all__ = ["AnalyticPass", "PassOptions", "FallbackRuleWarning", "run_analytic_pass", "unsupported_message"]
 
 
 class FallbackRuleWarning(UserWarning):
@@ -45,10 +47,34 @@ class FallbackRuleWarning(UserWarning):
 _warned_classes: set = set()
 
 
+@dataclasses.dataclass(frozen=True)
+class PassOptions:
+    """The options of the analytic pass (the keyword arguments of `analyze` and `wrap`), checked."""
+
+    input_moments: Any = None
+    data: Any = None
+    signal_variance: float = 1.0
+    distribution: str = "truncated_normal"
+    seed: int | None = None
+    strict: bool = False
+    rules: dict | None = None
+    include_frozen: bool = False
+    progress: Callable | None = None
+
+    def __post_init__(self):
+        sv = self.signal_variance
+        if not (isinstance(sv, (int, float)) and math.isfinite(sv) and sv > 0):
+            raise ValueError(f"signal_variance must be a positive finite number, got {sv!r}.")
+        if self.rules is not None and not isinstance(self.rules, dict):
+            raise TypeError("rules must be a dict {LayerClass: rule}.")
+        distributions.check_distribution(self.distribution)
+
+
 class AnalyticPass:
-    def __init__(self, *, signal_variance, distribution, seed, strict, rules, include_frozen, progress=None,
-                 keep_drawn=True):
-        self.progress = progress
+    """One analytic pass: the walk with `Moments`, the rows, and the arrays the rules drew (``pending``)."""
+
+    def __init__(self, options: PassOptions, keep_drawn=True):
+        self.progress = options.progress
         # keep_drawn=False (analyze): a drawn array is dropped once its layer's last call has been
         # visited, unless another layer of the graph holds the same variable, so analyze's memory does
         # not grow with the model's weight bytes. wrap keeps every array for its single assignment.
@@ -56,12 +82,12 @@ class AnalyticPass:
         self.owners = None  # variable path -> number of graph ops holding it (keep_drawn=False only)
         self.visit_records = []  # variable paths first recorded during the current visit
         self.done = 0
-        self.signal_variance = float(signal_variance)
-        self.distribution = distributions.check_distribution(distribution)
-        self.seed = seed
-        self.strict = strict
-        self.rules = dict(rules or {})
-        self.include_frozen = include_frozen
+        self.signal_variance = float(options.signal_variance)
+        self.distribution = options.distribution
+        self.seed = options.seed
+        self.strict = options.strict
+        self.rules = dict(options.rules or {})
+        self.include_frozen = options.include_frozen
         self.pending = {}  # variable path -> (variable, array)
         self.rows = []
         self.fit_inputs = {}  # id(op) -> combined input moments over all calls
@@ -266,29 +292,17 @@ def _warn_fallback(op):
 # -- the entry point ---------------------------------------------------------------------------------
 
 
-def run_analytic_pass(model, *, input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
-         progress=None, keep_drawn=True, warn_unstable=True):
+def run_analytic_pass(model, options: PassOptions | None = None, *, keep_drawn=True, warn_unstable=True, **kwargs):
     """The analytic pass over `model` (nothing assigned): the `AnalyticPass` holds the rows, the drawn
     arrays (``pending``; ``keep_drawn=False`` drops each once its layer's last call is visited, for
     `analyze`) and the amplification of the signal. ``warn_unstable``: an `UnstableSignalWarning` when
-    a deviation would grow past `stability.AMPLIFICATION_LIMIT`."""
+    a deviation would grow past `stability.AMPLIFICATION_LIMIT`. The options are a `PassOptions` or its
+    fields as keyword arguments."""
+    options = PassOptions(**kwargs) if options is None else options
     register_builtin_rules()
     fn = graph.as_functional(model)
-    if not (isinstance(signal_variance, (int, float)) and math.isfinite(signal_variance) and signal_variance > 0):
-        raise ValueError(f"signal_variance must be a positive finite number, got {signal_variance!r}.")
-    if rules is not None and not isinstance(rules, dict):
-        raise TypeError("rules must be a dict {LayerClass: rule}.")
-    moments = resolve_input_moments(fn, input_moments, data)
-    engine = AnalyticPass(
-        signal_variance=signal_variance,
-        distribution=distribution,
-        seed=seed,
-        strict=strict,
-        rules=rules,
-        include_frozen=include_frozen,
-        progress=progress,
-        keep_drawn=keep_drawn,
-    )
+    moments = resolve_input_moments(fn, options.input_moments, options.data)
+    engine = AnalyticPass(options, keep_drawn=keep_drawn)
     engine.input_moments = moments
     engine.run(fn, moments)
     if warn_unstable and engine.amplification.worst[0] > stability.AMPLIFICATION_LIMIT:

@@ -792,25 +792,7 @@ def save_keras(model, target, *, overwrite=False):
     check_writable(target, overwrite=overwrite)
     if os.path.isdir(target):
         raise ConversionError(f"The output '{target}' is a directory; give a file name ending in .keras.")
-    parent = os.path.dirname(os.path.abspath(target))
-    io_utils.clean_stale_temps(parent)
-    tmp = io_utils.temp_path(parent, suffix=".keras")
-    try:
-        model.save(tmp)
-        io_utils.publish(tmp, target, overwrite=overwrite)
-    except FileExistsError as exc:
-        raise ConversionError(
-            f"The output '{target}' appeared while this model was being written (another process?); "
-            "nothing was replaced. Pass --overwrite to replace it."
-        ) from exc
-    except Exception as exc:
-        if isinstance(exc, ConversionError):
-            raise
-        raise ConversionError(f"Could not write '{target}': {type(exc).__name__}: {exc}") from exc
-    finally:
-        if os.path.lexists(tmp):
-            io_utils.remove(tmp)
-    return target
+    return _write_then_publish(target, model.save, overwrite=overwrite, what="output", suffix=".keras")
 
 
 def export_saved_model(model, target, *, overwrite=False):
@@ -818,21 +800,33 @@ def export_saved_model(model, target, *, overwrite=False):
     as `save_keras` publishes."""
     target = os.fspath(target)
     check_writable(target, overwrite=overwrite, what="SavedModel directory")
+
+    def write(tmp):
+        os.rmdir(tmp)  # model.export creates the directory itself
+        model.export(tmp, verbose=False)
+
+    return _write_then_publish(target, write, overwrite=overwrite, what="SavedModel directory", suffix="-export",
+                               folder=True)
+
+
+def _write_then_publish(target, write, *, overwrite, what, suffix, folder=False):
+    """``write(tmp)`` into a pid-tagged temporary beside `target`, then `io_utils.publish` it; the
+    temporary is removed whatever happens."""
     parent = os.path.dirname(os.path.abspath(target))
     io_utils.clean_stale_temps(parent)
-    tmp = io_utils.temp_path(parent, suffix="-export", folder=True)
+    tmp = io_utils.temp_path(parent, suffix=suffix, folder=folder)
     try:
-        os.rmdir(tmp)
-        model.export(tmp, verbose=False)
+        write(tmp)
         io_utils.publish(tmp, target, overwrite=overwrite)
     except FileExistsError as exc:
         raise ConversionError(
-            f"The SavedModel directory '{target}' appeared while it was being written; nothing was replaced."
+            f"The {what} '{target}' appeared while it was being written (another process?); nothing was "
+            "replaced. Pass --overwrite to replace it."
         ) from exc
     except Exception as exc:
         if isinstance(exc, ConversionError):
             raise
-        raise ConversionError(f"Could not export the SavedModel '{target}': {type(exc).__name__}: {exc}") from exc
+        raise ConversionError(f"Could not write the {what} '{target}': {type(exc).__name__}: {exc}") from exc
     finally:
         if os.path.lexists(tmp):
             io_utils.remove(tmp)

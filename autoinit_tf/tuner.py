@@ -153,6 +153,53 @@ def trial_seed(hp, base_seed=0) -> int:
 # -- the HyperModel -------------------------------------------------------------------------------------
 
 
+def _as_hypermodel(kt, inner):
+    """A `keras_tuner.HyperModel` as given, or one whose ``build`` is the given function."""
+    if isinstance(inner, kt.HyperModel):
+        return inner
+    if not callable(inner):
+        raise TypeError(
+            "AutoInitHyperModel needs a keras_tuner.HyperModel or a build(hp) function, got "
+            f"{type(inner).__name__}."
+        )
+    hypermodel = kt.HyperModel()
+    hypermodel.build = inner  # HyperModel.fit (model.fit) is kept
+    return hypermodel
+
+
+def _split_wrap_kwargs(wrap_kwargs):
+    """``(base seed, the other wrap arguments)``; the arguments AutoInitHyperModel sets itself refused."""
+    wrap_kwargs = dict(wrap_kwargs or {})
+    for bad in ("swaps", "calibrate", "return_report"):
+        if bad in wrap_kwargs:
+            raise ValueError(
+                f"wrap_kwargs[{bad!r}] is set by AutoInitHyperModel (use swaps= / init=) and cannot be "
+                "given in wrap_kwargs."
+            )
+    return int(wrap_kwargs.pop("seed", 0) or 0), wrap_kwargs
+
+
+def _swap_setting(swaps):
+    """None, a `SwapSpace`, a callable ``f(hp)``, or a checked list of swap specs."""
+    if isinstance(swaps, dict):
+        swaps = SwapSpace(swaps)
+    if swaps is not None and not callable(swaps):
+        swaps = [swaps] if isinstance(swaps, str) else list(swaps)
+        for s in swaps:
+            if isinstance(s, str):
+                _validate_swap(s)
+    return swaps
+
+
+def _init_setting(init):
+    """A checked method name, a callable ``f(hp)``, or a list of method names (searched)."""
+    if isinstance(init, str):
+        return _check_method(init)
+    if callable(init):
+        return init
+    return [_check_method(m) for m in init]
+
+
 def _make_hypermodel_class(kt):
     class AutoInitHyperModel(kt.HyperModel):
         """A `keras_tuner.HyperModel` that builds the user's model, applies swaps, then AutoInit.
@@ -177,38 +224,10 @@ def _make_hypermodel_class(kt):
         def __init__(self, hypermodel_or_build_fn, *, swaps=None, wrap_kwargs=None, init="autoinit",
                      seed_build=True, name=None, tunable=True):
             super().__init__(name=name, tunable=tunable)
-            inner = hypermodel_or_build_fn
-            if not isinstance(inner, kt.HyperModel):
-                if not callable(inner):
-                    raise TypeError(
-                        "AutoInitHyperModel needs a keras_tuner.HyperModel or a build(hp) function, got "
-                        f"{type(inner).__name__}."
-                    )
-                build_fn, inner = inner, kt.HyperModel()
-                inner.build = build_fn  # HyperModel.fit (model.fit) is kept
-            self.inner = inner
-            wrap_kwargs = dict(wrap_kwargs or {})
-            for bad in ("swaps", "calibrate", "return_report"):
-                if bad in wrap_kwargs:
-                    raise ValueError(
-                        f"wrap_kwargs[{bad!r}] is set by AutoInitHyperModel (use swaps= / init=) and cannot be "
-                        "given in wrap_kwargs."
-                    )
-            self.base_seed = int(wrap_kwargs.pop("seed", 0) or 0)
-            self.wrap_kwargs = wrap_kwargs
-            if isinstance(swaps, dict):
-                swaps = SwapSpace(swaps)
-            if swaps is not None and not callable(swaps):
-                swaps = [swaps] if isinstance(swaps, str) else list(swaps)
-                for s in swaps:
-                    if isinstance(s, str):
-                        _validate_swap(s)
-            self.swaps = swaps
-            if isinstance(init, str):
-                _check_method(init)
-            elif not callable(init):
-                init = [_check_method(m) for m in init]
-            self.init = init
+            self.inner = _as_hypermodel(kt, hypermodel_or_build_fn)
+            self.base_seed, self.wrap_kwargs = _split_wrap_kwargs(wrap_kwargs)
+            self.swaps = _swap_setting(swaps)
+            self.init = _init_setting(init)
             self.seed_build = seed_build
             self.timings = []
 

@@ -14,9 +14,32 @@ import time
 import traceback
 import warnings
 
+import importlib
+
 import click
 
 # -- helpers shared with `autoinit-tf report` --------------------------------------------------------
+
+
+class LibraryChoice(click.Choice):
+    """A `click.Choice` whose choices are a tuple of the library (``"module:NAME"``), read when first
+    needed: the CLI offers exactly what the library accepts, and `autoinit-tf --help` does not load Keras."""
+
+    def __init__(self, ref, case_sensitive=True):
+        self.ref = ref
+        self._choices = None
+        super().__init__((), case_sensitive=case_sensitive)
+
+    @property
+    def choices(self):
+        if not self._choices:
+            module, name = self.ref.split(":")
+            self._choices = tuple(getattr(importlib.import_module(module), name))
+        return self._choices
+
+    @choices.setter
+    def choices(self, value):
+        self._choices = tuple(value) or None
 
 
 def common_model_options(f):
@@ -25,7 +48,7 @@ def common_model_options(f):
                      help="Allow Lambda layers (runs Python code stored in the file: only for trusted files).")(f)
     f = click.option("--custom-objects", multiple=True, metavar="MODULE[:NAME]",
                      help="Import this module for custom layer classes (repeatable).")(f)
-    f = click.option("--input-format", type=click.Choice(["keras", "h5", "saved_model", "json"]), default=None,
+    f = click.option("--input-format", type=LibraryChoice("autoinit_tf.formats:FORMATS"), default=None,
                      help="Force the input format (default: detected).")(f)
     return f
 
@@ -158,9 +181,6 @@ class stage_progress:  # noqa: N801 - used like a function
         return False
 
 
-DISTRIBUTIONS = ("truncated_normal", "untruncated_normal", "uniform", "orthogonal")
-
-
 def _io():
     """autoinit_tf.io_utils, imported late (importing autoinit_tf loads Keras: `--help` stays fast)."""
     from autoinit_tf import io_utils
@@ -218,7 +238,7 @@ def default_output(input_path):
 @click.option("--seed", type=int, default=None, help="Seed: weights depend only on (seed, variable path).")
 @click.option("--signal-variance", type=float, default=1.0, show_default=True,
               help="Target variance of every weighted layer's pre-activation output.")
-@click.option("--distribution", type=click.Choice(DISTRIBUTIONS), default="truncated_normal",
+@click.option("--distribution", type=LibraryChoice("autoinit_tf.distributions:DISTRIBUTIONS"), default="truncated_normal",
               show_default=True, help="Weight distribution.")
 @click.option("--strict", is_flag=True, help="Fail on layers without a propagation rule (no fallback).")
 @click.option("--include-frozen", is_flag=True, help="Also re-initialize layers with trainable=False.")
@@ -275,20 +295,13 @@ def command(input_path, output_path, input_format, custom_objects, allow_lambda,
 def _convert(*, input_path, output_path, input_format, custom_objects, allow_lambda, swaps, input_mean,
              input_var, data_path, calibrate, seed, signal_variance, distribution, strict, include_frozen, keep,
              export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
+    """The stages: refuse unwritable outputs, load, swap, initialize, then print (dry run) or publish."""
     from autoinit_tf import formats
 
     t0 = time.perf_counter()
     echo = (lambda *a, **k: None) if quiet else click.echo
     if not dry_run:
-        # Refuse early: nothing is computed if an output cannot be written.
-        formats.check_writable(output_path, overwrite=overwrite)
-        if export_dir:
-            formats.check_writable(export_dir, overwrite=overwrite, what="SavedModel directory")
-        for extra, what in ((report_path, "report"), (plot_path, "plot")):
-            if extra:
-                formats.check_writable(extra, overwrite=overwrite, what=what)
-        if plot_path:
-            _check_matplotlib()
+        _check_outputs(output_path, export_dir, report_path, plot_path, overwrite)
 
     stages = ["load"] + (["swap"] if swaps else []) + ["walk"] + (["calibrate"] if calibrate else []) + (
         [] if dry_run else ["save"])
@@ -298,98 +311,133 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
         loaded = formats.load(input_path, input_format=input_format, custom_objects=objs, allow_lambda=allow_lambda)
         model = loaded.model
         data = load_data(data_path, model) if data_path else None
-
         kept, snapshot = _select_kept(loaded, keep)
-
         plan = None
         if swaps:
             progress("swap")
-            from autoinit_tf.rewrite import rewrite
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                model, plan = rewrite(model, swaps, return_plan=True)
-            for w in caught:
-                echo(f"warning: {w.message}", err=True)
-
+            model, plan = _swap(model, swaps, echo)
         input_moments = None
         if data is None:
             input_moments = (0.0 if input_mean is None else input_mean, 1.0 if input_var is None else input_var)
-        kwargs = dict(input_moments=input_moments, data=data, signal_variance=signal_variance,
-                      distribution=distribution, seed=seed, strict=strict, include_frozen=include_frozen,
-                      progress=progress.walk_callback())
-
-        frozen_before = {id(layer): layer.trainable for _, layer in kept}
-        for _, layer in kept:
-            layer.trainable = False
-        try:
-            progress("walk")
-            import autoinit_tf
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if dry_run:
-                    report = autoinit_tf.analyze(model, **kwargs)
-                else:
-                    model, report = autoinit_tf.wrap(model, return_report=True, **kwargs)
-                    if calibrate:
-                        progress("calibrate")
-                        from autoinit_tf.measure import calibrate as _calibrate
-
-                        target = "probe" if calibrate == "probe" else data
-                        report = _calibrate(model, target, report=report, input_moments=input_moments,
-                                            seed=seed, signal_variance=signal_variance)
-        finally:
-            for _, layer in kept:
-                layer.trainable = frozen_before[id(layer)]
-        # With --calibrate the instability warning's remedy is already applied.
-        echo_warnings(caught, verbose, skip=("UnstableSignalWarning",) if calibrate else ())
-
+        options = dict(input_moments=input_moments, data=data, signal_variance=signal_variance,
+                       distribution=distribution, seed=seed, strict=strict, include_frozen=include_frozen,
+                       progress=progress.walk_callback())
+        model, report = _initialize(model, kept, options, dry_run=dry_run, calibrate=calibrate, progress=progress,
+                                    verbose=verbose)
         if dry_run:
             progress.finish()
-            echo(f"dry run: {input_path} ({loaded.format}{', Keras 2 fix-ups' if loaded.keras2 else ''})")
-            for line in loaded.fixups:
-                echo(f"  fix-up: {line}")
-            if plan is not None:
-                echo(str(plan))
-            if kept:
-                echo("kept (pretrained weights): " + ", ".join(p for p, _ in kept))
-            echo(report.table(color=False))
-            echo(f"nothing written (--dry-run); {time.perf_counter() - t0:.1f}s")
+            _print_dry_run(echo, input_path, loaded, plan, kept, report, t0)
             return
-
-        # Kept layers get their stored weights back (also when --include-frozen re-initialized them).
-        for path, layer in kept:
-            layer.set_weights(snapshot[path])
-        if loaded.compile_config and plan is None:
-            try:
-                model.compile_from_config(loaded.compile_config)
-            except Exception as exc:  # noqa: BLE001 - the compiled state is a convenience
-                echo(f"warning: the stored compile configuration could not be restored ({exc}).", err=True)
-
+        _restore_kept_and_compile(model, loaded, kept, snapshot, plan, echo)
         progress("save")
-        formats.save_keras(model, output_path, overwrite=overwrite)
-        written = [output_path]
-        try:
-            if export_dir:
-                formats.export_saved_model(model, export_dir, overwrite=overwrite)
-                written.append(export_dir)
-            if report_path:
-                report.to_json(report_path)
-                written.append(report_path)
-            if plot_path:
-                report.plot(plot_path)
-                written.append(plot_path)
-        except BaseException:
-            # All or nothing: remove what this run wrote (also on SIGINT / SIGTERM).
-            for p in written:
-                _remove(p)
-            raise
-        if _io().ABORT.signum is not None:  # interrupted, the exception swallowed: undo
-            for p in written:
-                _remove(p)
-            _io().ABORT.check()
+        written = _publish(model, report, output_path, export_dir, report_path, plot_path, overwrite)
+    _print_summary(echo, verbose, input_path, loaded, plan, kept, report, written, t0)
 
+
+def _check_outputs(output_path, export_dir, report_path, plot_path, overwrite):
+    """Refuse early: nothing is computed if an output cannot be written."""
+    from autoinit_tf import formats
+
+    formats.check_writable(output_path, overwrite=overwrite)
+    if export_dir:
+        formats.check_writable(export_dir, overwrite=overwrite, what="SavedModel directory")
+    for extra, what in ((report_path, "report"), (plot_path, "plot")):
+        if extra:
+            formats.check_writable(extra, overwrite=overwrite, what=what)
+    if plot_path:
+        _check_matplotlib()
+
+
+def _swap(model, swaps, echo):
+    from autoinit_tf.rewrite import rewrite
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, plan = rewrite(model, swaps, return_plan=True)
+    for w in caught:
+        echo(f"warning: {w.message}", err=True)
+    return model, plan
+
+
+def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose):
+    """analyze (dry run) or wrap, then calibrate; kept layers frozen meanwhile. Returns (model, report)."""
+    import autoinit_tf
+
+    frozen_before = {id(layer): layer.trainable for _, layer in kept}
+    for _, layer in kept:
+        layer.trainable = False
+    try:
+        progress("walk")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if dry_run:
+                report = autoinit_tf.analyze(model, **options)
+            else:
+                model, report = autoinit_tf.wrap(model, return_report=True, **options)
+                if calibrate:
+                    progress("calibrate")
+                    target = "probe" if calibrate == "probe" else options["data"]
+                    report = autoinit_tf.calibrate(model, target, report=report, input_moments=options["input_moments"],
+                                                   seed=options["seed"], signal_variance=options["signal_variance"])
+    finally:
+        for _, layer in kept:
+            layer.trainable = frozen_before[id(layer)]
+    # With --calibrate the instability warning's remedy is already applied.
+    echo_warnings(caught, verbose, skip=("UnstableSignalWarning",) if calibrate else ())
+    return model, report
+
+
+def _print_dry_run(echo, input_path, loaded, plan, kept, report, t0):
+    echo(f"dry run: {input_path} ({loaded.format}{', Keras 2 fix-ups' if loaded.keras2 else ''})")
+    for line in loaded.fixups:
+        echo(f"  fix-up: {line}")
+    if plan is not None:
+        echo(str(plan))
+    if kept:
+        echo("kept (pretrained weights): " + ", ".join(p for p, _ in kept))
+    echo(report.table(color=False))
+    echo(f"nothing written (--dry-run); {time.perf_counter() - t0:.1f}s")
+
+
+def _restore_kept_and_compile(model, loaded, kept, snapshot, plan, echo):
+    # Kept layers get their stored weights back (also when --include-frozen re-initialized them).
+    for path, layer in kept:
+        layer.set_weights(snapshot[path])
+    if loaded.compile_config and plan is None:
+        try:
+            model.compile_from_config(loaded.compile_config)
+        except Exception as exc:  # noqa: BLE001 - the compiled state is a convenience
+            echo(f"warning: the stored compile configuration could not be restored ({exc}).", err=True)
+
+
+def _publish(model, report, output_path, export_dir, report_path, plot_path, overwrite):
+    """Write every output, all or nothing (also on SIGINT / SIGTERM); returns the paths written."""
+    from autoinit_tf import formats
+
+    formats.save_keras(model, output_path, overwrite=overwrite)
+    written = [output_path]
+    try:
+        if export_dir:
+            formats.export_saved_model(model, export_dir, overwrite=overwrite)
+            written.append(export_dir)
+        if report_path:
+            report.to_json(report_path)
+            written.append(report_path)
+        if plot_path:
+            report.plot(plot_path)
+            written.append(plot_path)
+    except BaseException:
+        for p in written:
+            _remove(p)
+        raise
+    if _io().ABORT.signum is not None:  # interrupted, the exception swallowed: undo
+        for p in written:
+            _remove(p)
+        _io().ABORT.check()
+    return written
+
+
+def _print_summary(echo, verbose, input_path, loaded, plan, kept, report, written, t0):
     if verbose:
         for line in loaded.fixups:
             echo(f"fix-up: {line}")
@@ -403,7 +451,7 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
     echo(f"  fallback rules used:   {len(fallbacks)}" + (f" ({', '.join(fallbacks)})" if fallbacks else ""))
     if report.calibration:
         echo(f"  calibrated layers:     {len(report.calibration)} (on the {report.calibrated_on})")
-    echo(f"  output:                {output_path}")
+    echo(f"  output:                {written[0]}")
     for extra in written[1:]:
         echo(f"  also wrote:            {extra}")
     echo(f"  time:                  {time.perf_counter() - t0:.1f}s")

@@ -160,28 +160,33 @@ def _lognormal_sum(m: Moments, k: int):
     return math.log(big_m) - 0.5 * s2, s2
 
 
-def softmax_moments(m: Moments, size) -> Moments:
-    """Moments of softmax entries over `size` i.i.d. N(m) logits (see the module docstring)."""
+def _against_the_rest(m: Moments, size, what):
+    """``(k, d)``: the softmax axis size and the moments of z_i - log(sum_{j != i} exp z_j) (Fenton-Wilkinson),
+    so that softmax_i = sigmoid(d) and log_softmax_i = log_sigmoid(d); d is None when k == 1."""
     k = int(size) if size else 0
     if k <= 0:
-        raise ValueError("softmax_moments needs the static size of the softmax axis.")
+        raise ValueError(f"{what} needs the static size of the softmax axis.")
     if k == 1:
-        return Moments(1.0, 0.0)
+        return k, None
     mu_s, s2 = _lognormal_sum(m, k - 1)
-    d = Moments(m.mean - mu_s, m.var + s2)
+    return k, Moments(m.mean - mu_s, m.var + s2)
+
+
+def softmax_moments(m: Moments, size) -> Moments:
+    """Moments of softmax entries over `size` i.i.d. N(m) logits (see the module docstring)."""
+    k, d = _against_the_rest(m, size, "softmax_moments")
+    if d is None:
+        return Moments(1.0, 0.0)
     _, e2 = gaussian_expectations(_sigmoid, d.mean, d.var)
     mean = 1.0 / k
     return Moments(mean, max(e2 - mean * mean, 0.0))
 
 
 def log_softmax_moments(m: Moments, size) -> Moments:
-    k = int(size) if size else 0
-    if k <= 0:
-        raise ValueError("log_softmax_moments needs the static size of the softmax axis.")
-    if k == 1:
+    """Moments of log-softmax entries over `size` i.i.d. N(m) logits."""
+    _, d = _against_the_rest(m, size, "log_softmax_moments")
+    if d is None:
         return Moments(0.0, 0.0)
-    mu_s, s2 = _lognormal_sum(m, k - 1)
-    d = Moments(m.mean - mu_s, m.var + s2)
     return elementwise_moments(_log_sigmoid, d)
 
 
