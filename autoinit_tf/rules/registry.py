@@ -59,6 +59,14 @@ _EXACT_ONLY = frozenset({"bias_split"})
 
 _BUILTIN: dict = {}
 _USER: dict = {}
+# Lookups are cached per class (a pass asks about every node); any change to the tables clears the cache.
+_CACHE: dict = {}
+_NAMED = [False]  # whether any key is a class name (a string): only then are names tried
+
+
+def _changed():
+    _CACHE.clear()
+    _NAMED[0] = any(isinstance(k, str) for table in (_USER, _BUILTIN) for k in table)
 
 
 def _check_fields(fields):
@@ -75,6 +83,7 @@ def _check_fields(fields):
 
 def _merge(table, key, fields):
     table[key] = dataclasses.replace(table.get(key, LayerSpec()), **fields)
+    _changed()
     return table[key]
 
 
@@ -99,6 +108,7 @@ def unregister_layer(key, *fields) -> None:
         return
     if not fields:
         del _USER[key]
+        _changed()
         return
     _check_fields(dict.fromkeys(fields))
     spec = dataclasses.replace(spec, **dict.fromkeys(fields))
@@ -106,6 +116,7 @@ def unregister_layer(key, *fields) -> None:
         del _USER[key]
     else:
         _USER[key] = spec
+    _changed()
 
 
 def register_rule(layer_class, rule=None):
@@ -134,13 +145,9 @@ def unregister_rule(layer_class) -> None:
     unregister_layer(layer_class, "rule")
 
 
-def _named(table):
-    return any(isinstance(k, str) for k in table)
-
-
 def _candidates(cls):
     """The keys to try for `cls`, most specific first: each class of the MRO, then its name."""
-    named = _named(_USER) or _named(_BUILTIN)
+    named = _NAMED[0]
     for c in cls.__mro__:
         yield c
         if named:
@@ -162,9 +169,13 @@ def spec_for(op) -> LayerSpec:
     """Everything known about ``op``'s class: each field from the most specific class that sets it
     (``bias_split`` only from the exact class)."""
     cls = op if isinstance(op, type) else type(op)
-    keys = list(_candidates(cls))
-    exact = [cls, cls.__name__]
-    return LayerSpec(**{f: _field(exact if f in _EXACT_ONLY else keys, f)[0] for f in FIELDS})
+    hit = _CACHE.get(("spec", cls))
+    if hit is None:
+        keys = list(_candidates(cls))
+        exact = [cls, cls.__name__]
+        hit = LayerSpec(**{f: _field(exact if f in _EXACT_ONLY else keys, f)[0] for f in FIELDS})
+        _CACHE[("spec", cls)] = hit
+    return hit
 
 
 def spec_of(key) -> LayerSpec:
@@ -178,10 +189,19 @@ def spec_of(key) -> LayerSpec:
 def find_rule(op, extra=None):
     """``(rule, class)`` for ``op``: first ``extra`` (a dict class -> rule, e.g. ``wrap(rules=...)``),
     then the registry, by MRO; ``(None, None)`` when there is none."""
-    for cls in type(op).__mro__:
-        if extra and cls in extra:
-            return extra[cls], cls
-        rule, key = _field([cls, cls.__name__] if (_named(_USER) or _named(_BUILTIN)) else [cls], "rule")
+    if not extra:
+        hit = _CACHE.get(("rule", type(op)))
+        if hit is None:
+            hit = _CACHE[("rule", type(op))] = _find_rule(type(op), None)
+        return hit
+    return _find_rule(type(op), extra)
+
+
+def _find_rule(cls, extra):
+    for c in cls.__mro__:
+        if extra and c in extra:
+            return extra[c], c
+        rule, key = _field([c, c.__name__] if _NAMED[0] else [c], "rule")
         if rule is not None:
             return rule, key
     return None, None
@@ -216,6 +236,7 @@ def restore(saved) -> list:
     added = [k for k in _USER if k not in saved]
     _USER.clear()
     _USER.update(saved)
+    _changed()
     return added
 
 
