@@ -82,6 +82,10 @@ def wrap(
         progress: optional ``callable(done, total, node_name)`` called after every node of the walk
             (the CLI draws its progress bar with it).
 
+    BatchNormalization (and DAR-BN) moving statistics are set to the statistics the initialized network
+    gives its input (the analytic per-channel prediction; with `calibrate`, those measured on the
+    calibration batch), so inference right after `wrap` normalizes as training mode does.
+
     Returns:
         The same model object (or the rewritten model when `swaps` are given), with new weights.
     """
@@ -107,6 +111,7 @@ def wrap(
         report, values = calibrated_values(
             model, calibrate, report=report if return_report else None, only=only, values=values,
             record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
+            moving_statistics=True,
         )
         engine.replace_pending(values)
         del values

@@ -87,7 +87,8 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
 
 
 def calibrated_values(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
-                      training=True, batch_size=None, targets=None, only=None, values=None, record=True):
+                      training=True, batch_size=None, targets=None, only=None, values=None, record=True,
+                      moving_statistics=False):
     """`calibrate` without assigning anything: ``(report, values)`` with ``values`` the calibrated
     kernels as ``id(variable) -> value``.
 
@@ -95,12 +96,15 @@ def calibrated_values(model, data="probe", *, report=None, input_moments=None, s
     passes the analytic pass's drawn arrays, so calibration runs before anything is assigned); the
     calibrated kernels are written into it. ``record=False`` keeps no per-node statistics and returns
     no report (``report`` must then be None; ``only`` names the rows to calibrate).
+    ``moving_statistics=True`` (`wrap`) also sets the moving statistics of batch-normalizing layers to
+    the statistics their inputs have on the calibrated replay (`calibrate` itself leaves them alone).
     """
     if only is None and report is not None:
         only = {r.name for r in report.rows if r.weighted}
     replay, source = calibration_replay(model, data, only=only, record=record, input_moments=input_moments,
                                          seed=seed, signal_variance=signal_variance, training=training,
-                                         batch_size=batch_size, targets=targets, values=values)
+                                         batch_size=batch_size, targets=targets, values=values,
+                                         moving_statistics=moving_statistics)
     if not record:
         return None, replay.values
     if report is None:
@@ -135,7 +139,7 @@ def assign_values(model, values):
 
 
 def calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
-                        training=True, batch_size=None, targets=None, values=None):
+                        training=True, batch_size=None, targets=None, values=None, moving_statistics=False):
     """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
     without a report). Returns the `SignalReplay` (its ``factors``, ``rse`` and ``batch``) and the source
     ("probe" or "data").
@@ -160,7 +164,8 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         n = int(tree.flatten(inputs)[0].shape[0])
         replay = SignalReplay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
                          only=None if only is None else set(only), record=record,
-                         prior=None if replay is None else replay.factors, values=values)
+                         prior=None if replay is None else replay.factors, values=values,
+                         moving_statistics=moving_statistics)
         replay.run(inputs)
         replay.batch = n
         del inputs

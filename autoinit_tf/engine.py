@@ -118,6 +118,8 @@ class AnalyticPass:
         _check_array_fits(variable, array)
         if variable.path not in self.pending:
             self.visit_records.append(variable.path)
+            if getattr(variable, "trainable", True):
+                self.visit_weighted = True  # a weight drawn for the signal (not BN's moving statistics)
         self.pending[variable.path] = (variable, array)
 
     # -- the walk ---------------------------------------------------------------------------------
@@ -170,6 +172,7 @@ class AnalyticPass:
             rule = fallback_rule
             ctx.note("fallback rule used (measured on a probe)")
         self.visit_records = []
+        self.visit_weighted = False
         outs = rule(ctx)
         if isinstance(outs, Moments):
             outs = [outs]
@@ -185,7 +188,7 @@ class AnalyticPass:
                 )
         name = site.name
         self.amplification.visit(op, node, inputs, name)
-        weighted = bool(self.visit_records) or ctx.weight_scale is not None
+        weighted = self.visit_weighted or ctx.weight_scale is not None
         if self.owners is not None:
             drawn = self.drawn_by.setdefault(key, [])
             drawn.extend(self.visit_records)

@@ -175,8 +175,9 @@ class SignalReplay:
     """
 
     def __init__(self, fn, *, training, calibrate=False, targets=None, signal_variance=1.0, only=None,
-                 record=True, prior=None, values=None):
+                 record=True, prior=None, values=None, moving_statistics=False):
         self.fn = fn
+        self.moving_statistics = moving_statistics  # set batch-normalizing layers' moving statistics
         # id(variable) -> the value it stands for during this replay (the analytic pass's drawn
         # arrays, then the calibrated kernels): calibration writes here and never assigns, so a
         # failure anywhere leaves every variable as it was.
@@ -244,6 +245,8 @@ class SignalReplay:
                 outs, pre_stats, note = self._calibrated_recurrent(op, name, args, kwargs, cells)
             notes.append(note)
         else:
+            if self.moving_statistics and layer and getattr(op, "trainable", True):
+                self._measure_moving_statistics(op, args, kwargs)
             with NoActivation(op, act is not None):
                 outs = call_with(op, args, kwargs, self.training, self.values)
             if act is not None:
@@ -274,6 +277,23 @@ class SignalReplay:
             )
         )
         return outs
+
+    def _measure_moving_statistics(self, op, args, kwargs):
+        """For a layer that normalizes by batch statistics, its moving mean and variance become the
+        statistics of its input on this (already calibrated) replay, per channel."""
+        get = registry.spec_for(op).moving_statistics
+        x = args[0] if args else kwargs.get("inputs")
+        if get is None or x is None or not hasattr(x, "shape"):
+            return
+        mean_var, var_var, axis = get(op)
+        x = as_float(x)
+        axis = int(axis if not isinstance(axis, (list, tuple)) else axis[-1]) % len(x.shape)
+        axes = tuple(i for i in range(len(x.shape)) if i != axis)
+        mean = ops.mean(x, axis=axes)
+        var = ops.mean(ops.square(x - ops.reshape(mean, [-1 if i == axis else 1 for i in range(len(x.shape))])),
+                       axis=axes)
+        self._set(mean_var, ops.cast(ops.reshape(mean, mean_var.shape), mean_var.dtype))
+        self._set(var_var, ops.cast(ops.reshape(var, var_var.shape), var_var.dtype))
 
     def value(self, variable):
         """The value `variable` stands for in this replay."""

@@ -8,6 +8,10 @@ variance v / (v + eps); with per-channel gamma_c, beta_c the output over all cha
 RMSNormalization: y = x / sqrt(E[x^2] + eps) * scale, so E[y^2] = avg scale^2 * s / (s + eps)
 and mean = avg(scale) * mu / sqrt(s + eps). UnitNormalization over n entries: E[y^2] = 1 / n.
 Preprocessing Normalization: y = (x - m_j) / sqrt(var_j); Rescaling: y = scale * x + offset.
+
+BatchNormalization's moving statistics are set to the predicted batch statistics of its input (per channel:
+mean_c and the variance over examples and positions), so that inference right after `wrap` normalizes as
+training mode does; calibration replaces them by the statistics it measures.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.regis
 
 # Batch statistics mix the examples of a batch: DP-SGD refuses these before any probe.
 _PER_EXAMPLE = "GroupNormalization (or LayerNormalization)"
-BUILTIN.declare(keras.layers.BatchNormalization, mixes_examples=True, advice=_PER_EXAMPLE)
+BUILTIN.declare(keras.layers.BatchNormalization, mixes_examples=True, advice=_PER_EXAMPLE,
+                moving_statistics=lambda layer: (layer.moving_mean, layer.moving_variance, layer.axis))
 BUILTIN.declare("SyncBatchNormalization", mixes_examples=True, advice=_PER_EXAMPLE)  # tf.keras models
 
 
@@ -60,11 +65,29 @@ def _last_axis(layer, ndim):
     return [a % ndim for a in axes] == [ndim - 1]
 
 
+def set_moving_statistics(ctx, layer, m, per_channel):
+    """Record BN's moving mean and variance as the batch statistics its input has in training mode
+    (per channel when known, else the pooled ones), so inference right after `wrap` normalizes as
+    training does. Frozen layers keep theirs (``ctx.assign``)."""
+    mean_var, var_var = getattr(layer, "moving_mean", None), getattr(layer, "moving_variance", None)
+    if mean_var is None or var_var is None:
+        return
+    n = int(np.prod(mean_var.shape))
+    if per_channel and m.channels == n:
+        mean, var = m.ch_mean, m.ch_var
+    else:
+        mean, var = np.full(n, m.mean), np.full(n, m.var)
+    ctx.assign(mean_var, np.asarray(mean, np.float64).reshape(mean_var.shape))
+    ctx.assign(var_var, np.maximum(np.asarray(var, np.float64), 0.0).reshape(var_var.shape))
+
+
 @BUILTIN.rule(keras.layers.BatchNormalization)
 def batch_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
-    if m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0])):
+    per_channel = m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0]))
+    set_moving_statistics(ctx, layer, m, per_channel)
+    if per_channel:
         # Training mode: each channel is normalized by its own batch statistics (exact per channel).
         if m.el_mean is not None:
             gamma = None if layer.gamma is None else ctx.value(layer.gamma)

@@ -15,6 +15,9 @@ A `LayerSpec` carries, for one layer or op class (or activation function):
 ``mixes_examples`` True: one example's output depends on other examples of the batch (batch statistics);
                    DP-SGD refuses the layer before probing. None: unknown (the DP probe decides)
 ``advice``         what to use instead of an example-mixing layer
+``moving_statistics``  ``layer -> (moving mean variable, moving variance variable, channel axis)`` for
+                   layers that normalize by batch statistics in training: `wrap` sets them to the
+                   statistics the initialized network produces (inference then matches training mode)
 ``kinks``          for an activation function: where it is not smooth, so quadrature splits there
 =================  ==========================================================================================
 
@@ -52,6 +55,7 @@ class LayerSpec:
     mixes_examples: bool | None = None
     advice: str | None = None
     kinks: tuple | None = None
+    moving_statistics: Callable | None = None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
@@ -75,7 +79,7 @@ def _check_fields(fields):
         raise TypeError(f"Unknown LayerSpec fields {sorted(unknown)}; known: {list(FIELDS)}.")
     if fields.get("kinks") is not None:
         fields["kinks"] = tuple(float(k) for k in fields["kinks"])
-    for name in ("rule", "preactivation", "kernel"):
+    for name in ("rule", "preactivation", "kernel", "moving_statistics"):
         if fields.get(name) is not None and not callable(fields[name]):
             raise TypeError(f"A {name} must be callable, got {fields[name]!r}.")
     return fields
