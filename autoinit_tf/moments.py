@@ -25,6 +25,7 @@ __all__ = [
     "gaussian_expectations",
     "elementwise_moments",
     "max_expectations",
+    "max_expectations_cost",
     "max_of_gaussians",
     "max_order_expectations",
     "mix",
@@ -401,6 +402,21 @@ def max_order_expectations(fn, means, variances, k: int, kinks=(), coarse=False)
     e1 = np.sum(w * y, axis=(1, 2))
     e2 = np.sum(w * y * y, axis=(1, 2))
     return e1, np.maximum(e2, e1 * e1)
+
+
+def max_expectations_cost(means, variances, kinks=(), coarse=False) -> int:
+    """How many CDF evaluations `max_expectations` makes for these windows (entries on the last axis):
+    per window, k entries x (quadrature nodes of its panels) x k factors; a window whose entries' spreads
+    differ by more than 2x gets 5 panel edges per other entry, else 1."""
+    means = np.asarray(means)
+    k = means.shape[-1]
+    rows = int(np.prod(means.shape[:-1]))
+    s = np.sqrt(np.maximum(np.broadcast_to(np.asarray(variances, dtype=np.float64), means.shape), 0.0))
+    s = s.reshape(-1, k)
+    narrow = bool(np.any(s.min(axis=1) < 0.5 * s.max(axis=1)))
+    panels = len(_PANELS) - 1 + len(tuple(kinks)) + (k - 1) * (5 if narrow else 1)
+    nodes = panels * (len(_GL_X8) if coarse else len(_GL_X))
+    return rows * k * nodes * k
 
 
 def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False):

@@ -75,18 +75,16 @@ def linear_output(m: Moments, w3, taps, bias=None):
         out_mean = np.zeros(units)
         out_second = np.zeros(units)
         for sl, wb in _unit_blocks(w3):
-            wb2 = wb * wb
+            # Per tap t: the mean and the variance part each input tap contributes to every unit; a position
+            # class then only sums its valid taps (cheap), instead of contracting the kernel once per class.
+            tap_means = mu @ wb  # (taps, units): BLAS per tap
+            tap_vars = v @ (wb * wb)
             for weight, valid in taps:
-                if wb.shape[0] == 1:
-                    wv, wv2 = valid[0] * wb[0], valid[0] * wb2[0]
-                else:
-                    wv = np.einsum("t,tcj->cj", valid, wb)
-                    wv2 = np.einsum("t,tcj->cj", valid, wb2)
-                means = mu @ wv
+                means = valid @ tap_means
                 if b is not None:
                     means = means + b[sl]
                 out_mean[sl] += weight * means
-                out_second[sl] += weight * (v @ wv2 + means * means)
+                out_second[sl] += weight * (valid @ tap_vars + means * means)
         result = Moments.from_channel_second(out_mean, out_second)
         return result, result.within, result.between
     ntaps = w3.shape[0]
@@ -315,7 +313,11 @@ def _separable_pre(ctx):
     ctx.weight_scale = var
     dk = ctx.value(layer.depthwise_kernel).astype(np.float64)
     taps, cin, dm = int(np.prod(dk.shape[:-2])), dk.shape[-2], dk.shape[-1]
-    composed = np.einsum("tcd,cdk->tck", dk.reshape(taps, cin, dm), p.reshape(cin, dm, -1))
+    # W[t, c, k] = sum_d D[t, c, d] P[c dm + d, k], as dm broadcast products (no generic einsum)
+    dk, pk3 = dk.reshape(taps, cin, dm), p.reshape(cin, dm, -1)
+    composed = dk[:, :, 0, None] * pk3[None, :, 0, :]
+    for d in range(1, dm):
+        composed += dk[:, :, d, None] * pk3[None, :, d, :]
     pre, _, _ = linear_output(ctx.input, composed, frac, _bias(ctx, layer))
     return pre
 

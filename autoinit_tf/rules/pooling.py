@@ -4,7 +4,8 @@ Average over a window of k entries: mean mu, variance v / k. With 'same' padding
 hold fewer real entries (padding is excluded from the average), so the variance is v * E_o[1/k_o]
 over output positions o. Max over k entries: the moments of the largest of k i.i.d. Gaussians
 (`max_of_gaussians`), mixed over the window sizes that occur; for element maps, the exact maximum of
-each window's independent non-identical Gaussians (`max_expectations`). After a monotone non-decreasing
+each window's independent non-identical Gaussians (`max_expectations`), when that costs at most
+`element_maps.MAX_POOL_EVALUATIONS` evaluations (else per-channel order statistics). After a monotone non-decreasing
 activation f, max f(x_i) = f(max x_i): the pre-activations are pooled and E[f(M)], E[f(M)^2] integrated
 over the distribution of the maximum M.
 """
