@@ -218,3 +218,26 @@ def test_max_pooling_of_position_dependent_maps(name):
     y = _measure(model, x)
     assert y.mean() == pytest.approx(pred.mean, rel=0.03)
     assert y.var() == pytest.approx(pred.var, rel=0.04)
+
+
+def test_max_pooling_above_the_cost_bound_takes_the_per_channel_form(monkeypatch):
+    """Above `MAX_POOL_EVALUATIONS` the exact per-element path is skipped; the per-channel order
+    statistics that replace it still match the measured layer (interior windows dominate)."""
+    from autoinit_tf.rules import element_maps
+    from autoinit_tf.moments import max_expectations_cost
+
+    calls = []
+    original = element_maps.max_expectations_cost
+    monkeypatch.setattr(element_maps, "max_expectations_cost",
+                        lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    monkeypatch.setattr(element_maps, "MAX_POOL_EVALUATIONS", 1)
+    conv, pool, shape = MAX_POOL_CASES["conv_relu_pool2"]
+    inp = keras.Input(shape)
+    model = keras.Model(inp, pool()(conv()(inp)))
+    pred = autoinit_tf.wrap(model, input_moments=(1.0, 0.5), seed=0, return_report=True)[1].rows[-1].outputs[0]
+    assert calls and calls[0] > 1  # the bound was consulted and exceeded
+    assert max_expectations_cost(np.zeros((4, 2)), np.ones((4, 2))) > 0
+    x = np.random.default_rng(0).normal(1.0, math.sqrt(0.5), size=(20000,) + shape).astype("float32")
+    y = _measure(model, x)
+    assert y.var() == pytest.approx(pred.var, rel=0.1)
+    assert y.mean() == pytest.approx(pred.mean, rel=0.1)
