@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from autoinit_tf import distributions, graph, stability
+from autoinit_tf import declared, distributions, graph, stability
 from autoinit_tf.heap import HeapTrim
 from autoinit_tf.inputs import resolve_input_moments
 from autoinit_tf.moments import Moments, mix
@@ -307,6 +307,7 @@ def run_analytic_pass(model, options: PassOptions | None = None, *, keep_drawn=T
     moments = resolve_input_moments(fn, options.input_moments, options.data)
     engine = AnalyticPass(options, keep_drawn=keep_drawn)
     engine.input_moments = moments
+    engine.probe_length = declared.probe_length(fn)
     engine.run(fn, moments)
     if warn_unstable and engine.amplification.worst[0] > stability.AMPLIFICATION_LIMIT:
         warnings.warn(engine.amplification.message(), stability.UnstableSignalWarning, stacklevel=3)

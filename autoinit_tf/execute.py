@@ -11,7 +11,9 @@ BatchNormalization moving statistic or seed-generator (RNG) state changes, on ev
   (``stateless_call`` skips both); ``value(variable)`` gives each variable's value for this call.
   Raw ops (``x + y``, ``keras.ops.relu``...) are plain calls.
 * `probe_shape` / `probe_array`: the one Gaussian probe generator (model inputs and single layers):
-  entries with given moments (integer tensors: uniform integers up to mean + 3 std).
+  entries with given moments; unknown non-batch dimensions get a sequence length, never the batch
+  size; integer tensors are filled as `declared.integer_fill` says (masks ones, token ids uniform over
+  the vocabulary) or uniform integers up to mean + 3 std.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ import inspect
 import math
 
 import keras
+import numpy as np
 from keras import tree
 
-__all__ = ["accepts_training", "call_stateless", "current_value", "probe_shape", "probe_array"]
+__all__ = ["accepts_training", "call_stateless", "current_value", "probe_shape", "probe_array", "DEFAULT_PROBE_LENGTH"]
+
+#: Length given to unknown non-batch dimensions of a probe when the caller knows none
+#: (`declared.probe_length` gives the model's own).
+DEFAULT_PROBE_LENGTH = 32
 
 
 def accepts_training(op) -> bool:
@@ -89,17 +96,28 @@ def convert_inputs(op, args, kwargs):
     return tree.map_structure(convert, args), tree.map_structure(convert, kwargs)
 
 
-def probe_shape(kt, batch, *, batch_axis=True):
-    """The concrete shape of a probe for the symbolic tensor `kt`: every unknown dimension set to
-    ``batch`` (and the first one too when ``batch_axis``)."""
-    return [batch if ((batch_axis and i == 0) or d is None) else int(d) for i, d in enumerate(kt.shape)]
+def probe_shape(kt, batch, *, batch_axis=True, length=None):
+    """The concrete shape of a probe for the symbolic tensor `kt`: the first dimension ``batch`` (when
+    ``batch_axis`` or unknown), every other unknown dimension ``length`` (the model's declared sequence
+    length, `declared.probe_length`; never the batch size)."""
+    if length is None:
+        length = DEFAULT_PROBE_LENGTH
+    return [batch if i == 0 and (batch_axis or d is None) else (length if d is None else int(d))
+            for i, d in enumerate(kt.shape)]
 
 
-def probe_array(shape, dtype, moments, rng):
-    """A probe array of `shape`: entries N(mean, var) of `moments`; integer/bool dtypes get uniform
-    integers in ``[0, round(mean + 3 std) + 1)`` (at least {0, 1}); other non-float dtypes float32."""
+def probe_array(shape, dtype, moments, rng, fill=None):
+    """A probe array of `shape`: entries N(mean, var) of `moments`; integer/bool dtypes follow `fill`
+    (`declared.integer_fill`: ``("ones",)``, ``("zeros",)``, ``("uniform", high)``), else uniform integers
+    in ``[0, round(mean + 3 std) + 1)`` (at least {0, 1}); other non-float dtypes float32."""
     dtype = str(dtype)
     if "int" in dtype or "bool" in dtype:
+        if fill is not None and fill[0] == "ones":
+            return np.ones(shape, dtype=dtype)
+        if fill is not None and fill[0] == "zeros":
+            return np.zeros(shape, dtype=dtype)
+        if fill is not None and fill[0] == "uniform" and "bool" not in dtype:
+            return rng.integers(0, int(fill[1]), size=shape).astype(dtype)
         hi = max(int(round(moments.mean + 3.0 * math.sqrt(moments.var))) + 1, 2)
         return rng.integers(0, hi, size=shape).astype(dtype)
     x = rng.standard_normal(shape) * math.sqrt(moments.var) + moments.mean

@@ -3,7 +3,8 @@ and checked batches of real inputs.
 
 * `resolve_input_moments`: one `Moments` per model input from ``input_moments=`` or ``data=`` (per input,
   the mean and variance of all its entries).
-* `probe_arrays`: the deterministic Gaussian probe with those moments (measurement and calibration).
+* `probe_arrays`: the deterministic Gaussian probe with those moments, shaped and filled as the model
+  declares (`declared`; measurement and calibration).
 * `input_arrays` / `replay_inputs`: a data sample checked and cut to the model's inputs.
 * `check_input_array`: one refusal for bad samples (empty, complex, non-numeric, NaN/inf), shared by
   ``data=`` and ``calibrate=``.
@@ -16,6 +17,7 @@ import math
 import numpy as np
 from keras import ops
 
+from autoinit_tf import declared
 from autoinit_tf.execute import probe_array, probe_shape
 from autoinit_tf.moments import Moments
 
@@ -156,12 +158,16 @@ PROBE_SALT = 0x5EED
 
 def probe_arrays(fn, input_moments, batch_size, seed):
     """The deterministic Gaussian probe: one array per input of `fn`, ``batch_size`` examples, drawn
-    with the given input moments (integer inputs: uniform integers up to mean + 3 std)."""
+    with the given input moments. Unknown non-batch dimensions get the model's declared sequence length
+    (`declared.probe_length`); integer inputs are filled by what they are (`declared.input_fills`: padding
+    masks ones, segment ids zeros, token ids uniform over the vocabulary of the embedding they feed;
+    other integers uniform up to mean + 3 std)."""
     moments = resolve_input_moments(fn, input_moments)
     rng = np.random.default_rng([PROBE_SALT, 0 if seed is None else int(seed)])
+    length = declared.probe_length(fn)
     arrays = []
-    for kt, m in zip(fn.inputs, moments):
-        arrays.append(probe_array(probe_shape(kt, batch_size), kt.dtype, m, rng))
+    for kt, m, fill in zip(fn.inputs, moments, declared.input_fills(fn)):
+        arrays.append(probe_array(probe_shape(kt, batch_size, length=length), kt.dtype, m, rng, fill=fill))
     return arrays
 
 
@@ -208,8 +214,11 @@ def replay_inputs(fn, x, batch_size, seed, input_moments):
 
 
 def auto_batch(fn, lo=8, hi=1024, elements=1 << 17):
-    """A probe batch size: about `elements` input entries, between `lo` and `hi` examples."""
-    feats = []
-    for kt in fn.inputs:
-        feats.append(max(int(np.prod([d for d in kt.shape[1:] if d is not None] or [1])), 1))
-    return int(np.clip(elements // max(feats), lo, hi))
+    """A probe batch size: about `elements` input entries, between `lo` and `hi` examples, and never so
+    many that the largest activation the graph shows exceeds `declared.ACTIVATION_BYTES` (float32)
+    (unknown non-batch dimensions counted at the declared sequence length)."""
+    length = declared.probe_length(fn)
+    feats = [declared.probe_elements(kt.shape, length) for kt in fn.inputs]
+    batch = int(np.clip(elements // max(feats or [1]), lo, hi))
+    bound = declared.ACTIVATION_BYTES // (4 * declared.largest_activation(fn, length))
+    return max(1, min(batch, int(bound)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from autoinit_tf import distributions
+from autoinit_tf.execute import DEFAULT_PROBE_LENGTH
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules.fallback import probe_moments
 from autoinit_tf.rules.registry import find_rule
@@ -95,6 +96,12 @@ class RuleContext:
         """Realized outputs of the ops this pass ran on probes (``id(KerasTensor) -> tensor``), so a
         chain of probed layers sees the real structure of its input; None outside a pass."""
         return getattr(self._engine, "probe_values", None)
+
+    @property
+    def probe_length(self) -> int:
+        """The length unknown non-batch dimensions of a probe get: the model's declared sequence length
+        (`declared.probe_length`), or `execute.DEFAULT_PROBE_LENGTH` outside a pass."""
+        return getattr(self._engine, "probe_length", None) or DEFAULT_PROBE_LENGTH
 
     @property
     def input(self) -> Moments:

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 from keras import tree
 
+from autoinit_tf.declared import integer_fill, probe_elements
 from autoinit_tf.execute import call_stateless, probe_array, probe_shape
 from autoinit_tf.moments import Moments
 
@@ -21,13 +22,17 @@ PROBE_ELEMENTS = 1 << 15  # per input tensor, about
 MAX_PROBE_BATCH = 256
 
 
-def _probe_batch(node):
-    sizes = []
-    for kt in node.input_tensors:
-        feat = int(np.prod([d for d in kt.shape[1:] if d is not None])) if len(kt.shape) > 1 else 1
-        sizes.append(max(feat, 1))
+def _probe_batch(node, length):
+    sizes = [probe_elements(kt.shape, length) if len(kt.shape) > 1 else 1 for kt in node.input_tensors]
     per = max(sizes) if sizes else 1
     return int(np.clip(PROBE_ELEMENTS // per, 2, MAX_PROBE_BATCH))
+
+
+def _probe_tensor(op, kt, m, batch, length, rng):
+    """A probe for the input `kt` of `op`: the model's sequence length for unknown dims; integer inputs
+    filled by what they are (`declared.integer_fill`: token ids uniform over `op`'s vocabulary)."""
+    shape = probe_shape(kt, batch, batch_axis=False, length=length)
+    return keras.ops.convert_to_tensor(probe_array(shape, kt.dtype, m, rng, fill=integer_fill(kt.name, [op])))
 
 
 def run_on_probe(ctx, training=True, use_pending=True, seed=0):
@@ -35,14 +40,14 @@ def run_on_probe(ctx, training=True, use_pending=True, seed=0):
     op = ctx.op
     node = ctx.node
     rng = np.random.default_rng([seed, zlib.crc32(op.name.encode())])
+    length = ctx.probe_length
     # Inputs produced by another probed op reuse its real output tensor: a chain of simulated layers
     # (stacked LSTMs, say) then sees the realized structure of its input (e.g. correlation in time),
     # not an i.i.d. stand-in with the same moments.
     cache = ctx.probe_cache
     cached = {id(kt): cache[id(kt)] for kt in node.input_tensors if cache is not None and id(kt) in cache}
-    batch = int(next(iter(cached.values())).shape[0]) if cached else _probe_batch(node)
-    probes = {id(kt): cached.get(id(kt)) if id(kt) in cached
-              else keras.ops.convert_to_tensor(probe_array(probe_shape(kt, batch, batch_axis=False), kt.dtype, m, rng))
+    batch = int(next(iter(cached.values())).shape[0]) if cached else _probe_batch(node, length)
+    probes = {id(kt): cached[id(kt)] if id(kt) in cached else _probe_tensor(op, kt, m, batch, length, rng)
               for kt, m in zip(node.input_tensors, ctx.inputs)}
     args, kwargs = node.arguments.fill_in(probes)
     trainable = {id(v) for v in getattr(op, "trainable_variables", ())}

@@ -1,0 +1,132 @@
+"""Probes that fit the model (issue 15, item 3): unknown dimensions get the declared sequence length,
+never the batch size; integer inputs are filled by what they are; probe batches respect a memory bound."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import autoinit_tf
+from autoinit_tf import declared, graph, inputs
+
+L = keras.layers
+
+
+class TablePositions(L.Layer):
+    """A learned position table of `sequence_length` rows, sliced to the input's length (keras-hub's
+    PositionEmbedding does the same). Records the lengths it was called with."""
+
+    seen = []
+
+    def __init__(self, sequence_length, **kw):
+        super().__init__(**kw)
+        self.sequence_length = sequence_length
+
+    def build(self, shape):
+        self.table = self.add_weight(shape=(self.sequence_length, shape[-1]), initializer="random_normal")
+
+    def call(self, x):
+        n = x.shape[1]
+        if isinstance(n, int):
+            TablePositions.seen.append(n)
+            if n > self.sequence_length:
+                raise ValueError(f"sequence of {n} > table of {self.sequence_length}")
+        return x + self.table[: keras.ops.shape(x)[1]]
+
+
+class TokenTable(L.Layer):
+    """An embedding without a registered rule; records the largest token id it was called with."""
+
+    seen = []
+
+    def __init__(self, input_dim, output_dim, **kw):
+        super().__init__(**kw)
+        self.input_dim, self.output_dim = input_dim, output_dim
+
+    def build(self, shape):
+        self.table = self.add_weight(shape=(self.input_dim, self.output_dim), initializer="random_normal")
+
+    def call(self, ids):
+        try:
+            TokenTable.seen.append(int(np.max(keras.ops.convert_to_numpy(ids))))
+        except Exception:  # noqa: BLE001 - symbolic while Keras infers the output shape
+            pass
+        return keras.ops.take(self.table, ids, axis=0)
+
+
+def test_unknown_sequence_dimension_gets_the_declared_length_not_the_batch():
+    """BERT/GPT-2 crashed: the fallback probe of a position table replaced the unknown length by the
+    probe batch (256 > 64 rows)."""
+    TablePositions.seen.clear()
+    inp = keras.Input((None, 16))
+    model = keras.Model(inp, L.Dense(16)(TablePositions(8)(inp)))
+    assert declared.declared_length(model) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        autoinit_tf.wrap(model, seed=0)
+        autoinit_tf.wrap(model, seed=0, calibrate="probe")
+    assert TablePositions.seen and set(TablePositions.seen) == {8}
+
+
+def _text_model(sequence_length=None):
+    tokens = keras.Input((None,), dtype="int32", name="token_ids")
+    segments = keras.Input((None,), dtype="int32", name="segment_ids")
+    mask = keras.Input((None,), dtype="int32", name="padding_mask")
+    x = L.Embedding(500, 8)(tokens) + L.Embedding(2, 8)(segments)
+    if sequence_length:
+        x = TablePositions(sequence_length)(x)
+    x = x * keras.ops.expand_dims(keras.ops.cast(mask, "float32"), -1)
+    return keras.Model([tokens, segments, mask], L.Dense(4)(x))
+
+
+def test_integer_inputs_are_filled_by_what_they_are():
+    model = _text_model()
+    fn = graph.as_functional(model)
+    tokens, segments, mask = inputs.probe_arrays(fn, None, 64, seed=0)
+    assert tokens.shape == (64, declared.DEFAULT_PROBE_LENGTH)
+    assert tokens.min() == 0 and 450 <= tokens.max() < 500  # uniform over the vocabulary, not {0..3}
+    assert len(np.unique(tokens)) > 400
+    assert np.all(mask == 1)
+    assert np.all(segments == 0)
+
+
+def test_the_declared_length_shapes_the_model_input_probe():
+    fn = graph.as_functional(_text_model(sequence_length=12))
+    assert all(a.shape == (16, 12) for a in inputs.probe_arrays(fn, None, 16, seed=0))
+
+
+def test_a_long_declared_length_is_capped():
+    fn = graph.as_functional(_text_model(sequence_length=4096))
+    assert declared.probe_length(fn) == declared.MAX_PROBE_LENGTH
+
+
+def test_fallback_probe_draws_token_ids_over_the_vocabulary():
+    TokenTable.seen.clear()
+    inp = keras.Input((None,), dtype="int32")
+    model = keras.Model(inp, L.Dense(4)(TokenTable(300, 8)(inp)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        autoinit_tf.wrap(model, seed=0)
+    assert TokenTable.seen and max(TokenTable.seen) >= 250
+
+
+def test_probe_batch_keeps_the_largest_activation_within_the_bound(monkeypatch):
+    inp = keras.Input((64,))
+    model = keras.Model(inp, L.Dense(8)(L.Dense(4096)(inp)))
+    fn = graph.as_functional(model)
+    assert declared.largest_activation(fn, declared.probe_length(fn)) == 4096
+    unbounded = inputs.auto_batch(fn)
+    monkeypatch.setattr(declared, "ACTIVATION_BYTES", 1 << 20)
+    bounded = inputs.auto_batch(fn)
+    assert bounded * 4096 * 4 <= 1 << 20 < unbounded * 4096 * 4
+
+
+def test_sequence_probe_batch_counts_the_substituted_length():
+    """An unknown length used to count as 1 entry, so a (batch, None) token input got 1024 examples of
+    length 1024 (Llama: out of memory)."""
+    inp = keras.Input((None,), dtype="int32")
+    model = keras.Model(inp, L.Dense(4)(L.Embedding(100, 8)(inp)))
+    fn = graph.as_functional(model)
+    n = inputs.auto_batch(fn)
+    assert n * declared.probe_length(fn) <= max(1 << 17, 8 * declared.probe_length(fn))
