@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import tree
 
-from autoinit_tf import declared, distributions, graph, stability
+from autoinit_tf import declared, distributions, graph, stability, tracing
 from autoinit_tf.heap import HeapTrim
 from autoinit_tf.inputs import resolve_input_moments
 from autoinit_tf.moments import Moments, mix
@@ -125,10 +125,14 @@ class AnalyticPass:
     # -- the walk ---------------------------------------------------------------------------------
     def run(self, fn, input_moments):
         self.trim = HeapTrim()  # freed per-node temporaries (drawn kernels' float64 blocks) go back to the OS
-        self.counts = graph.count_calls(fn)
+        # Layers without a rule are walked inside when their call traces (`tracing`).
+        self.tracer = tracing.CallTracer(self.rules, length=getattr(self, "probe_length", None))
+        owned = self.tracer.settle(fn)
+        self.counts = graph.count_calls(fn, expand=self.tracer)
+        _warn_unowned(self.tracer, owned)
         if not self.keep_drawn:
             self.owners = {}
-            for op in graph.leaf_ops(fn):
+            for op in graph.leaf_ops(fn, expand=self.tracer):
                 for path in {v.path for v in getattr(op, "weights", ())}:
                     self.owners[path] = self.owners.get(path, 0) + 1
         shared = any(c > 1 for c in self.counts.values())
@@ -152,7 +156,7 @@ class AnalyticPass:
         self.amplification = stability.Amplification(self.signal_variance)
         self.drawn_by = {}  # id(op) -> variable paths its calls drew so far (keep_drawn=False only)
         self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
-        return graph.walk(fn, input_moments, self._visit)
+        return graph.walk(fn, input_moments, self._visit, expand=self.tracer)
 
     def _visit(self, node, args, kwargs, site):
         self.trim()
@@ -168,7 +172,7 @@ class AnalyticPass:
         if rule is None:
             if self.strict:
                 raise UnsupportedLayerError(unsupported_message(op))
-            _warn_fallback(op)
+            _warn_fallback(op, self.tracer.reason(op))
             rule = fallback_rule
             ctx.note("fallback rule used (measured on a probe)")
         self.visit_records = []
@@ -278,18 +282,34 @@ def unsupported_message(op) -> str:
     )
 
 
-def _warn_fallback(op):
+def _warn_fallback(op, trace_failure=None):
     cls = type(op)
     if cls in _warned_classes:
         return
     _warned_classes.add(cls)
+    why = (f" Its call() could not be walked inside ({trace_failure})." if trace_failure else "")
     warnings.warn(
-        unsupported_message(op)
+        unsupported_message(op) + why
         + " Its output moments were measured on a small deterministic Gaussian probe instead, and its "
         "weights (if any) were left as they are. strict=True turns this into an error.",
         FallbackRuleWarning,
         stacklevel=4,
     )
+
+
+def _warn_unowned(tracer, owned):
+    """Traced layers whose own matrices enter raw ops (``x @ self.kernel``) keep those matrices."""
+    for op, view in tracer.traced_ops():
+        left = tracing.unowned_matrices(op, view, owned)
+        if left and type(op) not in _warned_classes:
+            _warned_classes.add(type(op))
+            warnings.warn(
+                f"Layer '{op.name}' ({type(op).__name__}) has no rule and was walked inside; its weights "
+                f"{left} are used by raw ops, not by a layer with a rule, so they keep their values. "
+                f"Register a rule for {type(op).__name__} (autoinit_tf.register_rule) to initialize them.",
+                FallbackRuleWarning,
+                stacklevel=4,
+            )
 
 
 # -- the entry point ---------------------------------------------------------------------------------

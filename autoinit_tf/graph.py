@@ -12,14 +12,23 @@ The walk is iterative over nodes, so depth is no limit.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import weakref
+
 import keras
 from keras import tree
 
-__all__ = ["as_functional", "is_model", "topo_nodes", "walk", "Site", "count_calls", "leaf_ops", "GraphError"]
+__all__ = ["as_functional", "is_model", "topo_nodes", "walk", "Site", "count_calls", "leaf_ops", "GraphError",
+           "trace_call", "TraceError"]
 
 
 class GraphError(TypeError):
     """The model cannot be viewed as a layer graph."""
+
+
+class TraceError(GraphError):
+    """A layer's call could not be replayed on symbolic tensors (the message says why)."""
 
 
 def is_model(op) -> bool:
@@ -88,17 +97,18 @@ class Site:
             `op` is called more than once (``dense#1``).
     """
 
-    __slots__ = ("path", "op", "index", "calls")
+    __slots__ = ("path", "op", "index", "calls", "label")
 
-    def __init__(self, path, op, index, calls):
+    def __init__(self, path, op, index, calls, label=None):
         self.path = path
         self.op = op
         self.index = index
         self.calls = calls
+        self.label = label  # a raw op inside a traced call: its stable name there (see `trace_call`)
 
     @property
     def name(self) -> str:
-        name = "/".join(self.path + (self.op.name,))
+        name = "/".join(self.path + (self.label or self.op.name,))
         return name + f"#{self.index}" if self.calls > 1 else name
 
     def __repr__(self):
@@ -108,20 +118,21 @@ class Site:
 class _Walk:
     """The call counts of the whole walk (computed once) and the running call index of every op."""
 
-    def __init__(self, fn, visit, on_model):
-        self.counts = count_calls(fn)
+    def __init__(self, fn, visit, on_model, expand=None):
+        self.counts = count_calls(fn, expand=expand)
         self.index = {}
         self.visit = visit
         self.on_model = on_model
+        self.expand = expand
 
-    def site(self, op, path):
+    def site(self, op, path, label=None):
         key = id(op)
         k = self.index.get(key, 0)
         self.index[key] = k + 1
-        return Site(path, op, k, self.counts.get(key, 1))
+        return Site(path, op, k, self.counts.get(key, 1), label)
 
 
-def walk(fn, input_values, visit, *, on_model=None):
+def walk(fn, input_values, visit, *, on_model=None, expand=None):
     """Replay the functional graph `fn` on `input_values` (one per `fn.inputs`, or their structure).
 
     `visit(node, args, kwargs, site)` returns the node's outputs (a value or a structure with one leaf
@@ -129,9 +140,13 @@ def walk(fn, input_values, visit, *, on_model=None):
     are walked inside, with their own value table, and `visit` is not called for the nested model node
     itself, unless `on_model` is given: then ``on_model(node, args, kwargs, site, descend)`` returns that
     node's outputs, where ``descend(values)`` walks the nested graph on `values` (a visitor may keep a
-    nested model whole instead). Returns the output values packed like the model's outputs.
+    nested model whole instead). ``expand(node, values)``, when given, returns a functional view of a
+    layer call (`trace_call`) to walk inside instead of visiting the layer, or None; `values` are the
+    call's values in ``node.arguments.keras_tensors`` order (the order of the view's inputs), or None
+    when only the graph's structure is asked for (`count_calls`, `leaf_ops`). Returns the output values packed
+    like the model's outputs.
     """
-    return _walk(fn, input_values, (), _Walk(fn, visit, on_model))
+    return _walk(fn, input_values, (), _Walk(fn, visit, on_model, expand))
 
 
 def _walk(fn, input_values, path, state):
@@ -140,6 +155,7 @@ def _walk(fn, input_values, path, state):
         raise ValueError(f"Model '{fn.name}' has {len(fn.inputs)} inputs, got {len(flat)} values.")
     values = {id(kt): v for kt, v in zip(fn.inputs, flat)}
     nodes = topo_nodes(fn)
+    labels = _RAW_OP_LABELS.get(fn, {})
     # Drop each value after its last consumer, so replays with real tensors hold only the live ones.
     remaining = {}
     for node in nodes:
@@ -153,12 +169,19 @@ def _walk(fn, input_values, path, state):
         if any(id(x) not in values for x in node.input_tensors):
             continue  # a node of another model sharing this layer
         args, kwargs = node.arguments.fill_in(values)
+        op = node.operation
+        call_values = None
+        view = None
+        if state.expand is not None and not is_model(op):
+            call_values = [values[id(x)] for x in node.arguments.keras_tensors]
+            view = state.expand(node, call_values)
         for x in node.input_tensors:
             remaining[id(x)] -= 1
             if remaining[id(x)] == 0 and id(x) not in keep:
                 values.pop(id(x), None)
-        op = node.operation
-        if is_model(op):
+        if view is not None:
+            outs = _walk(view, call_values, path + (op.name,), state)
+        elif is_model(op):
             inner = as_functional(op)
             inner_path = path + (op.name,)
 
@@ -170,7 +193,7 @@ def _walk(fn, input_values, path, state):
             else:
                 outs = state.on_model(node, args, kwargs, Site(path, op, 0, 1), descend)
         else:
-            outs = state.visit(node, args, kwargs, state.site(op, path))
+            outs = state.visit(node, args, kwargs, state.site(op, path, labels.get(id(op))))
         outs = tree.flatten(outs)
         if len(outs) != len(node.outputs):
             raise RuntimeError(
@@ -181,22 +204,27 @@ def _walk(fn, input_values, path, state):
     return tree.pack_sequence_as(fn._outputs_struct, [values[id(kt)] for kt in fn.outputs])
 
 
-def count_calls(fn, path=(), counts=None):
-    """{id(op): number of calls} for every non-model op reachable in `fn` (nested models included)."""
+def count_calls(fn, path=(), counts=None, expand=None):
+    """{id(op): number of calls} for every non-model op reachable in `fn` (nested models included, and
+    the inside of the calls `expand` traces instead of the traced layers)."""
     counts = {} if counts is None else counts
     for node in topo_nodes(fn):
         op = node.operation
         if node.is_input or op is None:
             continue
-        if is_model(op):
-            count_calls(as_functional(op), path + (op.name,), counts)
+        view = expand(node, None) if expand is not None and not is_model(op) else None
+        if view is not None:
+            count_calls(view, path + (op.name,), counts, expand)
+        elif is_model(op):
+            count_calls(as_functional(op), path + (op.name,), counts, expand)
         else:
             counts[id(op)] = counts.get(id(op), 0) + 1
     return counts
 
 
-def leaf_ops(fn):
-    """Every distinct non-model op reachable in `fn` (nested models included), in walk order."""
+def leaf_ops(fn, expand=None):
+    """Every distinct non-model op reachable in `fn` (nested models included; traced calls, see
+    `walk`'s ``expand``, by their inner ops), in walk order."""
     seen, ops = set(), []
 
     def visit(g):
@@ -204,7 +232,10 @@ def leaf_ops(fn):
             op = node.operation
             if node.is_input or op is None:
                 continue
-            if is_model(op):
+            view = expand(node, None) if expand is not None and not is_model(op) else None
+            if view is not None:
+                visit(view)
+            elif is_model(op):
                 visit(as_functional(op))
             elif id(op) not in seen:
                 seen.add(id(op))
@@ -212,3 +243,93 @@ def leaf_ops(fn):
 
     visit(fn)
     return ops
+
+
+@contextlib.contextmanager
+def _lenient_output_specs(op):
+    """While tracing: sublayers whose ``compute_output_spec`` takes fewer keywords than their ``call``
+    (keras-hub's CachedMultiHeadAttention: ``cache=None`` reaches MultiHeadAttention's spec) get an
+    instance-level spec that drops the keywords it does not know. Removed afterwards."""
+    patched = []
+    flatten = getattr(op, "_flatten_layers", None)
+    for layer in (flatten(include_self=False, recursive=True) if flatten else ()):
+        spec = getattr(type(layer), "compute_output_spec", None)
+        if spec is None or spec is keras.layers.Layer.compute_output_spec or "compute_output_spec" in vars(layer):
+            continue
+        try:
+            params = inspect.signature(spec).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        known = set(params)
+
+        def lenient(*args, _spec=spec, _layer=layer, _known=known, **kwargs):
+            return _spec(_layer, *args, **{k: v for k, v in kwargs.items() if k in _known})
+
+        object.__setattr__(layer, "compute_output_spec", lenient)
+        patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            object.__delattr__(layer, "compute_output_spec")
+
+
+def trace_call(node, shapes=None):
+    """A functional view of one call of a layer (`node`): ``layer.call`` replayed on fresh symbolic
+    inputs shaped like the call's tensors, so every sublayer call and ``keras.ops`` operation inside
+    becomes a node of its own. The view's inputs are the call's tensors in
+    ``node.arguments.keras_tensors`` order and its layers are the layer's own sublayers (assigning their
+    weights initializes the layer). ``shapes``: concrete shapes for those tensors (batch included), for
+    calls that need them (``ops.arange(ops.shape(x)[1])``, causal masks built from ``ops.shape(x)[0]``).
+    Raises `TraceError` with the reason when the call cannot be replayed symbolically (backend-specific
+    ops, data-dependent Python control flow, ...).
+    """
+    op = node.operation
+    tensors = list(node.arguments.keras_tensors)
+    try:
+        fresh = []
+        for i, kt in enumerate(tensors):
+            shape = tuple(kt.shape) if shapes is None else tuple(shapes[i])
+            fresh.append(keras.Input(shape=shape[1:], batch_size=shape[0] if shape else None, dtype=kt.dtype,
+                                     sparse=getattr(kt, "sparse", False)))
+        args, kwargs = node.arguments.fill_in({id(a): b for a, b in zip(tensors, fresh)})
+        with _lenient_output_specs(op):
+            outputs = op.call(*args, **kwargs)
+        flat = tree.flatten(outputs)
+        if not flat or not all(isinstance(o, keras.KerasTensor) for o in flat):
+            raise TraceError(f"call() of '{op.name}' returned something other than tensors.")
+        if len(flat) != len(node.outputs):
+            raise TraceError(f"call() of '{op.name}' returned {len(flat)} tensors, the layer's node has "
+                             f"{len(node.outputs)}.")
+        view = keras.Model(fresh, outputs, name=f"{op.name}_call")
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of a symbolic replay means: keep the layer whole
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TraceError(f"{type(exc).__name__}: {message[:300]}") from exc
+    if any(inner.operation is op for inner in topo_nodes(view)):  # would recurse forever
+        raise TraceError(f"call() of '{op.name}' calls the layer itself.")
+    _RAW_OP_LABELS[view] = _raw_op_labels(view)
+    return view
+
+
+# traced view -> {id(raw op): its name in that view}; Keras names raw ops from a global counter
+# (``multiply_17``), so two traces of one call would name their rows differently.
+_RAW_OP_LABELS = weakref.WeakKeyDictionary()
+
+
+def _raw_op_labels(view):
+    """Names for the raw ops (``keras.ops`` calls, not layers) of a traced view, by type and order of
+    appearance: ``multiply``, ``multiply_1``... the same for every trace of the same call."""
+    labels, seen = {}, {}
+    for node in topo_nodes(view):
+        op = node.operation
+        if node.is_input or op is None or isinstance(op, keras.layers.Layer) or id(op) in labels:
+            continue
+        base = "".join("_" + c.lower() if c.isupper() else c for c in type(op).__name__).lstrip("_")
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        labels[id(op)] = base if k == 0 else f"{base}_{k}"
+    return labels

@@ -28,7 +28,7 @@ import numpy as np
 from keras import ops
 from keras import tree
 
-from autoinit_tf import graph
+from autoinit_tf import graph, tracing
 from autoinit_tf.execute import call_stateless
 from autoinit_tf.heap import HeapTrim
 from autoinit_tf.report import NodeRow
@@ -217,7 +217,11 @@ class SignalReplay:
         if self.record:
             for kt, v in zip(self.fn.inputs, tree.flatten(inputs)):
                 self.stats_of(v, kt, produced=True)
-        return graph.walk(self.fn, inputs, self.visit)
+        # Layers without a rule are walked inside, as the analytic pass does, where their call traces
+        # (`tracing`), traced again at the real tensors' shapes where they need concrete shapes.
+        tracer = tracing.CallTracer()
+        tracer.settle(self.fn)
+        return graph.walk(self.fn, inputs, self.visit, expand=tracer)
 
     def visit(self, node, args, kwargs, site):
         self.trim()

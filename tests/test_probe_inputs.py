@@ -13,9 +13,15 @@ from autoinit_tf import declared, graph, inputs
 L = keras.layers
 
 
+def _concrete_only(x):
+    """These layers stand for layers whose call cannot be traced symbolically (so the fallback probe runs)."""
+    if isinstance(x, keras.KerasTensor):
+        raise TypeError("this layer computes on concrete tensors only")
+
+
 class TablePositions(L.Layer):
     """A learned position table of `sequence_length` rows, sliced to the input's length (keras-hub's
-    PositionEmbedding does the same). Records the lengths it was called with."""
+    PositionEmbedding does the same). Records the lengths it was called with; not traceable."""
 
     seen = []
 
@@ -27,6 +33,7 @@ class TablePositions(L.Layer):
         self.table = self.add_weight(shape=(self.sequence_length, shape[-1]), initializer="random_normal")
 
     def call(self, x):
+        _concrete_only(x)
         n = x.shape[1]
         if isinstance(n, int):
             TablePositions.seen.append(n)
@@ -48,6 +55,7 @@ class TokenTable(L.Layer):
         self.table = self.add_weight(shape=(self.input_dim, self.output_dim), initializer="random_normal")
 
     def call(self, ids):
+        _concrete_only(ids)
         try:
             TokenTable.seen.append(int(np.max(keras.ops.convert_to_numpy(ids))))
         except Exception:  # noqa: BLE001 - symbolic while Keras infers the output shape

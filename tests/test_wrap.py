@@ -190,6 +190,8 @@ def test_failure_part_way_assigns_nothing():
 def test_unknown_layer_warns_once_then_strict_raises():
     class Scale(L.Layer):
         def call(self, x):
+            if isinstance(x, keras.KerasTensor):  # not traceable: the probe fallback measures it
+                raise TypeError("concrete tensors only")
             return 3.0 * x
 
     inp = keras.Input((16,))
@@ -200,6 +202,37 @@ def test_unknown_layer_warns_once_then_strict_raises():
     assert rep.rows[-1].outputs[0].var == pytest.approx(81.0, rel=0.05)
     with pytest.raises(UnsupportedLayerError, match="Scale"):
         autoinit_tf.wrap(m, strict=True)
+
+
+def test_traceable_custom_layer_is_walked_inside_without_a_warning():
+    """A subclassed layer built from Keras layers and keras.ops is traced: its inner Dense gets its own
+    rule and weights (strict mode accepts it), its raw ops their exact rules."""
+
+    class Block(L.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.inner = L.Dense(32, activation="relu", kernel_initializer=keras.initializers.RandomNormal(0, 0.001),
+                                 name="inner")
+
+        def call(self, x):
+            return 3.0 * self.inner(x)
+
+    inp = keras.Input((16,))
+    block = Block(name="block")
+    m = keras.Model(inp, block(inp))
+    before = np.array(block.inner.kernel.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, rep = autoinit_tf.wrap(m, strict=True, seed=0, return_report=True)
+    assert [(r.name, r.rule) for r in rep.rows] == [("block/inner", "weighted_linear_rule"),
+                                                    ("block/multiply", "multiply_op_rule")]
+    assert not np.array_equal(before, block.inner.kernel.numpy())
+    x = np.random.default_rng(0).standard_normal((4096, 16)).astype("float32")
+    y = np.asarray(m(x))
+    # ReLU(Dense) on the AutoInit target, then x3: second moment 9 * signal
+    pred = rep.rows[-1].outputs[0]
+    assert float(np.mean(y * y)) == pytest.approx(pred.second, rel=0.1)
+    assert pred.second == pytest.approx(9.0 * rep.rows[0].outputs[0].second, rel=1e-6)
 
 
 def test_register_rule_decorator_and_rules_argument():

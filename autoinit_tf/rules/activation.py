@@ -259,5 +259,6 @@ def prelu_rule(ctx):
 
 @BUILTIN.rule(keras.layers.Softmax)
 def softmax_layer_rule(ctx):
+    """An unknown softmax axis (attention over a sequence of unknown length) has the probe length."""
     size = axis_size(ctx.input_shapes[0], ctx.layer.axis)
-    return softmax_moments(ctx.input, size)
+    return softmax_moments(ctx.input, size or ctx.probe_length)

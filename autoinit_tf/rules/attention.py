@@ -44,10 +44,9 @@ def _attended(v_total, v_within, v_between, logits: Moments, keys: int, dropout:
     return Moments(v_total.mean, v_between + v_within * sum_a2, v_between + shared)
 
 
-def _seq_len(shape):
-    dims = shape[1:-1]
-    if any(d is None for d in dims):
-        return None
+def _seq_len(shape, unknown):
+    """Number of key positions; an unknown (sequence) dimension counts as `unknown` (the probe length)."""
+    dims = [unknown if d is None else d for d in shape[1:-1]]
     return int(np.prod(dims)) if dims else 1
 
 
@@ -66,9 +65,7 @@ def _qkv_inputs(ctx):
 
 def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
     query, key, value, value_shape = _qkv_inputs(ctx)
-    keys = _seq_len(value_shape)
-    if keys is None:
-        return ctx.probe()
+    keys = _seq_len(value_shape, ctx.probe_length)
     q, _, _, _ = _project(ctx, q_dense, query, 1, 1.0)
     k, _, _, _ = _project(ctx, k_dense, key, 1, 1.0)
     v_total, v_within, v_between, _ = _project(ctx, v_dense, value, 1, ctx.signal_variance)
@@ -118,8 +115,8 @@ def dot_attention_rule(ctx):
     key = ms[2] if len(ms) > 2 and len(ctx.node.input_tensors) > 2 else value
     shapes = ctx.input_shapes
     d = shapes[0][-1]
-    keys = _seq_len(shapes[1])
-    if d is None or keys is None or len(ctx.node.outputs) > 1:
+    keys = _seq_len(shapes[1], ctx.probe_length)
+    if d is None or len(ctx.node.outputs) > 1:
         return ctx.probe()
     scale = float(np.mean(ctx.value(layer.scale))) if getattr(layer, "scale", None) is not None else 1.0
     logits = Moments(scale * d * query.mean * key.mean,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 from keras.src.ops import core as core_ops
+from keras.src.ops import math as math_ops
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
@@ -79,6 +80,48 @@ def clip_rule(ctx):
     return elementwise_moments(lambda x: np.clip(x, lo, hi), ctx.input, (lo, hi)) if op else None
 
 
+#: Ops defined for positive inputs only: Gaussian quadrature when the input stays positive (its mean
+#: more than `POSITIVE_MARGIN` standard deviations above 0, e.g. rsqrt of a mean of squares in RMS
+#: normalization), else measured on a probe.
+_POSITIVE_DOMAIN = {
+    math_ops.Rsqrt: lambda x: 1.0 / np.sqrt(x),
+    np_ops.Sqrt: np.sqrt,
+    np_ops.Log: np.log,
+    np_ops.Reciprocal: lambda x: 1.0 / x,
+}
+POSITIVE_MARGIN = 8.0
+
+
+def _positive_domain_rule(ctx):
+    m = ctx.input
+    if not isinstance(m, Moments) or m.mean <= POSITIVE_MARGIN * np.sqrt(max(m.var, 0.0)):
+        return ctx.probe()
+    f = _POSITIVE_DOMAIN[next(c for c in type(ctx.op).__mro__ if c in _POSITIVE_DOMAIN)]
+    return elementwise_moments(f, m, ())
+
+
+for _cls in _POSITIVE_DOMAIN:
+    BUILTIN.rule(_cls, _positive_domain_rule)
+
+
+def _extremum_rule(ctx):
+    """min/max of a signal and a scalar constant c: the clipped Gaussian (kink at c); else a probe."""
+    a, b = ctx.args[0], ctx.args[1]
+    if isinstance(a, Moments) == isinstance(b, Moments):
+        return ctx.probe()
+    m, c = (a, b) if isinstance(a, Moments) else (b, a)
+    c = _constant_array(ctx, c)
+    if c.size != 1:
+        return ctx.probe()
+    c = float(c.reshape(()))
+    f = (lambda x: np.minimum(x, c)) if isinstance(ctx.op, np_ops.Minimum) else (lambda x: np.maximum(x, c))
+    return elementwise_moments(f, m, (c,))
+
+
+BUILTIN.rule(np_ops.Minimum, _extremum_rule)
+BUILTIN.rule(np_ops.Maximum, _extremum_rule)
+
+
 @BUILTIN.rule(np_ops.Negative)
 def negative_rule(ctx):
     m = ctx.input
@@ -88,8 +131,18 @@ def negative_rule(ctx):
 # -- binary arithmetic --------------------------------------------------------------------------
 
 
-def _constant_stats(c):
-    arr = np.asarray(keras.ops.convert_to_numpy(c) if not isinstance(c, (int, float)) else c, dtype=np.float64)
+def _constant_array(ctx, c):
+    """A constant operand as float64: a layer's variable (traced calls: ``x * self.scale``) by the value
+    this pass gives it (`RuleContext.value`), anything else converted."""
+    if isinstance(c, (int, float)):
+        return np.asarray(c, dtype=np.float64)
+    if isinstance(c, keras.Variable):
+        return np.asarray(ctx.value(c), dtype=np.float64)
+    return np.asarray(keras.ops.convert_to_numpy(c), dtype=np.float64)
+
+
+def _constant_stats(ctx, c):
+    arr = _constant_array(ctx, c)
     return float(arr.mean()), float(np.mean(arr * arr))
 
 
@@ -104,7 +157,7 @@ def add_op_rule(ctx):
     if ma and mb:
         return add_moments([a, b])
     m, c = (a, b) if ma else (b, a)
-    c1, c2 = _constant_stats(c)
+    c1, c2 = _constant_stats(ctx, c)
     cvar = max(c2 - c1 * c1, 0.0)
     if cvar == 0.0:
         return m.scaled(1.0, c1)
@@ -116,7 +169,7 @@ def subtract_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
         return Moments(a.mean - b.mean, a.var + b.var)
-    c1, c2 = _constant_stats(b if ma else a)
+    c1, c2 = _constant_stats(ctx, b if ma else a)
     m = a if ma else b
     cvar = max(c2 - c1 * c1, 0.0)
     return Moments(m.mean - c1, m.var + cvar) if ma else Moments(c1 - m.mean, m.var + cvar)
@@ -128,7 +181,7 @@ def multiply_op_rule(ctx):
     if ma and mb:
         return multiply_moments([a, b])
     m, c = (a, b) if ma else (b, a)
-    c1, c2 = _constant_stats(c)
+    c1, c2 = _constant_stats(ctx, c)
     if c2 - c1 * c1 <= 1e-15 * max(c2, 1.0):
         return m.scaled(c1)
     return Moments.from_second(m.mean * c1, m.second * c2, m.between * c2 + m.mean**2 * max(c2 - c1 * c1, 0.0))
@@ -137,7 +190,7 @@ def multiply_op_rule(ctx):
 def _divide_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and not mb:
-        arr = np.asarray(keras.ops.convert_to_numpy(b) if not isinstance(b, (int, float)) else b, dtype=np.float64)
+        arr = _constant_array(ctx, b)
         inv = 1.0 / arr
         return Moments.from_second(a.mean * float(inv.mean()), a.second * float(np.mean(inv * inv)))
     return ctx.probe()
@@ -167,7 +220,7 @@ def matmul_rule(ctx):
         n = int(n)
         return Moments(n * a.mean * b.mean, n * (a.second * b.second - a.mean**2 * b.mean**2))
     if ma:
-        w = np.asarray(keras.ops.convert_to_numpy(b), dtype=np.float64)
+        w = _constant_array(ctx, b)
         if w.ndim == 2:
             return linear_output(a, w[None], [1.0])[0]
     return ctx.probe()
