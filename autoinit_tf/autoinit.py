@@ -56,7 +56,7 @@ def wrap(
     rules=None,
     include_frozen=False,
     swaps=None,
-    calibrate=None,
+    calibrate="auto",
     return_report=False,
     progress=None,
 ):
@@ -76,8 +76,13 @@ def wrap(
         rules: ``{LayerClass: rule}`` overriding the registry for this call.
         include_frozen: also re-initialize layers with ``trainable=False``.
         swaps: swap recipes applied first (a new model is built; see `autoinit_tf.rewrite`).
-        calibrate: ``None``, ``"probe"`` or a data sample: after the analytic pass, rescale each
-            weighted layer so its realized output variance hits the target exactly.
+        calibrate: ``"auto"`` (default): after the analytic pass, rescale on a probe exactly the weighted
+            layers whose prediction the pass knows is not exact (a layer without a rule measured on a
+            probe, an attention mask, a probe-estimated op upstream, amplification above
+            `stability.AMPLIFICATION_LIMIT`); models the pass handles exactly pay nothing. The report's
+            ``auto_calibrated`` says which layers and why. ``None``: the pure analytic pass.
+            ``"probe"`` or a data sample: rescale every weighted layer so its realized output variance
+            hits the target exactly.
         return_report: also return the `SignalReport`.
         progress: optional ``callable(done, total, node_name)`` called after every node of the walk
             (the CLI draws its progress bar with it).
@@ -97,19 +102,23 @@ def wrap(
     # Calibration is the remedy for an unstable prediction: no warning when it runs.
     options = PassOptions(input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
                           progress)
+    auto = isinstance(calibrate, str) and calibrate == "auto"
     engine = run_analytic_pass(model, options, warn_unstable=calibrate is None)
     # Everything is computed before anything is assigned: the analytic arrays, then (with
     # `calibrate`) the calibrated kernels on a replay that reads the drawn arrays in place of the
     # variables. A failure anywhere leaves every variable bit-identical.
     report = SignalReport(model.name, engine.rows, assigned=sorted(engine.pending))
     report.amplification = engine.amplification.worst[:2]
+    report.auto_calibrated = dict(engine.inexact) if auto else {}
+    if auto and not engine.inexact:
+        calibrate = None  # exact: nothing to correct, no replay
     if calibrate is not None:
         # With data=..., the probe takes the data's moments.
         resolved = input_moments if data is None else [(m.mean, m.var) for m in engine.input_moments]
         values = {id(variable): array for variable, array in engine.pending.values()}
-        only = {r.name for r in report.rows if r.weighted}
+        only = set(engine.inexact) if auto else {r.name for r in report.rows if r.weighted}
         report, values = calibrated_values(
-            model, calibrate, report=report if return_report else None, only=only, values=values,
+            model, "probe" if auto else calibrate, report=report if return_report else None, only=only, values=values,
             record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
             moving_statistics=True,
         )

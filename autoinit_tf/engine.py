@@ -94,6 +94,7 @@ class AnalyticPass:
         self.call_inputs = {}  # id(op) -> list of input-moment lists, one per call
         self.counts = {}
         self.ordinals = {}
+        self.op_state = {}  # id(op) -> dict a rule keeps across the walks of this pass (`RuleContext.state`)
 
     # -- weight bookkeeping ----------------------------------------------------------------------
     def may_reinit(self, op, variable) -> bool:
@@ -154,6 +155,11 @@ class AnalyticPass:
 
     def _one_pass(self, fn, input_moments):
         self.amplification = stability.Amplification(self.signal_variance)
+        # Where the prediction is known not to be exact: rows marked by their rule (`RuleContext.inexact`)
+        # taint the values they produce; a weighted layer fed a tainted value (or marked itself) is listed
+        # in `inexact` for calibrate="auto", and its own output is clean again (calibration fixes it).
+        self.inexact = {}  # row name -> reason
+        self.tainted = {}  # id(Moments) -> (Moments, reason); the object is held so its id stays unique
         self.drawn_by = {}  # id(op) -> variable paths its calls drew so far (keep_drawn=False only)
         self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
         return graph.walk(fn, input_moments, self._visit, expand=self.tracer)
@@ -177,6 +183,9 @@ class AnalyticPass:
             ctx.note("fallback rule used (measured on a probe)")
         self.visit_records = []
         self.visit_weighted = False
+        self.visit_inexact = None
+        if rule is fallback_rule:
+            self.visit_inexact = "no rule: measured on a probe"
         outs = rule(ctx)
         if isinstance(outs, Moments):
             outs = [outs]
@@ -193,6 +202,7 @@ class AnalyticPass:
         name = site.name
         self.amplification.visit(op, node, inputs, name)
         weighted = self.visit_weighted or ctx.weight_scale is not None
+        self._taint(name, inputs, outs, weighted, bool(registry.spec_for(op).normalizes))
         if self.owners is not None:
             drawn = self.drawn_by.setdefault(key, [])
             drawn.extend(self.visit_records)
@@ -217,6 +227,20 @@ class AnalyticPass:
         if self.progress is not None:
             self.progress(self.done, self.total, name)
         return outs if len(outs) > 1 else outs[0]
+
+    def _taint(self, name, inputs, outs, weighted, normalizes):
+        reason = self.visit_inexact and f"{name}: {self.visit_inexact}"
+        if reason is None:
+            if normalizes:
+                return  # the layer sets its output's scale itself
+            reason = next((self.tainted[id(m)][1] for m in inputs if id(m) in self.tainted), None)
+        if reason is None:
+            return
+        if weighted:
+            self.inexact[name] = reason
+            return
+        for m in outs:
+            self.tainted[id(m)] = (m, reason)
 
     def replace_pending(self, values):
         """Replace drawn arrays by other values (``id(variable) -> value``, e.g. calibrated kernels)."""
@@ -329,6 +353,12 @@ def run_analytic_pass(model, options: PassOptions | None = None, *, keep_drawn=T
     engine.input_moments = moments
     engine.probe_length = declared.probe_length(fn)
     engine.run(fn, moments)
+    gain, where, _ = engine.amplification.worst
+    if gain > stability.AMPLIFICATION_LIMIT:
+        # A deviation would grow past the limit: no prediction downstream can be trusted exactly.
+        for row in engine.rows:
+            if row.weighted:
+                engine.inexact.setdefault(row.name, f"{where}: a deviation of the variance grows {gain:.1f}x")
     if warn_unstable and engine.amplification.worst[0] > stability.AMPLIFICATION_LIMIT:
         warnings.warn(engine.amplification.message(), stability.UnstableSignalWarning, stacklevel=3)
     return engine

@@ -82,6 +82,8 @@ class SignalReport:
             was fitted to (the calibration batch's own sampling error: a fresh batch of the same
             distribution lands within about +-2 of these of the target).
         calibration_batch: the number of examples calibration used (None if none ran).
+        auto_calibrated: ``{row name: reason}``: the weighted layers ``wrap(calibrate="auto")`` calibrated
+            because the analytic pass knew their prediction was not exact (empty: none, or not auto).
         amplification: ``(factor, node name)``: the largest factor by which the analytic pass's signal
             amplifies a relative deviation of the variance along any path (the product of the activations'
             variance elasticities, see `autoinit_tf.stability`), and where. Above
@@ -98,6 +100,7 @@ class SignalReport:
         self.calibration_batch: int | None = None
         self.amplification: tuple = (1.0, None)
         self.calibrated_on: str | None = None
+        self.auto_calibrated: dict = {}
 
     def __len__(self):
         return len(self.rows)
@@ -175,6 +178,7 @@ class SignalReport:
             "calibration": dict(self.calibration),
             "calibration_error": dict(self.calibration_error),
             "calibration_batch": self.calibration_batch,
+            "auto_calibrated": dict(self.auto_calibrated),
             "amplification": {"factor": self.amplification[0], "node": self.amplification[1]},
             "nodes": [r.to_dict() for r in self.rows],
         }

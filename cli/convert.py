@@ -233,8 +233,10 @@ def default_output(input_path):
 @click.option("--input-var", type=float, default=None, help="Variance of the model inputs (default 1).")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A .npy/.npz sample of real inputs: input moments from data (and --calibrate data).")
-@click.option("--calibrate", type=click.Choice(["probe", "data"]), default=None,
-              help="After the analytic pass, rescale each layer so its realized variance hits the target.")
+@click.option("--calibrate", type=click.Choice(["auto", "none", "probe", "data"]), default="auto", show_default=True,
+              help="auto: rescale on a probe only the layers the analytic pass knows it cannot predict exactly; "
+                   "none: the pure analytic pass; probe/data: rescale every layer so its realized variance hits "
+                   "the target.")
 @click.option("--seed", type=int, default=None, help="Seed: weights depend only on (seed, variable path).")
 @click.option("--signal-variance", type=float, default=1.0, show_default=True,
               help="Target variance of every weighted layer's pre-activation output.")
@@ -303,8 +305,8 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
     if not dry_run:
         _check_outputs(output_path, export_dir, report_path, plot_path, overwrite)
 
-    stages = ["load"] + (["swap"] if swaps else []) + ["walk"] + (["calibrate"] if calibrate else []) + (
-        [] if dry_run else ["save"])
+    stages = (["load"] + (["swap"] if swaps else []) + ["walk"]
+              + (["calibrate"] if calibrate in ("probe", "data") else []) + ([] if dry_run else ["save"]))
     with stage_progress(stages, enabled=not quiet) as progress:
         progress("load")
         objs = formats.load_custom_objects(custom_objects)
@@ -373,8 +375,9 @@ def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose):
             if dry_run:
                 report = autoinit_tf.analyze(model, **options)
             else:
-                model, report = autoinit_tf.wrap(model, return_report=True, **options)
-                if calibrate:
+                model, report = autoinit_tf.wrap(model, return_report=True,
+                                                 calibrate="auto" if calibrate == "auto" else None, **options)
+                if calibrate in ("probe", "data"):
                     progress("calibrate")
                     target = "probe" if calibrate == "probe" else options["data"]
                     report = autoinit_tf.calibrate(model, target, report=report, input_moments=options["input_moments"],
@@ -383,7 +386,7 @@ def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose):
         for _, layer in kept:
             layer.trainable = frozen_before[id(layer)]
     # With --calibrate the instability warning's remedy is already applied.
-    echo_warnings(caught, verbose, skip=("UnstableSignalWarning",) if calibrate else ())
+    echo_warnings(caught, verbose, skip=("UnstableSignalWarning",) if calibrate != "none" else ())
     return model, report
 
 
@@ -451,6 +454,11 @@ def _print_summary(echo, verbose, input_path, loaded, plan, kept, report, writte
     echo(f"  fallback rules used:   {len(fallbacks)}" + (f" ({', '.join(fallbacks)})" if fallbacks else ""))
     if report.calibration:
         echo(f"  calibrated layers:     {len(report.calibration)} (on the {report.calibrated_on})")
+    if getattr(report, "auto_calibrated", None):
+        echo(f"  not exact analytically: {len(report.auto_calibrated)} layers, calibrated on a probe "
+             "(--calibrate none keeps the pure analytic pass)")
+        for name, why in list(report.auto_calibrated.items())[:5] if verbose else []:
+            echo(f"    {name}: {why}")
     echo(f"  output:                {written[0]}")
     for extra in written[1:]:
         echo(f"  also wrote:            {extra}")

@@ -10,6 +10,7 @@ import pytest
 import autoinit_tf
 from autoinit_tf import declared, graph, inputs
 
+pytestmark = pytest.mark.core
 L = keras.layers
 
 
@@ -40,6 +41,9 @@ class TablePositions(L.Layer):
             if n > self.sequence_length:
                 raise ValueError(f"sequence of {n} > table of {self.sequence_length}")
         return x + self.table[: keras.ops.shape(x)[1]]
+
+    def compute_output_shape(self, shape):
+        return shape
 
 
 class TokenTable(L.Layer):

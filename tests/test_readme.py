@@ -15,4 +15,5 @@ def test_readme_layer_table_matches_the_registry():
     section = text[text.index("## Supported layers"): text.index("## Licence")]
     rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| class")}
-    assert rows == set(supported_layers())
+    # keras-hub's rows appear only once keras-hub is imported (another test may have imported it here).
+    assert rows == {row for row in supported_layers() if row[2] != "keras_hub_layers"}

@@ -82,7 +82,15 @@ def test_deep_gelu_mlp_warns_and_says_to_calibrate():
         warnings.simplefilter("error", UnstableSignalWarning)
         autoinit_tf.wrap(model, seed=0, calibrate="probe")
     with pytest.warns(UnstableSignalWarning):
-        autoinit_tf.wrap(model, seed=0)
+        autoinit_tf.wrap(model, seed=0, calibrate=None)
+    # The default (calibrate="auto") knows the prediction is unreliable and calibrates every layer.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableSignalWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    weighted = [r.name for r in rep.rows if r.weighted]
+    assert sorted(rep.auto_calibrated) == sorted(weighted) and len(weighted) == 31
+    assert "grows" in next(iter(rep.auto_calibrated.values()))
+    assert sorted(rep.calibration) == sorted(weighted)
 
 
 @pytest.mark.parametrize("act,norm", [("relu", False), ("tanh", False), ("selu", False), ("gelu", True)])

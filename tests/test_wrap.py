@@ -228,7 +228,7 @@ def test_traceable_custom_layer_is_walked_inside_without_a_warning():
                                                     ("block/multiply", "multiply_op_rule")]
     assert not np.array_equal(before, block.inner.kernel.numpy())
     x = np.random.default_rng(0).standard_normal((4096, 16)).astype("float32")
-    y = np.asarray(m(x))
+    y = keras.ops.convert_to_numpy(m(x))
     # ReLU(Dense) on the AutoInit target, then x3: second moment 9 * signal
     pred = rep.rows[-1].outputs[0]
     assert float(np.mean(y * y)) == pytest.approx(pred.second, rel=0.1)

@@ -63,7 +63,19 @@ def _qkv_inputs(ctx):
     return query, key, value, value_shape
 
 
+_MASKS = ("attention_mask", "query_mask", "value_mask", "key_mask")
+
+
+def _masked(ctx) -> bool:
+    """Whether the call passes a mask: the rule assumes every query sees every key, so a mask (causal
+    or padding) makes its prediction an approximation."""
+    kwargs = ctx.kwargs or {}
+    return any(kwargs.get(k) is not None for k in _MASKS) or bool(kwargs.get("use_causal_mask"))
+
+
 def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
+    if _masked(ctx):
+        ctx.inexact("attention mask (every query is assumed to see every key)")
     query, key, value, value_shape = _qkv_inputs(ctx)
     keys = _seq_len(value_shape, ctx.probe_length)
     q, _, _, _ = _project(ctx, q_dense, query, 1, 1.0)

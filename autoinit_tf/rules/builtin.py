@@ -12,6 +12,7 @@ from __future__ import annotations
 from autoinit_tf.rules import (
     activation,
     attention,
+    keras_hub_layers,
     linear,
     merge,
     normalization,
@@ -42,11 +43,17 @@ BUILTIN_TABLES = (
 )
 
 _installed = False
+_hub_installed = False
 
 
 def register_builtin_rules() -> None:
-    """Install autoinit-tf's own rules and layer facts into the registry (once)."""
-    global _installed
+    """Install autoinit-tf's own rules and layer facts into the registry (once), and keras-hub's table
+    once keras-hub has been imported (`rules.keras_hub_layers`)."""
+    global _installed, _hub_installed
     if not _installed:
         install_builtin(BUILTIN_TABLES)
         _installed = True
+    if not _hub_installed and keras_hub_layers.available():
+        keras_hub_layers.declare_all()
+        install_builtin((keras_hub_layers.BUILTIN,))
+        _hub_installed = True

@@ -98,6 +98,21 @@ class RuleContext:
         return getattr(self._engine, "probe_values", None)
 
     @property
+    def state(self) -> dict:
+        """A dict for this op that lives through all walks of the pass (a shared layer's rule may
+        record in one call what another call needs; the engine walks twice when a layer is shared)."""
+        store = getattr(self._engine, "op_state", None)
+        if store is None:
+            return {}
+        return store.setdefault(id(self.op), {})
+
+    @property
+    def calls(self) -> int:
+        """How many times the walk calls this op."""
+        counts = getattr(self._engine, "counts", None) or {}
+        return int(counts.get(id(self.op), 1))
+
+    @property
     def probe_length(self) -> int:
         """The length unknown non-batch dimensions of a probe get: the model's declared sequence length
         (`declared.probe_length`), or `execute.DEFAULT_PROBE_LENGTH` outside a pass."""
@@ -159,5 +174,14 @@ class RuleContext:
 
     # -- helpers ---------------------------------------------------------------------------------
     def probe(self, *args, **kwargs):
-        """Run the op on a deterministic Gaussian probe with the incoming moments (see fallback)."""
+        """Run the op on a deterministic Gaussian probe with the incoming moments (see fallback); the
+        result is an estimate, so the call is marked `inexact`."""
+        self.inexact("measured on a probe")
         return probe_moments(self, *args, **kwargs)
+
+    def inexact(self, reason: str) -> None:
+        """Say that this call's predicted output is known not to be exact (a probe estimate, an
+        attention mask the rule does not model...). ``wrap(calibrate="auto")`` then calibrates the
+        weighted layers it affects on a probe."""
+        if getattr(self._engine, "visit_inexact", None) is None and hasattr(self._engine, "visit_inexact"):
+            self._engine.visit_inexact = reason

@@ -24,7 +24,8 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments
+from autoinit_tf.declared import integer_fill
+from autoinit_tf.moments import Moments, elementwise_moments
 from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.activation import axis_size, function_moments
 from autoinit_tf.rules.registry import BuiltinTable, spec_for
@@ -393,8 +394,75 @@ def embedding_rule(ctx):
     table = layer.embeddings
     ctx.weight_scale = ctx.signal_variance
     w = ctx.draw(table, ctx.signal_variance).astype(np.float64)
-    # Tokens drawn uniformly: output dimension j has the mean and variance of column j.
+    return _looked_up(ctx, w)
+
+
+def _looked_up(ctx, w):
+    """Output moments of looking up rows of `w`: token ids uniform over the table, so output dimension
+    j has the mean and variance of column j; an input the probe fills with zeros (segment ids,
+    `declared.integer_fill`) always reads row 0, the same vector for every example."""
+    kt = ctx.node.input_tensors[0] if ctx.node.input_tensors else None
+    if kt is not None and integer_fill(kt.name, [ctx.op]) == ("zeros",):
+        ctx.note("ids are zeros (segment ids): every position reads row 0")
+        return Moments.from_channels(w[0], np.zeros(w.shape[1]))
     return Moments.from_channels(w.mean(axis=0), w.var(axis=0))
+
+
+def _is_reverse_call(ctx) -> bool:
+    reverse = (ctx.kwargs or {}).get("reverse")
+    if reverse is None and len(ctx.args) > 1:
+        reverse = ctx.args[1]
+    return bool(reverse) and not isinstance(reverse, Moments)
+
+
+def _soft_capped(m: Moments, cap):
+    if cap is None:
+        return m
+    cap = float(cap)
+    return elementwise_moments(lambda x: cap * np.tanh(x / cap), m, ())
+
+
+_REVERSE_SECOND = "reverse call input second moment"
+
+
+@BUILTIN.rule(keras.layers.ReversibleEmbedding, kernel=kernel_and_bias("embeddings", bias="__no_bias__"))
+def reversible_embedding_rule(ctx):
+    """Both directions of `keras.layers.ReversibleEmbedding` (keras-hub's LM heads).
+
+    Forward (token ids -> rows of the table E, d columns): as `embedding_rule`. Reverse (``reverse=True``,
+    logits = h @ E^T, or h @ R with untied ``reverse_embeddings`` R, then the optional soft cap
+    c tanh(x / c)): a linear map over d inputs, variance d Var(E) E[h^2].
+
+    Tied weights (one table serves both calls): the table is scaled for the output head, Var(E) =
+    signal_variance / (d E[h^2]), so the logits have the target variance; the embedding output then
+    has variance Var(E) (1/d for a normalized h), which the LayerNormalization that follows embeddings
+    in every keras-hub model (or the pre-norm of the first block) rescales. E[h^2] is the reverse call's
+    input second moment from the pass's first walk (the layer is called twice, so the engine walks
+    twice), `signal_variance` before that. Both rows report what the network will do.
+    """
+    layer = ctx.layer
+    d = int(layer.output_dim)
+    tied = bool(getattr(layer, "tie_weights", True))
+    if _is_reverse_call(ctx):
+        h = ctx.input
+        ctx.state[_REVERSE_SECOND] = h.second
+        if tied:
+            w = ctx.value(layer.embeddings).astype(np.float64).T
+            ctx.note("tied: the head uses the embedding table (scaled for this head)")
+        else:
+            var = ctx.signal_variance / (d * h.second)
+            w = ctx.draw(layer.reverse_embeddings, var).astype(np.float64)
+            ctx.weight_scale = var
+        total, _, _ = linear_output(h, w[None], [1.0], None)
+        return _soft_capped(total, getattr(layer, "logit_soft_cap", None))
+    var = ctx.signal_variance
+    if tied and ctx.calls > 1:
+        second = ctx.state.get(_REVERSE_SECOND, ctx.signal_variance)
+        var = ctx.signal_variance / (d * second)
+        ctx.note(f"tied with the output head: table variance {var:.4g} puts the head's logits on target")
+    ctx.weight_scale = var
+    w = ctx.draw(layer.embeddings, var).astype(np.float64)
+    return _looked_up(ctx, w)
 
 
 @BUILTIN.rule(keras.layers.SpectralNormalization)

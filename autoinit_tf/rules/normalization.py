@@ -33,6 +33,12 @@ _PER_EXAMPLE = "GroupNormalization (or LayerNormalization)"
 BUILTIN.declare(keras.layers.BatchNormalization, mixes_examples=True, advice=_PER_EXAMPLE,
                 moving_statistics=lambda layer: (layer.moving_mean, layer.moving_variance, layer.axis))
 BUILTIN.declare("SyncBatchNormalization", mixes_examples=True, advice=_PER_EXAMPLE)  # tf.keras models
+# Layers that set their output's scale themselves: an inexact prediction of their input does not carry
+# past them (`engine`, calibrate="auto").
+for _cls in (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization,
+             keras.layers.UnitNormalization, getattr(keras.layers, "RMSNormalization", None)):
+    if _cls is not None:
+        BUILTIN.declare(_cls, normalizes=True)
 
 
 def _affine_over_normalized(ctx, gamma, beta, ratio, kept_between=0.0):

@@ -53,7 +53,8 @@ BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.regis
 # Batch statistics (whitening, DAR-BN's natural-image statistics) mix the examples of a batch.
 for _cls in (IterNormWhitening, DARBatchNormalization):
     BUILTIN.declare(_cls, mixes_examples=True, advice="GroupNormalization (or LayerNormalization)")
-BUILTIN.declare(DARBatchNormalization, moving_statistics=lambda layer: (layer.moving_mean, layer.moving_variance, -1))
+BUILTIN.declare(DARBatchNormalization, moving_statistics=lambda layer: (layer.moving_mean, layer.moving_variance, -1),
+                normalizes=True)
 
 
 def _per_channel(means, seconds):

@@ -56,6 +56,7 @@ class LayerSpec:
     advice: str | None = None
     kinks: tuple | None = None
     moving_statistics: Callable | None = None
+    normalizes: bool | None = None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
