@@ -41,6 +41,12 @@ GROWTH_RSE = 0.015
 GROWTH_ELEMENTS = 1 << 24
 
 
+#: When the automatic probe cannot grow further (memory), up to this many rounds on fresh probes of the
+#: same size refine the factors, each moving them by the k-th root of its own estimate (their average):
+#: the error falls as 1 / sqrt(rounds) while one probe at a time is in memory.
+MAX_ROUNDS = 8
+
+
 class CalibrationWarning(UserWarning):
     """Calibration could not fix a layer's variance to the intended precision on its batch."""
 
@@ -179,6 +185,26 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         logger.info("autoinit: a calibrated variance is known to +-%.1f%% on %d probe examples; "
                     "calibrating again on %d.", 100 * worst, n, want)
         batch_size = want
+    worst = max(replay.rse.values(), default=0.0)
+    rounds = 1
+    if grow and worst > CALIBRATION_RSE and math.isfinite(worst):
+        # The probe is as large as memory allows: accumulate precision over fresh probes instead.
+        wanted = min(MAX_ROUNDS, math.ceil((worst / GROWTH_RSE) ** 2))
+        first = replay
+        base = 0 if seed is None else int(seed)
+        for k in range(2, wanted + 1):
+            inputs, _ = replay_inputs(fn, data, batch_size, base * 1009 + k, input_moments)
+            replay = SignalReplay(fn, training=training, calibrate=True, targets=targets,
+                                  signal_variance=signal_variance, only=None if only is None else set(only),
+                                  record=record, prior=replay.factors, values=values,
+                                  moving_statistics=moving_statistics, step=1.0 / k)
+            replay.run(inputs)
+            del inputs
+            rounds = k
+        replay.batch = first.batch
+        replay.rse = {name: r / math.sqrt(rounds) for name, r in replay.rse.items()}
+        logger.info("autoinit: calibrated over %d probes of %d examples.", rounds, replay.batch)
+    replay.rounds = rounds
     warn_imprecise(replay, source, grow)
     return replay, source
 
@@ -188,11 +214,19 @@ def warn_imprecise(replay, source, grew):
     if name is None or not rse > CALIBRATION_RSE:
         return
     n = replay.batch
-    need = math.ceil(n * (rse / CALIBRATION_RSE) ** 2) if math.isfinite(rse) else None
-    where = "probe" if source == "probe" else "data sample"
+    rounds = getattr(replay, "rounds", 1)
+    need = math.ceil(n * rounds * (rse / CALIBRATION_RSE) ** 2) if math.isfinite(rse) else None
+    where = ("probe" if source == "probe" else "data sample") if rounds == 1 else f"{rounds} probes"
     limit = " (the automatic probe stops growing there to bound memory)" if grew else ""
-    advice = (f"Calibrate on about {need} examples (calibrate(..., batch_size={need})"
-              + (", or more real data" if source != "probe" else "") + ")") if need else "Use more examples"
+    if need is None:
+        advice = "Use more examples"
+    elif grew:  # memory bounds the batch: more rounds, not a bigger batch, is the remedy
+        more = math.ceil(need / max(n, 1))
+        advice = (f"Set autoinit_tf.calibration.MAX_ROUNDS = {more} (each round one replay on a fresh probe of "
+                  f"{n} examples)")
+    else:
+        advice = (f"Calibrate on about {need} examples (calibrate(..., batch_size={need})"
+                  + (", or more real data" if source != "probe" else "") + ")")
     warnings.warn(
         f"Calibration fixes the variance of '{name}' only to +-{100 * rse:.1f}% (one standard error of a "
         f"variance estimated on the {where} of {n} examples{limit}; the examples' energies at that layer vary "

@@ -175,8 +175,12 @@ class SignalReplay:
     """
 
     def __init__(self, fn, *, training, calibrate=False, targets=None, signal_variance=1.0, only=None,
-                 record=True, prior=None, values=None, moving_statistics=False):
+                 record=True, prior=None, values=None, moving_statistics=False, step=1.0):
         self.fn = fn
+        # Each kernel moves by s ** step of the scale s its batch asks for: 1 for a first round; 1/k for the
+        # k-th round on a fresh batch, so the factors average the rounds' estimates (stochastic
+        # approximation: the error falls as 1/sqrt(rounds) with one batch in memory at a time).
+        self.step = float(step)
         self.moving_statistics = moving_statistics  # set batch-normalizing layers' moving statistics
         # id(variable) -> the value it stands for during this replay (the analytic pass's drawn
         # arrays, then the calibrated kernels): calibration writes here and never assigns, so a
@@ -341,7 +345,7 @@ class SignalReplay:
                 if not np.all(np.isfinite(var) & (var > 0)):
                     problems.append(f"zero or non-finite gate input variance {var.tolist()}")
                     continue
-                s = np.sqrt(target / var)
+                s = np.sqrt(target / var) ** self.step
                 kernel = cell.kernel
                 cols = ops.convert_to_tensor(np.repeat(s, units).astype(numpy_dtype(kernel)))
                 self._set(kernel, ops.multiply(self.value(kernel), ops.cast(cols, kernel.dtype)))
@@ -391,6 +395,8 @@ class SignalReplay:
         vu, rse, cov, vc = var_cov(u, c)
         self.rse[name] = rse
         s, how = solve_scale(vu, cov, vc, target)
+        if s is not None and self.step != 1.0:
+            s = float(s) ** self.step
         self.calibrated_ops.add(id(op))
         if s is None:
             note = f"not calibrated ({how})"

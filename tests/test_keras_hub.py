@@ -3,6 +3,8 @@ acceptance models of issue 15. Skipped when keras-hub is not installed (it is in
 
 import warnings
 
+import keras
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,46 @@ def test_llama_probe_calibration_fits_in_memory():
     assert arrays["token_ids"].max() > 900
     assert batch * declared.DEFAULT_PROBE_LENGTH * 64 * 4 <= declared.ACTIVATION_BYTES
     assert _changed_fraction(model, lambda m: autoinit_tf.wrap(m, seed=0, calibrate="probe")) > 0.1
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "stack"])
+def test_blocks_are_walked_inside_without_fallbacks(name):
+    """Was: every keras-hub block fell back to a probe and kept Keras' init (0.2% of the parameters of a
+    TransformerEncoder stack re-initialized; Llama's decoder blocks and norms fell back)."""
+    import keras
+
+    from autoinit_tf import FallbackRuleWarning
+
+    if name == "bert":
+        model = keras_hub.models.BertBackbone(num_heads=2, max_sequence_length=64, **SIZE)
+    elif name == "gpt2":
+        model = keras_hub.models.GPT2Backbone(num_heads=2, max_sequence_length=64, **SIZE)
+    elif name == "llama":
+        model = keras_hub.models.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **SIZE)
+    else:
+        ids = keras.Input((64,), dtype="int32")
+        x = keras_hub.layers.TokenAndPositionEmbedding(1000, 64, 64)(ids)
+        x = keras_hub.layers.TransformerDecoder(128, 2)(keras_hub.layers.TransformerEncoder(128, 2)(x))
+        model = keras.Model(ids, keras.layers.Dense(10)(x[:, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    assert not rep.fallbacks
+    inner = [r.name for r in rep.rows if r.weighted and "/" in r.name]
+    assert len(inner) >= 6  # the blocks' own Dense / EinsumDense / attention layers, 3+ per block
+    kernels = [v for v in model.weights if len(v.shape) >= 2 and not v.path.endswith("bias")]
+    kept = [v.path for v in kernels if v.path not in set(rep.assigned)]
+    # Only tables no call reads (Llama's untied reverse head in a backbone) may be left.
+    assert all("reverse_embeddings" in p for p in kept), kept
+
+
+def test_tied_lm_head_logits_on_target():
+    """GPT2CausalLM: one table serves the embedding and the head; was predicted 1.0, measured 63.8."""
+    backbone = keras_hub.models.GPT2Backbone(num_heads=2, max_sequence_length=64, **SIZE)
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    fn = graph.as_functional(model)
+    x = dict(zip([kt.name for kt in fn.inputs], inputs.probe_arrays(fn, None, 32, seed=7)))
+    logits = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
+    assert logits.var() == pytest.approx(1.0, rel=0.15)
+    assert rep.output.var == pytest.approx(logits.var(), rel=0.15)

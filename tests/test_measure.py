@@ -1,6 +1,7 @@
 """measure / compare / calibrate: exactness against sub-models, no side effects, calibrated variance."""
 
 import importlib
+import math
 import warnings
 
 import keras
@@ -408,8 +409,9 @@ def test_probe_growth_stops_at_the_memory_bound_and_warns(monkeypatch):
     keras.utils.set_random_seed(0)
     model = _cubic_model()
     monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)  # widest activation: 16 per example
+    monkeypatch.setattr(calibration, "MAX_ROUNDS", 1)  # no rounds on fresh probes: one probe, a warning
     with pytest.warns(CalibrationWarning, match=r"'d2' only to .* probe of 2048 examples \(the automatic probe "
-                                                r"stops growing there"):
+                                                r"stops growing there.*MAX_ROUNDS = \d+ \(each round one replay"):
         _, rep = autoinit_tf.wrap(model, seed=0, calibrate="probe", return_report=True)
     assert rep.calibration_batch == 2048
     assert rep.calibration_error["d2"] > CALIBRATION_RSE
@@ -417,3 +419,23 @@ def test_probe_growth_stops_at_the_memory_bound_and_warns(monkeypatch):
     with pytest.warns(CalibrationWarning, match="probe of 512 examples"):
         rep = calibrate(model, "probe", batch_size=512)
     assert rep.calibration_batch == 512
+
+
+@pytest.mark.core
+def test_rounds_on_fresh_probes_accumulate_precision_past_the_memory_bound(monkeypatch):
+    """Statistics accumulate over several probes (each round moves the factors by the k-th root of its
+    own estimate), so precision is not bounded by one batch's memory (here 2048 examples)."""
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)
+    errors = {1: [], 8: []}
+    for seed in (1, 2):
+        for rounds in (1, 8):
+            monkeypatch.setattr(calibration, "MAX_ROUNDS", rounds)
+            keras.utils.set_random_seed(seed)
+            model = _cubic_model()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CalibrationWarning)
+                _, rep = autoinit_tf.wrap(model, seed=seed, calibrate="probe", return_report=True)
+            assert rep.calibration_batch == 2048
+            again = measure(model, batch_size=1 << 17, seed=77)
+            errors[rounds].append(abs(math.log(again["d2"].outputs[0].var)))
+    assert max(errors[8]) < 0.04 and sum(errors[8]) < 0.6 * sum(errors[1])

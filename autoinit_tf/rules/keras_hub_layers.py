@@ -30,16 +30,17 @@ def available() -> bool:
 
 def position_embedding_rule(ctx):
     """keras-hub PositionEmbedding: the first T rows of the learned table (T the input's length, the
-    probe length when unknown), the same for every example; the table keeps its initializer (how much
-    position information to mix in is the model's choice). Per feature: mean and variance over the T
-    positions."""
+    probe length when unknown), the same for every example. The table is drawn like every embedding
+    table (`embedding_rule`): entries with variance `signal_variance`. Per feature: mean and variance
+    over the T positions."""
     layer = ctx.layer
     shape = ctx.input_shapes[0]
     length = shape[-2] if len(shape) >= 2 and shape[-2] is not None else min(ctx.probe_length, layer.sequence_length)
     start = (ctx.kwargs or {}).get("start_index", 0)
     start = start if isinstance(start, (int, np.integer)) else 0
-    table = ctx.value(layer.position_embeddings).astype(np.float64)[int(start):int(start) + int(length)]
-    ctx.note("position table kept as initialized")
+    ctx.weight_scale = ctx.signal_variance
+    table = ctx.draw(layer.position_embeddings, ctx.signal_variance).astype(np.float64)
+    table = table[int(start):int(start) + int(length)]
     return Moments.from_channels(table.mean(axis=0), table.var(axis=0))
 
 

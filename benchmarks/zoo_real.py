@@ -1,0 +1,254 @@
+"""The models users run: keras.applications and keras-hub backbones, wrapped as a new user would.
+
+Each model is built in its own subprocess (random weights, small inputs: 96x96 images, 64 tokens,
+vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), ``wrap()`` (the default,
+``calibrate="auto"``) and ``wrap(calibrate="probe")``. Per model it prints:
+
+  * build / analyze / wrap times (s) for each mode, and wrap / build;
+  * reinit: the fraction of weighted-layer parameters the analytic wrap re-initialized (weighted layers
+    anywhere in the layer tree, inside keras-hub blocks too; tied or unused tables count as kept);
+  * fb: layers left to the probe fallback, auto: layers ``calibrate="auto"`` calibrated;
+  * worst / median |log var| over weighted layers, per mode: a recorder on the ``call`` of every weighted
+    layer in the tree records its pre-activation output variance on FRESH inputs (another seed than
+    any probe; images N(0, 1), token ids uniform over the vocabulary, masks ones) in training mode; the
+    target is `signal_variance` = 1;
+  * the fraction of weighted layers within [0.5, 2] (analytic) and [0.8, 1.25] (default) of the target;
+  * peak RSS (MB) of the subprocess.
+
+    python benchmarks/zoo_real.py [--only NAME ...] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+APPLICATIONS = ["ResNet50V2", "DenseNet121", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
+                "EfficientNetB0", "EfficientNetV2B0", "ConvNeXtTiny", "Xception", "InceptionV3", "NASNetMobile",
+                "VGG16", "ResNet50", "InceptionResNetV2", "MobileNet"]
+HUB = ["BertBackbone", "GPT2Backbone", "GPT2CausalLM", "LlamaBackbone", "GemmaBackbone", "Gemma3Backbone",
+       "ViTBackbone", "DeiTBackbone", "SwinTransformerBackbone", "MiTBackbone", "ResNetBackbone", "CSPNetBackbone",
+       "TransformerStack"]
+OTHER = ["EmbeddingLSTM"]
+MODELS = APPLICATIONS + HUB + OTHER
+TEXT = dict(vocabulary_size=1000, num_layers=2, hidden_dim=64, intermediate_dim=128)
+
+
+def build(name):
+    import keras
+
+    if name in APPLICATIONS:
+        return getattr(keras.applications, name)(weights=None, input_shape=(96, 96, 3), classes=10)
+    if name == "EmbeddingLSTM":
+        ids = keras.Input((64,), dtype="int32", name="token_ids")
+        h = keras.layers.LSTM(64)(keras.layers.Embedding(1000, 64)(ids))
+        return keras.Model(ids, keras.layers.Dense(10)(h))
+    import keras_hub
+
+    m = keras_hub.models
+    if name == "BertBackbone":
+        return m.BertBackbone(num_heads=2, max_sequence_length=64, **TEXT)
+    if name == "GPT2Backbone":
+        return m.GPT2Backbone(num_heads=2, max_sequence_length=64, **TEXT)
+    if name == "GPT2CausalLM":
+        return m.GPT2CausalLM(backbone=m.GPT2Backbone(num_heads=2, max_sequence_length=64, **TEXT), preprocessor=None)
+    if name == "LlamaBackbone":
+        return m.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **TEXT)
+    if name == "GemmaBackbone":
+        return m.GemmaBackbone(num_query_heads=2, num_key_value_heads=1, head_dim=32, **TEXT)
+    if name == "Gemma3Backbone":
+        return m.Gemma3Backbone(num_query_heads=2, num_key_value_heads=1, head_dim=32, image_size=None,
+                                vision_encoder=None, **TEXT)
+    if name == "ViTBackbone":
+        return m.ViTBackbone(image_shape=(96, 96, 3), patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
+                             mlp_dim=128)
+    if name == "DeiTBackbone":
+        return m.DeiTBackbone(image_shape=(96, 96, 3), patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
+                              intermediate_dim=128)
+    if name == "SwinTransformerBackbone":
+        return m.SwinTransformerBackbone(image_shape=(96, 96, 3), patch_size=4, embed_dim=32, depths=(2, 2),
+                                         num_heads=(2, 4), window_size=6)
+    if name == "MiTBackbone":
+        return m.MiTBackbone(image_shape=(96, 96, 3), layerwise_depths=[1, 1], num_layers=2,
+                             layerwise_num_heads=[1, 2], layerwise_sr_ratios=[4, 2], max_drop_path_rate=0.0,
+                             hidden_dims=[16, 32], layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2])
+    if name == "ResNetBackbone":
+        return m.ResNetBackbone(input_conv_filters=[32], input_conv_kernel_sizes=[7], stackwise_num_filters=[32, 64],
+                                stackwise_num_blocks=[2, 2], stackwise_num_strides=[1, 2], block_type="bottleneck_block",
+                                image_shape=(96, 96, 3))
+    if name == "CSPNetBackbone":
+        return m.CSPNetBackbone(stem_filters=16, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1],
+                                stackwise_num_filters=[32, 64], stackwise_strides=2, block_type="dark_block",
+                                image_shape=(96, 96, 3))
+    if name == "TransformerStack":
+        ids = keras.Input((64,), dtype="int32", name="token_ids")
+        x = keras_hub.layers.TokenAndPositionEmbedding(1000, 64, 64)(ids)
+        for _ in range(2):
+            x = keras_hub.layers.TransformerEncoder(128, 2)(x)
+        for _ in range(2):
+            x = keras_hub.layers.TransformerDecoder(128, 2)(x)
+        return keras.Model(ids, keras.layers.Dense(10)(x[:, 0]))
+    raise SystemExit(f"unknown model {name}")
+
+
+def weighted_layers(model):
+    """Every layer in the tree that itself owns a kernel-like weight (2+ dims)."""
+    out = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        own = list(getattr(layer, "_trainable_variables", [])) + list(getattr(layer, "_non_trainable_variables", []))
+        if any(len(v.shape) >= 2 for v in own):
+            out.append(layer)
+    return out
+
+
+class Recorder:
+    """Pre-activation output variance of every call of the given layers (instance-level `call`)."""
+
+    def __init__(self, layers):
+        import keras
+
+        self.values = {}
+        self.layers = layers
+        self.active = False
+        for layer in layers:
+            original = layer.call
+            act = getattr(layer, "activation", None)
+            linear = keras.activations.linear
+
+            def call(*args, _layer=layer, _original=original, _act=act, **kwargs):
+                if not self.active:  # only while `run` records (never inside wrap's own replays)
+                    return _original(*args, **kwargs)
+                if _act is not None and _act is not linear:
+                    _layer.activation = linear
+                    try:
+                        out = _original(*args, **kwargs)
+                    finally:
+                        _layer.activation = _act
+                    self._record(_layer, out)
+                    return _act(out)
+                out = _original(*args, **kwargs)
+                self._record(_layer, out)
+                return out
+
+            object.__setattr__(layer, "call", call)
+
+    def _record(self, layer, out):
+        import keras
+        import numpy as np
+
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        try:
+            v = float(np.var(np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)))
+        except Exception:  # noqa: BLE001 - symbolic call
+            return
+        self.values.setdefault(layer.path if hasattr(layer, "path") else layer.name, []).append(v)
+
+    def run(self, model, inputs):
+        self.values = {}
+        self.active = True
+        try:
+            model(inputs, training=True)
+        finally:
+            self.active = False
+        return {k: v for k, vs in self.values.items() for v in vs[:1]}
+
+
+def one(name, batch):
+    import resource
+
+
+    import numpy as np
+
+    import autoinit_tf
+    from autoinit_tf import graph, inputs as inputs_mod
+
+    t = time.perf_counter()
+    model = build(name)
+    t_build = time.perf_counter() - t
+    fn = graph.as_functional(model)
+    fresh = inputs_mod.probe_arrays(fn, None, batch, seed=12345)
+    fresh = fresh if len(fresh) > 1 else fresh[0]
+    if len(fn.inputs) > 1:
+        fresh = {kt.name: a for kt, a in zip(fn.inputs, fresh)}
+    layers = weighted_layers(model)
+    rec = Recorder(layers)
+    out = {"model": name, "build_s": t_build}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        rep = autoinit_tf.analyze(model, seed=0)
+        out["analyze_s"] = time.perf_counter() - t
+        out["fallbacks"] = len({r.name for r in rep.fallbacks})
+        before = {v.path: np.array(v.numpy()) for layer in layers for v in layer.weights if len(v.shape) >= 2}
+        for mode, cal in (("analytic", None), ("default", "auto"), ("probe", "probe")):
+            t = time.perf_counter()
+            _, rep = autoinit_tf.wrap(model, seed=0, calibrate=cal, return_report=True)
+            out[f"{mode}_s"] = time.perf_counter() - t
+            if mode == "analytic":
+                kept = [p for p, a in before.items() if np.array_equal(a, _value(model, p))]
+                total = sum(a.size for a in before.values())
+                out["reinit"] = 1.0 - sum(before[p].size for p in kept) / max(total, 1)
+            if mode == "default":
+                out["auto"] = len(rep.auto_calibrated)
+            got = rec.run(model, fresh)
+            logs = np.abs(np.log(np.maximum(np.array(list(got.values()) or [1.0]), 1e-30)))
+            out[f"{mode}_worst"] = float(logs.max())
+            out[f"{mode}_median"] = float(np.median(logs))
+            lo, hi = (0.5, 2.0) if mode == "analytic" else (0.8, 1.25)
+            vals = np.array(list(got.values()) or [1.0])
+            out[f"{mode}_within"] = float(np.mean((vals >= lo) & (vals <= hi)))
+            out[f"{mode}_off"] = sorted(((abs(float(np.log(max(v, 1e-30)))), k, v) for k, v in got.items()),
+                                        reverse=True)[:3]
+    out["layers"] = len(layers)
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _value(model, path):
+    import numpy as np
+
+    for v in model.weights:
+        if v.path == path:
+            return np.array(v.numpy())
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--one")
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.batch)))
+        return
+    names = args.only or MODELS
+    head = (f"{'model':24s} {'build':>6s} {'analyz':>6s} {'wrap':>6s} {'auto':>6s} {'probe':>6s} {'w/b':>5s} "
+            f"{'reinit':>6s} {'fb':>3s} {'autoN':>5s} | {'analytic worst/med in[.5,2]':>28s} | "
+            f"{'default worst/med in[.8,1.25]':>30s} | {'probe worst/med':>16s} | {'RSS MB':>6s}")
+    print(head)
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch)],
+                              capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"{name:24s} FAILED: {err[:150]}")
+            continue
+        r = json.loads(line[7:])
+        print(f"{name:24s} {r['build_s']:6.2f} {r['analyze_s']:6.2f} {r['analytic_s']:6.2f} {r['default_s']:6.2f} "
+              f"{r['probe_s']:6.2f} {r['analytic_s'] / r['build_s']:5.2f} {r['reinit']:6.1%} {r['fallbacks']:3d} "
+              f"{r['auto']:5d} | {r['analytic_worst']:8.2f} {r['analytic_median']:6.3f} {r['analytic_within']:11.0%} | "
+              f"{r['default_worst']:8.2f} {r['default_median']:6.3f} {r['default_within']:13.0%} | "
+              f"{r['probe_worst']:7.2f} {r['probe_median']:7.3f} | {r['rss_mb']:6.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
