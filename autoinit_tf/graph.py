@@ -292,8 +292,8 @@ def trace_call(node, shapes=None):
         fresh = []
         for i, kt in enumerate(tensors):
             shape = tuple(kt.shape) if shapes is None else tuple(shapes[i])
-            fresh.append(keras.Input(shape=shape[1:], batch_size=shape[0] if shape else None, dtype=kt.dtype,
-                                     sparse=getattr(kt, "sparse", False)))
+            # Dense inputs: keras marks some symbolic tensors sparse that never are at run time.
+            fresh.append(keras.Input(shape=shape[1:], batch_size=shape[0] if shape else None, dtype=kt.dtype))
         args, kwargs = node.arguments.fill_in({id(a): b for a, b in zip(tensors, fresh)})
         with _lenient_output_specs(op):
             outputs = op.call(*args, **kwargs)
@@ -311,8 +311,35 @@ def trace_call(node, shapes=None):
         raise TraceError(f"{type(exc).__name__}: {message[:300]}") from exc
     if any(inner.operation is op for inner in topo_nodes(view)):  # would recurse forever
         raise TraceError(f"call() of '{op.name}' calls the layer itself.")
+    baked = _unknown_in_constant_shape(view)
+    if baked is not None:  # e.g. ops.reshape(x, (None, t, h, d)) from ops.shape(x) of a symbolic input
+        raise TraceError(f"'{baked}' got an unknown dimension as a constant shape; the call needs concrete shapes.")
     _RAW_OP_LABELS[view] = _raw_op_labels(view)
     return view
+
+
+def _unknown_in_constant_shape(view):
+    """The name of a node of `view` whose constant arguments hold a shape with an unknown (None) entry
+    beside known ones, or None."""
+
+    def bad(value):
+        if isinstance(value, (tuple, list)):
+            if any(v is None for v in value) and any(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                return True
+            return any(bad(v) for v in value)
+        if isinstance(value, dict):
+            return any(bad(v) for v in value.values())
+        return False
+
+    for node in topo_nodes(view):
+        op = node.operation
+        if op is not None and not node.is_input:
+            if bad(node.arguments.args) or bad(node.arguments.kwargs):
+                return op.name
+            # raw ops keep their constant arguments as attributes (ops.reshape -> Reshape(newshape))
+            if not isinstance(op, keras.layers.Layer) and any(bad(v) for v in vars(op).values()):
+                return op.name
+    return None
 
 
 # traced view -> {id(raw op): its name in that view}; Keras names raw ops from a global counter

@@ -90,7 +90,7 @@ class CallTracer:
             first = view
             view = _traced(node, _concrete_shapes(node, values, self.length))
             if isinstance(view, str):
-                self.reasons[id(op)] = first
+                self.reasons[id(op)] = first if view == first else f"{first}; at concrete shapes: {view}"
                 return None
         self._ops[id(node)] = (op, view)
         return view

@@ -170,3 +170,55 @@ def test_exact_models_pay_nothing_and_match_the_pure_analytic_pass():
     autoinit_tf.wrap(b, seed=5, calibrate=None)
     assert rep.auto_calibrated == {} and rep.calibration_batch is None
     assert all(np.array_equal(u.numpy(), v.numpy()) for u, v in zip(a.weights, b.weights))
+
+
+class ShapeBaked(L.Layer):
+    """ops.reshape(x, ops.shape(x)) on a symbolic input bakes an unknown dimension into a constant."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.proj = L.Dense(8, name="proj")
+
+    def call(self, x):
+        y = self.proj(x)
+        b, t, c = keras.ops.shape(y)
+        return keras.ops.reshape(keras.ops.reshape(y, (b, t, 2, c // 2)), (b, t, c))
+
+
+def test_a_constant_shape_with_an_unknown_dimension_forces_a_trace_at_concrete_shapes():
+    inp = keras.Input((None, 8))
+    layer = ShapeBaked(name="baked")
+    model = keras.Model(inp, layer(inp))
+    node = next(n for n in graph.topo_nodes(model) if n.operation is layer)
+    with pytest.raises(graph.TraceError, match="unknown dimension as a constant shape"):
+        graph.trace_call(node)
+    graph.trace_call(node, shapes=[(4, 6, 8)])  # fine at concrete shapes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert [r.name for r in rep.rows if r.weighted] == ["baked/proj"]
+    # A replay on real tensors of another length traces again at their shapes.
+    x = np.random.default_rng(3).standard_normal((64, 11, 8)).astype("float32")
+    measured = autoinit_tf.measure(model, x)
+    assert measured["baked/proj"].outputs[0].var == pytest.approx(rep["baked/proj"].outputs[0].var, rel=0.1)
+
+
+@pytest.mark.parametrize("op", ["pad", "pad_last", "roll"])
+def test_pad_and_roll_ops_against_the_real_op(op):
+    inp = keras.Input((10, 6))
+    h = L.Dense(6, activation="relu", name="d")(inp)
+    if op == "pad":
+        h = keras.ops.pad(h, ((0, 0), (2, 3), (0, 0)), constant_values=0.5)
+    elif op == "pad_last":
+        h = keras.ops.pad(h, ((0, 0), (0, 0), (1, 1)))
+    else:
+        h = keras.ops.roll(h, 3, axis=1)
+    model = keras.Model(inp, h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    pred = rep.rows[-1].outputs[0]
+    x = np.random.default_rng(0).standard_normal((20000, 10, 6)).astype("float32")
+    y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
+    assert y.mean() == pytest.approx(pred.mean, rel=0.03)
+    assert y.var() == pytest.approx(pred.var, rel=0.03)

@@ -152,12 +152,15 @@ def relu_channel_moments(m: Moments) -> Moments:
 
 
 def _lognormal_sum(m: Moments, k: int):
-    """(mu_S, s_S^2) of the Fenton-Wilkinson log-normal for a sum of k i.i.d. exp(N(m))."""
-    mean_one = math.exp(m.mean + 0.5 * m.var)
-    big_m = k * mean_one
-    big_v = k * math.expm1(m.var) * mean_one * mean_one
-    s2 = math.log1p(big_v / (big_m * big_m))
-    return math.log(big_m) - 0.5 * s2, s2
+    """(mu_S, s_S^2) of the Fenton-Wilkinson log-normal for a sum of k i.i.d. exp(N(m)).
+
+    With M = k e^(mu + v/2) and V = k (e^v - 1) e^(2 mu + v): s_S^2 = log(1 + (e^v - 1) / k) and
+    mu_S = log M - s_S^2 / 2, computed in log space so large logit variances (attention masks adding
+    -100 or -inf-like constants) do not overflow."""
+    v = float(m.var)
+    log_expm1 = v + math.log1p(-math.exp(-v)) if v > 0 else -math.inf  # log(e^v - 1)
+    s2 = float(np.logaddexp(0.0, log_expm1 - math.log(k))) if v > 0 else 0.0
+    return math.log(k) + m.mean + 0.5 * v - 0.5 * s2, s2
 
 
 def _against_the_rest(m: Moments, size, what):

@@ -296,13 +296,42 @@ def _row_major_reshape(ctx):
     return relayout(ctx.input, tuple(ctx.node.input_tensors[0].shape), tuple(ctx.node.outputs[0].shape))
 
 
-for _cls in (np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.ConvertToTensor):
+for _cls in (np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.ConvertToTensor, np_ops.Roll):
     BUILTIN.rule(_cls, _same_for_every_output)
 for _cls in (np_ops.Transpose, np_ops.GetItem, np_ops.Moveaxis, np_ops.Swapaxes, np_ops.Repeat,
              np_ops.BroadcastTo, core_ops.Unstack, core_ops.Slice):
     BUILTIN.rule(_cls, _pooled_for_every_output)
 for _cls in (np_ops.Reshape, np_ops.ExpandDims, np_ops.Squeeze, np_ops.Ravel, np_ops.Tile):
     BUILTIN.rule(_cls, _row_major_reshape)
+
+
+@BUILTIN.rule(np_ops.Pad)
+def pad_op_rule(ctx):
+    """Constant padding: a fraction f = (input entries) / (output entries) of the output is the input, the
+    rest the constant c: mean f mu + (1 - f) c, second moment f E[x^2] + (1 - f) c^2 (per channel when
+    the last axis is not padded). Reflect/symmetric padding copies entries: the input's moments."""
+    op = ctx.op
+    if getattr(op, "mode", "constant") != "constant":
+        return ctx.input.pooled()
+    c = (ctx.kwargs or {}).get("constant_values")
+    if c is None and len(ctx.args) > 1:
+        c = ctx.args[1]
+    if isinstance(c, Moments):
+        return ctx.probe()
+    c = 0.0 if c is None else float(np.asarray(c))
+    n_in = [d for d in ctx.node.input_tensors[0].shape[1:]]
+    n_out = [d for d in ctx.node.outputs[0].shape[1:]]
+    if any(d is None for d in n_in + n_out):
+        widths = np.asarray(op.pad_width, dtype=np.int64).reshape(-1, 2)[1:]
+        n_in = [ctx.probe_length if d is None else d for d in n_in]
+        n_out = [a + int(w.sum()) for a, w in zip(n_in, widths)] if len(widths) == len(n_in) else None
+        if n_out is None:
+            return ctx.probe()
+    f = float(np.prod(n_in)) / float(np.prod(n_out))
+    m = ctx.input
+    if m.ch_mean is not None and n_in[-1] == n_out[-1]:
+        return Moments.from_channel_second(f * m.ch_mean + (1 - f) * c, f * (m.ch_var + m.ch_mean**2) + (1 - f) * c * c)
+    return Moments.from_second(f * m.mean + (1 - f) * c, f * m.second + (1 - f) * c * c)
 
 
 @BUILTIN.rule(np_ops.Split)
