@@ -80,12 +80,12 @@ def build(name):
                              layerwise_num_heads=[1, 2], layerwise_sr_ratios=[4, 2], max_drop_path_rate=0.0,
                              hidden_dims=[16, 32], layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2])
     if name == "ResNetBackbone":
-        return m.ResNetBackbone(input_conv_filters=[32], input_conv_kernel_sizes=[7], stackwise_num_filters=[32, 64],
+        return m.ResNetBackbone(input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 128],
                                 stackwise_num_blocks=[2, 2], stackwise_num_strides=[1, 2], block_type="bottleneck_block",
                                 image_shape=(96, 96, 3))
     if name == "CSPNetBackbone":
         return m.CSPNetBackbone(stem_filters=16, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1],
-                                stackwise_num_filters=[32, 64], stackwise_strides=2, block_type="dark_block",
+                                stackwise_num_filters=[32, 64], stackwise_strides=2, block_type="dark",
                                 image_shape=(96, 96, 3))
     if name == "TransformerStack":
         ids = keras.Input((64,), dtype="int32", name="token_ids")
@@ -102,6 +102,8 @@ def weighted_layers(model):
     """Every layer in the tree that itself owns a kernel-like weight (2+ dims)."""
     out = []
     for layer in model._flatten_layers(include_self=False, recursive=True):
+        if "Cell" in type(layer).__name__:
+            continue  # recurrent cells run once per step; their gates are not one pre-activation
         own = list(getattr(layer, "_trainable_variables", [])) + list(getattr(layer, "_non_trainable_variables", []))
         if any(len(v.shape) >= 2 for v in own):
             out.append(layer)
@@ -119,7 +121,9 @@ class Recorder:
         self.active = False
         for layer in layers:
             original = layer.call
-            act = getattr(layer, "activation", None)
+            # The fused activation of Dense/EinsumDense/convolutions is set aside to read the pre-activation.
+            fused = isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) or "Conv" in type(layer).__name__
+            act = getattr(layer, "activation", None) if fused else None
             linear = keras.activations.linear
 
             def call(*args, _layer=layer, _original=original, _act=act, **kwargs):
