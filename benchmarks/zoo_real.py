@@ -85,7 +85,7 @@ def build(name):
                                 image_shape=(96, 96, 3))
     if name == "CSPNetBackbone":
         return m.CSPNetBackbone(stem_filters=16, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1],
-                                stackwise_num_filters=[32, 64], stackwise_strides=2, block_type="dark",
+                                stackwise_num_filters=[32, 64], stackwise_strides=2, block_type="dark_block", stage_type="dark",
                                 image_shape=(96, 96, 3))
     if name == "TransformerStack":
         ids = keras.Input((64,), dtype="int32", name="token_ids")

@@ -222,3 +222,16 @@ def test_pad_and_roll_ops_against_the_real_op(op):
     y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
     assert y.mean() == pytest.approx(pred.mean, rel=0.03)
     assert y.var() == pytest.approx(pred.var, rel=0.03)
+
+
+def test_widely_spread_softmax_logits_are_marked_inexact_and_calibrated():
+    """Logits with a large structured constant added (a -100 mask, a relative position bias) are beyond the
+    log-normal softmax: the default wrap calibrates the layer after it (Swin was 0.01 of target)."""
+    inp = keras.Input((16, 16))
+    mask = np.where(np.tril(np.ones((16, 16))) > 0, 0.0, -100.0).astype("float32")
+    weights = keras.ops.softmax(L.Dense(16, name="logits")(inp) + mask, axis=-1)
+    model = keras.Model(inp, L.Dense(8, name="proj")(weights))
+    _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert list(rep.auto_calibrated) == ["proj"] and "softmax of logits" in rep.auto_calibrated["proj"]
+    x = np.random.default_rng(4).standard_normal((4096, 16, 16)).astype("float32")
+    assert float(np.var(keras.ops.convert_to_numpy(model(x)))) == pytest.approx(1.0, rel=0.1)

@@ -264,4 +264,6 @@ def prelu_rule(ctx):
 def softmax_layer_rule(ctx):
     """An unknown softmax axis (attention over a sequence of unknown length) has the probe length."""
     size = axis_size(ctx.input_shapes[0], ctx.layer.axis)
+    if ctx.input.var > 4.0:  # see rules.ops.SOFTMAX_EXACT_VARIANCE
+        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
     return softmax_moments(ctx.input, size or ctx.probe_length)

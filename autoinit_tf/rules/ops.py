@@ -265,8 +265,16 @@ def max_op_rule(ctx):
     return max_of_gaussians(n, ctx.input)
 
 
+#: Above this logit variance the log-normal (Fenton-Wilkinson) softmax is a rough estimate, and large
+#: spreads usually come from structure the pooled moments do not carry (attention masks of -100, relative
+#: position biases): the call is marked inexact (calibrate="auto" corrects what follows).
+SOFTMAX_EXACT_VARIANCE = 4.0
+
+
 @BUILTIN.rule(nn_ops.Softmax)
 def softmax_op_rule(ctx):
+    if ctx.input.var > SOFTMAX_EXACT_VARIANCE:
+        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
     n = _reduced_count(ctx, ctx.op.axis)
     return softmax_moments(ctx.input, n) if n else ctx.probe()
 
