@@ -289,7 +289,7 @@ def apply_init(model, method, *, swaps=(), seed=0, wrap_kwargs=None):
         return model
     from autoinit_tf.autoinit import wrap
 
-    calibrate = "probe" if method == "autoinit+probe" else None
+    calibrate = "probe" if method == "autoinit+probe" else "auto"  # auto: nothing extra for exact models
     return wrap(model, swaps=swaps or None, seed=seed, calibrate=calibrate, **wrap_kwargs)
 
 

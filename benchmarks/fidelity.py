@@ -201,7 +201,7 @@ def run_one(name, build, batch):
     for mode in ("default", "analytic", "calibrated"):
         t0 = time.perf_counter()
         if mode == "analytic":
-            autoinit_tf.wrap(model, seed=0)
+            autoinit_tf.wrap(model, seed=0, calibrate=None)
         elif mode == "calibrated":
             keras.utils.set_random_seed(0)
             model = build()
@@ -270,7 +270,7 @@ def diagnose(name, samples=20000, full_cov=False):
     keras.utils.set_random_seed(0)
     model = build()
     pred = {r.name: r.outputs[0] for r in autoinit_tf.analyze(model, seed=0).rows if r.outputs}
-    autoinit_tf.wrap(model, seed=0)
+    autoinit_tf.wrap(model, seed=0, calibrate=None)
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     if len(dense) != len(model.layers) - 1:
         raise SystemExit(f"--diagnose needs a plain Dense MLP; {name} is not one.")

@@ -175,7 +175,7 @@ def child(variant, smoke):
         model = make(s)
         out["build_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        autoinit_tf.wrap(model, seed=0)
+        autoinit_tf.wrap(model, seed=0, calibrate=None)
         out["wrap_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         autoinit_tf.wrap(model, seed=0, calibrate="probe")
@@ -185,7 +185,7 @@ def child(variant, smoke):
         keras.utils.set_random_seed(0)
         model = small_resnet(s) if "cnn" in variant else transformer(s)
         if wrapped:
-            autoinit_tf.wrap(model, seed=0)
+            autoinit_tf.wrap(model, seed=0, calibrate=None)
         out["examples_per_s"], out["step_s"] = fit_throughput(model, s)
     elif variant.startswith("swap:"):
         recipe = variant.split(":", 1)[1]

@@ -98,7 +98,8 @@ def resnet50():
 
 OPS = {
     "analyze": lambda m: autoinit_tf.analyze(m, seed=0),
-    "wrap": lambda m: autoinit_tf.wrap(m, seed=0),
+    "wrap": lambda m: autoinit_tf.wrap(m, seed=0, calibrate=None),
+    "wrap(auto)": lambda m: autoinit_tf.wrap(m, seed=0),
     "wrap+probe": lambda m: autoinit_tf.wrap(m, seed=0, calibrate="probe"),
 }
 
