@@ -179,7 +179,7 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         if not grow or worst <= CALIBRATION_RSE:
             break
         cap = max(n, GROWTH_ELEMENTS // max(replay.widest, 1))
-        want = min(math.ceil(1.1 * n * (worst / GROWTH_RSE) ** 2), cap)
+        want = min(math.ceil(1.1 * n * (worst / GROWTH_RSE) ** 2), cap) if math.isfinite(worst) else cap
         if want < 1.25 * n:
             break
         logger.info("autoinit: a calibrated variance is known to +-%.1f%% on %d probe examples; "

@@ -127,7 +127,7 @@ class AnalyticPass:
     def run(self, fn, input_moments):
         self.trim = HeapTrim()  # freed per-node temporaries (drawn kernels' float64 blocks) go back to the OS
         # Layers without a rule are walked inside when their call traces (`tracing`).
-        self.tracer = tracing.CallTracer(self.rules, length=getattr(self, "probe_length", None))
+        self.tracer = tracing.CallTracer(self.rules, length=getattr(self, "probe_length", None), moments=True)
         owned = self.tracer.settle(fn)
         self.counts = graph.count_calls(fn, expand=self.tracer)
         _warn_unowned(self.tracer, owned)

@@ -20,7 +20,7 @@ import keras
 from keras import tree
 
 __all__ = ["as_functional", "is_model", "topo_nodes", "walk", "Site", "count_calls", "leaf_ops", "GraphError",
-           "trace_call", "TraceError"]
+           "trace_call", "TraceError", "lifted_constants"]
 
 
 class GraphError(TypeError):
@@ -175,6 +175,8 @@ def _walk(fn, input_values, path, state):
         if state.expand is not None and not is_model(op):
             call_values = [values[id(x)] for x in node.arguments.keras_tensors]
             view = state.expand(node, call_values)
+            if view is not None and lifted_constants(view):
+                call_values = call_values + [state.expand.constant(c) for c in lifted_constants(view)]
         for x in node.input_tensors:
             remaining[id(x)] -= 1
             if remaining[id(x)] == 0 and id(x) not in keep:
@@ -284,10 +286,65 @@ def trace_call(node, shapes=None):
     weights initializes the layer). ``shapes``: concrete shapes for those tensors (batch included), for
     calls that need them (``ops.arange(ops.shape(x)[1])``, causal masks built from ``ops.shape(x)[0]``).
     Raises `TraceError` with the reason when the call cannot be replayed symbolically (backend-specific
-    ops, data-dependent Python control flow, ...).
+    ops, data-dependent Python control flow, ...). A sublayer the call runs on a constant the layer holds
+    (``self.position_embedding(self.position_ids)``) would run eagerly while tracing; then the layer's
+    integer tensor attributes become extra inputs of the view, after the call's own (`lifted_constants`:
+    the walk feeds them), so that call is a node too.
     """
+    view = _trace(node, shapes, lift=())
+    missing = _sublayers_not_called(node.operation, view)
+    if missing:
+        # Sublayers called on constant tensors the layer holds (ViT: position_embedding(self.position_ids))
+        # ran eagerly while tracing. Trace again with the layer's integer tensor attributes as extra
+        # symbolic inputs, so those calls become nodes (their weights then get rules).
+        lift = _integer_tensor_attributes(node.operation)
+        if lift:
+            try:
+                lifted = _trace(node, shapes, lift=lift)
+            except TraceError:
+                lifted = None
+            if lifted is not None and len(_sublayers_not_called(node.operation, lifted)) < len(missing):
+                view = lifted
+    return view
+
+
+def lifted_constants(view):
+    """The constant tensors a traced view takes as extra inputs after the call's own (see `trace_call`)."""
+    return _LIFTED.get(view, ())
+
+
+def _integer_tensor_attributes(op):
+    """(name, tensor) for the integer backend tensors `op` holds as attributes (position ids, indices)."""
+    out = []
+    for name, value in vars(op).items():
+        if isinstance(value, (keras.Variable, keras.KerasTensor)) or not keras.ops.is_tensor(value):
+            continue
+        if "int" in str(getattr(value, "dtype", "")) and len(tuple(getattr(value, "shape", ()))) >= 1:
+            out.append((name, value))
+    return out
+
+
+def _sublayers_not_called(op, view):
+    """`op`'s sublayers that own weights but are called nowhere in `view` (nested calls included)."""
+    called = set()
+    stack = [view]
+    while stack:
+        g = stack.pop()
+        for n in topo_nodes(g):
+            if n.operation is None or n.is_input:
+                continue
+            called.add(id(n.operation))
+            if is_model(n.operation):
+                stack.append(as_functional(n.operation))
+    flatten = getattr(op, "_flatten_layers", None)
+    subs = list(flatten(include_self=False, recursive=False)) if flatten else []
+    return [layer for layer in subs if layer.weights and id(layer) not in called]
+
+
+def _trace(node, shapes, lift):
     op = node.operation
     tensors = list(node.arguments.keras_tensors)
+    saved = {name: value for name, value in lift}
     try:
         fresh = []
         for i, kt in enumerate(tensors):
@@ -295,15 +352,25 @@ def trace_call(node, shapes=None):
             # Dense inputs: keras marks some symbolic tensors sparse that never are at run time.
             fresh.append(keras.Input(shape=shape[1:], batch_size=shape[0] if shape else None, dtype=kt.dtype))
         args, kwargs = node.arguments.fill_in({id(a): b for a, b in zip(tensors, fresh)})
-        with _lenient_output_specs(op):
-            outputs = op.call(*args, **kwargs)
+        extra = []
+        for name, value in lift:
+            shape = tuple(int(d) for d in value.shape)
+            dtype = keras.backend.standardize_dtype(keras.ops.convert_to_numpy(value).dtype)
+            extra.append(keras.Input(shape=shape[1:], batch_size=shape[0], dtype=dtype, name=f"{op.name}_{name}"))
+            object.__setattr__(op, name, extra[-1])
+        try:
+            with _lenient_output_specs(op):
+                outputs = op.call(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                object.__setattr__(op, name, value)
         flat = tree.flatten(outputs)
         if not flat or not all(isinstance(o, keras.KerasTensor) for o in flat):
             raise TraceError(f"call() of '{op.name}' returned something other than tensors.")
         if len(flat) != len(node.outputs):
             raise TraceError(f"call() of '{op.name}' returned {len(flat)} tensors, the layer's node has "
                              f"{len(node.outputs)}.")
-        view = keras.Model(fresh, outputs, name=f"{op.name}_call")
+        view = keras.Model(fresh + extra, outputs, name=f"{op.name}_call")
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a symbolic replay means: keep the layer whole
@@ -315,6 +382,8 @@ def trace_call(node, shapes=None):
     if baked is not None:  # e.g. ops.reshape(x, (None, t, h, d)) from ops.shape(x) of a symbolic input
         raise TraceError(f"'{baked}' got an unknown dimension as a constant shape; the call needs concrete shapes.")
     _RAW_OP_LABELS[view] = _raw_op_labels(view)
+    if lift:
+        _LIFTED[view] = tuple(value for _, value in lift)
     return view
 
 
@@ -341,6 +410,9 @@ def _unknown_in_constant_shape(view):
                 return op.name
     return None
 
+
+# traced view -> the constant tensors it takes as extra inputs (lifted integer attributes of the layer)
+_LIFTED = weakref.WeakKeyDictionary()
 
 # traced view -> {id(raw op): its name in that view}; Keras names raw ops from a global counter
 # (``multiply_17``), so two traces of one call would name their rows differently.

@@ -200,6 +200,7 @@ class SignalReplay:
         self.prior = prior or {}  # row name -> factor an earlier calibration round applied
         self.widest = 0  # the most elements per example of any node output seen
         self.batch = None
+        self.input_batch = None
         self.calibrated_ops = set()
 
     def stats_of(self, v, kt=None, produced=False):
@@ -218,6 +219,8 @@ class SignalReplay:
         return s
 
     def run(self, inputs):
+        flat_inputs = tree.flatten(inputs)
+        self.input_batch = int(flat_inputs[0].shape[0]) if flat_inputs and len(flat_inputs[0].shape) else None
         if self.record:
             for kt, v in zip(self.fn.inputs, tree.flatten(inputs)):
                 self.stats_of(v, kt, produced=True)
@@ -393,6 +396,8 @@ class SignalReplay:
         if c is not None and not bias_splits(op):
             u = u - c
         vu, rse, cov, vc = var_cov(u, c)
+        if int(u.shape[0]) == 1 and (self.input_batch or 1) > 1:
+            rse = 0.0  # computed from constants (position ids), the same for every example: nothing sampled
         self.rse[name] = rse
         s, how = solve_scale(vu, cov, vc, target)
         if s is not None and self.step != 1.0:

@@ -67,8 +67,9 @@ class CallTracer:
             real tensors give them (the model's probe length).
     """
 
-    def __init__(self, rules=None, length=None):
+    def __init__(self, rules=None, length=None, moments=False):
         self.rules = rules or {}
+        self.moments = moments  # the analytic pass: values are Moments
         self.length = length or DEFAULT_PROBE_LENGTH
         self.reasons = {}  # id(op) -> why its call could not be traced
         self._ops = {}  # id(node) -> (op, view) for the traced calls
@@ -116,6 +117,16 @@ class CallTracer:
         self.refused[id(op)] = reason
         self.reasons[id(op)] = reason
         self._ops = {k: (o, v) for k, (o, v) in self._ops.items() if o is not op}
+
+    def constant(self, tensor):
+        """The value a lifted constant input (`graph.lifted_constants`) has in this pass: its moments in
+        the analytic pass (values are `Moments`), the tensor itself in a replay."""
+        if self.moments:
+            import numpy as np
+
+            a = np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float64)
+            return Moments(float(a.mean()), float(a.var()))
+        return tensor
 
     def traced_ops(self):
         """(op, view) for every call traced in this pass."""

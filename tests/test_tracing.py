@@ -235,3 +235,40 @@ def test_widely_spread_softmax_logits_are_marked_inexact_and_calibrated():
     assert list(rep.auto_calibrated) == ["proj"] and "softmax of logits" in rep.auto_calibrated["proj"]
     x = np.random.default_rng(4).standard_normal((4096, 16, 16)).astype("float32")
     assert float(np.var(keras.ops.convert_to_numpy(model(x)))) == pytest.approx(1.0, rel=0.1)
+
+
+class Patches(L.Layer):
+    """Like keras-hub's ViT patching layer: a sublayer called on position ids the layer holds."""
+
+    def __init__(self, n, width, **kw):
+        super().__init__(**kw)
+        self.n = n
+        self.proj = L.Dense(width, name="proj")
+        self.pos = L.Embedding(n, width, embeddings_initializer=keras.initializers.RandomNormal(0, 0.02), name="pos")
+
+    def build(self, shape):
+        self.position_ids = keras.ops.expand_dims(keras.ops.arange(self.n), 0)
+        self.built = True
+
+    def call(self, x):
+        return self.proj(x) + self.pos(self.position_ids)
+
+
+def test_a_sublayer_called_on_held_constants_is_walked_too():
+    """The position table used to be read eagerly while tracing and kept (ViT: variance 4e-4 after wrap)."""
+    inp = keras.Input((6, 4))
+    layer = Patches(6, 8, name="patches")
+    model = keras.Model(inp, layer(inp))
+    node = next(n for n in graph.topo_nodes(model) if n.operation is layer)
+    view = graph.trace_call(node)
+    assert len(graph.lifted_constants(view)) == 1 and len(view.inputs) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert {"patches/proj", "patches/pos"} <= {r.name for r in rep.rows if r.weighted}
+    assert float(np.var(layer.pos.embeddings.numpy())) == pytest.approx(1.0, rel=0.3)
+    x = np.random.default_rng(5).standard_normal((2048, 6, 4)).astype("float32")
+    y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
+    assert y.var() == pytest.approx(rep.rows[-1].outputs[0].var, rel=0.1)
+    measured = autoinit_tf.measure(model, x)
+    assert measured["patches/pos"].outputs[0].var == pytest.approx(rep["patches/pos"].outputs[0].var, rel=0.05)
