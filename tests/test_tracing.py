@@ -272,3 +272,15 @@ def test_a_sublayer_called_on_held_constants_is_walked_too():
     assert y.var() == pytest.approx(rep.rows[-1].outputs[0].var, rel=0.1)
     measured = autoinit_tf.measure(model, x)
     assert measured["patches/pos"].outputs[0].var == pytest.approx(rep["patches/pos"].outputs[0].var, rel=0.05)
+
+
+def test_a_calibrated_output_computed_from_constants_has_no_sampling_error():
+    """The position table's output is the same for every example: its variance is not an estimate (its
+    relative standard error was inf, which grew the probe to the memory bound)."""
+    inp = keras.Input((6, 4))
+    model = keras.Model(inp, Patches(6, 8, name="patches")(inp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate="probe", return_report=True)
+    assert rep.calibration_error["patches/pos"] == 0.0
+    assert "patches/pos" in rep.calibration
