@@ -18,3 +18,4 @@ from autoinit_tf.measure import CalibrationWarning, calibrate, measure  # noqa: 
 from autoinit_tf.stability import UnstableSignalWarning  # noqa: F401
 from autoinit_tf.callbacks import SignalMonitor  # noqa: F401
 from autoinit_tf import layers  # noqa: F401,E402
+from autoinit_tf.gradinit import GradInitReport, gradinit  # noqa: F401,E402

@@ -35,18 +35,10 @@ ACTIVATION_BYTES = 256 * 2**20
 _LENGTH_ATTRIBUTES = ("sequence_length", "max_sequence_length")
 
 
-def _layer_tree(model):
-    """`model` and every layer inside it, recursively (sublayers of subclassed layers too)."""
-    flatten = getattr(model, "_flatten_layers", None)  # Keras 3's own recursive traversal
-    if flatten is not None:
-        return list(flatten(include_self=True, recursive=True))
-    return [model] + list(getattr(model, "layers", []) or [])
-
-
 def declared_length(model) -> int | None:
     """The shortest sequence length any layer of `model` (searched recursively) declares, or None."""
     lengths = []
-    for layer in _layer_tree(model):
+    for layer in graph.layer_tree(model):
         for name in _LENGTH_ATTRIBUTES:
             value = vars(layer).get(name)
             if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:

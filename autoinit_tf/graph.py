@@ -20,7 +20,15 @@ import keras
 from keras import tree
 
 __all__ = ["as_functional", "is_model", "topo_nodes", "walk", "Site", "count_calls", "leaf_ops", "GraphError",
-           "trace_call", "TraceError", "lifted_constants"]
+           "trace_call", "TraceError", "lifted_constants", "layer_tree"]
+
+
+def layer_tree(model, include_self=True) -> list:
+    """`model` and every layer inside it, recursively (sublayers of subclassed layers too), each once."""
+    flatten = getattr(model, "_flatten_layers", None)  # Keras 3's own recursive traversal
+    if flatten is not None:
+        return list(flatten(include_self=include_self, recursive=True))
+    return ([model] if include_self else []) + list(getattr(model, "layers", []) or [])
 
 
 class GraphError(TypeError):
