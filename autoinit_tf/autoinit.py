@@ -31,13 +31,14 @@ def analyze(
     rules=None,
     include_frozen=False,
     progress=None,
+    bn_gamma=None,
 ) -> SignalReport:
     """Predict the mean and variance at every node as `wrap` would leave them; change nothing.
 
     Returns a `SignalReport` (one row per call of each layer or op, in topological order).
     """
     options = PassOptions(input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
-                          progress)
+                          progress, bn_gamma)
     engine = run_analytic_pass(model, options, keep_drawn=False)
     report = SignalReport(model.name, engine.rows, assigned=[])
     report.amplification = engine.amplification.worst[:2]
@@ -59,6 +60,7 @@ def wrap(
     calibrate="auto",
     return_report=False,
     progress=None,
+    bn_gamma=None,
 ):
     """Re-initialize every weight tensor of `model` in place so the signal keeps its scale.
 
@@ -86,6 +88,10 @@ def wrap(
         return_report: also return the `SignalReport`.
         progress: optional ``callable(done, total, node_name)`` called after every node of the walk
             (the CLI draws its progress bar with it).
+        bn_gamma: the revisited BatchNorm initialization (Davis & Frank, ECCV 2022): every
+            BatchNormalization (and DAR-BN) gets gamma = `bn_gamma` (the paper: 0.1) and beta = 0, and the
+            propagation uses that gamma, so the layers after a BN see its smaller output. Pair it with
+            `autoinit_tf.bn_optimizer` (gamma's learning rate / 100). None keeps gamma and beta.
 
     BatchNormalization (and DAR-BN) moving statistics are set to the statistics the initialized network
     gives its input (the analytic per-channel prediction; with `calibrate`, those measured on the
@@ -101,7 +107,7 @@ def wrap(
         model = rewrite(model, swaps=swaps)
     # Calibration is the remedy for an unstable prediction: no warning when it runs.
     options = PassOptions(input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
-                          progress)
+                          progress, bn_gamma)
     auto = isinstance(calibrate, str) and calibrate == "auto"
     engine = run_analytic_pass(model, options, warn_unstable=calibrate is None)
     # Everything is computed before anything is assigned: the analytic arrays, then (with

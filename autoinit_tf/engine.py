@@ -60,6 +60,7 @@ class PassOptions:
     rules: dict | None = None
     include_frozen: bool = False
     progress: Callable | None = None
+    bn_gamma: float | None = None
 
     def __post_init__(self):
         sv = self.signal_variance
@@ -68,6 +69,9 @@ class PassOptions:
         if self.rules is not None and not isinstance(self.rules, dict):
             raise TypeError("rules must be a dict {LayerClass: rule}.")
         distributions.check_distribution(self.distribution)
+        g = self.bn_gamma
+        if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g > 0):
+            raise ValueError(f"bn_gamma must be a positive finite number or None, got {g!r}.")
 
 
 class AnalyticPass:
@@ -88,6 +92,7 @@ class AnalyticPass:
         self.strict = options.strict
         self.rules = dict(options.rules or {})
         self.include_frozen = options.include_frozen
+        self.bn_gamma = None if options.bn_gamma is None else float(options.bn_gamma)
         self.pending = {}  # variable path -> (variable, array)
         self.rows = []
         self.fit_inputs = {}  # id(op) -> combined input moments over all calls

@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 conversion error (a one-paragraph message; the tracebac
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -243,6 +244,9 @@ def default_output(input_path):
 @click.option("--distribution", type=LibraryChoice("autoinit_tf.distributions:DISTRIBUTIONS"), default="truncated_normal",
               show_default=True, help="Weight distribution.")
 @click.option("--strict", is_flag=True, help="Fail on layers without a propagation rule (no fallback).")
+@click.option("--bn-gamma", type=float, default=None, metavar="C",
+              help="Revisited BatchNorm init (Davis & Frank): every BN gamma = C (the paper: 0.1), beta = 0; "
+                   "train with autoinit_tf.bn_optimizer.")
 @click.option("--include-frozen", is_flag=True, help="Also re-initialize layers with trainable=False.")
 @click.option("--keep-weights-of", "keep", multiple=True, metavar="LAYER_GLOB",
               help="Keep the stored (pretrained) weights of layers matching this glob (repeatable).")
@@ -257,8 +261,8 @@ def default_output(input_path):
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Print the per-layer table, fix-ups and tracebacks.")
 def command(input_path, output_path, input_format, custom_objects, allow_lambda, swaps, input_mean, input_var,
-            data_path, calibrate, seed, signal_variance, distribution, strict, include_frozen, keep, export_dir,
-            report_path, plot_path, dry_run, overwrite, quiet, verbose):
+            data_path, calibrate, seed, signal_variance, distribution, strict, bn_gamma, include_frozen, keep,
+            export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
     """Re-initialize a stored model with AutoInit and save it as .keras.
 
     INPUT is a .keras file, a legacy .h5 file (Keras 2 or 3), a Keras-2 SavedModel directory or a JSON
@@ -272,6 +276,8 @@ def command(input_path, output_path, input_format, custom_objects, allow_lambda,
     if calibrate == "data" and data_path is None:
         raise click.UsageError("--calibrate data needs --data FILE.npy|.npz.")
     check_finite_options(input_mean=input_mean, input_var=input_var, signal_variance=signal_variance)
+    if bn_gamma is not None and not (math.isfinite(bn_gamma) and bn_gamma > 0):
+        raise click.BadParameter(f"must be a positive number, got {bn_gamma}.", param_hint="--bn-gamma")
     if output_path is not None and not output_path.endswith(".keras"):
         raise click.BadParameter(f"'{output_path}' must end in .keras.", param_hint="OUTPUT")
     if data_path is not None and not data_path.lower().endswith((".npy", ".npz")):
@@ -295,8 +301,8 @@ def command(input_path, output_path, input_format, custom_objects, allow_lambda,
 
 
 def _convert(*, input_path, output_path, input_format, custom_objects, allow_lambda, swaps, input_mean,
-             input_var, data_path, calibrate, seed, signal_variance, distribution, strict, include_frozen, keep,
-             export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
+             input_var, data_path, calibrate, seed, signal_variance, distribution, strict, bn_gamma, include_frozen,
+             keep, export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
     """The stages: refuse unwritable outputs, load, swap, initialize, then print (dry run) or publish."""
     from autoinit_tf import formats
 
@@ -323,7 +329,7 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
             input_moments = (0.0 if input_mean is None else input_mean, 1.0 if input_var is None else input_var)
         options = dict(input_moments=input_moments, data=data, signal_variance=signal_variance,
                        distribution=distribution, seed=seed, strict=strict, include_frozen=include_frozen,
-                       progress=progress.walk_callback())
+                       progress=progress.walk_callback(), bn_gamma=bn_gamma)
         model, report = _initialize(model, kept, options, dry_run=dry_run, calibrate=calibrate, progress=progress,
                                     verbose=verbose)
         if dry_run:
@@ -333,7 +339,7 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
         _restore_kept_and_compile(model, loaded, kept, snapshot, plan, echo)
         progress("save")
         written = _publish(model, report, output_path, export_dir, report_path, plot_path, overwrite)
-    _print_summary(echo, verbose, input_path, loaded, plan, kept, report, written, t0)
+    _print_summary(echo, verbose, input_path, loaded, plan, kept, report, written, t0, bn_gamma)
 
 
 def _check_outputs(output_path, export_dir, report_path, plot_path, overwrite):
@@ -440,7 +446,7 @@ def _publish(model, report, output_path, export_dir, report_path, plot_path, ove
     return written
 
 
-def _print_summary(echo, verbose, input_path, loaded, plan, kept, report, written, t0):
+def _print_summary(echo, verbose, input_path, loaded, plan, kept, report, written, t0, bn_gamma=None):
     if verbose:
         for line in loaded.fixups:
             echo(f"fix-up: {line}")
@@ -459,6 +465,10 @@ def _print_summary(echo, verbose, input_path, loaded, plan, kept, report, writte
              "(--calibrate none keeps the pure analytic pass)")
         for name, why in list(report.auto_calibrated.items())[:5] if verbose else []:
             echo(f"    {name}: {why}")
+    if bn_gamma is not None:
+        n_gamma = sum(p.endswith("/gamma") for p in report.assigned)
+        echo(f"  BatchNorm gamma:       {bn_gamma:g}, beta 0 in {n_gamma} layers (Davis & Frank); train with "
+             "autoinit_tf.bn_optimizer (gamma's learning rate / 100)")
     echo(f"  output:                {written[0]}")
     for extra in written[1:]:
         echo(f"  also wrote:            {extra}")

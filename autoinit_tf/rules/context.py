@@ -63,6 +63,12 @@ class RuleContext:
         return self._engine.distribution
 
     @property
+    def bn_gamma(self) -> float | None:
+        """The constant every batch-normalizing layer's gamma is set to (Davis & Frank's revisited BN
+        initialization, beta set to 0), or None to keep gamma and beta."""
+        return getattr(self._engine, "bn_gamma", None)
+
+    @property
     def input_shapes(self):
         if self._input_shapes is not None:
             return self._input_shapes

@@ -87,10 +87,22 @@ def set_moving_statistics(ctx, layer, m, per_channel):
     ctx.assign(var_var, np.maximum(np.asarray(var, np.float64), 0.0).reshape(var_var.shape))
 
 
+def set_revisited_affine(ctx, layer):
+    """With ``ctx.bn_gamma`` (``wrap(bn_gamma=...)``): gamma = bn_gamma and beta = 0 (Davis & Frank 2022);
+    the rule then propagates with these values."""
+    if ctx.bn_gamma is None:
+        return
+    if getattr(layer, "gamma", None) is not None:
+        ctx.assign(layer.gamma, np.full(tuple(layer.gamma.shape), ctx.bn_gamma))
+    if getattr(layer, "beta", None) is not None:
+        ctx.assign(layer.beta, np.zeros(tuple(layer.beta.shape)))
+
+
 @BUILTIN.rule(keras.layers.BatchNormalization)
 def batch_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
+    set_revisited_affine(ctx, layer)
     per_channel = m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0]))
     set_moving_statistics(ctx, layer, m, per_channel)
     if per_channel:

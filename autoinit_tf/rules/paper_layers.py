@@ -45,7 +45,7 @@ from autoinit_tf.layers import (
 )
 from autoinit_tf.layers.logit_gates import AIL_FUNCTIONS, ail_moments, gate_reduce, nail_constants
 from autoinit_tf.moments import Moments, gaussian_expectations, standard_normal_quantiles
-from autoinit_tf.rules.normalization import set_moving_statistics
+from autoinit_tf.rules.normalization import set_moving_statistics, set_revisited_affine
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -231,6 +231,7 @@ def iternorm_rule(ctx):
 @BUILTIN.rule(DARBatchNormalization)
 def dar_batch_normalization_rule(ctx):
     layer, m = ctx.layer, ctx.inputs[0]
+    set_revisited_affine(ctx, layer)
     set_moving_statistics(ctx, layer, m, per_channel=m.ch_mean is not None)  # a probe is all natural images
     v = m.var
     ratio = v / (v + layer.epsilon) if v > 0 else 0.0
