@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 from autoinit_tf import distribute
 from autoinit_tf.engine import FallbackRuleWarning, PassOptions, run_analytic_pass
@@ -61,6 +62,7 @@ def wrap(
     return_report=False,
     progress=None,
     bn_gamma=None,
+    only=None,
 ):
     """Re-initialize every weight tensor of `model` in place so the signal keeps its scale.
 
@@ -92,6 +94,10 @@ def wrap(
             BatchNormalization (and DAR-BN) gets gamma = `bn_gamma` (the paper: 0.1) and beta = 0, and the
             propagation uses that gamma, so the layers after a BN see its smaller output. Pair it with
             `autoinit_tf.bn_optimizer` (gamma's learning rate / 100). None keeps gamma and beta.
+        only: layer names or glob patterns (a nested layer as ``outer/inner``): initialize only these
+            layers (a new head on a pretrained backbone), every other variable stays bit-identical. The
+            layers are fitted on a replay of the real model: on `data` when given (the moments the
+            pretrained backbone really produces; recommended), else on a Gaussian probe (with a warning).
 
     BatchNormalization (and DAR-BN) moving statistics are set to the statistics the initialized network
     gives its input (the analytic per-channel prediction; with `calibrate`, those measured on the
@@ -105,9 +111,18 @@ def wrap(
     seed = distribute.consensus_seed(seed, model)  # multi-worker: every worker draws the same weights
     if swaps:
         model = rewrite(model, swaps=swaps)
+    allowed, only_paths = (None, None) if only is None else _layers_selected(model, only)
+    if only is not None and isinstance(calibrate, str) and calibrate == "auto":
+        # The pass reads the pretrained weights but its independence assumptions do not hold for them:
+        # the new layers are fitted on the real model's response (data when given).
+        if data is None:
+            warnings.warn(f"wrap(only={only!r}) without data=: the new layers are fitted to the model's response "
+                          "to a Gaussian probe; pass data=<a sample of real inputs> to fit them to the features "
+                          "the pretrained layers really produce.", FallbackRuleWarning, stacklevel=2)
+        calibrate = "probe" if data is None else data
     # Calibration is the remedy for an unstable prediction: no warning when it runs.
     options = PassOptions(input_moments, data, signal_variance, distribution, seed, strict, rules, include_frozen,
-                          progress, bn_gamma)
+                          progress, bn_gamma, None if allowed is None else frozenset(allowed))
     auto = isinstance(calibrate, str) and calibrate == "auto"
     engine = run_analytic_pass(model, options, warn_unstable=calibrate is None)
     # Everything is computed before anything is assigned: the analytic arrays, then (with
@@ -122,7 +137,10 @@ def wrap(
         # With data=..., the probe takes the data's moments.
         resolved = input_moments if data is None else [(m.mean, m.var) for m in engine.input_moments]
         values = {id(variable): array for variable, array in engine.pending.values()}
-        only = set(engine.inexact) if auto else {r.name for r in report.rows if r.weighted}
+        if only_paths is not None:  # the selected layers' rows only: the others keep their weights
+            only = {r.name for r in report.rows if r.weighted and _row_under(r.name, only_paths)}
+        else:
+            only = set(engine.inexact) if auto else {r.name for r in report.rows if r.weighted}
         report, values = calibrated_values(
             model, "probe" if auto else calibrate, report=report if return_report else None, only=only, values=values,
             record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
@@ -139,6 +157,26 @@ def wrap(
         time.perf_counter() - t0,
     )
     return (model, report) if return_report else model
+
+
+def _row_under(name, paths) -> bool:
+    """Whether report row `name` (``outer/inner``, ``#k`` for a repeated call) belongs to one of `paths`."""
+    base = name.split("#", 1)[0]
+    return any(base == p or base.startswith(p + "/") for p in paths)
+
+
+def _layers_selected(model, only):
+    """``(variable paths, layer paths)`` of the layers `only` names (names or globs; nested ``outer/inner``)."""
+    from autoinit_tf import formats
+
+    patterns = [only] if isinstance(only, str) else list(only)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"only must be a layer name, a glob pattern or a list of them, got {only!r}.")
+    matched = formats.layers_matching(model, patterns)
+    if not matched:
+        names = ", ".join(path for path, _ in formats.model_layers(model))
+        raise ValueError(f"only={patterns} matched no layer. The model's layers: {names}.")
+    return {variable.path for _, layer in matched for variable in layer.weights}, [path for path, _ in matched]
 
 
 def compare(model, x=None, *, training=True, batch_size=256, probe_seed=None, input_moments=None,

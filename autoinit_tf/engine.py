@@ -61,6 +61,7 @@ class PassOptions:
     include_frozen: bool = False
     progress: Callable | None = None
     bn_gamma: float | None = None
+    only: frozenset | None = None  # variable paths the pass may replace (wrap's only=); None: all
 
     def __post_init__(self):
         sv = self.signal_variance
@@ -93,6 +94,7 @@ class AnalyticPass:
         self.rules = dict(options.rules or {})
         self.include_frozen = options.include_frozen
         self.bn_gamma = None if options.bn_gamma is None else float(options.bn_gamma)
+        self.only = None if options.only is None else frozenset(options.only)
         self.pending = {}  # variable path -> (variable, array)
         self.rows = []
         self.fit_inputs = {}  # id(op) -> combined input moments over all calls
@@ -103,7 +105,15 @@ class AnalyticPass:
 
     # -- weight bookkeeping ----------------------------------------------------------------------
     def may_reinit(self, op, variable) -> bool:
+        if self.only is not None and variable.path not in self.only:
+            return False
         return self.include_frozen or bool(getattr(op, "trainable", True))
+
+    def kept_reason(self, op, variable) -> str:
+        """Why `may_reinit` refused: the word the rule's note uses ("frozen" or "outside only=")."""
+        if self.only is not None and variable.path not in self.only:
+            return "pretrained (outside only=)"
+        return "frozen"
 
     def ordinal(self, op) -> int:
         """The order in which `op` was first visited (stable across passes and model copies)."""

@@ -149,7 +149,7 @@ class RuleContext:
         unchanged and a note is added. Returns the value the variable will hold.
         """
         if not self.may_reinit(variable):
-            self.note(f"kept frozen weight {variable.path}")
+            self.note(f"kept {self._engine.kept_reason(self.op, variable)} weight {variable.path}")
             return self.value(variable)
         dist = distribution or self.distribution
         rng = self.rng(variable)
@@ -170,7 +170,7 @@ class RuleContext:
     def assign(self, variable, value) -> None:
         """Record `value` for `variable` (applied by the engine at the end, if at all)."""
         if not self.may_reinit(variable):
-            self.note(f"kept frozen weight {variable.path}")
+            self.note(f"kept {self._engine.kept_reason(self.op, variable)} weight {variable.path}")
             return
         self._engine.record(self.op, variable, np.asarray(value))
 
