@@ -22,3 +22,4 @@ from autoinit_tf.gradinit import GradInitReport, gradinit  # noqa: F401,E402
 from autoinit_tf.revisited_bn import bn_optimizer, revisited_bn_init, with_input_batch_norm  # noqa: F401,E402
 from autoinit_tf import transfer  # noqa: F401,E402
 from autoinit_tf import losses  # noqa: F401,E402
+from autoinit_tf import noise  # noqa: F401,E402

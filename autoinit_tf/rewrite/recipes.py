@@ -635,6 +635,44 @@ class BNRemove(_BNRecipe):
                                    removes=[info.op.name]))
 
 
+#: The input `bn->darbn` adds: shape (batch, 1), 1 for a pure-noise example, 0 for a natural one.
+NOISE_MASK_INPUT = "noise_mask"
+
+
+class BNToDARBN(_BNRecipe):
+    name = "bn->darbn"
+    args = {}
+    doc = ("BatchNormalization becomes DARBatchNormalization (Zada et al.) routed by a new model input "
+           f"'{NOISE_MASK_INPUT}' (shape (1,), 1 = pure-noise image): noise images are normalized with their own "
+           "batch statistics, natural ones alone update the moving statistics; weights kept, inference as BN.")
+
+    def plan_node(self, info, state):
+        op = info.op
+        _check_last_axis(self, info)
+        if info.path:
+            raise SwapError(f"swap '{self.name}' cannot apply to node '{info.label}': it is inside the nested model "
+                            f"'{'/'.join(info.path)}', which cannot receive the '{NOISE_MASK_INPUT}' input. Flatten "
+                            "the model first (build it from the nested model's layers).")
+        key = ("darbn", id(op))
+        name = state.name_for(key, f"{op.name}_darbn")
+        cfg = dict(momentum=op.momentum, epsilon=op.epsilon, center=op.center, scale=op.scale)
+
+        def build(args, kwargs, ctx, _k=key, _n=name, _cfg=cfg, _op=op):
+            mask = ctx.side_input(NOISE_MASK_INPUT, (1,))
+
+            def make():
+                layer = paper.DARBatchNormalization(name=_n, **_cfg)
+                ctx.copy_pairs.append((_op, layer))  # gamma, beta, moving mean, moving variance: same order
+                return layer
+
+            return ctx.cached(_k, make)([args[0], mask])
+
+        state.plan.claim(PlanEntry(self.name, "replace", info.label,
+                                   f"BatchNormalization -> DARBatchNormalization '{name}' (input '{NOISE_MASK_INPUT}')",
+                                   info=info, build=build, creates=[(name, "DARBatchNormalization")],
+                                   removes=[op.name]))
+
+
 class ConvUnitToWhitening(Recipe):
     name = "conv_unit->whitening"
     args = {"group_size": 64, "iterations": 5}
@@ -786,6 +824,7 @@ RECIPES = {
                                    ResidualStochasticDepth.doc),
     "residual->scaled": (ResidualScaled, dict(ResidualScaled.args), ResidualScaled.doc),
     "bn->remove": (BNRemove, {}, BNRemove.doc),
+    "bn->darbn": (BNToDARBN, {}, BNToDARBN.doc),
 }
 
 

@@ -297,6 +297,17 @@ class ReplayContext:
         self.copy_pairs = []  # (old, new)
         self.cache = {}
         self.models = {}
+        self.side_inputs = {}  # name -> a new model input a replacement needs (bn->darbn's noise mask)
+
+    def side_input(self, name, shape, dtype="float32"):
+        """A new input of the rewritten model (created once per name, appended after the original inputs)."""
+        if name not in self.side_inputs:
+            taken = set(self.index.names)
+            if name in taken:
+                raise SwapError(f"the rewritten model needs a new input '{name}', but a layer of the model already "
+                                "has that name.")
+            self.side_inputs[name] = keras.Input(shape=tuple(shape), dtype=dtype, name=name)
+        return self.side_inputs[name]
 
     def cached(self, key, factory):
         """A value built once per key (use ``("name", id(op))`` keys so shared layers stay shared)."""
@@ -481,7 +492,13 @@ def replay(model, plan, index):
                             name=layer.name)
             )
         outs = _replay_graph(fn, new_inputs, ctx)
-        new = keras.Model(tree.pack_sequence_as(fn._inputs_struct, new_inputs), outs, name=model.name)
+        struct = tree.pack_sequence_as(fn._inputs_struct, new_inputs)
+        if ctx.side_inputs:  # inputs a replacement added: after the original ones
+            if isinstance(struct, dict):
+                struct = {**struct, **ctx.side_inputs}
+            else:
+                struct = (list(struct) if isinstance(struct, (list, tuple)) else [struct]) + list(ctx.side_inputs.values())
+        new = keras.Model(struct, outs, name=model.name)
         ctx.copy_weights()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
