@@ -23,3 +23,4 @@ from autoinit_tf.revisited_bn import bn_optimizer, revisited_bn_init, with_input
 from autoinit_tf import transfer  # noqa: F401,E402
 from autoinit_tf import losses  # noqa: F401,E402
 from autoinit_tf import noise  # noqa: F401,E402
+from autoinit_tf import byol, optimizers  # noqa: F401,E402
