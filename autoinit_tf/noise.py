@@ -116,15 +116,21 @@ class OPeNSampler:
 class PureNoiseSequence(keras.utils.PyDataset):
     """OPeN batches ``((images, noise_mask), labels)`` for `model.fit`; the epoch advances at each epoch end."""
 
-    def __init__(self, x, y, batch_size=128, *, delta=DEFAULT_DELTA, start_epoch=0, seed=None, stats=None, **kwargs):
+    def __init__(self, x, y, batch_size=128, *, delta=DEFAULT_DELTA, start_epoch=0, seed=None, stats=None,
+                 with_mask=True, **kwargs):
         super().__init__(**kwargs)
         self.sampler = OPeNSampler(x, y, batch_size, delta=delta, start_epoch=start_epoch, seed=seed, stats=stats)
+        # with_mask=False (and delta=0): plain deferred class-balanced oversampling for a model without DAR-BN
+        if not with_mask and delta:
+            raise ValueError("with_mask=False is only for delta=0 (no noise images): the mask is what routes them.")
+        self.with_mask = bool(with_mask)
 
     def __len__(self):
         return len(self.sampler)
 
     def __getitem__(self, i):
-        return self.sampler.batch(i)
+        (images, mask), labels = self.sampler.batch(i)
+        return ((images, mask), labels) if self.with_mask else (images, labels)
 
     def on_epoch_end(self):
         self.sampler.set_epoch(self.sampler.epoch + 1)
