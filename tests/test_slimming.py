@@ -117,3 +117,29 @@ def test_more_keras_applications_prune(name):
     new, report = prune_channels(model, ratio=0.4)
     assert report.params_after < report.params_before
     assert _predict(new, np.zeros((1, 32, 32, 3), "float32")).shape == (1, 10)
+
+
+def test_cli_prune_writes_a_smaller_model_and_never_touches_the_input(tmp_path):
+    pytest.importorskip("tensorflow")
+    from click.testing import CliRunner
+
+    from autoinit_tf_cli.main import cli
+
+    model = _branchy()
+    _set_bn(model)
+    src = tmp_path / "m.keras"
+    model.save(src)
+    before = src.read_bytes()
+    r = CliRunner().invoke(cli, ["prune", str(src), "--threshold", "1e-9"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "m.slim.keras"
+    assert out.exists() and "6 of 18 prunable channels removed" in r.output
+    assert src.read_bytes() == before
+    slim = keras.saving.load_model(out)
+    assert slim.get_layer("c1").kernel.shape[-1] == 6
+    r = CliRunner().invoke(cli, ["prune", str(src), "--threshold", "1e-9"])  # exists: refused
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = CliRunner().invoke(cli, ["prune", str(src), str(src), "--ratio", "0.3"])
+    assert r.exit_code == 2
+    r = CliRunner().invoke(cli, ["prune", str(src)])
+    assert r.exit_code == 2 and "exactly one" in r.output
