@@ -25,4 +25,5 @@ from autoinit_tf import losses  # noqa: F401,E402
 from autoinit_tf import noise  # noqa: F401,E402
 from autoinit_tf import byol, optimizers  # noqa: F401,E402
 from autoinit_tf import slimming  # noqa: F401,E402
+from autoinit_tf.slimming import prune_channels  # noqa: F401,E402
 from autoinit_tf import quantize  # noqa: F401,E402
