@@ -213,15 +213,15 @@ def check_finite_options(**values):
             raise click.BadParameter("must be positive.", param_hint=flag)
 
 
-def default_output(input_path):
-    """``NAME.autoinit.keras`` next to the input (for a directory: beside it)."""
+def default_output(input_path, suffix="autoinit"):
+    """``NAME.<suffix>.keras`` next to the input (for a directory: beside it)."""
     path = os.path.normpath(os.fspath(input_path))
     base = os.path.basename(path)
     for ext in (".keras", ".h5", ".hdf5", ".json"):
         if base.lower().endswith(ext):
             base = base[: -len(ext)]
             break
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.autoinit.keras")
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.{suffix}.keras")
 
 
 @click.command("convert")

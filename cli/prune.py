@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 
 import click
 
-from autoinit_tf_cli.convert import fail, refuse_input_paths, resolve_verbosity
-
-
-def default_output(input_path):
-    """``NAME.slim.keras`` next to the input."""
-    path = os.path.normpath(os.fspath(input_path))
-    base = os.path.basename(path)
-    for ext in (".keras", ".h5", ".hdf5", ".json"):
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
-            break
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.slim.keras")
+from autoinit_tf_cli.convert import default_output, fail, refuse_input_paths, resolve_verbosity
 
 
 @click.command("prune")
@@ -47,7 +35,7 @@ def command(input_path, output_path, ratio, threshold, min_channels, overwrite, 
         raise click.BadParameter("must be >= 1.", param_hint="--min-channels")
     if output_path is not None and not output_path.endswith(".keras"):
         raise click.BadParameter(f"'{output_path}' must end in .keras.", param_hint="OUTPUT")
-    output_path = output_path or default_output(input_path)
+    output_path = output_path or default_output(input_path, suffix="slim")
     refuse_input_paths(input_path, OUTPUT=output_path)
     from autoinit_tf import io_utils
 
