@@ -104,16 +104,17 @@ class AnalyticPass:
         self.op_state = {}  # id(op) -> dict a rule keeps across the walks of this pass (`RuleContext.state`)
 
     # -- weight bookkeeping ----------------------------------------------------------------------
+    def _outside_only(self, variable) -> bool:
+        return self.only is not None and variable.path not in self.only
+
     def may_reinit(self, op, variable) -> bool:
-        if self.only is not None and variable.path not in self.only:
+        if self._outside_only(variable):
             return False
         return self.include_frozen or bool(getattr(op, "trainable", True))
 
     def kept_reason(self, op, variable) -> str:
         """Why `may_reinit` refused: the word the rule's note uses ("frozen" or "outside only=")."""
-        if self.only is not None and variable.path not in self.only:
-            return "pretrained (outside only=)"
-        return "frozen"
+        return "pretrained (outside only=)" if self._outside_only(variable) else "frozen"
 
     def ordinal(self, op) -> int:
         """The order in which `op` was first visited (stable across passes and model copies)."""

@@ -16,11 +16,12 @@ the update before the trust ratio, not Keras' decoupled decay.
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import keras
 from keras import ops
 
-__all__ = ["LARS"]
+__all__ = ["LARS", "route_by_path"]
 
 
 @keras.saving.register_keras_serializable(package="autoinit_tf")
@@ -84,3 +85,13 @@ class LARS(keras.optimizers.Optimizer):
         config.update(momentum=self.momentum, weight_decay=self.lars_weight_decay, eta=self.eta,
                       nesterov=self.nesterov, exclude=list(self.exclude))
         return config
+
+
+def route_by_path(default, routes, name=None):
+    """``keras.optimizers.MultiOptimizer``: each variable whose path is a key of `routes` is trained by that
+    optimizer (exact path match), every other variable by `default`. Needs Keras >= 3.15."""
+    if not hasattr(keras.optimizers, "MultiOptimizer"):
+        raise ImportError("Routing variables to several optimizers needs keras.optimizers.MultiOptimizer "
+                          f"(Keras >= 3.15); this is Keras {keras.__version__}: pip install -U keras.")
+    mapping = {re.escape(path): optimizer for path, optimizer in routes.items()}
+    return keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(default, mapping), name=name)

@@ -11,22 +11,26 @@
 
 from __future__ import annotations
 
-import re
-
 import keras
 
 from autoinit_tf import graph
 from autoinit_tf.layers import DARBatchNormalization
+from autoinit_tf.optimizers import route_by_path
 
-__all__ = ["ScaledSchedule", "bn_optimizer", "revisited_bn_init", "with_input_batch_norm", "SIGMA_ACT"]
+__all__ = ["ScaledSchedule", "bn_optimizer", "revisited_bn_init", "with_input_batch_norm", "batch_norm_layers",
+           "SIGMA_ACT"]
 
 #: sigma_act of the paper's input-BN variant: the input BN's gamma is c * SIGMA_ACT.
 SIGMA_ACT = 0.58
 
 
-def _batch_norm_layers(model):
-    return [layer for layer in graph.layer_tree(model, include_self=False)
-            if isinstance(layer, (keras.layers.BatchNormalization, DARBatchNormalization))]
+#: The batch-normalizing layer classes whose gamma these techniques set, schedule or prune.
+BATCH_NORM_CLASSES = (keras.layers.BatchNormalization, DARBatchNormalization)
+
+
+def batch_norm_layers(model):
+    """Every BatchNormalization / DARBatchNormalization inside `model` (nested ones included)."""
+    return [layer for layer in graph.layer_tree(model, include_self=False) if isinstance(layer, BATCH_NORM_CLASSES)]
 
 
 @keras.saving.register_keras_serializable(package="autoinit_tf")
@@ -84,7 +88,7 @@ def bn_optimizer(optimizer, model, gamma_lr_scale=0.01, decay_1d=False):
         ``gamma_lr_scale`` times the one the optimizer alone would take.
     """
     base = keras.optimizers.get(optimizer)
-    if isinstance(base, (keras.optimizers.MultiOptimizer, keras.optimizers.LossScaleOptimizer)):
+    if isinstance(base, (getattr(keras.optimizers, "MultiOptimizer", ()), keras.optimizers.LossScaleOptimizer)):
         raise TypeError("bn_optimizer wraps a plain optimizer (not a MultiOptimizer or LossScaleOptimizer); wrap "
                         "the result in a LossScaleOptimizer if needed.")
     if base.built:
@@ -98,17 +102,16 @@ def bn_optimizer(optimizer, model, gamma_lr_scale=0.01, decay_1d=False):
     gamma_opt = _clone(base, f"{base.name}_bn_gamma", ScaledSchedule(_learning_rate(config), gamma_lr_scale),
                        "keep" if decay_1d else None)
     flat_opt = _clone(base, f"{base.name}_no_decay", weight_decay=None) if decays and not decay_1d else None
-    mapping = {}
-    gammas = {layer.gamma.path for layer in _batch_norm_layers(model) if getattr(layer, "gamma", None) is not None}
+    routes = {}
+    gammas = {layer.gamma.path for layer in batch_norm_layers(model) if getattr(layer, "gamma", None) is not None}
     for variable in model.trainable_variables:
         if variable.path in gammas:
-            mapping[re.escape(variable.path)] = gamma_opt
+            routes[variable.path] = gamma_opt
         elif flat_opt is not None and len(variable.shape) <= 1:
-            mapping[re.escape(variable.path)] = flat_opt
+            routes[variable.path] = flat_opt
     if not gammas:
         raise ValueError(f"Model '{model.name}' has no trainable BatchNormalization gamma; use the optimizer alone.")
-    return keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(base, mapping),
-                                           name=f"{base.name}_revisited_bn")
+    return route_by_path(base, routes, name=f"{base.name}_revisited_bn")
 
 
 def revisited_bn_init(model, gamma=0.1):
@@ -116,7 +119,7 @@ def revisited_bn_init(model, gamma=0.1):
     values (use ``wrap(model, bn_gamma=gamma)`` to combine it with AutoInit). Returns the layers changed."""
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma!r}.")
-    layers = _batch_norm_layers(model)
+    layers = batch_norm_layers(model)
     for layer in layers:
         if getattr(layer, "gamma", None) is not None:
             layer.gamma.assign(keras.ops.full(layer.gamma.shape, gamma, dtype=layer.gamma.dtype))

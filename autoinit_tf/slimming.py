@@ -27,12 +27,12 @@ import dataclasses
 import keras
 import numpy as np
 
-from autoinit_tf.layers import DARBatchNormalization
+from autoinit_tf.revisited_bn import BATCH_NORM_CLASSES, batch_norm_layers
 
 __all__ = ["add_bn_sparsity", "remove_bn_sparsity", "prune_channels", "SlimmingReport", "model_flops"]
 
 _PRODUCERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense)
-_BN = (keras.layers.BatchNormalization, DARBatchNormalization)
+_BN = BATCH_NORM_CLASSES
 _PASS = (
     keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU,
     keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
@@ -65,10 +65,7 @@ def remove_bn_sparsity(model):
 
 
 def _bn_layers(model):
-    from autoinit_tf import graph
-
-    return [layer for layer in graph.layer_tree(model, include_self=False)
-            if isinstance(layer, _BN) and getattr(layer, "gamma", None) is not None]
+    return [layer for layer in batch_norm_layers(model) if getattr(layer, "gamma", None) is not None]
 
 
 @dataclasses.dataclass
@@ -153,8 +150,9 @@ def _units(g):
     return units
 
 
-def _carriers(g, units):
-    """Which units' channels each layer's output carries, and the units that must stay whole (coupled)."""
+def _coupled(g, units):
+    """The units whose channels must stay whole: those that meet others element-wise, reach a channel-mixing
+    or unknown layer, or reach an output (tracked by which units' channels each layer's output carries)."""
     producer_unit = {p: b for b, p in units.items()}
     carries, coupled = {}, set()
     for layer in g.layers:  # model.layers is topologically ordered for functional models
@@ -163,7 +161,6 @@ def _carriers(g, units):
         incoming = set().union(*parents) if parents else set()
         if name in producer_unit:
             carries[name] = {producer_unit[name]}
-            coupled |= incoming if not isinstance(layer, _PRODUCERS) else set()
         elif isinstance(layer, _PRODUCERS):
             carries[name] = set()  # consumes (input sliced), starts new channels
         elif isinstance(layer, _PASS) or isinstance(layer, keras.layers.Flatten):
@@ -178,7 +175,7 @@ def _carriers(g, units):
             carries[name] = set()
         if name in g.outputs:
             coupled |= carries[name]
-    return carries, coupled
+    return coupled
 
 
 def prune_channels(model, ratio=None, threshold=None, min_channels=1):
@@ -194,11 +191,11 @@ def prune_channels(model, ratio=None, threshold=None, min_channels=1):
         raise ValueError("Give exactly one of ratio= (fraction of channels) or threshold= (on |gamma|).")
     g = _Graph(model)
     units = _units(g)
-    carries, coupled = _carriers(g, units)
+    coupled = _coupled(g, units)
     prunable = {b: p for b, p in units.items() if b not in coupled}
     if not prunable:
-        raise ValueError(f"Model '{model.name}' has no prunable conv/dense -> BatchNormalization pair (slimming scores channels by BN gamma) outside residual "
-                         "groups and channel-mixing layers.")
+        raise ValueError(f"Model '{model.name}' has no prunable conv/dense -> BatchNormalization pair (slimming scores "
+                         "channels by BN gamma) outside residual groups and channel-mixing layers.")
     scores = {b: np.abs(keras.ops.convert_to_numpy(g.by_name[b].gamma.value)).astype(np.float64) for b in prunable}
     allg = np.sort(np.concatenate(list(scores.values())))
     if ratio is not None:
@@ -219,13 +216,12 @@ def prune_channels(model, ratio=None, threshold=None, min_channels=1):
 
     # Channel maps: for every layer output, the kept indices of its (original) last axis, or None (all).
     maps, removed_inputs = {}, {}
+    bn_of = {p: b for b, p in prunable.items()}
     for layer in g.layers:
         name = layer.name
         ins = [maps.get(p) for p in g.inbound[name]]
-        in_shapes = [int(g.by_name[p].output.shape[-1]) if p in g.by_name else None for p in g.inbound[name]]
-        if name in {p for p in prunable.values()}:
-            bn = next(b for b, p in prunable.items() if p == name)
-            maps[name] = keep[bn]
+        if name in bn_of:
+            maps[name] = keep[bn_of[name]]
         elif isinstance(layer, _PRODUCERS):
             maps[name] = None
         elif isinstance(layer, keras.layers.Flatten) and ins[0] is not None:
@@ -234,7 +230,7 @@ def prune_channels(model, ratio=None, threshold=None, min_channels=1):
             maps[name] = (np.arange(positions)[:, None] * c + ins[0][None, :]).ravel()
         elif isinstance(layer, keras.layers.Concatenate) and any(m is not None for m in ins):
             parts, offset = [], 0
-            for m, n in zip(ins, in_shapes):
+            for m, n in zip(ins, (int(t.shape[-1]) for t in layer.input)):
                 parts.append(offset + (np.arange(n) if m is None else m))
                 offset += n
             maps[name] = np.concatenate(parts)

@@ -16,21 +16,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from transfer import load  # noqa: E402
+from fashion_mnist import MEAN, STD, load  # noqa: E402
+from powergrad import small_resnet  # noqa: E402
 
 
 def encoder(keras, seed, width=16):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((28, 28, 1))
-    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(width, 3, padding="same")(inp)))
-    for w, s in ((width, 1), (2 * width, 2), (4 * width, 2)):
-        r = keras.layers.Conv2D(w, 3, strides=s, padding="same")(h)
-        r = keras.layers.ReLU()(keras.layers.BatchNormalization()(r))
-        r = keras.layers.BatchNormalization()(keras.layers.Conv2D(w, 3, padding="same")(r))
-        if s != 1 or h.shape[-1] != w:
-            h = keras.layers.Conv2D(w, 1, strides=s)(h)
-        h = keras.layers.ReLU()(keras.layers.Add()([h, r]))
-    return keras.Model(inp, keras.layers.GlobalAveragePooling2D()(h), name="encoder")
+    """The small ResNet of powergrad.py without its head, Keras' BN momentum (0.99) as in the recorded run."""
+    return small_resnet(keras, seed, width=width, momentum=0.99, head=False, name="encoder")
 
 
 def main(argv=None):
@@ -54,9 +46,9 @@ def main(argv=None):
     from autoinit_tf.transfer import linear_probe
 
     x, y = load("train")
-    x = x * 0.3530 + 0.2860  # back to [0, 1] for the colour augmentations
+    x = x * STD + MEAN  # back to [0, 1] for the colour augmentations
     xt, yt = load("test")
-    xt = (xt * 0.3530 + 0.2860)[: args.test]
+    xt = (xt * STD + MEAN)[: args.test]
     yt = yt[: args.test]
     pre = x[: args.pretrain]
     a, b = args.pretrain, args.pretrain + args.probe_train

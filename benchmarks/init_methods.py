@@ -18,7 +18,6 @@ the official training file, validation on a disjoint subset of it (no test data 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -27,7 +26,9 @@ import time
 
 import numpy as np
 
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fashion_mnist import load  # noqa: E402
+
 MODELS = ("plain20", "resnet_bn", "transformer")
 METHODS = ("default", "autoinit", "autoinit+calibration", "gradinit", "autoinit+gradinit", "davis-frank",
            "autoinit+davis-frank")
@@ -35,16 +36,7 @@ BN_ONLY = {"davis-frank", "autoinit+davis-frank"}
 
 
 def load_data(n_train, n_val, seed=0):
-    def read(name, offset):
-        path = os.path.join(DATA_DIR, name)
-        if not os.path.exists(path):
-            sys.exit(f"{path} not found: apt-get install -y dataset-fashion-mnist")
-        with gzip.open(path) as f:
-            return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-    x = read("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1).astype("float32") / 255.0
-    x = (x - 0.2860) / 0.3530  # the training set's mean and standard deviation
-    y = read("train-labels-idx1-ubyte.gz", 8).astype("int32")
+    x, y = load("train")
     idx = np.random.default_rng(seed).permutation(len(x))
     tr, va = idx[:n_train], idx[n_train:n_train + n_val]
     return (x[tr], y[tr]), (x[va], y[va])

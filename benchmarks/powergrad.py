@@ -15,11 +15,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from transfer import load  # noqa: E402  (the same Fashion-MNIST reader)
+from fashion_mnist import load  # noqa: E402
 
 
-def small_resnet(keras, seed, width=8, momentum=0.9):
-    """BN momentum 0.9 (PyTorch's 0.1): short runs evaluate in inference mode on settled statistics."""
+def small_resnet(keras, seed, width=8, momentum=0.9, head=True, name=None):
+    """BN momentum 0.9 (PyTorch's 0.1): short runs evaluate in inference mode on settled statistics.
+    ``head=False``: the encoder alone (ending in global average pooling)."""
     keras.utils.set_random_seed(seed)
     bn = lambda: keras.layers.BatchNormalization(momentum=momentum)  # noqa: E731
     inp = keras.Input((28, 28, 1))
@@ -31,7 +32,8 @@ def small_resnet(keras, seed, width=8, momentum=0.9):
         if s != 1 or h.shape[-1] != w:
             h = keras.layers.Conv2D(w, 1, strides=s)(h)
         h = keras.layers.ReLU()(keras.layers.Add()([h, r]))
-    return keras.Model(inp, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h)))
+    features = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(10)(features) if head else features, name=name)
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from powergrad import small_resnet  # noqa: E402
-from transfer import load  # noqa: E402
+from fashion_mnist import load  # noqa: E402
 
 METHODS = ("ERM", "deferred oversampling", "OPeN + DAR-BN")
 

@@ -20,7 +20,6 @@ failed (non-finite loss, or validation accuracy below 1.5x chance).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -31,7 +30,9 @@ import time
 
 import numpy as np
 
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fashion_mnist  # noqa: E402
+
 
 
 def load_dataset(name):
@@ -43,18 +44,7 @@ def load_dataset(name):
         x = (x.reshape(-1, 8, 8, 1) / 16.0 - 0.3) / 0.4
         return (x.astype("float32"), y.astype("int32")), None
 
-    def read(file, offset):
-        path = os.path.join(DATA_DIR, file)
-        if not os.path.exists(path):
-            sys.exit(f"{path} not found: apt-get install -y dataset-fashion-mnist")
-        with gzip.open(path) as f:
-            return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-    def images(prefix):
-        x = read(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1).astype("float32") / 255.0
-        return (x - 0.2860) / 0.3530, read(f"{prefix}-labels-idx1-ubyte.gz", 8).astype("int32")
-
-    return images("train"), images("t10k")
+    return fashion_mnist.load("train"), fashion_mnist.load("test")
 
 
 def draw_split(pool, test, n, split):

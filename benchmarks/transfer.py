@@ -17,7 +17,6 @@ Reported: accuracy on the Fashion-MNIST test images of classes 5-9 (5,000 images
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -26,22 +25,10 @@ import time
 
 import numpy as np
 
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fashion_mnist import load  # noqa: E402
+
 METHODS = ("linear probe", "fine-tune, AutoInit head", "fine-tune, default head", "from scratch")
-
-
-def load(split):
-    def read(name, offset):
-        path = os.path.join(DATA_DIR, name)
-        if not os.path.exists(path):
-            sys.exit(f"{path} not found: apt-get install -y dataset-fashion-mnist")
-        with gzip.open(path) as f:
-            return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-    prefix = "train" if split == "train" else "t10k"
-    x = read(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1).astype("float32") / 255.0
-    y = read(f"{prefix}-labels-idx1-ubyte.gz", 8).astype("int32")
-    return (x - 0.2860) / 0.3530, y
 
 
 def cnn(keras, num_classes, seed):

@@ -24,7 +24,6 @@ their own batch statistics as in the paper, but their gradient is exactly zero.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import keras
@@ -32,6 +31,7 @@ import numpy as np
 from keras import ops
 
 from autoinit_tf.byol.augment import byol_augmentation
+from autoinit_tf.optimizers import route_by_path
 
 __all__ = ["BYOL", "TargetEMA", "CollapseMonitor", "tau_schedule", "byol_loss", "mlp_head", "TAU_PRESETS",
            "CollapseWarning"]
@@ -231,10 +231,8 @@ class BYOL(keras.Model):
         if shared:
             raise ValueError(f"Online and target variables share paths {sorted(shared)[:3]}; give the encoder's "
                              "layers unique names.")
-        self.ema = TargetEMA({p: v for p, v in pairs.items()}, tau_base=self.tau_base)
-        mapping = {re.escape(v.path): online for v in self.online_variables}
-        multi = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(self.ema, mapping),
-                                                name="byol_optimizer")
+        self.ema = TargetEMA(pairs, tau_base=self.tau_base)
+        multi = route_by_path(self.ema, {v.path: online for v in self.online_variables}, name="byol_optimizer")
         if multi.optimizers.index(online) > multi.optimizers.index(self.ema):
             raise RuntimeError("BYOL needs the online step before the target's moving average.")
         super().compile(optimizer=multi, **kwargs)

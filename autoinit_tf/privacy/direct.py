@@ -34,6 +34,8 @@ import collections
 
 import keras
 
+from autoinit_tf import graph
+
 MATMUL, CONV, TAKE = "matmul", "conv", "take"
 
 
@@ -168,18 +170,12 @@ class Recorder:
 
 # ------------------------------------------------------------------------------------------
 # Coverage and grouping
-def _layers(model):
-    if hasattr(model, "_flatten_layers"):
-        return list(model._flatten_layers(include_self=False, recursive=True))
-    return list(model.layers)
-
-
 def bias_of_kernel(model, variables):
     """``{kernel var index: bias var index}`` for exact Dense / Conv1D / Conv2D layers."""
     index = {id(v): i for i, v in enumerate(variables)}
     exact = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)
     out = {}
-    for layer in _layers(model):
+    for layer in graph.layer_tree(model, include_self=False):
         if type(layer) not in exact or getattr(layer, "lora_enabled", False):
             continue
         if getattr(layer, "quantization_mode", None) is not None:

@@ -24,6 +24,7 @@ import contextlib
 import keras
 import numpy as np
 
+from autoinit_tf import graph
 from autoinit_tf.rules import registry
 from autoinit_tf.rules.builtin import register_builtin_rules
 
@@ -84,9 +85,7 @@ def register_example_mixing_layer(class_name, replacement: str = "GroupNormaliza
 
 def all_layers(model):
     """Every layer inside ``model``, nested ones included (not the model itself)."""
-    if hasattr(model, "_flatten_layers"):
-        return list(model._flatten_layers(include_self=False, recursive=True))
-    return list(model.layers)
+    return graph.layer_tree(model, include_self=False)
 
 
 def find_example_mixing_layers(model):
