@@ -11,7 +11,7 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Command modules, each exposing a click command named like the module's COMMAND attribute.
-_COMMAND_MODULES = ("demo", "layers", "convert", "report", "recipes", "prune")
+_COMMAND_MODULES = ("demo", "layers", "convert", "report", "recipes", "prune", "quantize")
 
 
 def _version():

@@ -95,3 +95,54 @@ def test_presets_table():
     assert rows["tvm"] == ("pow2", "per-tensor", True, True, 3, True)
     assert rows["snpe"] == ("fp32", "per-tensor", False, False, 3, True)
     assert rows["fbgemm"] == ("fp32", "per-channel", False, False, 3, True)
+
+
+def test_minmax_params_against_numpy():
+    from autoinit_tf.quantize import minmax_params
+
+    lo, hi = np.float32(-1.7), np.float32(0.9)
+    s, z = (float(keras.ops.convert_to_numpy(v)) for v in minmax_params(lo, hi, -128, 127, True))
+    assert (s, z) == (pytest.approx(1.7 / 127.5, rel=1e-6), 0.0)
+    s, z = (float(keras.ops.convert_to_numpy(v)) for v in minmax_params(np.float32(0.0), hi, 0, 255, True))
+    assert (s, z) == (pytest.approx(0.9 / 255, rel=1e-6), 0.0)
+    s, z = (float(keras.ops.convert_to_numpy(v)) for v in minmax_params(lo, hi, -128, 127, False))
+    assert s == pytest.approx(2.6 / 255, rel=1e-6) and z == -128 - np.round(-1.7 / (2.6 / 255))
+    # a range that excludes 0 is widened to hold it (zero must be exact)
+    s, z = (float(keras.ops.convert_to_numpy(v)) for v in minmax_params(np.float32(0.5), hi, -128, 127, False))
+    assert s == pytest.approx(0.9 / 255, rel=1e-6) and z == -128
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_values_and_alpha_gradient(signed):
+    from autoinit_tf.quantize import pact_quantize
+
+    rng = np.random.default_rng(2)
+    x = (3 * rng.normal(size=(200,))).astype("float32")
+    alpha = np.float32(2.5)
+    qmin, qmax = quant_range(4, signed=signed)
+    value, (gx, ga) = _grad(lambda t, a: pact_quantize(t, a, qmin, qmax), x, alpha)
+    lower = -alpha if signed else 0.0
+    y = np.clip(x, lower, alpha)
+    s = (alpha - lower) / (qmax - qmin)
+    z = qmin - np.round(lower / s)
+    want = _reference(y, s, z, qmin, qmax)
+    got = keras.ops.convert_to_numpy(pact_quantize(x, alpha, qmin, qmax))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # PACT: d/d alpha = 1 above alpha (and -1 below -alpha when the lower clip is -alpha), 0 inside
+    assert float(ga) == pytest.approx(float((x > alpha).sum() - (signed and (x < -alpha).sum())), abs=1e-4)
+    np.testing.assert_array_equal(gx, ((x > lower) & (x < alpha)).astype(np.float32))
+
+
+def test_dorefa_weights_against_numpy():
+    from autoinit_tf.quantize import dorefa_weights
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(3, 5)).astype("float32")
+    qmin, qmax = quant_range(4)
+    t = np.tanh(w)
+    ref = _reference(t / np.abs(t).max(), 2.0 / (qmax - qmin), 0.0, qmin, qmax)
+    got = keras.ops.convert_to_numpy(dorefa_weights(w, qmin, qmax))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    per = keras.ops.convert_to_numpy(dorefa_weights(w, qmin, qmax, axis=-1))
+    ref = _reference(t / np.abs(t).max(axis=0), 2.0 / (qmax - qmin), 0.0, qmin, qmax)
+    np.testing.assert_allclose(per, ref, rtol=1e-5, atol=1e-6)

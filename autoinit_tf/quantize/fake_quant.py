@@ -19,7 +19,10 @@ import math
 
 from keras import ops
 
-__all__ = ["quant_range", "round_ste", "fake_quantize", "lsq_quantize", "lsq_init_scale", "pow2_scale"]
+_EPS = 1e-8  # the smallest scale
+
+__all__ = ["quant_range", "round_ste", "fake_quantize", "lsq_quantize", "lsq_init_scale", "pow2_scale", "minmax_params",
+           "pact_quantize", "dorefa_weights", "dorefa_activation"]
 
 
 def quant_range(bits, signed=True, narrow=False):
@@ -77,3 +80,61 @@ def lsq_init_scale(x, q_max, axis=None):
         return 2.0 * ops.mean(ops.abs(x)) / math.sqrt(q_max)
     reduce = tuple(i for i in range(len(x.shape)) if i != axis % len(x.shape))
     return 2.0 * ops.mean(ops.abs(x), axis=reduce) / math.sqrt(q_max)
+
+
+def minmax_params(lo, hi, q_min, q_max, symmetric):
+    """(scale, zero_point) of the range [lo, hi] (widened to hold 0), MQBench's / PyTorch's observers:
+
+        symmetric, signed:   s = max(|lo|, |hi|) / ((q_max - q_min) / 2),  z = 0
+        symmetric, unsigned: s = hi / q_max,                                z = 0
+        asymmetric:          s = (hi - lo) / (q_max - q_min),               z = clamp(q_min - round(lo / s))
+    """
+    lo = ops.minimum(lo, 0.0)
+    hi = ops.maximum(hi, 0.0)
+    if symmetric:
+        if q_min < 0:
+            s = ops.maximum(-lo, hi) / ((q_max - q_min) / 2.0)
+        else:
+            s = hi / float(q_max)
+        s = ops.maximum(s, _EPS)
+        return s, ops.zeros_like(s)
+    s = ops.maximum((hi - lo) / float(q_max - q_min), _EPS)
+    z = ops.clip(q_min - ops.round(lo / s), q_min, q_max)
+    return s, z
+
+
+
+def pact_quantize(x, alpha, q_min, q_max, lower=None):
+    """PACT (Choi et al.; MQBench's `pact`): clip to [lower, alpha] with learnable alpha (and lower), then
+    quantize uniformly on that range with no gradient inside it:
+
+        y = min(max(x, lower), alpha),   x^ = y + stop_gradient(Q(y) - y)
+
+    so d x^/d alpha = 1 where x > alpha (and d x^/d lower = 1 where x < lower), 0 inside. `lower` defaults
+    to 0 for an unsigned grid (q_min = 0) and -alpha for a signed one."""
+    alpha = ops.cast(alpha, x.dtype)
+    if lower is None:
+        lower = ops.zeros_like(alpha) if q_min == 0 else -alpha
+    lower = ops.cast(lower, x.dtype)
+    y = ops.minimum(ops.maximum(x, lower), alpha)
+    s = ops.stop_gradient(ops.maximum((alpha - lower) / float(q_max - q_min), _EPS))
+    z = ops.stop_gradient(ops.clip(q_min - ops.round(lower / s), q_min, q_max))
+    return y + ops.stop_gradient(fake_quantize(y, s, z, q_min, q_max) - y)
+
+
+def dorefa_weights(w, q_min, q_max, axis=None):
+    """DoReFa's weights (Zhou et al.; MQBench's `dorefa`): w~ = tanh(w) / max|tanh(w)| in [-1, 1] (max per
+    tensor, or per channel along `axis`), then uniform quantization with s = 2 / (q_max - q_min), z = 0."""
+    t = ops.tanh(w)
+    if axis is None:
+        m = ops.max(ops.abs(t))
+    else:
+        reduce = tuple(i for i in range(len(w.shape)) if i != axis % len(w.shape))
+        m = _broadcast(ops.max(ops.abs(t), axis=reduce), w, axis)
+    return fake_quantize(t / ops.maximum(m, _EPS), 2.0 / (q_max - q_min), 0.0, q_min, q_max)
+
+
+def dorefa_activation(x, q_min, q_max):
+    """DoReFa's activations: clip to [0, 1] (unsigned grid) or [-1, 1] (signed, the hardware settings) and
+    quantize on that range; the gradient is 1 inside the clip, 0 outside."""
+    return pact_quantize(x, ops.convert_to_tensor(1.0, x.dtype), q_min, q_max)
