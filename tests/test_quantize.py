@@ -76,8 +76,9 @@ def test_lsq_scale_gradient():
     qmin, qmax = quant_range(4)
     _, (gx, gs) = _grad(lambda t, sc: lsq_quantize(t, sc, qmin, qmax), x, s)
     v = x / s
-    inside = (np.round(v) >= qmin) & (np.round(v) <= qmax)
-    ds = np.where(inside, np.round(v) - v, np.where(np.round(v) < qmin, qmin, qmax))
+    # LSQ (Esser et al., eq. 3): round(v) - v for q_min < v < q_max, q_min below, q_max above (continuous v)
+    inside = (v > qmin) & (v < qmax)
+    ds = np.where(inside, np.round(v) - v, np.where(v <= qmin, qmin, qmax))
     g = 1.0 / math.sqrt(x.size * qmax)
     assert float(gs) == pytest.approx(float(ds.sum() * g), rel=1e-4, abs=1e-6)
     np.testing.assert_array_equal(gx, inside.astype(np.float32))

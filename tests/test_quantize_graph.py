@@ -294,3 +294,43 @@ def test_cli_quantize(tmp_path):
         res = run(cli, ["quantize", str(tmp_path / "qat.keras"), "--qat", "--data", str(tmp_path / "calib.npy")])
     assert res.exit_code == 0, res.output
     assert os.path.exists(tmp_path / "qat.int8.tflite")
+
+
+@needs_tf
+def test_keras_application_qat_reload_and_int8(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=5, alpha=0.35)
+    x = _x(32, shape=(32, 32, 3))
+    qat = prepare(model, "tensorrt", 8, "lsq", data=x)
+    acts, weights = quantizers_of(qat)
+    assert len(weights) == sum(isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                                                  keras.layers.Dense)) for layer in model.layers)
+    assert sum(w.batch_norm is not None for w in weights) == sum(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)  # every BN folded
+    path = tmp_path / "mobilenet_qat.keras"
+    qat.save(path)
+    again = keras.models.load_model(path)
+    q_out = _np(qat(x, training=False))
+    np.testing.assert_allclose(_np(again(x, training=False)), q_out, rtol=1e-5, atol=1e-6)
+    integer = quantize.convert(again, data=x)
+    i_out = integer.predict(x)
+    assert np.abs(i_out - q_out).max() <= 0.1 * np.abs(q_out).max()
+
+
+def test_nested_models_are_flattened_and_inner_layers_named():
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((6,))
+    inner = keras.Model(inner_in, keras.layers.Dense(5, activation="relu")(inner_in), name="inner")
+    i = keras.Input((6,))
+    h = inner(i)
+    a = keras.layers.MultiHeadAttention(2, 4)(keras.layers.Reshape((1, 5))(h), keras.layers.Reshape((1, 5))(h))
+    o = keras.layers.Dense(3)(keras.layers.Flatten()(a))
+    model = keras.Model(i, o)
+    x = _x(16, shape=(6,))
+    with pytest.warns(quantize.QuantizationWarning, match="MultiHeadAttention holds conv/dense layers"):
+        qat = prepare(model, "academic", 8, "minmax", data=x)
+    _, weights = quantizers_of(qat)
+    assert sorted(w.layer.name for w in weights) == sorted([inner.layers[1].name, model.layers[-1].name])
+    _observe(qat, True)
+    np.testing.assert_allclose(_np(qat(x, training=False)), _np(model(x, training=False)), rtol=1e-5, atol=1e-6)
+    _observe(qat, False)

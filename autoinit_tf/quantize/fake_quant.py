@@ -51,24 +51,37 @@ def _broadcast(v, x, axis):
 
 
 def fake_quantize(x, scale, zero_point=0.0, q_min=-128, q_max=127, axis=None, pow2=False):
-    """x^ = (clamp(round(x/s) + z, q_min, q_max) - z) s with STE; per-channel along `axis` when given."""
+    """x^ = (clamp(round(x/s) + z, q_min, q_max) - z) s with STE; per-channel along `axis` when given.
+
+    Computed as c = clip(x/s + z, q_min, q_max), q = c + stop_gradient(round(c) - c) (the same values, as
+    the bounds are integers; fewer element-wise passes than rounding first): the gradient to x is 1 inside
+    the range and 0 outside, to s the LSQ form (module docstring)."""
     s = ops.cast(scale, x.dtype)
-    z = ops.cast(zero_point, x.dtype)
     if pow2:
         s = pow2_scale(s)
-    s, z = _broadcast(s, x, axis), _broadcast(z, x, axis)
-    q = round_ste(x / s) + z
-    # clamp with the gradient passed on the closed range [q_min, q_max] on every backend (JAX's clip halves
-    # it at the bounds, where a value rounding exactly to q_max lands)
-    inside = ops.logical_and(q >= q_min, q <= q_max)
-    q = ops.where(inside, q, ops.stop_gradient(ops.clip(q, q_min, q_max)))
-    return (q - z) * s
+    s = _broadcast(s, x, axis)
+    symmetric = isinstance(zero_point, (int, float)) and zero_point == 0
+    v = x / s
+    if not symmetric:
+        z = _broadcast(ops.cast(zero_point, x.dtype), x, axis)
+        v = v + z
+    c = ops.clip(v, q_min, q_max)
+    q = c + ops.stop_gradient(ops.round(c) - c)
+    if not symmetric:
+        q = q - z
+    return q * s
 
 
 def lsq_quantize(x, scale, q_min, q_max, axis=None, zero_point=0.0, pow2=False):
     """LSQ: `fake_quantize` with the scale's gradient multiplied by 1 / sqrt(n q_max)."""
-    n = math.prod(x.shape) if axis is None else math.prod(x.shape) // int(x.shape[axis])
-    g = 1.0 / math.sqrt(n * max(q_max, 1))
+    if all(d is not None for d in x.shape):
+        n = math.prod(x.shape) if axis is None else math.prod(x.shape) // int(x.shape[axis])
+        g = 1.0 / math.sqrt(n * max(q_max, 1))
+    else:  # an unknown (batch) dimension: the element count of this call
+        n = ops.cast(ops.size(x), x.dtype)
+        if axis is not None:
+            n = n / float(x.shape[axis])
+        g = ops.rsqrt(n * float(max(q_max, 1)))
     s = ops.cast(scale, x.dtype)
     s = s * g + ops.stop_gradient(s - s * g)
     return fake_quantize(x, s, zero_point, q_min, q_max, axis=axis, pow2=pow2)

@@ -26,7 +26,7 @@ import numpy as np
 import keras
 from keras import tree
 
-from autoinit_tf.graph import as_functional, is_model, topo_nodes, walk
+from autoinit_tf.graph import as_functional, is_model, layer_tree, topo_nodes, walk
 from autoinit_tf.quantize.layers import METHODS, FakeQuant, QuantizedLayer, quantizable
 from autoinit_tf.quantize.presets import PRESETS
 
@@ -168,8 +168,12 @@ def prepare(model, preset="academic", bits=8, method="lsq", data=None, *, weight
         if id(op) in folded:
             return tree.flatten(args)[0]
         weighted = quantizable(op) is None and op.name not in keep
-        if not weighted and op.name not in keep and (hasattr(op, "kernel") or hasattr(op, "depthwise_kernel")):
-            kept[op.name] = quantizable(op)  # a weighted layer with no quantized form (e.g. Conv2DTranspose)
+        if not weighted and op.name not in keep and op.name not in kept:
+            if hasattr(op, "kernel") or hasattr(op, "depthwise_kernel"):
+                kept[op.name] = quantizable(op)  # a weighted layer with no quantized form (e.g. Conv2DTranspose)
+            elif not is_model(op) and any(quantizable(inner) is None for inner in layer_tree(op, include_self=False)):
+                kept[op.name] = (f"{type(op).__name__} holds conv/dense layers inside, and prepare does not "
+                                 "descend into layers: they train and deploy in float")
         if quantizes_inputs(op, weighted):
             args, kwargs = tree.map_structure(quantize_activation, (args, kwargs))
         if weighted:
