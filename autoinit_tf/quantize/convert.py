@@ -39,7 +39,7 @@ def _tf_range(s, z, q_min, q_max, bits):
 
     8 bits: the range ((q_min - z) s, (q_max - z) s) itself. Fewer bits: TFLite has no int4 kernels, so the
     8-bit grid with the same step s and zero point holds the b-bit values exactly (int8 storage of b-bit
-    values); activations are clamped to the b-bit range first."""
+    values); activations are then clamped to the b-bit range (an exact int8 MINIMUM/MAXIMUM on that grid)."""
     s, z = np.asarray(s, np.float64), np.asarray(z, np.float64)
     clamp = ((q_min - z) * s, (q_max - z) * s)
     if bits == 8:
@@ -61,9 +61,10 @@ class _ExportFakeQuant(keras.layers.Layer):
         self.args, self.clamp = _tf_range(s, z, quantizer.q_min, quantizer.q_max, quantizer.bits)
 
     def call(self, x):
-        if self.clamp is not None:
+        x = keras.quantizers.fake_quant_with_min_max_vars(x, **self.args)
+        if self.clamp is not None:  # after the 8-bit grid of step s, so that no tensor is rounded twice
             x = ops.clip(x, float(self.clamp[0]), float(self.clamp[1]))
-        return keras.quantizers.fake_quant_with_min_max_vars(x, **self.args)
+        return x
 
 
 class _ExportLinear(keras.layers.Layer):
