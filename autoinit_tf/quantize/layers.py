@@ -7,6 +7,8 @@
               gradient to them.
     "lsq"     LSQ: a learned scale (and, asymmetric, a learned zero point: LSQ+), gradient scale
               1 / sqrt(n q_max); initialized from the calibration's min/max grid (MQBench's library).
+              The gradient scale is designed for SGD: Adam moves every parameter by about its learning
+              rate per step, so with Adam keep lr <= 1e-3 (or give the scales a slower optimizer).
     "pact"    PACT: clip to [lower, alpha], alpha learned (init 6; lower = 0 unsigned, -alpha symmetric
               signed, a learned beta init -6 asymmetric); no gradient inside the range.
     "dorefa"  DoReFa: clip to [0, 1] (unsigned) or [-1, 1] (signed), quantize.
