@@ -213,15 +213,47 @@ def check_finite_options(**values):
             raise click.BadParameter("must be positive.", param_hint=flag)
 
 
-def default_output(input_path, suffix="autoinit"):
-    """``NAME.<suffix>.keras`` next to the input (for a directory: beside it)."""
+def run_guarded(work, verbose):
+    """Run a command's `work()` with the signal handlers installed: SIGINT/SIGTERM exit 130/143 with nothing
+    written, any other failure a one-paragraph message and exit 1."""
+    _io().install_signal_handlers()
+    try:
+        work()
+        _io().ABORT.check()  # a signal whose exception a library swallowed still fails the run
+    except SystemExit:
+        raise
+    except (KeyboardInterrupt, _io().Interrupted) as exc:
+        code = exc.exit_code if isinstance(exc, _io().Interrupted) else 130
+        click.echo("Interrupted; nothing was written.", err=True)
+        sys.exit(code)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a one-paragraph message, exit 1
+        fail(exc, verbose)
+
+
+def load_trained(input_path):
+    """`formats.load` (which rebuilds the model with fresh weights) with the stored, trained weights put back
+    in every layer: what commands that transform a trained model (prune, quantize) start from."""
+    from autoinit_tf import formats
+
+    loaded = formats.load(input_path)
+    stored = loaded.stored_weights()
+    for path, layer in formats.model_layers(loaded.model):
+        if layer.weights and not hasattr(layer, "layers"):
+            if path not in stored:
+                raise formats.ConversionError(f"No stored weights were found for layer '{path}' in the input.")
+            layer.set_weights(stored[path])
+    return loaded
+
+
+def default_output(input_path, suffix="autoinit", ext=".keras"):
+    """``NAME.<suffix><ext>`` next to the input (for a directory: beside it)."""
     path = os.path.normpath(os.fspath(input_path))
     base = os.path.basename(path)
-    for ext in (".keras", ".h5", ".hdf5", ".json"):
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
+    for known in (".keras", ".h5", ".hdf5", ".json"):
+        if base.lower().endswith(known):
+            base = base[: -len(known)]
             break
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.{suffix}.keras")
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.{suffix}{ext}")
 
 
 @click.command("convert")
@@ -286,18 +318,8 @@ def command(input_path, output_path, input_format, custom_objects, allow_lambda,
     refuse_input_paths(input_path, OUTPUT=output_path, **{"--export-saved-model": export_dir, "--report": report_path,
                                                          "--plot": plot_path})
 
-    _io().install_signal_handlers()
-    try:
-        _convert(**locals())
-        _io().ABORT.check()  # a signal whose exception a library swallowed still fails the run
-    except SystemExit:
-        raise
-    except (KeyboardInterrupt, _io().Interrupted) as exc:
-        code = exc.exit_code if isinstance(exc, _io().Interrupted) else 130
-        click.echo("Interrupted; nothing was written.", err=True)
-        sys.exit(code)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a one-paragraph message, exit 1
-        fail(exc, verbose)
+    arguments = dict(locals())
+    run_guarded(lambda: _convert(**arguments), verbose)
 
 
 def _convert(*, input_path, output_path, input_format, custom_objects, allow_lambda, swaps, input_mean,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import click
 
-from autoinit_tf_cli.convert import default_output, fail, refuse_input_paths, resolve_verbosity
+from autoinit_tf_cli.convert import default_output, load_trained, refuse_input_paths, resolve_verbosity, run_guarded
 
 
 @click.command("prune")
@@ -37,19 +36,8 @@ def command(input_path, output_path, ratio, threshold, min_channels, overwrite, 
         raise click.BadParameter(f"'{output_path}' must end in .keras.", param_hint="OUTPUT")
     output_path = output_path or default_output(input_path, suffix="slim")
     refuse_input_paths(input_path, OUTPUT=output_path)
-    from autoinit_tf import io_utils
-
-    io_utils.install_signal_handlers()
-    try:
-        _prune(input_path, output_path, ratio, threshold, min_channels, overwrite, quiet, verbose)
-        io_utils.ABORT.check()
-    except SystemExit:
-        raise
-    except (KeyboardInterrupt, io_utils.Interrupted) as exc:
-        click.echo("Interrupted; nothing was written.", err=True)
-        sys.exit(exc.exit_code if isinstance(exc, io_utils.Interrupted) else 130)
-    except Exception as exc:  # noqa: BLE001 - one-paragraph message, exit 1
-        fail(exc, verbose)
+    run_guarded(lambda: _prune(input_path, output_path, ratio, threshold, min_channels, overwrite, quiet, verbose),
+                verbose)
 
 
 def _prune(input_path, output_path, ratio, threshold, min_channels, overwrite, quiet, verbose):
@@ -58,13 +46,7 @@ def _prune(input_path, output_path, ratio, threshold, min_channels, overwrite, q
 
     t0 = time.perf_counter()
     formats.check_writable(output_path, overwrite=overwrite)
-    loaded = formats.load(input_path)  # rebuilt with fresh weights: put the stored (trained) ones back
-    stored = loaded.stored_weights()
-    for path, layer in formats.model_layers(loaded.model):
-        if layer.weights and not hasattr(layer, "layers"):
-            if path not in stored:
-                raise formats.ConversionError(f"No stored weights were found for layer '{path}' in the input.")
-            layer.set_weights(stored[path])
+    loaded = load_trained(input_path)
     new, report = prune_channels(loaded.model, ratio=ratio, threshold=threshold, min_channels=min_channels)
     if getattr(loaded.model, "compiled", False):
         try:

@@ -5,24 +5,12 @@ unless asked."""
 
 from __future__ import annotations
 
-import sys
 import time
 
 import click
 
-from autoinit_tf_cli.convert import fail, refuse_input_paths, resolve_verbosity
-
-
-def _default_output(input_path):
-    import os
-
-    path = os.path.normpath(os.fspath(input_path))
-    base = os.path.basename(path)
-    for ext in (".keras", ".h5", ".hdf5", ".json"):
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
-            break
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.int8.tflite")
+from autoinit_tf_cli.convert import (LibraryChoice, default_output, load_trained, refuse_input_paths, resolve_verbosity,
+                                     run_guarded)
 
 
 def _load_data(path):
@@ -35,16 +23,10 @@ def _load_data(path):
     return data
 
 
-def _presets():
-    from autoinit_tf.quantize import PRESETS
-
-    return sorted(PRESETS)
-
-
 @click.command("quantize")
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=True, file_okay=True))
 @click.argument("output_path", metavar="OUTPUT", required=False)
-@click.option("--preset", type=click.Choice(["academic", "tensorrt", "acl", "tvm", "snpe", "fbgemm"]),
+@click.option("--preset", type=LibraryChoice("autoinit_tf.quantize.presets:PRESETS"),
               default="tensorrt", show_default=True, help="Hardware setting (MQBench): granularity, symmetry, "
               "scale form, graph level, BN folding.")
 @click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True)
@@ -67,21 +49,10 @@ def command(input_path, output_path, preset, bits, data_path, batches, qat, int8
     verbose = resolve_verbosity(verbose)
     if output_path is not None and not output_path.endswith(".tflite"):
         raise click.BadParameter(f"'{output_path}' must end in .tflite.", param_hint="OUTPUT")
-    output_path = output_path or _default_output(input_path)
+    output_path = output_path or default_output(input_path, suffix="int8", ext=".tflite")
     refuse_input_paths(input_path, OUTPUT=output_path)
-    from autoinit_tf import io_utils
-
-    io_utils.install_signal_handlers()
-    try:
-        _quantize(input_path, output_path, preset, bits, data_path, batches, qat, int8_io, overwrite, quiet)
-        io_utils.ABORT.check()
-    except SystemExit:
-        raise
-    except (KeyboardInterrupt, io_utils.Interrupted) as exc:
-        click.echo("Interrupted; nothing was written.", err=True)
-        sys.exit(exc.exit_code if isinstance(exc, io_utils.Interrupted) else 130)
-    except Exception as exc:  # noqa: BLE001 - one-paragraph message, exit 1
-        fail(exc, verbose)
+    run_guarded(lambda: _quantize(input_path, output_path, preset, bits, data_path, batches, qat, int8_io, overwrite,
+                                  quiet), verbose)
 
 
 def _quantize(input_path, output_path, preset, bits, data_path, batches, qat, int8_io, overwrite, quiet):
@@ -106,13 +77,7 @@ def _quantize(input_path, output_path, preset, bits, data_path, batches, qat, in
                                  "autoinit_tf.quantize.prepare. Drop --qat to quantize it post-training.")
             source = "QAT model"
         else:
-            loaded = formats.load(input_path)
-            stored = loaded.stored_weights()
-            for path, layer in formats.model_layers(loaded.model):
-                if layer.weights and not hasattr(layer, "layers"):
-                    if path not in stored:
-                        raise formats.ConversionError(f"No stored weights were found for layer '{path}'.")
-                    layer.set_weights(stored[path])
+            loaded = load_trained(input_path)
             model = quantize.prepare(loaded.model, preset, bits, "minmax", data=data, calibration_batches=batches)
             source = f"{loaded.format}, post-training, preset {preset}, {bits} bits"
         integer = quantize.convert(model, data=data, int8_io=int8_io, batches=batches)
