@@ -23,9 +23,10 @@ f = gamma / sqrt(moving_var + eps) per output channel:
 
     y = BN( conv(x, Q(w f)) / f + b )
 
-BN runs as itself: batch statistics in training (and its moving statistics updated), moving statistics
-in inference, where the expression is exactly the merged layer conv(x, Q(w f)) + beta + (b - mu) f, so
-what QAT trains is what `quantize.convert` deploys.
+BN acts as itself: batch statistics in training (its moving statistics updated as BN would), moving
+statistics in inference, where the expression is exactly the merged layer conv(x, Q(w f)) + beta + (b - mu) f,
+so what QAT trains is what `quantize.convert` deploys. The expression is evaluated in closed form on
+conv(x, Q(w f)) (`QuantizedLayer._folded_batch_norm`): no division pass, no separate BN pass.
 """
 
 from __future__ import annotations
@@ -382,14 +383,36 @@ class QuantizedLayer(keras.layers.Layer):
         layer = self.layer
         kernels = self.quantized_kernels(quantize=not self.observing)
         y = linear_call(layer, x, kernels)
-        f = self.fold_factor()
-        if f is not None:
-            y = y / ops.cast(f, y.dtype)
-        if layer.use_bias:
-            y = y + layer.bias
         if self.batch_norm is not None:
-            y = self.batch_norm(y, training=training)
+            y = self._folded_batch_norm(y, training)
+        elif layer.use_bias:
+            y = y + layer.bias
         return layer.activation(y) if layer.activation is not None else y
+
+    def _folded_batch_norm(self, c, training):
+        """TorchFold's BN(c / f + b) computed on c = conv(x, Q(w f)) itself, without the division and the bias
+        pass: with y0 = c / f + b the batch has mean m_c / f + b and variance v_c / f^2, so
+
+            training:   BN(y0) = (c - m_c) |gamma| / sqrt(v_c + eps f^2) + beta   (sign(f) = sign(gamma)),
+                        two element-wise passes instead of BN's own plus a division and a bias add,
+                        moving statistics updated with (m_c / f + b, v_c / f^2) as BN itself would;
+            inference:  BN(y0) = c + beta + (b - mu) f.
+        """
+        bn, layer = self.batch_norm, self.layer
+        f = ops.cast(self.fold_factor(), c.dtype)
+        b = ops.cast(layer.bias, c.dtype) if layer.use_bias else 0.0
+        beta = ops.cast(bn.beta, c.dtype) if bn.center else 0.0
+        if training and bn.trainable:
+            mean, var = ops.moments(c, axes=list(range(len(c.shape) - 1)))
+            m = bn.momentum
+            bn.moving_mean.assign(bn.moving_mean * m + (mean / f + b) * (1.0 - m))
+            bn.moving_variance.assign(bn.moving_variance * m + (var / (f * f)) * (1.0 - m))
+            gamma = ops.abs(ops.cast(bn.gamma, c.dtype)) if bn.scale else 1.0
+            scale = gamma * ops.rsqrt(var + bn.epsilon * f * f)
+            # b cancels in training (d BN / d b = 0, as for a conv bias before BN); 0 * b keeps it in the graph so
+            # that optimizers get a zero gradient rather than none
+            return c * scale + (beta - mean * scale + 0.0 * b)
+        return c + (beta + (b - ops.cast(bn.moving_mean, c.dtype)) * f)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

@@ -91,6 +91,7 @@ def _fusable_pairs(fn, fold_bn):
                 continue
             bn = users[0].operation
             if (type(bn) is keras.layers.BatchNormalization and len(bn._inbound_nodes) == 1
+                    and not getattr(bn, "renorm", False)
                     and bn.axis in (-1, len(node.outputs[0].shape) - 1)):
                 pairs[id(op)] = bn
     return pairs
