@@ -175,7 +175,9 @@ class AnalyticPass:
         # taint the values they produce; a weighted layer fed a tainted value (or marked itself) is listed
         # in `inexact` for calibrate="auto", and its own output is clean again (calibration fixes it).
         self.inexact = {}  # row name -> reason
-        self.tainted = {}  # id(Moments) -> (Moments, reason); the object is held so its id stays unique
+        # A persistent taint (`RuleContext.inexact(..., persistent=True)`: a deviation of shape, not of scale, such
+        # as the scale mixture after a per-example gate) passes normalizing and calibrated layers too.
+        self.tainted = {}  # id(Moments) -> (Moments, reason, persistent); the object is held so its id stays unique
         self.drawn_by = {}  # id(op) -> variable paths its calls drew so far (keep_drawn=False only)
         self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
         return graph.walk(fn, input_moments, self._visit, expand=self.tracer)
@@ -200,6 +202,7 @@ class AnalyticPass:
         self.visit_records = []
         self.visit_weighted = False
         self.visit_inexact = None
+        self.visit_persistent = False
         if rule is fallback_rule:
             self.visit_inexact = "no rule: measured on a probe"
         outs = rule(ctx)
@@ -246,17 +249,24 @@ class AnalyticPass:
 
     def _taint(self, name, inputs, outs, weighted, normalizes):
         reason = self.visit_inexact and f"{name}: {self.visit_inexact}"
+        persistent = reason is not None and self.visit_persistent
         if reason is None:
-            if normalizes:
+            hits = [self.tainted[id(m)] for m in inputs if id(m) in self.tainted]
+            lasting = [h for h in hits if h[2]]
+            if lasting:
+                reason, persistent = lasting[0][1], True
+            elif normalizes:
                 return  # the layer sets its output's scale itself
-            reason = next((self.tainted[id(m)][1] for m in inputs if id(m) in self.tainted), None)
+            elif hits:
+                reason = hits[0][1]
         if reason is None:
             return
         if weighted:
             self.inexact[name] = reason
-            return
+            if not persistent:
+                return  # calibration fixes this layer's scale, and with it what follows
         for m in outs:
-            self.tainted[id(m)] = (m, reason)
+            self.tainted[id(m)] = (m, reason, persistent)
 
     def replace_pending(self, values):
         """Replace drawn arrays by other values (``id(variable) -> value``, e.g. calibrated kernels)."""

@@ -185,9 +185,13 @@ class RuleContext:
         self.inexact("measured on a probe")
         return probe_moments(self, *args, **kwargs)
 
-    def inexact(self, reason: str) -> None:
+    def inexact(self, reason: str, persistent: bool = False) -> None:
         """Say that this call's predicted output is known not to be exact (a probe estimate, an
         attention mask the rule does not model...). ``wrap(calibrate="auto")`` then calibrates the
-        weighted layers it affects on a probe."""
+        weighted layers it affects on a probe. ``persistent``: the deviation is one of the signal's shape,
+        not its scale (a per-example gate makes it a scale mixture), so neither a normalizing layer nor
+        a calibrated one removes it: every weighted layer downstream is calibrated."""
         if getattr(self._engine, "visit_inexact", None) is None and hasattr(self._engine, "visit_inexact"):
             self._engine.visit_inexact = reason
+        if persistent and hasattr(self._engine, "visit_persistent"):
+            self._engine.visit_persistent = True

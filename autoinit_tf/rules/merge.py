@@ -120,8 +120,22 @@ def average_rule(ctx):
                    sum(m.between for m in ctx.inputs) / n**2)
 
 
+def is_per_example_gate(shapes) -> bool:
+    """True when a Multiply scales a feature map by a tensor constant over its positions (squeeze-and-
+    excitation: (batch, 1, 1, C) times (batch, H, W, C))."""
+    shapes = [tuple(s) for s in shapes]
+    if len(shapes) < 2 or len({len(s) for s in shapes}) != 1 or len(shapes[0]) < 3:
+        return False
+    spatial = [s[1:-1] for s in shapes]
+    pooled = [all(d == 1 for d in sp) for sp in spatial]
+    return any(pooled) and not all(pooled)
+
+
 @BUILTIN.rule(L.Multiply)
 def multiply_rule(ctx):
+    if is_per_example_gate(ctx.input_shapes):
+        ctx.inexact("a per-example gate (squeeze-and-excitation) scales each example's channels: the signal after "
+                    "it is a scale mixture, which the Gaussian rules do not carry", persistent=True)
     return multiply_moments(ctx.inputs)
 
 
