@@ -27,6 +27,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from autoinit_tf.graph import topo_nodes
 from autoinit_tf.revisited_bn import BATCH_NORM_CLASSES, batch_norm_layers
 
 __all__ = ["add_bn_sparsity", "remove_bn_sparsity", "prune_channels", "SlimmingReport", "model_flops"]
@@ -114,11 +115,12 @@ class _Graph:
         self.model = model
         self.layers = [la for la in model.layers if not isinstance(la, keras.layers.InputLayer)]
         self.inbound, self.outbound = {}, {la.name: [] for la in self.layers}
+        in_graph = set(topo_nodes(model))  # once: membership per layer stays linear in the graph's size
         for layer in self.layers:
             if isinstance(layer, keras.Model):
                 raise TypeError(f"prune_channels does not descend into the nested model '{layer.name}'; build the "
                                 "model from its layers first.")
-            nodes = [n for n in layer._inbound_nodes if n in _model_nodes(model)]
+            nodes = [n for n in layer._inbound_nodes if n in in_graph]
             if len(nodes) != 1:
                 raise TypeError(f"layer '{layer.name}' is called {len(nodes)} times; shared layers are not pruned.")
             parents = []
@@ -130,10 +132,6 @@ class _Graph:
             self.inbound[layer.name] = parents
         self.by_name = {la.name: la for la in self.layers}
         self.outputs = {t._keras_history[0].name for t in model.outputs}
-
-
-def _model_nodes(model):
-    return {n for nodes in model._nodes_by_depth.values() for n in nodes}
 
 
 def _units(g):
