@@ -22,6 +22,7 @@ from keras import ops
 _EPS = 1e-8  # the smallest scale
 
 __all__ = ["quant_range", "round_ste", "fake_quantize", "lsq_quantize", "lsq_init_scale", "pow2_scale", "minmax_params",
+           "minmax_grid", "range_grid",
            "pact_quantize", "dorefa_weights", "dorefa_activation"]
 
 
@@ -117,6 +118,23 @@ def minmax_params(lo, hi, q_min, q_max, symmetric):
 
 
 
+def minmax_grid(lo, hi, q_min, q_max, symmetric, pow2=False):
+    """`minmax_params`, with the scale rounded to a power of two when `pow2` (the zero point then follows
+    the rounded scale)."""
+    s, z = minmax_params(lo, hi, q_min, q_max, symmetric)
+    if pow2:
+        s = pow2_scale(s)
+        if not symmetric:
+            z = ops.clip(q_min - ops.round(ops.minimum(lo, 0.0) / s), q_min, q_max)
+    return s, z
+
+
+def range_grid(lower, upper, q_min, q_max):
+    """(scale, zero point) of a clip range [lower, upper] spread over the integer grid [q_min, q_max]."""
+    s = ops.maximum((upper - lower) / float(q_max - q_min), _EPS)
+    return s, ops.clip(q_min - ops.round(lower / s), q_min, q_max)
+
+
 def pact_quantize(x, alpha, q_min, q_max, lower=None):
     """PACT (Choi et al.; MQBench's `pact`): clip to [lower, alpha] with learnable alpha (and lower), then
     quantize uniformly on that range with no gradient inside it:
@@ -130,8 +148,7 @@ def pact_quantize(x, alpha, q_min, q_max, lower=None):
         lower = ops.zeros_like(alpha) if q_min == 0 else -alpha
     lower = ops.cast(lower, x.dtype)
     y = ops.minimum(ops.maximum(x, lower), alpha)
-    s = ops.stop_gradient(ops.maximum((alpha - lower) / float(q_max - q_min), _EPS))
-    z = ops.stop_gradient(ops.clip(q_min - ops.round(lower / s), q_min, q_max))
+    s, z = (ops.stop_gradient(v) for v in range_grid(lower, alpha, q_min, q_max))
     return y + ops.stop_gradient(fake_quantize(y, s, z, q_min, q_max) - y)
 
 

@@ -39,7 +39,8 @@ import keras
 from keras import ops
 
 from autoinit_tf.quantize.fake_quant import (dorefa_activation, dorefa_weights, fake_quantize, lsq_quantize,
-                                             minmax_params, pact_quantize, quant_range, round_ste)
+                                             minmax_grid, minmax_params, pact_quantize, pow2_scale, quant_range,
+                                             range_grid, round_ste)
 
 __all__ = ["FakeQuant", "QuantizedLayer", "METHODS", "QUANTIZABLE", "quantizable", "kernel_names",
            "linear_call"]
@@ -168,7 +169,7 @@ class FakeQuant(keras.layers.Layer):
                 self.range_min.assign(lo)
                 self.range_max.assign(hi)
                 self.initialized.assign(1.0)
-            s, z = self._minmax_grid(lo, hi)
+            s, z = minmax_grid(lo, hi, self.q_min, self.q_max, self.symmetric, self.pow2)
             return fake_quantize(x, ops.stop_gradient(s), ops.stop_gradient(z), self.q_min, self.q_max)
         if self.method == "lsq":
             z = round_ste(self.zero_point) if not self.symmetric else 0.0
@@ -178,32 +179,23 @@ class FakeQuant(keras.layers.Layer):
             return pact_quantize(x, self.alpha, self.q_min, self.q_max, lower)
         return dorefa_activation(x, self.q_min, self.q_max)
 
-    def _minmax_grid(self, lo, hi):
-        s, z = minmax_params(lo, hi, self.q_min, self.q_max, self.symmetric)
-        if self.pow2:
-            s = ops.power(2.0, ops.round(ops.log2(s)))
-            if not self.symmetric:
-                z = ops.clip(self.q_min - ops.round(ops.minimum(lo, 0.0) / s), self.q_min, self.q_max)
-        return s, z
-
     # ---------------------------------------------------------------------------------------------
     def grid(self):
         """(scale, zero_point) the layer uses in inference, as floats."""
         if self.method == "minmax":
-            s, z = self._minmax_grid(self.range_min, self.range_max)
+            s, z = minmax_grid(self.range_min, self.range_max, self.q_min, self.q_max, self.symmetric, self.pow2)
         elif self.method == "lsq":
             s = ops.abs(self.scale) + 1e-12
             if self.pow2:
-                s = ops.power(2.0, ops.round(ops.log2(s)))
+                s = pow2_scale(s)
             z = ops.round(self.zero_point) if not self.symmetric else 0.0
-        else:
-            alpha = self.alpha if self.method == "pact" else 1.0
-            alpha = float(ops.convert_to_numpy(alpha))
-            lower = (float(ops.convert_to_numpy(self.lower)) if (self.method == "pact" and not self.symmetric
-                                                                 and self.signed)
-                     else (0.0 if self.q_min == 0 else -alpha))
-            s = max((alpha - lower) / (self.q_max - self.q_min), 1e-8)
-            z = float(np.clip(self.q_min - np.round(lower / s), self.q_min, self.q_max))
+        else:  # the clip range of PACT (alpha, lower) or DoReFa ([0, 1] or [-1, 1])
+            alpha = ops.convert_to_tensor(self.alpha if self.method == "pact" else 1.0, "float32")
+            if self.method == "pact" and not self.symmetric and self.signed:
+                lower = self.lower
+            else:
+                lower = ops.zeros_like(alpha) if self.q_min == 0 else -alpha
+            s, z = range_grid(lower, alpha, self.q_min, self.q_max)
         return float(ops.convert_to_numpy(s)), float(ops.convert_to_numpy(z))
 
     def value_range(self):
@@ -290,11 +282,10 @@ class QuantizedLayer(keras.layers.Layer):
             f = f * bn.gamma
         return ops.where(ops.abs(f) < 1e-12, 1e-12, f)
 
-    def _kernel_views(self):
-        """The float kernels as (rows, channels) views, the last one multiplied by the fold factor."""
+    def _kernel_views(self, f):
+        """The float kernels as (rows, channels) views, the last one multiplied by the fold factor `f`."""
         names = kernel_names(self.layer)
         views = []
-        f = self.fold_factor()
         for i, name in enumerate(names):
             k = getattr(self.layer, name)
             v = ops.reshape(k, _channel_view_shape(k.shape, self.depthwise[i]))
@@ -319,18 +310,15 @@ class QuantizedLayer(keras.layers.Layer):
             lo, hi = ops.min(v, axis=0), ops.max(v, axis=0)
         else:
             lo, hi = ops.min(v), ops.max(v)
-        s, z = minmax_params(ops.stop_gradient(lo), ops.stop_gradient(hi), self.q_min, self.q_max, self.symmetric)
-        if self.pow2:
-            s = ops.power(2.0, ops.round(ops.log2(s)))
-            if not self.symmetric:
-                z = ops.clip(self.q_min - ops.round(ops.minimum(ops.stop_gradient(lo), 0.0) / s), self.q_min,
-                             self.q_max)
-        return s, z
+        return minmax_grid(ops.stop_gradient(lo), ops.stop_gradient(hi), self.q_min, self.q_max, self.symmetric,
+                           self.pow2)
 
-    def quantized_kernels(self, quantize=True):
-        """The kernels the forward pass uses (BN folded in the last one), in the layer's kernel shapes."""
+    def quantized_kernels(self, quantize=True, f=None):
+        """The kernels the forward pass uses (BN folded in the last one, with the fold factor `f` when the
+        caller has it), in the layer's kernel shapes."""
+        f = self.fold_factor() if f is None else f
         out = []
-        for i, (name, v) in enumerate(zip(kernel_names(self.layer), self._kernel_views())):
+        for i, (name, v) in enumerate(zip(kernel_names(self.layer), self._kernel_views(f))):
             q = self._quantize_view(i, v) if quantize else v
             out.append(ops.reshape(q, getattr(self.layer, name).shape))
         return out
@@ -338,11 +326,11 @@ class QuantizedLayer(keras.layers.Layer):
     def weight_grids(self):
         """[(scale, zero_point)] per kernel, NumPy, as used in inference (DoReFa: the grid of tanh(w) / max)."""
         grids = []
-        for i, v in enumerate(self._kernel_views()):
+        for i, v in enumerate(self._kernel_views(self.fold_factor())):
             if self.method == "lsq":
                 s = ops.abs(self.weight_scales[i]) + 1e-12
                 if self.pow2:
-                    s = ops.power(2.0, ops.round(ops.log2(s)))
+                    s = pow2_scale(s)
                 z = ops.round(self.weight_zero_points[i]) if not self.symmetric else ops.zeros_like(s)
             elif self.method == "minmax":
                 s, z = self._minmax_grid(v)
@@ -371,7 +359,7 @@ class QuantizedLayer(keras.layers.Layer):
         coarser than the weights' range needs.)"""
         if self.method != "lsq":
             return
-        for i, v in enumerate(self._kernel_views()):
+        for i, v in enumerate(self._kernel_views(self.fold_factor())):
             v = np.asarray(ops.convert_to_numpy(v), np.float32)
             lo, hi = (v.min(axis=0), v.max(axis=0)) if self.per_channel else (v.min(), v.max())
             s, z = minmax_params(lo, hi, self.q_min, self.q_max, self.symmetric)
@@ -381,15 +369,15 @@ class QuantizedLayer(keras.layers.Layer):
 
     def call(self, x, training=False):
         layer = self.layer
-        kernels = self.quantized_kernels(quantize=not self.observing)
-        y = linear_call(layer, x, kernels)
+        f = self.fold_factor()  # once per call: the kernels and the BN expression share it
+        y = linear_call(layer, x, self.quantized_kernels(quantize=not self.observing, f=f))
         if self.batch_norm is not None:
-            y = self._folded_batch_norm(y, training)
+            y = self._folded_batch_norm(y, training, f)
         elif layer.use_bias:
             y = y + layer.bias
         return layer.activation(y) if layer.activation is not None else y
 
-    def _folded_batch_norm(self, c, training):
+    def _folded_batch_norm(self, c, training, f):
         """TorchFold's BN(c / f + b) computed on c = conv(x, Q(w f)) itself, without the division and the bias
         pass: with y0 = c / f + b the batch has mean m_c / f + b and variance v_c / f^2, so
 
@@ -399,7 +387,7 @@ class QuantizedLayer(keras.layers.Layer):
             inference:  BN(y0) = c + beta + (b - mu) f.
         """
         bn, layer = self.batch_norm, self.layer
-        f = ops.cast(self.fold_factor(), c.dtype)
+        f = ops.cast(f, c.dtype)
         b = ops.cast(layer.bias, c.dtype) if layer.use_bias else 0.0
         beta = ops.cast(bn.beta, c.dtype) if bn.center else 0.0
         if training and bn.trainable:

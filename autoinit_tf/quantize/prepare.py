@@ -168,10 +168,11 @@ def prepare(model, preset="academic", bits=8, method="lsq", data=None, *, weight
         op = node.operation
         if id(op) in folded:
             return tree.flatten(args)[0]
-        weighted = quantizable(op) is None and op.name not in keep
+        reason = quantizable(op)
+        weighted = reason is None and op.name not in keep
         if not weighted and op.name not in keep and op.name not in kept:
             if hasattr(op, "kernel") or hasattr(op, "depthwise_kernel"):
-                kept[op.name] = quantizable(op)  # a weighted layer with no quantized form (e.g. Conv2DTranspose)
+                kept[op.name] = reason  # a weighted layer with no quantized form (e.g. Conv2DTranspose)
             elif not is_model(op) and any(quantizable(inner) is None for inner in layer_tree(op, include_self=False)):
                 kept[op.name] = (f"{type(op).__name__} holds conv/dense layers inside, and prepare does not "
                                  "descend into layers: they train and deploy in float")
