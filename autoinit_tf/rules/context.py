@@ -138,6 +138,10 @@ class RuleContext:
         """Whether this pass may replace `variable` (frozen layers keep theirs by default)."""
         return self._engine.may_reinit(self.op, variable)
 
+    def drew(self, variable) -> bool:
+        """Whether this call drew (recorded) a new value for `variable`."""
+        return variable.path in self._engine.visit_records
+
     def value(self, variable) -> np.ndarray:
         """The value `variable` will have after this pass (pending assignment or current value)."""
         return self._engine.value(variable)

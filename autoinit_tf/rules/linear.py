@@ -365,7 +365,50 @@ def preactivation_rule_for(layer):
 def weighted_linear_rule(ctx):
     """Draw the kernel(s) for the target pre-activation variance, then apply the fused activation."""
     pre = preactivation_rule_for(ctx.layer)(ctx)
+    pre = exact_for_draw(ctx, pre)
     return fused_activation(ctx.layer, pre, ctx.output_shapes[0])
+
+
+def exact_for_draw(ctx, pre: Moments) -> Moments:
+    """Rescale the drawn kernel so the pre-activation variance is `signal_variance` for THIS draw.
+
+    ``Var(W) = target / (fan_eff E[x^2])`` hits the target in expectation over kernels (a zero-mean
+    kernel: mean 0, second moment = variance = target); the moments above are those of the drawn kernel
+    (per output unit), which differ from it by the draw's sampling error. That error is large where few output units carry a dominant input mean (a squeeze-and-excitation
+    reduce conv: 8 units reading a pooled map of mean 0.21 and variance 1e-4, whose pre-activation
+    variance is 0.2^2 * sum_c W[c, j] over just 8 column sums). With no bias, the output is linear in
+    the kernel, so the kernel times
+
+        s = sqrt(target / Var(pre))
+
+    makes the predicted variance exactly the target, as calibration does on a probe (no probe here:
+    the per-unit moments are already computed). Applied only to a kernel this pass drew, with no (or an all-zero) bias, on a layer called
+    once (a shared layer's scale is fitted to all its calls together).
+    """
+    layer = ctx.layer
+    if ctx.fit_inputs is not ctx.inputs:
+        return pre
+    get = spec_for(layer).kernel
+    try:
+        kernel, bias = get(layer) if get is not None else (None, None)
+    except AttributeError:
+        return pre
+    if kernel is None or not ctx.may_reinit(kernel) or not ctx.drew(kernel):
+        return pre
+    if bias is not None and np.any(ctx.value(bias) != 0):
+        return pre
+    var = pre.var
+    target = ctx.signal_variance
+    if not (math.isfinite(var) and var > 0.0 and target > 0.0):
+        return pre
+    s = math.sqrt(target / var)
+    if abs(s - 1.0) < 1e-9:
+        return pre
+    w = ctx.value(kernel)
+    ctx.assign(kernel, (w * np.asarray(s, dtype=w.dtype)).astype(w.dtype, copy=False))
+    if ctx.weight_scale is not None:
+        ctx.weight_scale = ctx.weight_scale * s * s
+    return pre.scaled(s)
 
 
 # The linear layers: pre-activation rule (the registered rule adds the fused activation), the kernel
