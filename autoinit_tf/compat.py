@@ -94,7 +94,7 @@ class AutoInit:
             moments = (self.input_data_mean, self.input_data_var)
         engine = run_analytic_pass(model, input_moments=moments, data=None, signal_variance=self.signal_variance,
                                    distribution=self.distribution, seed=None, strict=False, rules=self.rules,
-                                   include_frozen=False)
+                                   include_frozen=False, exact_draw=False)
         engine.apply()
         if return_estimates:
             estimates = {row.name: (row.outputs[0].mean, row.outputs[0].var) for row in engine.rows}

@@ -62,6 +62,10 @@ class PassOptions:
     progress: Callable | None = None
     bn_gamma: float | None = None
     only: frozenset | None = None  # variable paths the pass may replace (wrap's only=); None: all
+    # Rescale each drawn linear kernel so its predicted pre-activation variance is the target for the
+    # drawn values (`rules.linear.exact_for_draw`); False: entries exactly as `distribution` draws them
+    # (the reference-compatible `AutoInit` class: a uniform kernel stays within its bounds).
+    exact_draw: bool = True
 
     def __post_init__(self):
         sv = self.signal_variance
@@ -89,6 +93,7 @@ class AnalyticPass:
         self.done = 0
         self.signal_variance = float(options.signal_variance)
         self.distribution = options.distribution
+        self.exact_draw = bool(options.exact_draw)
         self.seed = options.seed
         self.strict = options.strict
         self.rules = dict(options.rules or {})

@@ -190,7 +190,8 @@ def _walk(fn, input_values, path, state):
             if remaining[id(x)] == 0 and id(x) not in keep:
                 values.pop(id(x), None)
         if view is not None:
-            outs = _walk(view, call_values, path + (op.name,), state)
+            outs = with_constant_outputs(view, _walk(view, call_values, path + (op.name,), state),
+                                         getattr(state.expand, "constant", lambda c: c))
         elif is_model(op):
             inner = as_functional(op)
             inner_path = path + (op.name,)
@@ -205,6 +206,8 @@ def _walk(fn, input_values, path, state):
         else:
             outs = state.visit(node, args, kwargs, state.site(op, path, labels.get(id(op))))
         outs = tree.flatten(outs)
+        if len(outs) != len(node.outputs) and any(o is None for o in outs):
+            outs = [o for o in outs if o is not None]  # (y, None): a None output is no node output
         if len(outs) != len(node.outputs):
             raise RuntimeError(
                 f"'{op.name}' produced {len(outs)} values for {len(node.outputs)} output tensors."
@@ -259,7 +262,9 @@ def leaf_ops(fn, expand=None):
 def _lenient_output_specs(op):
     """While tracing: sublayers whose ``compute_output_spec`` takes fewer keywords than their ``call``
     (keras-hub's CachedMultiHeadAttention: ``cache=None`` reaches MultiHeadAttention's spec) get an
-    instance-level spec that drops the keywords it does not know. Removed afterwards."""
+    instance-level spec that drops the keywords it does not know; and a sublayer call's node leaves out
+    None outputs (DeiT's blocks return ``(y, None)``: Keras' Layer.__call__ cannot make a node of that
+    on symbolic tensors, and raises). Removed afterwards."""
     patched = []
     flatten = getattr(op, "_flatten_layers", None)
     for layer in (flatten(include_self=False, recursive=True) if flatten else ()):
@@ -279,11 +284,29 @@ def _lenient_output_specs(op):
 
         object.__setattr__(layer, "compute_output_spec", lenient)
         patched.append(layer)
+    from keras.src.layers import layer as layer_module
+
+    keras_node = layer_module.Node
+    layer_module.Node = _node_without_none(keras_node)
     try:
         yield
     finally:
+        layer_module.Node = keras_node
         for layer in patched:
             object.__delattr__(layer, "compute_output_spec")
+
+
+def _node_without_none(keras_node):
+    """Keras' Node class, as Layer.__call__ uses it, recording only the tensor outputs of a call whose
+    outputs hold None (where Keras would raise)."""
+
+    def make(operation, call_args=None, call_kwargs=None, outputs=None):
+        flat = tree.flatten(outputs) if outputs is not None else []
+        if any(o is None for o in flat):
+            outputs = [o for o in flat if o is not None]
+        return keras_node(operation, call_args=call_args, call_kwargs=call_kwargs, outputs=outputs)
+
+    return make
 
 
 def trace_call(node, shapes=None):
@@ -372,13 +395,18 @@ def _trace(node, shapes, lift):
         finally:
             for name, value in saved.items():
                 object.__setattr__(op, name, value)
-        flat = tree.flatten(outputs)
-        if not flat or not all(isinstance(o, keras.KerasTensor) for o in flat):
+        # None outputs ((y, None) when attention scores are not asked for) are no node outputs; constant
+        # outputs (ops.empty placeholders computed from static shapes) are fed back by the walk.
+        flat = [o for o in tree.flatten(outputs) if o is not None]
+        symbolic = [o for o in flat if isinstance(o, keras.KerasTensor)]
+        constants = {i: o for i, o in enumerate(flat) if not isinstance(o, keras.KerasTensor)}
+        if not symbolic or any(not keras.ops.is_tensor(c) for c in constants.values()):
             raise TraceError(f"call() of '{op.name}' returned something other than tensors.")
         if len(flat) != len(node.outputs):
             raise TraceError(f"call() of '{op.name}' returned {len(flat)} tensors, the layer's node has "
                              f"{len(node.outputs)}.")
-        view = keras.Model(fresh + extra, outputs, name=f"{op.name}_call")
+        plain = len(symbolic) == len(tree.flatten(outputs))
+        view = keras.Model(fresh + extra, outputs if plain else symbolic, name=f"{op.name}_call")
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a symbolic replay means: keep the layer whole
@@ -392,7 +420,19 @@ def _trace(node, shapes, lift):
     _RAW_OP_LABELS[view] = _raw_op_labels(view)
     if lift:
         _LIFTED[view] = tuple(value for _, value in lift)
+    if constants:
+        _CONSTANT_OUTPUTS[view] = (len(flat), constants)
     return view
+
+
+def with_constant_outputs(view, outs, constant):
+    """The outputs of a traced call: the view's own outputs `outs` with the call's constant outputs
+    (see `trace_call`) put back at their places, each as ``constant(tensor)``."""
+    total, constants = _CONSTANT_OUTPUTS.get(view, (None, None))
+    if not constants:
+        return outs
+    it = iter(tree.flatten(outs))
+    return [constant(constants[i]) if i in constants else next(it) for i in range(total)]
 
 
 def _unknown_in_constant_shape(view):
@@ -421,6 +461,9 @@ def _unknown_in_constant_shape(view):
 
 # traced view -> the constant tensors it takes as extra inputs (lifted integer attributes of the layer)
 _LIFTED = weakref.WeakKeyDictionary()
+
+# traced view -> (number of call outputs, {output index: constant tensor}) for calls returning constants
+_CONSTANT_OUTPUTS = weakref.WeakKeyDictionary()
 
 # traced view -> {id(raw op): its name in that view}; Keras names raw ops from a global counter
 # (``multiply_17``), so two traces of one call would name their rows differently.

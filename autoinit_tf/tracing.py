@@ -119,13 +119,14 @@ class CallTracer:
         self._ops = {k: (o, v) for k, (o, v) in self._ops.items() if o is not op}
 
     def constant(self, tensor):
-        """The value a lifted constant input (`graph.lifted_constants`) has in this pass: its moments in
+        """The value a lifted constant input (`graph.lifted_constants`) or a constant output of a traced call
+        (`graph.with_constant_outputs`) has in this pass: its moments in
         the analytic pass (values are `Moments`), the tensor itself in a replay."""
         if self.moments:
             import numpy as np
 
             a = np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float64)
-            return Moments(float(a.mean()), float(a.var()))
+            return Moments(float(a.mean()), float(a.var())) if a.size else Moments(0.0, 0.0)
         return tensor
 
     def traced_ops(self):

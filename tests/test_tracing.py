@@ -309,3 +309,49 @@ def test_a_calibrated_output_computed_from_constants_has_no_sampling_error():
         _, rep = autoinit_tf.wrap(model, seed=0, calibrate="probe", return_report=True)
     assert rep.calibration_error["patches/pos"] == 0.0
     assert "patches/pos" in rep.calibration
+
+
+class ScoresBlock(L.Layer):
+    """Returns (y, None) when no scores are asked for, as keras-hub's DeiT blocks do."""
+
+    def __init__(self, width, **kw):
+        super().__init__(**kw)
+        self.proj = L.Dense(width, name="proj")
+
+    def call(self, x, return_scores=False):
+        y = self.proj(x)
+        return y, (y if return_scores else None)
+
+
+class ScoresEncoder(L.Layer):
+    """Two ScoresBlocks; also returns an ``ops.empty`` placeholder computed from static shapes (DeiTEncoder)."""
+
+    def __init__(self, width, **kw):
+        super().__init__(**kw)
+        self.blocks = [ScoresBlock(width, name=f"block_{i}") for i in range(2)]
+
+    def call(self, x):
+        for block in self.blocks:
+            x, _ = block(x)
+        empty = keras.ops.empty((0, keras.ops.shape(x)[1], keras.ops.shape(x)[2]), dtype=x.dtype)
+        return x, empty
+
+
+def test_blocks_returning_none_and_constant_outputs_are_walked_inside():
+    inp = keras.Input((6, 16))
+    out, _ = ScoresEncoder(16, name="encoder")(inp)
+    model = keras.Model(inp, out)
+    node = next(n for n in graph.topo_nodes(model) if n.operation.name == "encoder")
+    assert isinstance(tracing.CallTracer()(node, None), keras.Model)  # was: "returned a non-tensor: None"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, strict=True, return_report=True)
+    assert [r.name for r in rep.rows if r.weighted] == ["encoder/block_0/proj", "encoder/block_1/proj"]
+    assert {v.path for v in model.weights if len(v.shape) == 2} <= set(rep.assigned)
+    # The walk fed the placeholder back as an output, and a replay on real tensors runs through too:
+    # the first block's output is on target (the second reads 16 correlated channels, which the pass
+    # takes as independent).
+    measured = autoinit_tf.compare(model, seed=0, batch_size=512)
+    assert all(r.measured for r in measured.rows)
+    first = next(r for r in measured.rows if r.name == "encoder/block_0/proj")
+    assert first.measured[0].var == pytest.approx(1.0, rel=0.05)

@@ -282,6 +282,33 @@ def test_distributions_hit_the_target_variance(dist):
         assert np.abs(k).max() <= 2.0 * np.sqrt(1.0 / 512) / 0.8796 + 1e-6
 
 
+def test_a_few_unit_layer_reading_a_dominant_mean_is_on_target_for_its_drawn_kernel():
+    # 8 units reading 32 inputs of mean 0.2 and variance 1e-4 (a squeeze-and-excitation reduce conv after
+    # GAP): the pre-activation variance is ~0.04 * var_j(sum_c W[c, j]), a chi-square of 8 column sums,
+    # so the expectation formula alone lands anywhere from 0.1x to 2x. The pass rescales the drawn kernel
+    # for the drawn values; checked by running the real layer on NumPy samples of the input.
+    rng = np.random.default_rng(0)
+    x = (0.2 + 0.01 * rng.standard_normal((20000, 32))).astype("float32")
+    plain = []
+    for seed in range(8):
+        inp = keras.Input((32,))
+        m = keras.Model(inp, L.Dense(8)(inp))
+        autoinit_tf.wrap(m, input_moments=(0.2, 1e-4), seed=seed, calibrate=None)
+        assert float(np.var(keras.ops.convert_to_numpy(m(x)))) == pytest.approx(1.0, rel=0.03)
+        # Draws without the rescaling (the reference-compatible class draws exactly as stated).
+        autoinit_tf.AutoInit(input_data_mean=0.2, input_data_var=1e-4).initialize_model(m)
+        plain.append(float(np.var(keras.ops.convert_to_numpy(m(x)))))
+    assert max(abs(np.log(plain))) > 0.3  # what the rescaling corrects
+
+
+def test_a_kernel_with_a_nonzero_bias_is_not_rescaled():
+    inp = keras.Input((32,))
+    m = keras.Model(inp, L.Dense(8, bias_initializer="ones")(inp))
+    _, rep = autoinit_tf.wrap(m, input_moments=(0.2, 1e-4), seed=0, calibrate=None, return_report=True)
+    row = next(r for r in rep.rows if r.weighted)
+    assert row.weight_scale == pytest.approx(1.0 / (32 * (0.04 + 1e-4)))  # the expectation formula, unscaled
+
+
 def test_reference_compatible_api():
     from autoinit_tf import AutoInit
 

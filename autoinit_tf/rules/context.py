@@ -63,6 +63,11 @@ class RuleContext:
         return self._engine.distribution
 
     @property
+    def exact_draw(self) -> bool:
+        """Whether drawn linear kernels are rescaled to hit the target for the drawn values."""
+        return self._engine.exact_draw
+
+    @property
     def bn_gamma(self) -> float | None:
         """The constant every batch-normalizing layer's gamma is set to (Davis & Frank's revisited BN
         initialization, beta set to 0), or None to keep gamma and beta."""

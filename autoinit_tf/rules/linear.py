@@ -382,11 +382,12 @@ def exact_for_draw(ctx, pre: Moments) -> Moments:
         s = sqrt(target / Var(pre))
 
     makes the predicted variance exactly the target, as calibration does on a probe (no probe here:
-    the per-unit moments are already computed). Applied only to a kernel this pass drew, with no (or an all-zero) bias, on a layer called
-    once (a shared layer's scale is fitted to all its calls together).
+    the per-unit moments are already computed). Applied only to a kernel this pass drew, with no (or an
+    all-zero) bias, on a layer called once (a shared layer's scale is fitted to all its calls together),
+    unless the pass runs with ``exact_draw=False``.
     """
     layer = ctx.layer
-    if ctx.fit_inputs is not ctx.inputs:
+    if not ctx.exact_draw or ctx.fit_inputs is not ctx.inputs:
         return pre
     get = spec_for(layer).kernel
     try:
