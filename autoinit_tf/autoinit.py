@@ -10,6 +10,7 @@ import time
 import warnings
 
 from autoinit_tf import distribute
+from autoinit_tf.calibration import AUTO_ROUNDS
 from autoinit_tf.engine import FallbackRuleWarning, PassOptions, run_analytic_pass
 from autoinit_tf.measure import calibrated_values, measure
 from autoinit_tf.report import SignalReport
@@ -144,7 +145,7 @@ def wrap(
         report, values = calibrated_values(
             model, "probe" if auto else calibrate, report=report if return_report else None, only=only, values=values,
             record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
-            moving_statistics=True,
+            moving_statistics=True, max_rounds=AUTO_ROUNDS if auto else None,
         )
         engine.replace_pending(values)
         del values

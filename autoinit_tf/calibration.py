@@ -22,7 +22,8 @@ from autoinit_tf.report import SignalReport
 from autoinit_tf.rules.builtin import register_builtin_rules
 from autoinit_tf.signal_replay import SignalReplay
 
-__all__ = ["calibrate", "calibrated_values", "assign_values", "CalibrationWarning", "CALIBRATION_RSE"]
+__all__ = ["calibrate", "calibrated_values", "assign_values", "CalibrationWarning", "CALIBRATION_RSE", "AUTO_ROUNDS",
+           "MAX_ROUNDS"]
 
 logger = logging.getLogger("autoinit_tf")
 
@@ -45,6 +46,13 @@ GROWTH_ELEMENTS = 1 << 24
 #: same size refine the factors, each moving them by the k-th root of its own estimate (their average):
 #: the error falls as 1 / sqrt(rounds) while one probe at a time is in memory.
 MAX_ROUNDS = 8
+
+#: `wrap`'s default ``calibrate="auto"`` refines over at most this many probes: it calibrates only the
+#: layers the analytic pass cannot predict exactly, and runs inside NAS loops, so its cost stays a small
+#: multiple of one replay. On the squeeze-and-excitation networks (per-example energies that vary by 4x
+#: their mean) more rounds moved nothing a fresh batch can see (benchmarks/zoo_real.py, BENCHMARKS.md);
+#: ``calibrate="probe"`` refines over up to `MAX_ROUNDS`.
+AUTO_ROUNDS = 2
 
 
 class CalibrationWarning(UserWarning):
@@ -94,7 +102,7 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
 
 def calibrated_values(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
                       training=True, batch_size=None, targets=None, only=None, values=None, record=True,
-                      moving_statistics=False):
+                      moving_statistics=False, max_rounds=None):
     """`calibrate` without assigning anything: ``(report, values)`` with ``values`` the calibrated
     kernels as ``id(variable) -> value``.
 
@@ -104,13 +112,14 @@ def calibrated_values(model, data="probe", *, report=None, input_moments=None, s
     no report (``report`` must then be None; ``only`` names the rows to calibrate).
     ``moving_statistics=True`` (`wrap`) also sets the moving statistics of batch-normalizing layers to
     the statistics their inputs have on the calibrated replay (`calibrate` itself leaves them alone).
+    ``max_rounds``: the most probes an automatically sized probe refines over (None: `MAX_ROUNDS`).
     """
     if only is None and report is not None:
         only = {r.name for r in report.rows if r.weighted}
     replay, source = calibration_replay(model, data, only=only, record=record, input_moments=input_moments,
                                          seed=seed, signal_variance=signal_variance, training=training,
                                          batch_size=batch_size, targets=targets, values=values,
-                                         moving_statistics=moving_statistics)
+                                         moving_statistics=moving_statistics, max_rounds=max_rounds)
     if not record:
         return None, replay.values
     if report is None:
@@ -145,7 +154,8 @@ def assign_values(model, values):
 
 
 def calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
-                        training=True, batch_size=None, targets=None, values=None, moving_statistics=False):
+                        training=True, batch_size=None, targets=None, values=None, moving_statistics=False,
+                        max_rounds=None):
     """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
     without a report). Returns the `SignalReplay` (its ``factors``, ``rse`` and ``batch``) and the source
     ("probe" or "data").
@@ -189,7 +199,7 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     rounds = 1
     if grow and worst > CALIBRATION_RSE and math.isfinite(worst):
         # The probe is as large as memory allows: accumulate precision over fresh probes instead.
-        wanted = min(MAX_ROUNDS, math.ceil((worst / GROWTH_RSE) ** 2))
+        wanted = min(MAX_ROUNDS if max_rounds is None else max_rounds, math.ceil((worst / GROWTH_RSE) ** 2))
         first = replay
         base = 0 if seed is None else int(seed)
         for k in range(2, wanted + 1):
@@ -205,11 +215,11 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         replay.rse = {name: r / math.sqrt(rounds) for name, r in replay.rse.items()}
         logger.info("autoinit: calibrated over %d probes of %d examples.", rounds, replay.batch)
     replay.rounds = rounds
-    warn_imprecise(replay, source, grow)
+    warn_imprecise(replay, source, grow, limited=max_rounds is not None and max_rounds < MAX_ROUNDS)
     return replay, source
 
 
-def warn_imprecise(replay, source, grew):
+def warn_imprecise(replay, source, grew, limited=False):
     name, rse = max(replay.rse.items(), key=lambda kv: kv[1], default=(None, 0.0))
     if name is None or not rse > CALIBRATION_RSE:
         return
@@ -218,20 +228,27 @@ def warn_imprecise(replay, source, grew):
     need = math.ceil(n * rounds * (rse / CALIBRATION_RSE) ** 2) if math.isfinite(rse) else None
     where = ("probe" if source == "probe" else "data sample") if rounds == 1 else f"{rounds} probes"
     limit = " (the automatic probe stops growing there to bound memory)" if grew else ""
+    spread = rse * math.sqrt(n * rounds)  # std / mean of the examples' energies at that layer
     if need is None:
         advice = "Use more examples"
+    elif limited:  # wrap's default bounds its cost; calibrate="probe" refines further
+        advice = (f"wrap(..., calibrate=\"probe\") refines over up to {MAX_ROUNDS} probes of {n} examples "
+                  f"(+-{100 * rse * math.sqrt(rounds / MAX_ROUNDS):.1f}%); for +-{100 * CALIBRATION_RSE:.0f}%")
+        more = math.ceil(need / max(n, 1))
+        advice += f" set autoinit_tf.calibration.MAX_ROUNDS = {more} as well"
     elif grew:  # memory bounds the batch: more rounds, not a bigger batch, is the remedy
         more = math.ceil(need / max(n, 1))
         advice = (f"Set autoinit_tf.calibration.MAX_ROUNDS = {more} (each round one replay on a fresh probe of "
-                  f"{n} examples)")
+                  f"{n} examples, about {more / max(rounds, 1):.0f}x this calibration's time)")
     else:
         advice = (f"Calibrate on about {need} examples (calibrate(..., batch_size={need})"
                   + (", or more real data" if source != "probe" else "") + ")")
     warnings.warn(
         f"Calibration fixes the variance of '{name}' only to +-{100 * rse:.1f}% (one standard error of a "
         f"variance estimated on the {where} of {n} examples{limit}; the examples' energies at that layer vary "
-        f"by {rse * math.sqrt(n):.2g}x their mean), so another batch may land further from the target. "
-        f"{advice} for +-{100 * CALIBRATION_RSE:.0f}%.",
+        f"by {spread:.2g}x their mean: a batch of 64 examples lands +-{100 * spread / 8:.0f}% from their mean), "
+        f"so another batch may land further from the target. "
+        f"{advice}" + ("." if limited else f" for +-{100 * CALIBRATION_RSE:.0f}%."),
         CalibrationWarning,
         stacklevel=4,
     )

@@ -439,3 +439,26 @@ def test_rounds_on_fresh_probes_accumulate_precision_past_the_memory_bound(monke
             again = measure(model, batch_size=1 << 17, seed=77)
             errors[rounds].append(abs(math.log(again["d2"].outputs[0].var)))
     assert max(errors[8]) < 0.04 and sum(errors[8]) < 0.6 * sum(errors[1])
+
+
+class _OpaqueCube(keras.layers.Layer):
+    def call(self, x):
+        if isinstance(x, keras.KerasTensor):
+            raise TypeError("concrete tensors only")
+        return x * x * x
+
+
+@pytest.mark.core
+def test_the_default_wrap_refines_over_at_most_auto_rounds_probes_and_says_what_refines_further(monkeypatch):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,))
+    h = keras.layers.Dense(16, name="d1")(inp)
+    h = _OpaqueCube(name="cube")(h)  # no rule, not traceable: probe-estimated, so d2 is auto-calibrated
+    model = keras.Model(inp, keras.layers.Dense(8, name="d2")(h))
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", autoinit_tf.FallbackRuleWarning)
+        with pytest.warns(CalibrationWarning, match=rf"'d2' only to .* on the {calibration.AUTO_ROUNDS} probes of "
+                                                    r"2048 examples.*calibrate=\"probe\"\) refines over up to 8"):
+            _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert "d2" in rep.auto_calibrated and rep.calibration_batch == 2048
