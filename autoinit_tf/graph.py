@@ -13,6 +13,7 @@ The walk is iterative over nodes, so depth is no limit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 
@@ -264,10 +265,17 @@ def _lenient_output_specs(op):
     (keras-hub's CachedMultiHeadAttention: ``cache=None`` reaches MultiHeadAttention's spec) get an
     instance-level spec that drops the keywords it does not know; and a sublayer call's node leaves out
     None outputs (DeiT's blocks return ``(y, None)``: Keras' Layer.__call__ cannot make a node of that
-    on symbolic tensors, and raises). Removed afterwards."""
+    on symbolic tensors, and raises). An EinsumDense's spec takes its output shape from the einsum of
+    the actual input shape, not from its ``output_shape`` argument, whose None entries (keras-hub's
+    ``(None, heads, head_dim)``) would make the sequence length unknown at concrete shapes and bake it
+    into a later ``ops.reshape(x, ops.shape(x))`` (Gemma's attention). Removed afterwards."""
     patched = []
     flatten = getattr(op, "_flatten_layers", None)
     for layer in (flatten(include_self=False, recursive=True) if flatten else ()):
+        if isinstance(layer, keras.layers.EinsumDense) and "compute_output_spec" not in vars(layer):
+            object.__setattr__(layer, "compute_output_spec", functools.partial(_einsum_dense_spec, layer))
+            patched.append(layer)
+            continue
         spec = getattr(type(layer), "compute_output_spec", None)
         if spec is None or spec is keras.layers.Layer.compute_output_spec or "compute_output_spec" in vars(layer):
             continue
@@ -294,6 +302,15 @@ def _lenient_output_specs(op):
         layer_module.Node = keras_node
         for layer in patched:
             object.__delattr__(layer, "compute_output_spec")
+
+
+def _einsum_dense_spec(layer, inputs, *args, **kwargs):
+    """The output spec of an EinsumDense call: the einsum of the input's shape with the kernel's."""
+    from keras.src.ops.numpy import Einsum
+
+    kernel = keras.KerasTensor(tuple(layer.kernel.shape), dtype=layer.compute_dtype)
+    out = Einsum(layer.equation).compute_output_spec(inputs, kernel)
+    return keras.KerasTensor(out.shape, dtype=layer.compute_dtype)
 
 
 def _node_without_none(keras_node):

@@ -355,3 +355,31 @@ def test_blocks_returning_none_and_constant_outputs_are_walked_inside():
     assert all(r.measured for r in measured.rows)
     first = next(r for r in measured.rows if r.name == "encoder/block_0/proj")
     assert first.measured[0].var == pytest.approx(1.0, rel=0.05)
+
+
+class HeadsReshuffle(L.Layer):
+    """Gemma's attention pattern: an EinsumDense declared with ``output_shape=(None, heads, dim)`` (unknown
+    sequence length even at concrete shapes), then ``ops.reshape(..., ops.shape(x))``, and a mask test."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.query = L.EinsumDense("btd,ndh->btnh", output_shape=(None, 2, 8), name="query")
+
+    def call(self, x, attention_mask=None):
+        q = self.query(x)
+        q = keras.ops.reshape(keras.ops.stack(keras.ops.split(q, 2, axis=-1), axis=-1), keras.ops.shape(q))
+        none_seen = keras.ops.all(keras.ops.equal(attention_mask, 0), axis=-1, keepdims=True)[..., None, None]
+        return keras.ops.where(none_seen, keras.ops.zeros_like(q), q)
+
+
+def test_an_einsum_dense_with_an_unknown_declared_length_is_traced_at_concrete_shapes():
+    inp, mask = keras.Input((None, 16)), keras.Input((None,), dtype="int32")
+    model = keras.Model([inp, mask], HeadsReshuffle(name="heads")(inp, attention_mask=mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)  # traced; the mask ops have rules
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert [r.name for r in rep.rows if r.weighted] == ["heads/query"]
+    assert model.get_layer("heads").query.kernel.path in rep.assigned
+    x = np.random.default_rng(0).standard_normal((256, 12, 16)).astype("float32")
+    out = keras.ops.convert_to_numpy(model([x, np.ones((256, 12), "int32")]))
+    assert float(np.var(out)) == pytest.approx(1.0, rel=0.1)

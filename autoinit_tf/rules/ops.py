@@ -373,3 +373,19 @@ def _probe_rule(ctx):
 
 for _cls in (np_ops.Einsum, nn_ops.DotProductAttention, np_ops.Where):
     BUILTIN.rule(_cls, _probe_rule)
+
+# Comparisons and logical reductions make masks (Gemma's "no attended tokens": all(equal(mask, 0))): boolean
+# values that carry no signal scale; measured on the probe like `where`, which consumes them (no warning).
+for _cls in (np_ops.Equal, np_ops.NotEqual, np_ops.Greater, np_ops.GreaterEqual, np_ops.Less, np_ops.LessEqual,
+             np_ops.LogicalAnd, np_ops.LogicalOr, np_ops.LogicalNot, np_ops.LogicalXor, np_ops.All, np_ops.Any):
+    BUILTIN.rule(_cls, _probe_rule)
+
+
+@BUILTIN.rule(np_ops.ZerosLike)
+def zeros_like_rule(ctx):
+    return Moments(0.0, 0.0)
+
+
+@BUILTIN.rule(np_ops.OnesLike)
+def ones_like_rule(ctx):
+    return Moments(1.0, 0.0)
