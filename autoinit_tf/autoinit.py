@@ -44,6 +44,7 @@ def analyze(
     engine = run_analytic_pass(model, options, keep_drawn=False)
     report = SignalReport(model.name, engine.rows, assigned=[])
     report.amplification = engine.amplification.worst[:2]
+    report.untouched = engine.untouched()
     return report
 
 
@@ -131,6 +132,7 @@ def wrap(
     # variables. A failure anywhere leaves every variable bit-identical.
     report = SignalReport(model.name, engine.rows, assigned=sorted(engine.pending))
     report.amplification = engine.amplification.worst[:2]
+    report.untouched = engine.untouched()
     report.auto_calibrated = dict(engine.inexact) if auto else {}
     if auto and not engine.inexact:
         calibrate = None  # exact: nothing to correct, no replay

@@ -104,6 +104,7 @@ class AnalyticPass:
         self.rows = []
         self.fit_inputs = {}  # id(op) -> combined input moments over all calls
         self.call_inputs = {}  # id(op) -> list of input-moment lists, one per call
+        self.fallback_ops = {}  # id(op) -> op, for the layers measured on a probe (no rule, not traceable)
         self.counts = {}
         self.ordinals = {}
         self.op_state = {}  # id(op) -> dict a rule keeps across the walks of this pass (`RuleContext.state`)
@@ -172,6 +173,41 @@ class AnalyticPass:
             self.call_inputs = {}
             out = self._one_pass(fn, input_moments)
         self.probe_values = {}
+        self.fn = fn
+        return out
+
+    def untouched(self) -> dict:
+        """``{path: reason}`` for every weight of two or more dimensions (kernels, tables) of the
+        model that this pass leaves as it was, each with the reason (wrap's report: ``untouched``)."""
+        owned = {}
+        for op in graph.leaf_ops(self.fn, expand=self.tracer):
+            for v in getattr(op, "weights", ()):
+                owned.setdefault(v.path, op)
+        raw = {}
+        for op, view in self.tracer.traced_ops():
+            for path in tracing.unowned_matrices(op, view, set(owned)):
+                raw.setdefault(path, op)
+        out = {}
+        for v in self.fn.weights:
+            if len(v.shape) < 2 or v.path in self.pending or v.path in out:
+                continue
+            op = owned.get(v.path)
+            if v.path in raw:
+                out[v.path] = (f"used by raw ops inside '{raw[v.path].name}' ({type(raw[v.path]).__name__}), not by a "
+                               "layer with a rule")
+            elif op is None:
+                out[v.path] = "not used by the model's forward pass (its layer or call is never reached)"
+            elif id(op) in self.fallback_ops:
+                out[v.path] = f"'{op.name}' has no rule and could not be walked inside (probe fallback)"
+            elif not self.may_reinit(op, v):
+                out[v.path] = self.kept_reason(op, v)
+            elif "bias" in v.path.rsplit("/", 1)[-1]:
+                out[v.path] = "a bias: existing biases are kept"
+            elif v.path.endswith("reverse_embeddings"):
+                out[v.path] = ("the untied output table of a ReversibleEmbedding whose reverse call (the LM head) "
+                               "this model never makes")
+            else:
+                out[v.path] = f"its layer's rule ({type(op).__name__}) keeps it"
         return out
 
     def _one_pass(self, fn, input_moments):
@@ -202,6 +238,7 @@ class AnalyticPass:
             if self.strict:
                 raise UnsupportedLayerError(unsupported_message(op))
             _warn_fallback(op, self.tracer.reason(op))
+            self.fallback_ops[id(op)] = op
             rule = fallback_rule
             ctx.note("fallback rule used (measured on a probe)")
         self.visit_records = []

@@ -101,6 +101,8 @@ class SignalReport:
         self.amplification: tuple = (1.0, None)
         self.calibrated_on: str | None = None
         self.auto_calibrated: dict = {}
+        # wrap: {weight path: reason} for the trainable weights of 2+ dimensions it left as they were
+        self.untouched: dict = {}
 
     def __len__(self):
         return len(self.rows)
@@ -179,6 +181,7 @@ class SignalReport:
             "calibration_error": dict(self.calibration_error),
             "calibration_batch": self.calibration_batch,
             "auto_calibrated": dict(self.auto_calibrated),
+            "untouched": dict(self.untouched),
             "amplification": {"factor": self.amplification[0], "node": self.amplification[1]},
             "nodes": [r.to_dict() for r in self.rows],
         }

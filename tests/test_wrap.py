@@ -388,3 +388,18 @@ def test_analyze_drops_drawn_arrays_after_each_layer_but_predicts_what_wrap_leav
     assert _rows(lean) == _rows(full) == [
         (r.name, r.weighted, r.weight_scale, [(o.mean, o.var) for o in r.outputs]) for r in rep.rows
     ]
+
+
+def test_the_report_names_every_weight_left_as_it_was_with_the_reason():
+    inp = keras.Input((6,), dtype="int32")
+    emb = L.ReversibleEmbedding(50, 16, tie_weights=False, name="tokens")  # forward call only (a backbone)
+    frozen = L.Dense(16, name="frozen")
+    h = frozen(emb(inp))
+    frozen.trainable = False
+    model = keras.Model(inp, L.Dense(4, name="head")(h))
+    _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert set(rep.untouched) == {"tokens/reverse_embeddings", "frozen/kernel"}
+    assert "never makes" in rep.untouched["tokens/reverse_embeddings"]
+    assert rep.untouched["frozen/kernel"] == "frozen"
+    assert {"tokens/embeddings", "head/kernel"} <= set(rep.assigned)
+    assert rep.to_dict()["untouched"] == rep.untouched
