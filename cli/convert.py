@@ -487,6 +487,12 @@ def _print_summary(echo, verbose, input_path, loaded, plan, kept, report, writte
              "(--calibrate none keeps the pure analytic pass)")
         for name, why in list(report.auto_calibrated.items())[:5] if verbose else []:
             echo(f"    {name}: {why}")
+    untouched = {p: why for p, why in (getattr(report, "untouched", None) or {}).items()
+                 if not why.startswith("a bias")}
+    if untouched:
+        echo(f"  left as they were:     {len(untouched)} weight tensors (the report's 'untouched' says why)")
+        for path, why in list(untouched.items())[:5] if verbose else []:
+            echo(f"    {path}: {why}")
     if bn_gamma is not None:
         n_gamma = sum(p.endswith("/gamma") for p in report.assigned)
         echo(f"  BatchNorm gamma:       {bn_gamma:g}, beta 0 in {n_gamma} layers (Davis & Frank); train with "

@@ -229,3 +229,15 @@ def test_unstable_signal_warning_is_one_line_with_the_command_line_remedy(tmp_pa
     res = run(["report", path, "-q"])
     assert res.exit_code == 0 and any(ln.startswith("warning: The predicted signal is unstable")
                                       for ln in res.stderr.splitlines())
+
+
+def test_the_summary_counts_the_weights_left_as_they_were(tmp_path):
+    inp = keras.Input((8,))
+    frozen = keras.layers.Dense(8, name="frozen")
+    h = frozen(inp)
+    frozen.trainable = False
+    path = tmp_path / "frozen.keras"
+    keras.Model(inp, keras.layers.Dense(2, name="head")(h)).save(path)
+    res = run(["convert", path, tmp_path / "out.keras", "--seed", "0"])
+    assert res.exit_code == 0, res.output
+    assert "left as they were:     1 weight tensors" in res.stdout
