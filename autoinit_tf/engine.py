@@ -152,7 +152,10 @@ class AnalyticPass:
         self.tracer = tracing.CallTracer(self.rules, length=getattr(self, "probe_length", None), moments=True)
         owned = self.tracer.settle(fn)
         self.counts = graph.count_calls(fn, expand=self.tracer)
-        _warn_unowned(self.tracer, owned)
+        # path -> traced op whose raw ops use that matrix (no layer of the walk owns it): kept as it is
+        self.raw_weights = {path: op for op, view in self.tracer.traced_ops()
+                            for path in tracing.unowned_matrices(op, view, owned)}
+        _warn_unowned(self.raw_weights)
         if not self.keep_drawn:
             self.owners = {}
             for op in graph.leaf_ops(fn, expand=self.tracer):
@@ -183,10 +186,7 @@ class AnalyticPass:
         for op in graph.leaf_ops(self.fn, expand=self.tracer):
             for v in getattr(op, "weights", ()):
                 owned.setdefault(v.path, op)
-        raw = {}
-        for op, view in self.tracer.traced_ops():
-            for path in tracing.unowned_matrices(op, view, set(owned)):
-                raw.setdefault(path, op)
+        raw = self.raw_weights
         out = {}
         for v in self.fn.weights:
             if len(v.shape) < 2 or v.path in self.pending or v.path in out:
@@ -389,11 +389,13 @@ def _warn_fallback(op, trace_failure=None):
     )
 
 
-def _warn_unowned(tracer, owned):
+def _warn_unowned(raw_weights):
     """Traced layers whose own matrices enter raw ops (``x @ self.kernel``) keep those matrices."""
-    for op, view in tracer.traced_ops():
-        left = tracing.unowned_matrices(op, view, owned)
-        if left and type(op) not in _warned_classes:
+    by_op = {}
+    for path, op in raw_weights.items():
+        by_op.setdefault(id(op), (op, []))[1].append(path)
+    for op, left in by_op.values():
+        if type(op) not in _warned_classes:
             _warned_classes.add(type(op))
             warnings.warn(
                 f"Layer '{op.name}' ({type(op).__name__}) has no rule and was walked inside; its weights "

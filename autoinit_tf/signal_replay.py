@@ -54,16 +54,8 @@ __all__ = ["SignalReplay", "calibration_kernel", "CALIBRATION_KERNELS"]
 CALIBRATION_KERNELS = registry.FieldView("kernel")
 
 
-def calibration_kernel(op):
-    """``(kernel, bias)`` that calibration scales for `op`, or None when `op` is not calibratable."""
-    get = registry.spec_for(op).kernel
-    if get is None:
-        return None
-    try:
-        kernel, bias = get(op)
-    except AttributeError:
-        return None
-    return (kernel, bias) if kernel is not None else None
+#: ``(kernel, bias)`` that calibration scales for `op`, or None when `op` is not calibratable.
+calibration_kernel = registry.kernel_of
 
 
 def bias_splits(op) -> bool:

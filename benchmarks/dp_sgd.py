@@ -44,6 +44,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from step_timer import step_timer  # noqa: E402
 
 
 def cnn(seed=0, activation="tanh"):
@@ -76,26 +78,6 @@ def _loss():
     import keras
 
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-class _StepTimer:
-    """Keras callback: wall time of every training batch (time spent inside ``fit``'s step)."""
-
-    def __new__(cls):
-        import keras
-
-        class Timer(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.times = []
-
-            def on_train_batch_begin(self, batch, logs=None):
-                self._t = time.perf_counter()
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.times.append(time.perf_counter() - self._t)
-
-        return Timer()
 
 
 def run_variant(variant, batch, steps, warmup):
@@ -178,7 +160,7 @@ def run_variant(variant, batch, steps, warmup):
     if step is None:
         # Keras models: time each step of an ordinary ``fit`` (the data pipeline runs as in real
         # training: tf.data prefetching, the generator of poisson_batches in its own thread).
-        timer = _StepTimer()
+        timer = step_timer()
         model.fit(data, epochs=1, steps_per_epoch=total, verbose=0, callbacks=[timer])
         times = timer.times[warmup:]
         if os.environ.get("DP_BENCH_DEBUG"):

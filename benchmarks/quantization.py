@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fashion_mnist import load  # noqa: E402
 from slimming import vgg  # noqa: E402
+from step_timer import step_timer  # noqa: E402
 
 
 def tflite_float(model):
@@ -76,21 +77,10 @@ def main(argv=None):
     calib = x[:2048]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    class StepTimes(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._t = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self._t)
-
     def fit(model, epochs, lr, seed, jit_compile="auto", n=None):
         keras.utils.set_random_seed(seed)
         model.compile(keras.optimizers.SGD(lr, momentum=0.9), loss, jit_compile=jit_compile)
-        steps = StepTimes()
+        steps = step_timer()
         model.fit(x[:n], y[:n], batch_size=64, epochs=epochs, verbose=0, callbacks=[steps])
         return 1000 * float(np.median(steps.times[len(steps.times) // 2:]))  # past the first trace
 

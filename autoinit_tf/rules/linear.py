@@ -28,7 +28,7 @@ from autoinit_tf.declared import integer_fill
 from autoinit_tf.moments import Moments, elementwise_moments
 from autoinit_tf.rules import element_maps
 from autoinit_tf.rules.activation import axis_size, function_moments
-from autoinit_tf.rules.registry import BuiltinTable, spec_for
+from autoinit_tf.rules.registry import BuiltinTable, kernel_of, spec_for
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
@@ -389,13 +389,10 @@ def exact_for_draw(ctx, pre: Moments) -> Moments:
     layer = ctx.layer
     if not ctx.exact_draw or ctx.fit_inputs is not ctx.inputs:
         return pre
-    get = spec_for(layer).kernel
-    try:
-        kernel, bias = get(layer) if get is not None else (None, None)
-    except AttributeError:
+    kern = kernel_of(layer)
+    if kern is None or not ctx.may_reinit(kern[0]) or not ctx.drew(kern[0]):
         return pre
-    if kernel is None or not ctx.may_reinit(kernel) or not ctx.drew(kernel):
-        return pre
+    kernel, bias = kern
     if bias is not None and np.any(ctx.value(bias) != 0):
         return pre
     var = pre.var

@@ -36,7 +36,7 @@ import dataclasses
 from typing import Any, Callable
 
 __all__ = ["LayerSpec", "BuiltinTable", "UnsupportedLayerError", "register_layer", "unregister_layer", "register_rule",
-           "unregister_rule", "spec_for", "spec_of", "find_rule", "registered_rules", "builtin_rules", "install_builtin",
+           "unregister_rule", "spec_for", "spec_of", "kernel_of", "find_rule", "registered_rules", "builtin_rules", "install_builtin",
            "FieldView", "snapshot", "restore"]
 
 
@@ -181,6 +181,19 @@ def spec_for(op) -> LayerSpec:
         hit = LayerSpec(**{f: _field(exact if f in _EXACT_ONLY else keys, f)[0] for f in FIELDS})
         _CACHE[("spec", cls)] = hit
     return hit
+
+
+def kernel_of(op):
+    """``(kernel, bias or None)``, the variables of `op`'s ``kernel`` field (what calibration and the
+    per-draw rescaling scale), or None when `op` has none."""
+    get = spec_for(op).kernel
+    if get is None:
+        return None
+    try:
+        kernel, bias = get(op)
+    except AttributeError:
+        return None
+    return (kernel, bias) if kernel is not None else None
 
 
 def spec_of(key) -> LayerSpec:
