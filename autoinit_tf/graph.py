@@ -260,7 +260,7 @@ def leaf_ops(fn, expand=None):
 
 
 @contextlib.contextmanager
-def _lenient_output_specs(op):
+def _tracing_patches(op):
     """While tracing: sublayers whose ``compute_output_spec`` takes fewer keywords than their ``call``
     (keras-hub's CachedMultiHeadAttention: ``cache=None`` reaches MultiHeadAttention's spec) get an
     instance-level spec that drops the keywords it does not know; and a sublayer call's node leaves out
@@ -407,7 +407,7 @@ def _trace(node, shapes, lift):
             extra.append(keras.Input(shape=shape[1:], batch_size=shape[0], dtype=dtype, name=f"{op.name}_{name}"))
             object.__setattr__(op, name, extra[-1])
         try:
-            with _lenient_output_specs(op):
+            with _tracing_patches(op):
                 outputs = op.call(*args, **kwargs)
         finally:
             for name, value in saved.items():

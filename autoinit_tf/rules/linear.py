@@ -374,10 +374,11 @@ def exact_for_draw(ctx, pre: Moments) -> Moments:
 
     ``Var(W) = target / (fan_eff E[x^2])`` hits the target in expectation over kernels (a zero-mean
     kernel: mean 0, second moment = variance = target); the moments above are those of the drawn kernel
-    (per output unit), which differ from it by the draw's sampling error. That error is large where few output units carry a dominant input mean (a squeeze-and-excitation
-    reduce conv: 8 units reading a pooled map of mean 0.21 and variance 1e-4, whose pre-activation
-    variance is 0.2^2 * sum_c W[c, j] over just 8 column sums). With no bias, the output is linear in
-    the kernel, so the kernel times
+    (per output unit), which differ from it by the draw's sampling error. That error is large where few
+    output units carry a dominant input mean (a squeeze-and-excitation reduce conv: 8 units reading a
+    pooled map of mean 0.21 and variance 1e-4, whose pre-activation variance is about 0.21^2 times the
+    variance over j of the column sums sum_c W[c, j], just 8 of them). With no bias, the output is linear
+    in the kernel, so the kernel times
 
         s = sqrt(target / Var(pre))
 
