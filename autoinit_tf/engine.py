@@ -276,8 +276,8 @@ class AnalyticPass:
             NodeRow(
                 name=name,
                 type=type(op).__name__,
-                inputs=inputs,
-                outputs=outs,
+                inputs=_without_element_maps(inputs),
+                outputs=_without_element_maps(outs),
                 weight_scale=ctx.weight_scale,
                 rule=rule_name,
                 notes=ctx.notes,
@@ -407,6 +407,12 @@ def _warn_unowned(raw_weights):
 
 
 # -- the entry point ---------------------------------------------------------------------------------
+
+
+def _without_element_maps(values):
+    """The values a report row keeps: per-element maps (up to 16 MB each) dropped, the per-channel and
+    pooled moments kept, so a report of a CNN does not hold every feature map of the pass."""
+    return [v.per_channel() if isinstance(v, Moments) and v.el_mean is not None else v for v in values]
 
 
 def run_analytic_pass(model, options: PassOptions | None = None, *, keep_drawn=True, warn_unstable=True, **kwargs):

@@ -28,6 +28,7 @@ __all__ = [
     "max_expectations_cost",
     "max_of_gaussians",
     "max_order_expectations",
+    "distinct_rows",
     "mix",
     "standard_normal_quantiles",
 ]
@@ -235,6 +236,39 @@ def gaussian_expectations(fn, mean, var, kinks=(), powers=(1, 2)):
     return tuple(float(np.dot(w, y**p)) for p in powers)
 
 
+
+#: Mantissa bits `distinct_rows` compares: entries equal to 2^-22 (~2.4e-7) relative count as equal. Far
+#: below the coarse quadrature's own ~1e-6, above the float32 rounding that makes equal interior positions
+#: of a convolution's element map differ in their last bits.
+DISTINCT_BITS = 22
+
+# Fixed odd multipliers of the row hash (seeded: the same rows hash alike in every run).
+_HASH_MULTIPLIERS = np.random.default_rng(0x5EED).integers(1, 2**62, size=64, dtype=np.int64) * 2 + 1
+
+
+def distinct_rows(*columns):
+    """(first, inverse): one representative row per group of equal rows, and each row's group.
+
+    `columns` are arrays of shape (rows,) or (rows, q). Entries are compared on their sign, exponent and
+    leading `DISTINCT_BITS` mantissa bits (a relative resolution per entry, so small values stay
+    distinct from zero), so positions of an element map that are equal but for float32 rounding (away
+    from the borders) share one integration. Rows are grouped by a 64-bit hash of those truncated
+    entries (a sort of one integer per row, not a sort of whole rows); two different rows share a hash
+    with probability ~2^-64 per pair.
+    """
+    shift = np.int64(52 - DISTINCT_BITS)
+    ints = [np.right_shift(np.ascontiguousarray(col, dtype=np.float64).reshape(len(col), -1).view(np.int64), shift)
+            for col in columns]
+    ints = np.concatenate(ints, axis=1)
+    mult = _HASH_MULTIPLIERS
+    while len(mult) < ints.shape[1]:
+        mult = np.concatenate([mult, mult * 3 + 2])
+    with np.errstate(over="ignore"):
+        h = np.sum(ints * mult[: ints.shape[1]], axis=1)  # wraps modulo 2^64
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
 _GH_Z, _GH_W = np.polynomial.hermite_e.hermegauss(24)
 _GH_W = _GH_W / _GH_W.sum()
 
@@ -249,10 +283,9 @@ def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
     """
     if m.el_mean is not None:
         # Elements away from the borders share their statistics: integrate each distinct pair once.
-        keys = np.round(m.el_mean.reshape(-1), 12) + 1j * np.round(m.el_var.reshape(-1), 12)
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        e1, e2 = channel_expectations(fn, uniq.real, uniq.imag, kinks, coarse=True)
-        inverse = inverse.reshape(-1)
+        mean, var = m.el_mean.reshape(-1), m.el_var.reshape(-1)
+        first, inverse = distinct_rows(mean, var)
+        e1, e2 = channel_expectations(fn, mean[first], var[first], kinks, coarse=True)
         return Moments.from_elements(e1[inverse].reshape(m.el_mean.shape),
                                      (e2 - e1 * e1)[inverse].reshape(m.el_mean.shape))
     if m.ch_mean is not None:
@@ -404,19 +437,47 @@ def max_order_expectations(fn, means, variances, k: int, kinks=(), coarse=False)
     return e1, np.maximum(e2, e1 * e1)
 
 
-def max_expectations_cost(means, variances, kinks=(), coarse=False) -> int:
-    """How many CDF evaluations `max_expectations` makes for these windows (entries on the last axis):
-    per window, k entries x (quadrature nodes of its panels) x k factors; a window whose entries' spreads
-    differ by more than 2x gets 5 panel edges per other entry, else 1."""
-    means = np.asarray(means)
+#: Panel edges, in units of a window's largest spread S around its largest mean c, of the common grid
+#: `max_expectations` uses for coarse windows whose entries' spreads are within 2x of each other.
+_GRID_PANELS = (-8.0, -5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0, 8.0)
+
+
+def _window_rows(means, variances, valid):
+    """Distinct windows: (mu, s, ok) of one representative each (invalid entries zeroed), and the inverse."""
+    means = np.asarray(means, dtype=np.float64)
     k = means.shape[-1]
-    rows = int(np.prod(means.shape[:-1]))
-    s = np.sqrt(np.maximum(np.broadcast_to(np.asarray(variances, dtype=np.float64), means.shape), 0.0))
-    s = s.reshape(-1, k)
-    narrow = bool(np.any(s.min(axis=1) < 0.5 * s.max(axis=1)))
-    panels = len(_PANELS) - 1 + len(tuple(kinks)) + (k - 1) * (5 if narrow else 1)
-    nodes = panels * (len(_GL_X8) if coarse else len(_GL_X))
-    return rows * k * nodes * k
+    mu = means.reshape(-1, k)
+    var = np.maximum(np.broadcast_to(np.asarray(variances, dtype=np.float64), means.shape), 0.0).reshape(-1, k)
+    ok = np.ones_like(mu, dtype=bool) if valid is None else np.broadcast_to(valid, means.shape).reshape(-1, k)
+    mu = np.where(ok, mu, 0.0)
+    var = np.where(ok, var, 0.0)
+    first, inverse = distinct_rows(mu, var, ok)
+    return mu[first], np.sqrt(var[first]), ok[first], inverse
+
+
+def _on_common_grid(s, ok):
+    """Windows whose valid entries all have spreads within 2x of each other (and none zero)."""
+    big = np.max(np.where(ok, s, 0.0), axis=1)
+    small = np.min(np.where(ok, s, np.inf), axis=1)
+    return (small > 0) & (small >= 0.5 * big)
+
+
+def max_expectations_cost(means, variances, kinks=(), coarse=False, valid=None) -> int:
+    """How many CDF evaluations `max_expectations` makes for these windows (entries on the last axis), per
+    distinct window (`distinct_rows`): on the common grid (coarse, spreads within 2x), k entries x its
+    nodes; otherwise k entries x (quadrature nodes of its panels) x k factors, where a window whose
+    entries' spreads differ by more than 2x gets 5 panel edges per other entry, else 1."""
+    k = np.asarray(means).shape[-1]
+    mu, s, ok, _ = _window_rows(means, variances, valid)
+    q = len(_GL_X8) if coarse else len(_GL_X)
+    grid = _on_common_grid(s, ok) if coarse else np.zeros(len(mu), dtype=bool)
+    cost = int(grid.sum()) * k * (len(_GRID_PANELS) - 1 + len(tuple(kinks))) * q
+    rest = s[~grid]
+    if len(rest):
+        narrow = bool(np.any(rest.min(axis=1) < 0.5 * rest.max(axis=1)))
+        panels = len(_PANELS) - 1 + len(tuple(kinks)) + (k - 1) * (5 if narrow else 1)
+        cost += len(rest) * k * panels * q * k
+    return cost
 
 
 def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False):
@@ -424,42 +485,92 @@ def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False):
 
     The entries of one maximum lie along the last axis; `valid` (same shape, bool) excludes entries
     (windows with fewer entries). `fn` None means g(x) = x. With Phi_j the CDF of X_j, the density of M is
-    sum_i phi_i(x) prod_{j != i} Phi_j(x), so
 
-        E[g(M)^p] = sum_i E[ g(X_i)^p prod_{j != i} Phi((X_i - mu_j) / s_j) ],
+        f_M(x) = sum_i phi_i(x) prod_{j != i} Phi_j(x),  so  E[g(M)^p] = integral g(x)^p f_M(x) dx.
 
-    each term a Gaussian expectation in the standardised X_i, integrated by piecewise Gauss-Legendre
-    split at the kinks of g and at every other entry's mean, where its CDF factor rises (and 2 and 6
-    s_j / s_i either side of it when that rise is steep, s_j < s_i / 2). A zero-variance entry is the constant mu_j with the step CDF 1[x > mu_j] (ties
-    between constants go to the first). Entries with equal statistics share the work: identical rows
-    are integrated once. Returns arrays of shape ``means.shape[:-1]``.
+    Two quadratures of it. Per entry (exact to ~1e-12, or ~1e-9 when `coarse`): each term
+    E[g(X_i)^p prod_{j != i} Phi((X_i - mu_j) / s_j)] is a Gaussian expectation in the standardised X_i,
+    integrated by piecewise Gauss-Legendre split at the kinks of g and at every other entry's mean, where
+    its CDF factor rises (and 2 and 6 s_j / s_i either side of it when that rise is steep, s_j < s_i / 2).
+    A zero-variance entry is the constant mu_j with the step CDF 1[x > mu_j] (ties between constants go to
+    the first). On a common grid (`coarse` windows whose spreads are within 2x, the usual windows of an
+    element map; relative error ~1e-5): f_M itself is integrated once per window by 8-point
+    Gauss-Legendre on panels c + S * `_GRID_PANELS` (c the largest mean, S the largest spread; clipped to
+    where the density lives) split at the kinks of g, k CDFs and densities per node instead of k x k.
+    Windows equal to `DISTINCT_BITS` (`distinct_rows`) are integrated once. Returns arrays of shape
+    ``means.shape[:-1]``.
     """
+    g = _identity if fn is None else fn
+    means = np.asarray(means, dtype=np.float64)
+    out_shape = means.shape[:-1]
+    mu, s, ok, inverse = _window_rows(means, variances, valid)
+    kinks = tuple(kinks)
+    e1 = np.zeros(len(mu))
+    e2 = np.zeros(len(mu))
+    grid = _on_common_grid(s, ok) if coarse else np.zeros(len(mu), dtype=bool)
+    if grid.any():
+        e1[grid], e2[grid] = _max_common_grid(g, mu[grid], s[grid], ok[grid], kinks)
+    if not grid.all():
+        rest = ~grid
+        e1[rest], e2[rest] = _max_per_entry(g, mu[rest], s[rest], ok[rest], kinks, coarse)
+    e1, e2 = e1[inverse].reshape(out_shape), e2[inverse].reshape(out_shape)
+    return e1, np.maximum(e2, e1 * e1)
+
+
+def _max_common_grid(g, mu, s, ok, kinks):
+    """(E[g(M)], E[g(M)^2]) per window, f_M integrated on one grid per window (see `max_expectations`)."""
     from scipy.special import ndtr
 
-    g = _identity if fn is None else fn
+    c = np.max(np.where(ok, mu, -np.inf), axis=1)
+    big = np.max(np.where(ok, s, 0.0), axis=1)
+    lo = np.max(np.where(ok, mu - 8.0 * s, -np.inf), axis=1)  # below lo, some Phi_j < Phi(-8): f_M ~ 0
+    hi = c + 8.0 * big
+    edges = c[:, None] + big[:, None] * np.asarray(_GRID_PANELS)[None, :]
+    if kinks:
+        edges = np.concatenate([edges, np.broadcast_to(np.asarray(kinks, dtype=np.float64), (len(mu), len(kinks)))],
+                               axis=1)
+    edges = np.sort(np.clip(edges, lo[:, None], hi[:, None]), axis=1)
+    a, b = edges[:, :-1], edges[:, 1:]
+    half = 0.5 * (b - a)
+    x = (half[..., None] * _GL_X8 + (0.5 * (a + b))[..., None]).reshape(len(mu), -1)
+    w = (half[..., None] * _GL_W8).reshape(len(mu), -1)
+    safe = np.where(ok, s, 1.0)
+    k = mu.shape[1]
+    cdf, pdf = [], []
+    for i in range(k):
+        z = (x - mu[:, i, None]) / safe[:, i, None]
+        live = ok[:, i, None]
+        cdf.append(np.where(live, ndtr(z), 1.0))
+        pdf.append(np.where(live, np.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * safe[:, i, None]), 0.0))
+    # f_M = sum_i pdf_i prod_{j != i} cdf_j, with running products from the left and the right.
+    after = [None] * k
+    run = np.ones_like(x)
+    for i in range(k - 1, -1, -1):
+        after[i] = run
+        run = run * cdf[i]
+    density = np.zeros_like(x)
+    before = np.ones_like(x)
+    for i in range(k):
+        density += pdf[i] * before * after[i]
+        before = before * cdf[i]
+    y = np.asarray(g(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
+    wd = w * density
+    return np.sum(wd * y, axis=1), np.sum(wd * y * y, axis=1)
+
+
+def _max_per_entry(g, mu, s, ok, kinks, coarse):
+    """(E[g(M)], E[g(M)^2]) per window, one Gaussian expectation per entry (see `max_expectations`)."""
+    from scipy.special import ndtr
+
     gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
-    means = np.asarray(means, dtype=np.float64)
-    variances = np.maximum(np.asarray(variances, dtype=np.float64), 0.0)
-    out_shape = means.shape[:-1]
-    k = means.shape[-1]
-    mu = means.reshape(-1, k)
-    var = np.broadcast_to(variances, means.shape).reshape(-1, k)
-    ok = np.ones_like(mu, dtype=bool) if valid is None else np.broadcast_to(valid, means.shape).reshape(-1, k)
-    mu = np.where(ok, mu, 0.0)
-    var = np.where(ok, var, 0.0)
-    keys = np.concatenate([np.round(mu, 12), np.round(var, 12), ok.astype(np.float64)], axis=1)
-    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    mu, var, ok = uniq[:, :k], uniq[:, k : 2 * k], uniq[:, 2 * k :] > 0.5
-    s = np.sqrt(var)
-    e1 = np.zeros(len(uniq))
-    e2 = np.zeros(len(uniq))
-    kinks = tuple(kinks)
+    k = mu.shape[1]
+    e1 = np.zeros(len(mu))
+    e2 = np.zeros(len(mu))
     for i in range(k):
         si = s[:, i]
         safe = np.where(si > 0, si, 1.0)
         others = [j for j in range(k) if j != i]
-        cuts = [np.broadcast_to(np.asarray(_PANELS), (len(uniq), len(_PANELS))), _kink_cuts(kinks, mu[:, i], si)]
+        cuts = [np.broadcast_to(np.asarray(_PANELS), (len(mu), len(_PANELS))), _kink_cuts(kinks, mu[:, i], si)]
         for j in others:
             c = (mu[:, j] - mu[:, i]) / safe
             r = s[:, j] / safe
@@ -484,8 +595,7 @@ def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False):
         wf = w * factor * ok[:, i, None, None]
         e1 += np.sum(wf * y, axis=(1, 2))
         e2 += np.sum(wf * y * y, axis=(1, 2))
-    e1, e2 = e1[inverse].reshape(out_shape), e2[inverse].reshape(out_shape)
-    return e1, np.maximum(e2, e1 * e1)
+    return e1, e2
 
 
 def standard_normal_quantiles(n: int) -> np.ndarray:

@@ -187,6 +187,36 @@ def test_relu_channel_closed_form_matches_quadrature():
     np.testing.assert_allclose(closed.ch_var, quad.ch_var, atol=1e-12)
 
 
+def test_relu_element_maps_closed_form_matches_quadrature():
+    from autoinit_tf.rules.activation import relu_channel_moments
+
+    rng = np.random.default_rng(0)
+    el_mean, el_var = rng.normal(0.0, 1.0, (5, 4, 3)), rng.uniform(0.0, 2.0, (5, 4, 3))
+    el_var[0, 0] = 0.0
+    m = Moments.from_elements(el_mean, el_var)
+    closed = relu_channel_moments(m)
+    quad = elementwise_moments(lambda x: np.maximum(x, 0.0), m, (0.0,))  # per distinct element, coarse nodes
+    assert closed.el_mean.shape == el_mean.shape
+    np.testing.assert_allclose(closed.el_mean, quad.el_mean, atol=1e-7)
+    np.testing.assert_allclose(closed.el_var, quad.el_var, atol=1e-7)
+    np.testing.assert_allclose(closed.ch_var, quad.ch_var, atol=1e-7)
+
+
+def test_distinct_rows_groups_rows_equal_to_float32_rounding():
+    from autoinit_tf.moments import distinct_rows
+
+    base = np.array([[1.0, 2.0], [1.0, 3.0], [1e-12, 2.0], [0.0, 2.0]])
+    noisy = base * (1.0 + 3e-8)  # float32-level differences
+    first, inverse = distinct_rows(np.concatenate([base, noisy]), np.ones((8, 1)))
+    assert len(first) == 4  # each row and its noisy copy share a group
+    np.testing.assert_array_equal(inverse[:4], inverse[4:])
+    assert len(set(inverse[:4])) == 4  # 1e-12 stays distinct from 0 (a relative resolution per entry)
+    np.testing.assert_array_equal(np.concatenate([base, noisy])[first][inverse[:4]], base)
+    # a difference of 1e-5 relative is kept apart
+    f2, _ = distinct_rows(np.array([1.0, 1.0 + 1e-5]))
+    assert len(f2) == 2
+
+
 def _max_density_moments(g, mu, s, points=()):
     """E[g(M)], E[g(M)^2] for M the max of independent N(mu_i, s_i^2), by scipy quad of the density
     sum_i phi_i(x) prod_{j != i} Phi_j(x)."""
@@ -230,6 +260,10 @@ MAX_CASES = [
     ([-1.0, 0.0, 3.0, -2.0], [1.0, 0.01, 0.04, 4.0]),
     ([0.0, 0.1], [1.0, 1e-4]),
     ([-0.4, 0.2, 0.1, -0.3, 0.0, 0.5, -1.0, 0.3, 0.2], [0.5, 1.0, 0.7, 1.2, 0.9, 0.4, 2.0, 1.0, 0.6]),
+    # spreads within 2x of each other: the coarse path integrates f_M on one grid per window
+    ([0.3, -0.2, 1.0, 0.5], [1.0, 0.8, 1.5, 0.6]),
+    ([-3.0, 0.0, 2.0, 5.0], [1.0, 2.25, 0.64, 1.44]),
+    ([0.4, 0.41, 0.39, 0.4], [0.01, 0.012, 0.009, 0.011]),
 ]
 
 

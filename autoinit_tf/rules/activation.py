@@ -124,7 +124,7 @@ def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     if name in VECTOR_ACTIVATIONS:
         raise NotImplementedError(f"No closed-form rule for the vector activation {name!r}.")
     kinks = kinks_of(fn) if kinks is None else tuple(kinks)
-    if name == "relu" and m.ch_mean is not None and m.el_mean is None:
+    if name == "relu" and m.ch_mean is not None:
         return relu_channel_moments(m)
     if m.ch_mean is not None:
         return elementwise_moments(numpy_function(fn), m, kinks)
@@ -136,11 +136,12 @@ def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
 
 
 def relu_channel_moments(m: Moments) -> Moments:
-    """ReLU per channel in closed form: with a = mu / s,
+    """ReLU per channel, or per element of an element map, in closed form: with a = mu / s,
     E[relu] = mu Phi(a) + s phi(a),  E[relu^2] = (mu^2 + s^2) Phi(a) + mu s phi(a)."""
     from scipy.special import ndtr
 
-    mu, s = m.ch_mean, np.sqrt(m.ch_var)
+    per_element = m.el_mean is not None
+    mu, s = (m.el_mean, np.sqrt(m.el_var)) if per_element else (m.ch_mean, np.sqrt(m.ch_var))
     safe = np.where(s > 0, s, 1.0)
     a = mu / safe
     cdf = ndtr(a)
@@ -148,7 +149,10 @@ def relu_channel_moments(m: Moments) -> Moments:
     e1 = mu * cdf + s * pdf
     e2 = (mu * mu + s * s) * cdf + mu * s * pdf
     flat = np.maximum(mu, 0.0)  # zero-variance channels
-    return Moments.from_channel_second(np.where(s > 0, e1, flat), np.where(s > 0, e2, flat * flat))
+    e1, e2 = np.where(s > 0, e1, flat), np.where(s > 0, e2, flat * flat)
+    if per_element:
+        return Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
+    return Moments.from_channel_second(e1, e2)
 
 
 def _lognormal_sum(m: Moments, k: int):
