@@ -91,3 +91,39 @@ def test_tied_lm_head_logits_on_target():
     logits = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
     assert logits.var() == pytest.approx(1.0, rel=0.15)
     assert rep.output.var == pytest.approx(logits.var(), rel=0.15)
+
+
+def test_vit_later_attention_blocks_are_calibrated_by_default():
+    """Block 2 of a ViT reads values that share 22% of their variance across positions (what block 1's
+    attention averaging left, lumped with per-unit offsets): the analytic pass put its attention output
+    at 0.61. The rule calls that an estimate, so the default wrap calibrates that projection (only)."""
+    model = keras_hub.models.ViTBackbone(image_shape=(96, 96, 3), patch_size=16, num_layers=2, num_heads=2,
+                                         hidden_dim=64, mlp_dim=128)
+    outs = sorted((layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                   if layer.name == "attention_output"), key=lambda layer: layer.path)  # block 1, block 2
+    assert len(outs) == 2
+    seen, recording = {}, []
+    for i, layer in enumerate(outs):
+        original = layer.call
+
+        def call(*args, _original=original, _i=i, **kwargs):
+            y = _original(*args, **kwargs)
+            if recording:  # only on the measuring call below, never inside wrap's traces and replays
+                seen[_i] = float(np.var(keras.ops.convert_to_numpy(y)))
+            return y
+
+        object.__setattr__(layer, "call", call)
+    x = np.random.default_rng(7).standard_normal((64, 96, 96, 3)).astype("float32")
+    variances = {}
+    for mode in (None, "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, rep = autoinit_tf.wrap(model, seed=0, calibrate=mode, return_report=True)
+        recording.append(True)
+        model(x, training=True)
+        recording.clear()
+        variances[mode] = dict(seen)
+    assert [n for n in rep.auto_calibrated if "mha" in n] == ["vit_encoder/transformer_block_2/mha"]
+    assert "across positions" in rep.auto_calibrated["vit_encoder/transformer_block_2/mha"]
+    assert variances[None][1] < 0.75  # the analytic estimate of block 2
+    assert 0.85 < variances["auto"][1] < 1.15 and 0.85 < variances["auto"][0] < 1.15
