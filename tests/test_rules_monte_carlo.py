@@ -252,6 +252,22 @@ def test_deep_plain_cnn_max_pools_see_the_position_dependent_means_of_large_maps
     assert y.var() == pytest.approx(dense.var, rel=0.03)
 
 
+def test_max_pooling_after_zero_padding_of_relu_maps_integrates_the_pre_activations():
+    """ResNet's stem: conv + ReLU, ZeroPadding2D, 3x3 stride-2 max pool. The padding keeps the
+    pre-activation memo (pads of 0 before ReLU are the pads of 0 after it), so the pool integrates ReLU
+    over the max of the pre-activations; treating the ReLU outputs themselves as Gaussians put the
+    next conv of ResNet50 at 1.47."""
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    x = L.MaxPooling2D(3, strides=2)(L.ZeroPadding2D(1)(x))
+    model = keras.Model(inp, x)
+    pred = autoinit_tf.wrap(model, seed=0, return_report=True)[1].rows[-1].outputs[0]
+    y = _measure(model, np.random.default_rng(0).standard_normal((20000, 12, 12, 3)).astype("float32"))
+    assert y.mean() == pytest.approx(pred.mean, rel=0.02)
+    assert y.var() == pytest.approx(pred.var, rel=0.03)
+    assert (y * y).mean() == pytest.approx(pred.second, rel=0.02)
+
+
 def test_max_pooling_above_the_cost_bound_takes_the_per_channel_form(monkeypatch):
     """Above `MAX_POOL_EVALUATIONS` the exact per-element path is skipped; the per-channel order
     statistics that replace it still match the measured layer (interior windows dominate)."""
