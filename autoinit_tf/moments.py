@@ -28,6 +28,7 @@ __all__ = [
     "max_expectations_cost",
     "max_of_gaussians",
     "max_order_expectations",
+    "relu_of_sum_expectations",
     "distinct_rows",
     "mix",
     "standard_normal_quantiles",
@@ -56,12 +57,15 @@ class Moments:
             derived from them. Rules that do not, simply use the pooled numbers.
     """
 
-    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre")
+    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
         # activation of a Gaussian: max pooling then commutes with the activation.
         self.pre = None
+        # (activated Moments with `pre`, rest Moments) when this signal is f(P) + R with R independent and
+        # Gaussian (a residual sum of an activation and a branch): a ReLU after it integrates over P.
+        self.sum_of = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)
@@ -319,6 +323,7 @@ def elementwise_moments(fn, m: Moments, kinks=()) -> Moments:
 
 
 _GL_X8, _GL_W8 = np.polynomial.legendre.leggauss(8)
+_GL_X4, _GL_W4 = np.polynomial.legendre.leggauss(4)
 
 
 def channel_expectations(fn, means, variances, kinks=(), coarse=False):
@@ -404,6 +409,41 @@ def _kink_cuts(kinks, means, s):
     with np.errstate(divide="ignore", invalid="ignore"):
         kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
     return np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
+
+
+_SUM_PANELS = (-7.0, -4.0, -2.5, -1.25, 0.0, 1.25, 2.5, 4.0, 7.0)
+
+
+def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
+    """E[relu(Y)] and E[relu(Y)^2] for Y = fn(P) + R, P ~ N(p_mean, p_var) and R ~ N(r_mean, r_var)
+    independent, every row at once (rows deduplicated by `distinct_rows`).
+
+    Given P = x, relu(fn(x) + R) is the ReLU of a Gaussian with mean m = fn(x) + r_mean, spread s:
+    E = m Phi(m/s) + s phi(m/s), E^2 = (m^2 + s^2) Phi(m/s) + m s phi(m/s) (relu(m) when s = 0). That
+    inner closed form is integrated over P in [-7, 7] standard deviations by piecewise Gauss-Legendre (4
+    nodes per panel, `_SUM_PANELS`; ~1e-6 relative) split at the kinks of fn. The residual blocks of Inception-ResNet, relu(relu(P) + 0.1 R): the sum is far from
+    Gaussian (a point mass at 0 barely moved), and treating it as one lost 30% of the second moment.
+    """
+    from scipy.special import ndtr
+
+    p_mean, p_var, r_mean, r_var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p_mean, p_var, r_mean, r_var))
+    first, inverse = distinct_rows(p_mean, p_var, r_mean, r_var)
+    pm, ps, rm = p_mean[first], np.sqrt(np.maximum(p_var[first], 0.0)), r_mean[first]
+    rs = np.sqrt(np.maximum(r_var[first], 0.0))
+    edges = np.sort(np.concatenate([np.broadcast_to(np.asarray(_SUM_PANELS), (len(pm), len(_SUM_PANELS))),
+                                    np.clip(_kink_cuts(kinks, pm, np.where(ps > 0, ps, 1.0)), -7.0, 7.0)], axis=1),
+                    axis=1)
+    z, w = _piecewise_nodes(edges, _GL_X4, _GL_W4)
+    x = pm[:, None, None] + ps[:, None, None] * z
+    m = np.asarray(fn(x.reshape(-1)), dtype=np.float64).reshape(x.shape) + rm[:, None, None]
+    s = rs[:, None, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(s > 0, m / np.where(s > 0, s, 1.0), 0.0)
+    cdf = np.where(s > 0, ndtr(a), m > 0)
+    pdf = np.where(s > 0, np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi), 0.0)
+    e1 = np.sum(w * (m * cdf + s * pdf), axis=(1, 2))
+    e2 = np.sum(w * ((m * m + s * s) * cdf + m * s * pdf), axis=(1, 2))
+    return e1[inverse], np.maximum(e2, e1 * e1)[inverse]
 
 
 def max_order_expectations(fn, means, variances, k: int, kinks=(), coarse=False):

@@ -202,6 +202,41 @@ def test_relu_element_maps_closed_form_matches_quadrature():
     np.testing.assert_allclose(closed.ch_var, quad.ch_var, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", [(0.0, 1.0, 0.0, 0.01), (0.3, 0.5, -0.2, 0.04), (-1.0, 2.0, 0.5, 1.0),
+                                  (0.5, 1.0, 0.1, 0.0), (1.0, 0.0, 0.0, 0.3)])
+def test_relu_of_an_activation_plus_a_gaussian_against_scipy(case):
+    from autoinit_tf.moments import relu_of_sum_expectations
+
+    pm, pv, rm, rv = case
+    ps, rs = math.sqrt(pv), math.sqrt(rv)
+
+    def inner(k, m):  # E[relu(m + R)^k] = P(Y > 0) E[Y^k | Y > 0], Y = m + R, by scipy's truncated normal
+        if rs == 0:
+            return max(m + rm, 0.0) ** k
+        lo = (0.0 - m - rm) / rs
+        return stats.norm.sf(lo) * stats.truncnorm.moment(k, lo, np.inf, loc=m + rm, scale=rs)
+
+    def ref(k):
+        if ps == 0:
+            return inner(k, max(pm, 0.0))
+        return integrate.quad(lambda p: inner(k, max(p, 0.0)) * stats.norm.pdf(p, pm, ps), pm - 12 * ps,
+                              pm + 12 * ps, points=[0.0], limit=200, epsabs=1e-11)[0]
+
+    e1, e2 = relu_of_sum_expectations(lambda v: np.maximum(v, 0.0), (0.0,), [pm], [pv], [rm], [rv])
+    assert e1[0] == pytest.approx(ref(1), rel=1e-3)
+    assert e2[0] == pytest.approx(ref(2), rel=1e-3)
+
+
+def test_relu_matched_pre_reproduces_the_moments():
+    from autoinit_tf.rules.activation import relu_channel_moments, relu_matched_pre
+
+    target = Moments.from_channel_second(np.array([0.05, 0.4, 1.0, 2.0, 0.0]), np.array([0.02, 0.3, 1.5, 4.5, 0.0]))
+    q = relu_matched_pre(target)
+    back = relu_channel_moments(q)
+    np.testing.assert_allclose(back.ch_mean, target.ch_mean, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(back.ch_second, target.ch_second, rtol=1e-4, atol=1e-9)
+
+
 def test_distinct_rows_groups_rows_equal_to_float32_rounding():
     from autoinit_tf.moments import distinct_rows
 

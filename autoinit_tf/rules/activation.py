@@ -25,7 +25,7 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments, elementwise_moments, gaussian_expectations
+from autoinit_tf.moments import Moments, elementwise_moments, gaussian_expectations, relu_of_sum_expectations
 from autoinit_tf.rules.registry import BuiltinTable, register_layer, spec_of
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -104,8 +104,49 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     name = activation_name(keras.activations.get(fn) if isinstance(fn, str) else fn)
     if name in MONOTONE and out is not m:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
-        out.pre = (m, numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks))
+        pre = m
+        if m.sum_of is not None and name == "relu":  # m is not Gaussian: the Gaussian whose ReLU matches out
+            pre = relu_matched_pre(out)
+        if pre is not None:
+            out.pre = (pre, numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks))
     return out
+
+
+def _relu_scaled_moments(a):
+    """(E[relu(Z + a)], E[relu(Z + a)^2]) for Z ~ N(0, 1)."""
+    from scipy.special import ndtr
+
+    cdf, pdf = ndtr(a), np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+    return a * cdf + pdf, (a * a + 1.0) * cdf + a * pdf
+
+
+_MATCH_A = np.linspace(-8.0, 8.0, 4001)
+_MATCH_G1, _MATCH_G2 = _relu_scaled_moments(_MATCH_A)
+_MATCH_RATIO = _MATCH_G1**2 / _MATCH_G2  # increasing in a, from 0 to 1
+
+
+def relu_matched_pre(out: Moments):
+    """The Gaussian Q (per element, per channel or pooled, as `out` is) with E[relu(Q)] and E[relu(Q)^2]
+    equal to `out`'s first two moments: a = mu/sigma from the ratio E[relu]^2 / E[relu^2], which depends
+    on a only (monotone, tabulated on [-8, 8]), then sigma = E[relu] / (a Phi(a) + phi(a)). ReLU of a
+    non-Gaussian sum (Inception-ResNet's relu(relu(P) + 0.1 R)) keeps a pre-activation memo this way, so a
+    max pool after it integrates over the max of pre-activations whose ReLU has the right moments."""
+    if out.el_mean is not None:
+        e1, e2, shape = out.el_mean.reshape(-1), out.el_second.reshape(-1), out.el_mean.shape
+    elif out.ch_mean is not None:
+        e1, e2, shape = out.ch_mean, out.ch_second, None
+    else:
+        return None
+    e1, e2 = np.maximum(e1, 0.0), np.maximum(e2, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(e2 > 0, e1 * e1 / np.where(e2 > 0, e2, 1.0), 0.0)
+    a = np.interp(ratio, _MATCH_RATIO, _MATCH_A)
+    g1, _ = _relu_scaled_moments(a)
+    sigma = np.where(e2 > 0, e1 / g1, 0.0)
+    mean = np.where(e2 > 0, a * sigma, 0.0)
+    if shape is not None:
+        return Moments.from_elements(mean.reshape(shape), (sigma * sigma).reshape(shape))
+    return Moments.from_channels(mean, sigma * sigma)
 
 
 def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
@@ -124,6 +165,10 @@ def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     if name in VECTOR_ACTIVATIONS:
         raise NotImplementedError(f"No closed-form rule for the vector activation {name!r}.")
     kinks = kinks_of(fn) if kinks is None else tuple(kinks)
+    if name == "relu" and m.sum_of is not None:
+        out = relu_of_sum_moments(m)
+        if out is not None:
+            return out
     if name == "relu" and m.ch_mean is not None:
         return relu_channel_moments(m)
     if m.ch_mean is not None:
@@ -153,6 +198,23 @@ def relu_channel_moments(m: Moments) -> Moments:
     if per_element:
         return Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
     return Moments.from_channel_second(e1, e2)
+
+
+def relu_of_sum_moments(m: Moments):
+    """ReLU of f(P) + R (`Moments.sum_of`: a residual sum of an activation and a Gaussian branch), per
+    element or per channel, integrated over P (`moments.relu_of_sum_expectations`); None when the parts
+    do not carry matching per-element or per-channel detail."""
+    activated, rest = m.sum_of
+    pre, fn, kinks = activated.pre
+    if m.el_mean is not None and all(x.el_mean is not None and x.el_mean.shape == m.el_mean.shape
+                                     for x in (pre, rest)):
+        e1, e2 = relu_of_sum_expectations(fn, kinks, pre.el_mean, pre.el_var, rest.el_mean, rest.el_var)
+        shape = m.el_mean.shape
+        return Moments.from_elements(e1.reshape(shape), (e2 - e1 * e1).reshape(shape))
+    if m.ch_mean is not None and pre.channels == m.channels and rest.channels == m.channels:
+        e1, e2 = relu_of_sum_expectations(fn, kinks, pre.ch_mean, pre.ch_var, rest.ch_mean, rest.ch_var)
+        return Moments.from_channel_second(e1, e2)
+    return None
 
 
 def _lognormal_sum(m: Moments, k: int):

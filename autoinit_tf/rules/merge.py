@@ -35,10 +35,15 @@ def same_channels(ms):
 
 def add_moments(ms):
     if same_shape(ms):
-        return Moments.from_elements(sum(m.el_mean for m in ms), sum(m.el_var for m in ms))
-    if same_channels(ms):
-        return Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms))
-    return Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms))
+        out = Moments.from_elements(sum(m.el_mean for m in ms), sum(m.el_var for m in ms))
+    elif same_channels(ms):
+        out = Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms))
+    else:
+        return Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms))
+    activated = [m for m in ms if m.pre is not None]
+    if len(ms) > 1 and len(activated) == 1:  # f(P) + R: remembered for an activation after the sum
+        out.sum_of = (activated[0], add_moments([m for m in ms if m is not activated[0]]))
+    return out
 
 
 def multiply_moments(ms):
