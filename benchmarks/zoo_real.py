@@ -13,9 +13,12 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     any probe; images N(0, 1), token ids uniform over the vocabulary, masks ones) in training mode; the
     target is `signal_variance` = 1;
   * the fraction of weighted layers within [0.5, 2] (analytic) and [0.8, 1.25] (default) of the target;
+  * final: |log(predicted / measured)| of the model's (first) output variance after the analytic wrap;
+  * the recorder measures `--fresh` (512) fresh examples in batches of `--batch` (64), accumulating sums of
+    x and x^2 per layer, so each variance is that of all 512 examples;
   * peak RSS (MB) of the subprocess.
 
-    python benchmarks/zoo_real.py [--only NAME ...] [--batch 64]
+    python benchmarks/zoo_real.py [--only NAME ...] [--batch 64] [--fresh 512]
 """
 
 from __future__ import annotations
@@ -149,24 +152,42 @@ class Recorder:
 
         out = out[0] if isinstance(out, (list, tuple)) else out
         try:
-            v = float(np.var(np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)))
+            a = np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
         except Exception:  # noqa: BLE001 - symbolic call
             return
-        self.values.setdefault(layer.path if hasattr(layer, "path") else layer.name, []).append(v)
+        key = layer.path if hasattr(layer, "path") else layer.name
+        if key not in self.batch:  # the first call of the layer in this batch
+            self.batch[key] = (a.size, float(a.sum()), float(np.sum(a * a)))
 
-    def run(self, model, inputs):
-        self.values = {}
-        self.active = True
-        try:
-            model(inputs, training=True)
-        finally:
-            self.active = False
-        return {k: v for k, vs in self.values.items() for v in vs[:1]}
+    def run(self, model, batches):
+        """Each layer's variance over every batch (sums of x and x^2 accumulated, so the estimate is that of
+        all the examples, with one batch in memory at a time), and the model's final output variance."""
+        import keras
+        import numpy as np
+
+        sums, final = {}, [0, 0.0, 0.0]
+        for inputs in batches:
+            self.batch = {}
+            self.active = True
+            try:
+                y = model(inputs, training=True)
+            finally:
+                self.active = False
+            for k, (n, s1, s2) in self.batch.items():
+                t = sums.setdefault(k, [0, 0.0, 0.0])
+                t[0] += n
+                t[1] += s1
+                t[2] += s2
+            y = np.asarray(keras.ops.convert_to_numpy(keras.tree.flatten(y)[0]), dtype=np.float64)
+            final[0] += y.size
+            final[1] += float(y.sum())
+            final[2] += float(np.sum(y * y))
+        var = {k: max(s2 / n - (s1 / n) ** 2, 0.0) for k, (n, s1, s2) in sums.items()}
+        return var, max(final[2] / final[0] - (final[1] / final[0]) ** 2, 0.0)
 
 
-def one(name, batch):
+def one(name, batch, fresh_examples):
     import resource
-
 
     import numpy as np
 
@@ -177,10 +198,13 @@ def one(name, batch):
     model = build(name)
     t_build = time.perf_counter() - t
     fn = graph.as_functional(model)
-    fresh = inputs_mod.probe_arrays(fn, None, batch, seed=12345)
-    fresh = fresh if len(fresh) > 1 else fresh[0]
-    if len(fn.inputs) > 1:
-        fresh = {kt.name: a for kt, a in zip(fn.inputs, fresh)}
+    batches = []
+    for i in range(max(fresh_examples // batch, 1)):
+        fresh = inputs_mod.probe_arrays(fn, None, batch, seed=12345 + i)
+        fresh = fresh if len(fresh) > 1 else fresh[0]
+        if len(fn.inputs) > 1:
+            fresh = {kt.name: a for kt, a in zip(fn.inputs, fresh)}
+        batches.append(fresh)
     layers = weighted_layers(model)
     rec = Recorder(layers)
     out = {"model": name, "build_s": t_build}
@@ -201,7 +225,8 @@ def one(name, batch):
                 out["reinit"] = 1.0 - sum(before[p].size for p in kept) / max(total, 1)
             if mode == "default":
                 out["auto"] = len(rep.auto_calibrated)
-            got = rec.run(model, fresh)
+            got, final = rec.run(model, batches)
+            out[f"{mode}_final"] = abs(float(np.log(max(rep.output.var, 1e-30) / max(final, 1e-30))))
             logs = np.abs(np.log(np.maximum(np.array(list(got.values()) or [1.0]), 1e-30)))
             out[f"{mode}_worst"] = float(logs.max())
             out[f"{mode}_median"] = float(np.median(logs))
@@ -228,18 +253,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--fresh", type=int, default=512, help="fresh examples measured (in batches of --batch)")
     ap.add_argument("--one")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.batch)))
+        print("RESULT " + json.dumps(one(args.one, args.batch, args.fresh)))
         return
     names = args.only or MODELS
     head = (f"{'model':24s} {'build':>6s} {'analyz':>6s} {'wrap':>6s} {'auto':>6s} {'probe':>6s} {'w/b':>5s} "
-            f"{'reinit':>6s} {'fb':>3s} {'autoN':>5s} | {'analytic worst/med in[.5,2]':>28s} | "
+            f"{'reinit':>6s} {'fb':>3s} {'autoN':>5s} | {'analytic worst/med in[.5,2] final':>34s} | "
             f"{'default worst/med in[.8,1.25]':>30s} | {'probe worst/med':>16s} | {'RSS MB':>6s}")
     print(head)
     for name in names:
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch)],
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--fresh",
+                               str(args.fresh)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -249,7 +276,8 @@ def main():
         r = json.loads(line[7:])
         print(f"{name:24s} {r['build_s']:6.2f} {r['analyze_s']:6.2f} {r['analytic_s']:6.2f} {r['default_s']:6.2f} "
               f"{r['probe_s']:6.2f} {r['analytic_s'] / r['build_s']:5.2f} {r['reinit']:6.1%} {r['fallbacks']:3d} "
-              f"{r['auto']:5d} | {r['analytic_worst']:8.2f} {r['analytic_median']:6.3f} {r['analytic_within']:11.0%} | "
+              f"{r['auto']:5d} | {r['analytic_worst']:8.2f} {r['analytic_median']:6.3f} {r['analytic_within']:11.0%} "
+              f"{r['analytic_final']:5.2f} | "
               f"{r['default_worst']:8.2f} {r['default_median']:6.3f} {r['default_within']:13.0%} | "
               f"{r['probe_worst']:7.2f} {r['probe_median']:7.3f} | {r['rss_mb']:6.0f}", flush=True)
 
