@@ -25,7 +25,8 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments, elementwise_moments, gaussian_expectations, relu_of_sum_expectations
+from autoinit_tf.moments import (Moments, elementwise_moments, gaussian_expectations, relu_gaussian_expectations,
+                                 relu_of_sum_expectations)
 from autoinit_tf.rules.registry import BuiltinTable, register_layer, spec_of
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -112,16 +113,8 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     return out
 
 
-def _relu_scaled_moments(a):
-    """(E[relu(Z + a)], E[relu(Z + a)^2]) for Z ~ N(0, 1)."""
-    from scipy.special import ndtr
-
-    cdf, pdf = ndtr(a), np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
-    return a * cdf + pdf, (a * a + 1.0) * cdf + a * pdf
-
-
 _MATCH_A = np.linspace(-8.0, 8.0, 4001)
-_MATCH_G1, _MATCH_G2 = _relu_scaled_moments(_MATCH_A)
+_MATCH_G1, _MATCH_G2 = relu_gaussian_expectations(_MATCH_A, 1.0)  # E[relu(Z + a)], E[relu(Z + a)^2]
 _MATCH_RATIO = _MATCH_G1**2 / _MATCH_G2  # increasing in a, from 0 to 1
 
 
@@ -141,7 +134,7 @@ def relu_matched_pre(out: Moments):
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(e2 > 0, e1 * e1 / np.where(e2 > 0, e2, 1.0), 0.0)
     a = np.interp(ratio, _MATCH_RATIO, _MATCH_A)
-    g1, _ = _relu_scaled_moments(a)
+    g1, _ = relu_gaussian_expectations(a, 1.0)
     sigma = np.where(e2 > 0, e1 / g1, 0.0)
     mean = np.where(e2 > 0, a * sigma, 0.0)
     if shape is not None:
@@ -181,20 +174,10 @@ def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
 
 
 def relu_channel_moments(m: Moments) -> Moments:
-    """ReLU per channel, or per element of an element map, in closed form: with a = mu / s,
-    E[relu] = mu Phi(a) + s phi(a),  E[relu^2] = (mu^2 + s^2) Phi(a) + mu s phi(a)."""
-    from scipy.special import ndtr
-
+    """ReLU per channel, or per element of an element map, in closed form (`relu_gaussian_expectations`)."""
     per_element = m.el_mean is not None
     mu, s = (m.el_mean, np.sqrt(m.el_var)) if per_element else (m.ch_mean, np.sqrt(m.ch_var))
-    safe = np.where(s > 0, s, 1.0)
-    a = mu / safe
-    cdf = ndtr(a)
-    pdf = np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-    e1 = mu * cdf + s * pdf
-    e2 = (mu * mu + s * s) * cdf + mu * s * pdf
-    flat = np.maximum(mu, 0.0)  # zero-variance channels
-    e1, e2 = np.where(s > 0, e1, flat), np.where(s > 0, e2, flat * flat)
+    e1, e2 = relu_gaussian_expectations(mu, s)
     if per_element:
         return Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
     return Moments.from_channel_second(e1, e2)
