@@ -48,6 +48,7 @@ class RuleContext:
         self._engine = engine
         self.notes: list[str] = []
         self.weight_scale = None
+        self._drawn: dict[str, np.ndarray] = {}  # variable path -> the array `draw` made (owned here)
 
     # -- read-only facts -----------------------------------------------------------------------
     @property
@@ -164,7 +165,19 @@ class RuleContext:
         rng = self.rng(variable)
         arr = distributions.sample(tuple(variable.shape), var, dist, rng)
         self.assign(variable, arr)
+        self._drawn[variable.path] = arr
         return arr
+
+    def rescale(self, variable, factor: float) -> None:
+        """Multiply the value `variable` will have by `factor`: in place when it is an array this call's
+        `draw` made (no second copy of a large kernel), else into a new array."""
+        w = self.value(variable)
+        f = np.asarray(factor, dtype=w.dtype)
+        if self._drawn.get(variable.path) is w:
+            w *= f
+        else:
+            w = (w * f).astype(w.dtype, copy=False)
+        self.assign(variable, w)
 
     def rng(self, variable, salt: str = ""):
         """The generator for `variable`: it depends only on the seed and the variable's place in the

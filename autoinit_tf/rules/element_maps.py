@@ -30,7 +30,7 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import Moments, max_expectations, max_expectations_cost
+from autoinit_tf.moments import Moments, max_expectations
 
 ELEMENT_LIMIT = 1 << 20
 
@@ -142,9 +142,10 @@ def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind, fn=None, 
         wm = np.moveaxis(mean[gather], -1, 2).reshape(nr, nc, c, -1)
         wv = np.moveaxis(var[gather], -1, 2).reshape(nr, nc, c, -1)
         ok = (rok[:, None, :, None] & cok[None, :, None, :]).reshape(nr, nc, 1, -1)
-        if max_expectations_cost(wm, wv, kinks, coarse=True, valid=ok) > MAX_POOL_EVALUATIONS:
+        out = max_expectations(fn, wm, wv, kinks, valid=ok, coarse=True, max_evaluations=MAX_POOL_EVALUATIONS)
+        if out is None:
             return None  # too costly: per-channel order statistics (the caller's fallback)
-        e1, e2 = max_expectations(fn, wm, wv, kinks, valid=ok, coarse=True)
+        e1, e2 = out
         out_mean, out_var = e1, e2 - e1 * e1
         if len(in_shape) == 3:  # 1D
             out_mean, out_var = out_mean[:, 0, :], out_var[:, 0, :]

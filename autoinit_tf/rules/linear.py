@@ -403,8 +403,7 @@ def exact_for_draw(ctx, pre: Moments) -> Moments:
     s = math.sqrt(target / var)
     if abs(s - 1.0) < 1e-9:
         return pre
-    w = ctx.value(kernel)
-    ctx.assign(kernel, (w * np.asarray(s, dtype=w.dtype)).astype(w.dtype, copy=False))
+    ctx.rescale(kernel, s)
     if ctx.weight_scale is not None:
         ctx.weight_scale = ctx.weight_scale * s * s
     return pre.scaled(s)
