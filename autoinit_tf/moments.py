@@ -58,7 +58,7 @@ class Moments:
             derived from them. Rules that do not, simply use the pooled numbers.
     """
 
-    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of")
+    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -67,6 +67,10 @@ class Moments:
         # (activated Moments with `pre`, rest Moments) when this signal is f(P) + R with R independent and
         # Gaussian (a residual sum of an activation and a branch): a ReLU after it integrates over P.
         self.sum_of = None
+        # Per channel, the variance over examples of each example's own channel mean: the part of the
+        # variance that every position of one example shares (after a squeeze-and-excitation gate), which
+        # global pooling does not average out (`autoinit_tf.rules.shared_part`). None: not tracked (0).
+        self.shared = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)
@@ -137,7 +141,9 @@ class Moments:
         """The same moments without per-element detail."""
         if self.ch_mean is None:
             return self
-        return Moments(self.mean, self.var, self.between, self.ch_mean, self.ch_var)
+        out = Moments(self.mean, self.var, self.between, self.ch_mean, self.ch_var)
+        out.shared = self.shared
+        return out
 
     @property
     def channels(self):
@@ -155,10 +161,13 @@ class Moments:
     def scaled(self, a, b=0.0) -> "Moments":
         """Moments of a * x + b."""
         if self.el_mean is not None:
-            return Moments.from_elements(a * self.el_mean + b, a * a * self.el_var)
-        if self.ch_mean is not None:
-            return Moments.from_channels(a * self.ch_mean + b, a * a * self.ch_var)
-        return Moments(a * self.mean + b, a * a * self.var, a * a * self.between)
+            out = Moments.from_elements(a * self.el_mean + b, a * a * self.el_var)
+        elif self.ch_mean is not None:
+            out = Moments.from_channels(a * self.ch_mean + b, a * a * self.ch_var)
+        else:
+            return Moments(a * self.mean + b, a * a * self.var, a * a * self.between)
+        out.shared = None if self.shared is None else a * a * self.shared
+        return out
 
     def is_finite(self) -> bool:
         return math.isfinite(self.mean) and math.isfinite(self.var)

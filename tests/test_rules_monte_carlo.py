@@ -318,3 +318,91 @@ def test_max_pooling_above_the_cost_bound_takes_the_per_channel_form(monkeypatch
     y = _measure(model, x)
     assert y.var() == pytest.approx(pred.var, rel=0.1)
     assert y.mean() == pytest.approx(pred.mean, rel=0.1)
+
+
+def _gated_model(n=6, c=12):
+    """A conv + ReLU map times a per-example gate sigmoid(3 z) of shape (batch, 1, 1, c), then a 3x3 conv,
+    BN, swish, per-example dropout, a 1x1 conv and a global average pool: the gate moves each example's channel means, which the
+    pool keeps whole (`Moments.shared`)."""
+    x_in = keras.Input((n, n, c))
+    z_in = keras.Input((1, 1, c))
+    x = keras.layers.Activation("relu")(keras.layers.Conv2D(c, 3, padding="same")(x_in))
+    g = keras.layers.Activation("sigmoid")(keras.layers.Rescaling(3.0)(z_in))
+    y = keras.layers.Multiply()([x, g])
+    y = keras.layers.Conv2D(c, 3, padding="same", use_bias=False)(y)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.Activation("swish")(y)
+    y = keras.layers.Dropout(0.3, noise_shape=(None, 1, 1, 1))(y)
+    y = keras.layers.Conv2D(c, 1, use_bias=False)(y)
+    out = keras.layers.GlobalAveragePooling2D()(y)
+    return keras.Model([x_in, z_in], out)
+
+
+def test_shared_part_of_a_per_example_gate_survives_global_pooling():
+    """After y = g x with g constant over positions, every position of one example's channel shares
+    g (m + u): the pooled variance keeps S = Var(g m) whole. Predicted against 40k examples: 0.170 against
+    0.151 measured (the gate also makes a scale mixture, which the swish's shared part misses by ~25%);
+    without the shared part (positions independent) the prediction was 0.051."""
+    model = _gated_model()
+    rep = autoinit_tf.wrap(model, input_moments=[(0.5, 1.0), (0.0, 1.0)], seed=0, calibrate=None,
+                           return_report=True)[1]
+    rows = {r.type: r for r in rep.rows}
+    pred = rows["GlobalAveragePooling2D"].outputs[0]
+    rng = np.random.default_rng(1)
+    ys = []
+    for _ in range(10):
+        x = rng.normal(0.5, 1.0, size=(4000, 6, 6, 12)).astype("float32")
+        z = rng.normal(0.0, 1.0, size=(4000, 1, 1, 12)).astype("float32")
+        ys.append(_measure(model, [x, z]))
+    y = np.concatenate(ys)
+    assert y.var() == pytest.approx(pred.var, rel=0.15)
+    # The same signal with positions treated as independent would predict far less.
+    pre_pool = [r for r in rep.rows if r.type == "Conv2D"][-1].outputs[0]
+    assert pre_pool.var / 36 < 0.5 * y.var()
+
+
+def test_shared_part_rules_against_numpy():
+    """Gate, linear (taps sharing S), depthwise, BatchNorm, activation and pooling formulas of
+    `rules.shared_part` against direct NumPy / Monte Carlo computations of the same quantities."""
+    from autoinit_tf.moments import Moments
+    from autoinit_tf.rules import shared_part
+
+    rng = np.random.default_rng(0)
+    c, taps, cout, e = 3, 4, 2, 200000
+    m = np.array([0.5, -0.2, 1.0])
+    s = np.array([0.3, 0.1, 0.5])
+    v = np.array([1.0, 0.6, 1.5])  # total variance per channel, S included
+    u = rng.normal(0, np.sqrt(s), size=(e, c))  # per-example shared part
+    w_ = rng.normal(0, np.sqrt(v - s), size=(e, taps, c))  # per position (one tap = one position)
+    x = m + u[:, None, :] + w_
+    m_in = Moments.from_channels(m, v)
+    m_in.shared = s
+    # linear: out[e, o] = sum_t sum_c W[t, c, o] x[e, t, c]
+    w3 = rng.normal(size=(taps, c, cout))
+    y = np.einsum("etc,tco->eo", x, w3)
+    pre = Moments.from_channels(np.einsum("c,tco->o", m, w3), np.einsum("c,tco->o", v, w3**2))
+    got = shared_part.through_linear(pre, m_in, w3)
+    np.testing.assert_allclose(got.ch_var, y.var(axis=0), rtol=0.02)
+    np.testing.assert_allclose(got.shared, np.einsum("c,co->o", s, w3.sum(axis=0) ** 2), rtol=1e-12)
+    # depthwise (dm = 2): out[e, c*2+d] = sum_t W[t, c, d] x[e, t, c]
+    wd = rng.normal(size=(taps, c, 2))
+    yd = np.einsum("etc,tcd->ecd", x, wd).reshape(e, -1)
+    pre_d = Moments.from_channels(np.einsum("c,tcd->cd", m, wd).reshape(-1), np.einsum("c,tcd->cd", v, wd**2).reshape(-1))
+    got_d = shared_part.through_depthwise(pre_d, m_in, wd)
+    np.testing.assert_allclose(got_d.ch_var, yd.var(axis=0), rtol=0.02)
+    # activation: S_out = Var_e(E[f | example]) for f = tanh, by Monte Carlo over examples and positions
+    out = Moments.from_channels(np.tanh(x).mean(axis=(0, 1)), np.tanh(x).var(axis=(0, 1)))
+    got_a = shared_part.through_activation(np.tanh, (), m_in, out)
+    per_example = np.tanh(m + u[:, None, :] + rng.normal(0, np.sqrt(v - s), size=(e, 64, c))).mean(axis=1)
+    noise = np.tanh(x).var(axis=(0, 1)) / 64  # the finite-positions part of the per-example average
+    np.testing.assert_allclose(got_a.shared, per_example.var(axis=0) - noise, rtol=0.05)
+    # gate: y = g x, g per example and channel
+    g = 1.0 / (1.0 + np.exp(-rng.normal(0.3, 1.0, size=(e, c))))
+    gm = Moments.from_channel_second(g.mean(axis=0), (g * g).mean(axis=0))
+    yg = g[:, None, :] * x
+    got_g = shared_part.gate(m_in, gm, Moments.from_channels(yg.mean(axis=(0, 1)), yg.var(axis=(0, 1))))
+    np.testing.assert_allclose(got_g.shared, (g * (m + u)).var(axis=0), rtol=0.03)
+    # BatchNorm and pooling
+    bn = shared_part.through_batch_norm(Moments.from_channels(np.zeros(c), np.ones(c)), m_in, np.full(c, 2.0), 0.0)
+    np.testing.assert_allclose(bn.shared, 4.0 * s / v)
+    np.testing.assert_allclose(shared_part.pooled_variance_gain(m_in, 36), s * (1 - 1 / 36))

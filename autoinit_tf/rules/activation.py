@@ -27,6 +27,7 @@ import numpy as np
 
 from autoinit_tf.moments import (Moments, elementwise_moments, gaussian_expectations, relu_gaussian_expectations,
                                  relu_of_sum_expectations)
+from autoinit_tf.rules import shared_part
 from autoinit_tf.rules.registry import BuiltinTable, register_layer, spec_of
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -103,6 +104,10 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     """
     out = activation_moments(fn, m, kinks, size)
     name = activation_name(keras.activations.get(fn) if isinstance(fn, str) else fn)
+    if shared_part.shared_of(m) is not None and out is not m and name not in VECTOR_ACTIVATIONS:
+        f = keras.activations.get(fn) if isinstance(fn, str) else fn
+        out = shared_part.through_activation(numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks), m,
+                                             out, relu=name == "relu")
     if name in MONOTONE and out is not m:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         pre = m

@@ -26,7 +26,7 @@ import numpy as np
 
 from autoinit_tf.declared import integer_fill
 from autoinit_tf.moments import Moments, elementwise_moments
-from autoinit_tf.rules import element_maps
+from autoinit_tf.rules import element_maps, shared_part
 from autoinit_tf.rules.activation import axis_size, function_moments
 from autoinit_tf.rules.registry import BuiltinTable, kernel_of, spec_for
 
@@ -224,8 +224,10 @@ def _dense_pre(ctx):
     if ctx.input.el_mean is not None:
         exact = element_maps.dense_maps(ctx.input, ctx.input_shapes[0], w, _bias(ctx, layer))
         if exact is not None:
-            return exact
+            return shared_part.through_linear(exact, ctx.input, w.reshape(1, fan_in, -1))
     pre, _, _ = linear_output(ctx.input, w.reshape(1, fan_in, -1), [1.0], _bias(ctx, layer))
+    if len(ctx.input_shapes[0]) > 2:  # applied at every position: the shared part goes through
+        pre = shared_part.through_linear(pre, ctx.input, w.reshape(1, fan_in, -1))
     return pre
 
 
@@ -239,10 +241,9 @@ def _conv_pre(ctx):
     fan_eff = cin * fan_in_of(frac)
     w = _draw_kernel(ctx, k, fan_eff)
     exact = element_maps.conv_maps(layer, ctx.input, ctx.input_shapes[0], w, _bias(ctx, layer))
-    if exact is not None:
-        return exact
-    pre, _, _ = linear_output(ctx.input, w.reshape(-1, cin, kshape[-1]), frac, _bias(ctx, layer))
-    return pre
+    if exact is None:
+        exact, _, _ = linear_output(ctx.input, w.reshape(-1, cin, kshape[-1]), frac, _bias(ctx, layer))
+    return shared_part.through_linear(exact, ctx.input, w.reshape(-1, cin, kshape[-1]), frac)
 
 
 def _conv_transpose_pre(ctx):
@@ -295,7 +296,12 @@ def depthwise_output(m: Moments, w3, taps, bias=None):
 def _depthwise_conv_pre(ctx):
     layer = ctx.layer
     w3, frac = _depthwise_pre(ctx, layer, layer.kernel, ctx.input)
-    return depthwise_output(ctx.input, w3, frac, _bias(ctx, layer))
+    kernel = ctx.value(layer.kernel)
+    exact = element_maps.depthwise_maps(layer, ctx.input, ctx.input_shapes[0], kernel, _bias(ctx, layer))
+    if exact is None:
+        exact = depthwise_output(ctx.input, w3, frac, _bias(ctx, layer))
+    kshape = tuple(kernel.shape)
+    return shared_part.through_depthwise(exact, ctx.input, kernel.reshape(-1, kshape[-2], kshape[-1]), frac)
 
 
 def _separable_pre(ctx):

@@ -13,12 +13,14 @@ var n (E[a^2] E[b^2] - mu_a^2 mu_b^2); with normalize=True (cosine) E[y^2] ~ 1/n
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments, mix
+from autoinit_tf.rules import shared_part
 from autoinit_tf.rules.element_maps import same_shape
 from autoinit_tf.rules.registry import BuiltinTable
 
@@ -52,10 +54,40 @@ def add_moments(ms):
     return out
 
 
+def _broadcast_elements(ms):
+    """Each input's (mean, second) as arrays that broadcast to one element shape, when at least one input
+    carries element maps and every other one has element maps of a broadcastable shape, per-channel
+    moments of the same channels (a (batch, 1, 1, C) gate) or one constant per element; else None."""
+    shapes = [m.el_mean.shape for m in ms if m.el_mean is not None]
+    if not shapes:
+        return None
+    try:
+        shape = np.broadcast_shapes(*shapes)
+    except ValueError:
+        return None
+    parts = []
+    for m in ms:
+        if m.el_mean is not None:
+            parts.append((m.el_mean, m.el_second))
+        elif m.ch_mean is not None and m.channels == shape[-1]:
+            parts.append((m.ch_mean, m.ch_second))
+        elif m.ch_mean is None and m.between == 0.0:
+            parts.append((np.float64(m.mean), np.float64(m.second)))
+        else:
+            return None
+    return shape, parts
+
+
 def multiply_moments(ms):
-    if same_shape(ms):
-        mean = np.prod([m.el_mean for m in ms], axis=0)
-        return Moments.from_elements(mean, np.prod([m.el_second for m in ms], axis=0) - mean**2)
+    """Product of independent inputs: E[prod x] = prod E[x] and E[(prod x)^2] = prod E[x^2], per element
+    where element maps are known (a squeeze-and-excitation gate of shape (batch, 1, 1, C) broadcasts over
+    the map's positions, which keep their own moments), else per channel, else pooled."""
+    elements = _broadcast_elements(ms)
+    if elements is not None:
+        shape, parts = elements
+        mean = np.broadcast_to(functools.reduce(np.multiply, [p[0] for p in parts]), shape)
+        second = np.broadcast_to(functools.reduce(np.multiply, [p[1] for p in parts]), shape)
+        return Moments.from_elements(mean, second - mean**2)
     if same_channels(ms):
         mean = np.prod([m.ch_mean for m in ms], axis=0)
         return Moments.from_channel_second(mean, np.prod([m.ch_second for m in ms], axis=0))
@@ -109,7 +141,7 @@ def _is_last(axis, ndim):
 
 @BUILTIN.rule(L.Add)
 def add_rule(ctx):
-    return add_moments(ctx.inputs)
+    return shared_part.added(ctx.inputs, add_moments(ctx.inputs))
 
 
 @BUILTIN.rule(L.Subtract)
@@ -144,10 +176,15 @@ def is_per_example_gate(shapes) -> bool:
 
 @BUILTIN.rule(L.Multiply)
 def multiply_rule(ctx):
+    out = multiply_moments(ctx.inputs)
     if is_per_example_gate(ctx.input_shapes):
         ctx.inexact("a per-example gate (squeeze-and-excitation) scales each example's channels: the signal after "
                     "it is a scale mixture, which the Gaussian rules do not carry", persistent=True)
-    return multiply_moments(ctx.inputs)
+        if len(ctx.inputs) == 2:
+            pooled = [all(d == 1 for d in tuple(s)[1:-1]) for s in ctx.input_shapes]
+            g, x = (ctx.inputs[0], ctx.inputs[1]) if pooled[0] else (ctx.inputs[1], ctx.inputs[0])
+            out = shared_part.gate(x, g, out)
+    return out
 
 
 @BUILTIN.rule(L.Maximum)

@@ -19,7 +19,7 @@ import numpy as np
 
 from autoinit_tf.moments import (Moments, elementwise_moments, max_of_gaussians, max_order_expectations,
                                  max_order_statistic, mix)
-from autoinit_tf.rules import element_maps
+from autoinit_tf.rules import element_maps, shared_part
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -168,11 +168,16 @@ def max_pooling_rule(ctx):
 
 
 def _global_average(ctx, rank):
+    out = None
     if ctx.input.el_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
-        exact = element_maps.global_average_maps(ctx.input, ctx.input_shapes[0])
-        if exact is not None:
-            return exact
-    return _average(ctx.input, _global_sizes(ctx, rank))
+        out = element_maps.global_average_maps(ctx.input, ctx.input_shapes[0])
+    if out is None:
+        out = _average(ctx.input, _global_sizes(ctx, rank))
+    sizes = _spatial_dims(ctx.input_shapes[0], getattr(ctx.layer, "data_format", "channels_last"), rank)
+    gain = None if any(d is None for d in sizes) else shared_part.pooled_variance_gain(ctx.input, int(np.prod(sizes)))
+    if gain is not None and out.ch_mean is not None and out.channels == gain.size:
+        out = Moments.from_channels(out.ch_mean, out.ch_var + gain)  # the shared part is not averaged out
+    return out
 
 
 L = keras.layers

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 
 from autoinit_tf.moments import Moments
+from autoinit_tf.rules import shared_part
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -26,10 +27,24 @@ def _inverted_dropout(ctx):
         return m
     keep = 1.0 - rate
     if m.el_mean is not None:
-        return Moments.from_elements(m.el_mean, m.el_second / keep - m.el_mean**2)
-    if m.ch_mean is not None:
-        return Moments.from_channel_second(m.ch_mean, m.ch_second / keep)
-    return Moments.from_second(m.mean, m.second / keep, m.between)
+        out = Moments.from_elements(m.el_mean, m.el_second / keep - m.el_mean**2)
+    elif m.ch_mean is not None:
+        out = Moments.from_channel_second(m.ch_mean, m.ch_second / keep)
+    else:
+        return Moments.from_second(m.mean, m.second / keep, m.between)
+    return shared_part.through_dropout(out, m, keep, _one_mask_per_example(ctx))
+
+
+def _one_mask_per_example(ctx) -> bool:
+    """True when one dropout draw covers every position of an example's channel (SpatialDropout, or a
+    noise_shape of 1 on every axis between batch and channels: EfficientNet's per-example drop)."""
+    if "Spatial" in type(ctx.layer).__name__:
+        return True
+    shape = getattr(ctx.layer, "noise_shape", None)
+    if shape is None or len(ctx.input_shapes[0]) < 3:
+        return False
+    shape = tuple(shape)
+    return len(shape) == len(ctx.input_shapes[0]) and all(d == 1 for d in shape[1:-1])
 
 
 for _cls in (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D):

@@ -89,6 +89,7 @@ def _zero_padding_rule(ctx):
         if len(widths) == len(n_in):
             out = Moments.from_elements(np.pad(m.el_mean, widths), np.pad(m.el_var, widths))
             out.pre = _padded_pre(m, widths)
+            out.shared = m.shared  # the real positions' shared part (the padding has none)
             return out
     if m.ch_mean is not None:
         return Moments.from_channel_second(k * m.ch_mean, k * m.ch_second)
