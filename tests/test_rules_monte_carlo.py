@@ -406,3 +406,21 @@ def test_shared_part_rules_against_numpy():
     bn = shared_part.through_batch_norm(Moments.from_channels(np.zeros(c), np.ones(c)), m_in, np.full(c, 2.0), 0.0)
     np.testing.assert_allclose(bn.shared, 4.0 * s / v)
     np.testing.assert_allclose(shared_part.pooled_variance_gain(m_in, 36), s * (1 - 1 / 36))
+
+
+def test_strided_depthwise_on_a_small_padded_map_reads_its_positions():
+    """A 5x5 stride-2 depthwise conv on a zero-padded 6x6 map whose positions differ (two padded 3x3 convs
+    before it make the centre stronger than the edges): per element maps (`element_maps.depthwise_maps`)
+    predict the output; averaging the input over positions (the per-channel form) predicted 1.0 where
+    1.48 was measured."""
+    inp = keras.Input((6, 6, 8))
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    x = keras.layers.ZeroPadding2D(((1, 2), (1, 2)))(x)
+    out = keras.layers.DepthwiseConv2D(5, strides=2, use_bias=False)(x)
+    model = keras.Model(inp, out)
+    pred = autoinit_tf.wrap(model, input_moments=(0.0, 1.0), seed=0, return_report=True)[1].rows[-1].outputs[0]
+    x = np.random.default_rng(0).normal(size=(20000, 6, 6, 8)).astype("float32")
+    y = _measure(model, x)
+    assert y.var() == pytest.approx(pred.var, rel=0.05)
+    assert y.mean() == pytest.approx(pred.mean, abs=0.03 * math.sqrt(y.var()))
