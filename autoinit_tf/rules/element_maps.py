@@ -57,40 +57,27 @@ def element_maps(m: Moments, shape):
 
 def conv_maps(layer, m: Moments, in_shape, kernel, bias):
     """Output element maps of a channels-last Conv1D/2D/3D with `kernel`, or None."""
-    if getattr(layer, "data_format", "channels_last") != "channels_last" or layer.padding == "causal":
-        return None
     if getattr(layer, "groups", 1) != 1:
         return None
-    maps = element_maps(m, in_shape[1:])
-    if maps is None:
-        return None
-    mean, var = maps
-    k = np.asarray(kernel, dtype=np.float32)
-
-    def run(x, w):
-        y = keras.ops.conv(keras.ops.convert_to_tensor(x[None].astype(np.float32)), keras.ops.convert_to_tensor(w),
-                           strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate)
-        return np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)[0]
-
-    out_mean = run(mean, k)
-    if bias is not None:
-        out_mean = out_mean + np.asarray(bias, dtype=np.float64)
-    out_var = run(var, k * k)
-    return Moments.from_elements(out_mean, out_var)
+    return _filtered_maps(keras.ops.conv, layer, m, in_shape, kernel, bias)
 
 
 def depthwise_maps(layer, m: Moments, in_shape, kernel, bias):
     """Output element maps of a channels-last DepthwiseConv1D/2D (output channel c * dm + d reads input
-    channel c alone), or None:
-
-        mean_out = depthwise(mean_in, W) + b,   var_out = depthwise(var_in, W * W).
+    channel c alone), or None.
 
     A strided depthwise conv on a small padded map reads particular positions (EfficientNetB0 at 96x96,
     block6a: a 5x5 stride-2 conv on a 6x6 map whose centre has 3-4x the variance of its edges): the
     per-channel form, which averages the input over positions, predicted 1.0 there, measured 1.7."""
-    if getattr(layer, "data_format", "channels_last") != "channels_last" or layer.padding == "causal":
-        return None
     if len(in_shape) not in (3, 4):
+        return None
+    return _filtered_maps(keras.ops.depthwise_conv, layer, m, in_shape, kernel, bias)
+
+
+def _filtered_maps(op, layer, m: Moments, in_shape, kernel, bias):
+    """mean_out = op(mean_in, W) + b and var_out = op(var_in, W * W), each one single-example call of the
+    convolution `op` with the layer's strides, padding and dilation; None where maps are not tracked."""
+    if getattr(layer, "data_format", "channels_last") != "channels_last" or layer.padding == "causal":
         return None
     maps = element_maps(m, in_shape[1:])
     if maps is None:
@@ -99,9 +86,8 @@ def depthwise_maps(layer, m: Moments, in_shape, kernel, bias):
     k = np.asarray(kernel, dtype=np.float32)
 
     def run(x, w):
-        y = keras.ops.depthwise_conv(keras.ops.convert_to_tensor(x[None].astype(np.float32)),
-                                     keras.ops.convert_to_tensor(w), strides=layer.strides,
-                                     padding=layer.padding, dilation_rate=layer.dilation_rate)
+        y = op(keras.ops.convert_to_tensor(x[None].astype(np.float32)), keras.ops.convert_to_tensor(w),
+               strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate)
         return np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)[0]
 
     out_mean = run(mean, k)
