@@ -425,3 +425,87 @@ def test_order_statistic_expectations_against_scipy_quad(k):
         r2 = integrate.quad(lambda z: g(mean[c] + s * z) ** 2 * dens(z), -12, 12, epsabs=1e-13, limit=200)[0]
         assert e1[c] == pytest.approx(r1, rel=1e-7, abs=1e-9)
         assert e2[c] == pytest.approx(r2, rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("layer_kwargs", [dict(max_value=6.0), dict(negative_slope=0.1, threshold=0.5),
+                                          dict(max_value=2.0, negative_slope=0.2, threshold=1.0), dict()])
+def test_relu_layer_pieces_in_closed_form_against_scipy(layer_kwargs):
+    """keras.layers.ReLU (ReLU6, leaky, thresholded) as linear pieces, closed form per entry, against scipy
+    quad of the layer's own function; s = 0 entries give f(mu)."""
+    from autoinit_tf.moments import piecewise_polynomial_expectations
+    from autoinit_tf.rules.activation import numpy_function, relu_layer_pieces
+
+    layer = keras.layers.ReLU(**layer_kwargs)
+    f = numpy_function(layer)
+    mu = np.array([[-2.0, 0.3, 1.5], [5.5, -0.7, 0.0]])
+    s = np.array([[1.0, 0.5, 2.0], [1.5, 0.0, 3.0]])
+    e1, e2 = piecewise_polynomial_expectations(relu_layer_pieces(layer), mu, s)
+    pts = sorted({layer_kwargs.get("threshold", 0.0), layer_kwargs.get("max_value", 0.0)})
+    for i, j in np.ndindex(mu.shape):
+        m, sd = mu[i, j], s[i, j]
+        if sd == 0:
+            y = float(f(np.array([m]))[0])
+            assert (e1[i, j], e2[i, j]) == pytest.approx((y, y * y))
+            continue
+        g = lambda x, p: float(f(np.array([x]))[0]) ** p * stats.norm.pdf(x, m, sd)  # noqa: E731
+        for p, got in ((1, e1[i, j]), (2, e2[i, j])):
+            ref = integrate.quad(g, m - 12 * sd, m + 12 * sd, args=(p,), points=pts, limit=200)[0]
+            assert got == pytest.approx(ref, rel=1e-7, abs=1e-10)
+
+
+@pytest.mark.parametrize("name", ["relu", "relu6", "leaky_relu", "hard_sigmoid", "hard_silu", "hard_tanh",
+                                  "hard_shrink", "soft_shrink"])
+def test_piecewise_polynomial_activations_against_scipy(name):
+    """Keras' piecewise-polynomial activations (hard swish: quadratic piece, E[f^2] needs M_4) in closed
+    form against scipy quad of the Keras function itself, per entry of an array."""
+    from autoinit_tf.moments import piecewise_polynomial_expectations
+    from autoinit_tf.rules.activation import PIECEWISE_POLYNOMIAL, numpy_function, polynomial_pieces
+
+    fn = keras.activations.get(name)
+    pieces = polynomial_pieces(fn)
+    assert pieces is PIECEWISE_POLYNOMIAL[name]
+    f = numpy_function(fn)
+    x = np.linspace(-8, 8, 161) + 1e-9  # off the piece edges, where a strict inequality may decide
+    np.testing.assert_allclose(np.polynomial.polynomial.polyval(x, [0.0]) + [
+        next(np.polynomial.polynomial.polyval(v, c) if len(c) else 0.0 for lo, hi, c in pieces if lo <= v < hi)
+        for v in x], f(x), atol=1e-12)  # the table is the function
+    mu = np.array([-3.5, -0.4, 0.2, 1.0, 4.0, 2.5])
+    s = np.array([1.0, 0.3, 2.0, 0.7, 3.0, 0.0])
+    e1, e2 = piecewise_polynomial_expectations(pieces, mu, s)
+    pts = sorted({p for lo, hi, _ in pieces for p in (lo, hi) if math.isfinite(p)})
+    for i in range(len(mu)):
+        if s[i] == 0:
+            y = float(f(np.array([mu[i]]))[0])
+            assert (e1[i], e2[i]) == pytest.approx((y, y * y))
+            continue
+        for p, got in ((1, e1[i]), (2, e2[i])):
+            ref = integrate.quad(lambda v: float(f(np.array([v]))[0]) ** p * stats.norm.pdf(v, mu[i], s[i]),
+                                 mu[i] - 12 * s[i], mu[i] + 12 * s[i], points=pts, limit=200)[0]
+            assert got == pytest.approx(ref, rel=1e-7, abs=1e-10)
+
+
+@pytest.mark.parametrize("name", ["swish", "gelu", "tanh", "softplus"])
+def test_many_expectations_interpolates_smooth_activations(name, monkeypatch):
+    """Above INTERPOLATE_ABOVE distinct pairs, a smooth activation's mean and variance come from a
+    Chebyshev grid: within 1e-7 of per-pair quadrature here (the coarse quadrature it replaced: ~1e-6); where the grid cannot reach its tolerance
+    (a range far wider than the activation's scale) every pair is integrated instead."""
+    from autoinit_tf import moments
+    from autoinit_tf.rules.activation import numpy_function
+
+    f = numpy_function(keras.activations.get(name))
+    rng = np.random.default_rng(0)
+    mu = rng.uniform(-2.5, 3.0, 6000)
+    var = rng.uniform(0.02, 2.0, 6000)
+    calls = []
+    original = moments.channel_expectations
+    monkeypatch.setattr(moments, "channel_expectations", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    e1, e2 = moments.many_expectations(f, mu, var)
+    assert max(calls) < 1000  # the grid and the check rows, not 6000 pairs
+    r1, r2 = original(f, mu, var)
+    np.testing.assert_allclose(e1, r1, atol=1e-7)
+    np.testing.assert_allclose(e2 - e1 * e1, r2 - r1 * r1, atol=1e-7)
+    calls.clear()
+    wide = np.concatenate([mu, [-400.0, 400.0]])
+    w1, _ = moments.many_expectations(f, wide, np.concatenate([var, [1.0, 1.0]]))
+    assert max(calls) == wide.size  # the check failed: every pair integrated
+    np.testing.assert_allclose(w1[:-2], r1, atol=1e-5)

@@ -25,8 +25,8 @@ import math
 import keras
 import numpy as np
 
-from autoinit_tf.moments import (Moments, elementwise_moments, gaussian_expectations, relu_gaussian_expectations,
-                                 relu_of_sum_expectations)
+from autoinit_tf.moments import (Moments, elementwise_moments, gaussian_expectations, piecewise_polynomial_expectations,
+                                 relu_gaussian_expectations, relu_of_sum_expectations)
 from autoinit_tf.rules import shared_part
 from autoinit_tf.rules.registry import BuiltinTable, register_layer, spec_of
 
@@ -169,6 +169,14 @@ def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
             return out
     if name == "relu" and m.ch_mean is not None:
         return relu_channel_moments(m)
+    pieces = polynomial_pieces(fn)
+    if pieces is not None and m.ch_mean is not None:
+        per_element = m.el_mean is not None
+        mu, var = (m.el_mean, m.el_var) if per_element else (m.ch_mean, m.ch_var)
+        e1, e2 = piecewise_polynomial_expectations(pieces, mu, np.sqrt(var))
+        if per_element:
+            return Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
+        return Moments.from_channel_second(e1, e2)
     if m.ch_mean is not None:
         return elementwise_moments(numpy_function(fn), m, kinks)
     try:
@@ -278,16 +286,59 @@ def activation_layer_rule(ctx):
     return function_moments(fn, ctx.input, size=size)
 
 
+def relu_layer_pieces(layer):
+    """keras.layers.ReLU as linear pieces (lo, hi, slope, intercept): negative_slope (x - threshold) below
+    the threshold, x up to max_value, max_value above."""
+    t = float(layer.threshold)
+    a = float(layer.negative_slope or 0.0)
+    top = math.inf if layer.max_value is None else float(layer.max_value)
+    pieces = [(-math.inf, t, (-a * t, a)), (t, top, (0.0, 1.0))]
+    if top < math.inf:
+        pieces.append((top, math.inf, (top,)))
+    return pieces
+
+
+_INF = math.inf
+#: Keras activations that are polynomials piece by piece, (lo, hi, coefficients of x^0, x^1, ...), at their
+#: default arguments: their moments are closed form (`moments.piecewise_polynomial_expectations`).
+PIECEWISE_POLYNOMIAL = {
+    "relu": [(-_INF, 0.0, ()), (0.0, _INF, (0.0, 1.0))],
+    "relu6": [(-_INF, 0.0, ()), (0.0, 6.0, (0.0, 1.0)), (6.0, _INF, (6.0,))],
+    "leaky_relu": [(-_INF, 0.0, (0.0, 0.2)), (0.0, _INF, (0.0, 1.0))],
+    "hard_sigmoid": [(-_INF, -3.0, ()), (-3.0, 3.0, (0.5, 1.0 / 6.0)), (3.0, _INF, (1.0,))],
+    "hard_silu": [(-_INF, -3.0, ()), (-3.0, 3.0, (0.0, 0.5, 1.0 / 6.0)), (3.0, _INF, (0.0, 1.0))],
+    "hard_tanh": [(-_INF, -1.0, (-1.0,)), (-1.0, 1.0, (0.0, 1.0)), (1.0, _INF, (1.0,))],
+    "hard_shrink": [(-_INF, -0.5, (0.0, 1.0)), (-0.5, 0.5, ()), (0.5, _INF, (0.0, 1.0))],
+    "soft_shrink": [(-_INF, -0.5, (0.5, 1.0)), (-0.5, 0.5, ()), (0.5, _INF, (-0.5, 1.0))],
+}
+
+
+def polynomial_pieces(fn):
+    """`fn`'s pieces when it is one of Keras' own piecewise-polynomial activations (the function itself,
+    at its default arguments), else None."""
+    name = activation_name(fn)
+    return PIECEWISE_POLYNOMIAL.get(name) if fn is getattr(keras.activations, name, None) else None
+
+
 @BUILTIN.rule(keras.layers.ReLU)
 def relu_layer_rule(ctx):
+    """Per element or per channel in closed form (`moments.piecewise_polynomial_expectations`: ReLU6 of
+    MobileNetV2 on element maps), else by quadrature; the shared part through the activation."""
     layer = ctx.layer
-    plain = layer.max_value is None and not layer.negative_slope and not layer.threshold
-    if plain and ctx.input.ch_mean is not None and ctx.input.el_mean is None:
-        return relu_channel_moments(ctx.input)
+    m = ctx.input
     kinks = [float(layer.threshold)]
     if layer.max_value is not None:
         kinks.append(float(layer.max_value))
-    return elementwise_moments(numpy_function(layer), ctx.input, kinks)
+    pieces = relu_layer_pieces(layer)
+    if m.el_mean is not None:
+        e1, e2 = piecewise_polynomial_expectations(pieces, m.el_mean, np.sqrt(m.el_var))
+        out = Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
+    elif m.ch_mean is not None:
+        e1, e2 = piecewise_polynomial_expectations(pieces, m.ch_mean, np.sqrt(m.ch_var))
+        out = Moments.from_channel_second(e1, e2)
+    else:
+        return elementwise_moments(numpy_function(layer), m, kinks)
+    return shared_part.through_activation(numpy_function(layer), tuple(kinks), m, out)
 
 
 @BUILTIN.rule(keras.layers.LeakyReLU)

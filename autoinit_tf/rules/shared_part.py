@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoinit_tf.moments import Moments, channel_expectations, relu_gaussian_expectations
+from autoinit_tf.moments import Moments, many_expectations, relu_gaussian_expectations
 
 _GH_Z, _GH_W = np.polynomial.hermite_e.hermegauss(8)
 _GH_W = _GH_W / _GH_W.sum()
@@ -96,6 +96,10 @@ def _through_taps(pre: Moments, s, w, taps, expand):
     example's mean over positions moves by mean_p(a_p) u, so S_out = sum_c S_c mean_p(a_p)^2; each
     position's variance gains S_c (a_p^2 - sum_t W_t^2) (averaged over positions). `expand` maps
     per-(cin, k) values to output channels."""
+    if w.shape[0] == 1:  # one tap (1x1 conv, Dense): no correlated taps, the same sum everywhere
+        out = pre
+        out.shared = np.maximum(expand(s, w[0] * w[0]), 0.0)
+        return out
     a_mean = 0.0
     extra = 0.0
     for weight, valid in _tap_classes(taps, w.shape[0]):
@@ -148,7 +152,7 @@ def through_activation(fn, kinks, m_in: Moments, out: Moments, relu: bool = Fals
     if relu:
         h, _ = relu_gaussian_expectations(mean, np.sqrt(within))
     else:
-        h, _ = channel_expectations(fn, mean, within, kinks, coarse=True)
+        h, _ = many_expectations(fn, mean, within, kinks)
     h = np.asarray(h, dtype=np.float64).reshape(c, -1)
     avg = h @ _GH_W
     out.shared = np.maximum(np.square(h) @ _GH_W - avg * avg, 0.0)
