@@ -403,3 +403,48 @@ def test_the_report_names_every_weight_left_as_it_was_with_the_reason():
     assert rep.untouched["frozen/kernel"] == "frozen"
     assert {"tokens/embeddings", "head/kernel"} <= set(rep.assigned)
     assert rep.to_dict()["untouched"] == rep.untouched
+
+
+def test_rescaling_a_drawn_kernel_is_in_place_and_never_touches_another_array():
+    """`RuleContext.rescale` multiplies the array its own `draw` made in place (no second copy of a large
+    kernel) and copies anything else (an array recorded from elsewhere, which may be shared)."""
+    from autoinit_tf.rules.context import RuleContext
+
+    class Var:
+        def __init__(self, path, shape):
+            self.path, self.shape, self.trainable = path, shape, True
+
+    class Engine:  # the part of the analytic pass a RuleContext uses to draw, read and record
+        distribution = "truncated_normal"
+        seed = 0
+
+        def __init__(self):
+            self.pending, self.visit_records = {}, []
+
+        def may_reinit(self, op, variable):
+            return True
+
+        def ordinal(self, op):
+            return 0
+
+        def value(self, variable):
+            return self.pending[variable.path]
+
+        def record(self, op, variable, array):
+            self.visit_records.append(variable.path)
+            self.pending[variable.path] = array
+
+    engine = Engine()
+    op = L.Dense(4, name="d")
+    ctx = RuleContext(op, None, [], (), {}, None, engine)
+    a, b = Var("d/kernel", (3, 4)), Var("d/other", (3, 4))
+    drawn = ctx.draw(a, 1.0)
+    before = drawn.copy()
+    ctx.rescale(a, 2.0)
+    assert engine.pending["d/kernel"] is drawn  # the same buffer, scaled
+    np.testing.assert_array_equal(drawn, 2.0 * before)
+    shared = np.ones((3, 4), dtype="float32")
+    ctx.assign(b, shared)
+    ctx.rescale(b, 3.0)
+    np.testing.assert_array_equal(shared, 1.0)  # not modified in place
+    np.testing.assert_array_equal(engine.pending["d/other"], 3.0)
