@@ -448,3 +448,47 @@ def test_rescaling_a_drawn_kernel_is_in_place_and_never_touches_another_array():
     ctx.rescale(b, 3.0)
     np.testing.assert_array_equal(shared, 1.0)  # not modified in place
     np.testing.assert_array_equal(engine.pending["d/other"], 3.0)
+
+
+def _raw_attention_model(seq=16, dim=32, shared=True):
+    """softmax(q k^T / sqrt(d)) @ v in raw ops, then an output Dense; with `shared`, every position of an
+    example carries the same extra component (as after an earlier attention's averaging)."""
+    tokens = keras.Input((seq, dim))
+    x = tokens
+    if shared:
+        per_example = keras.Input((1, dim))
+        x = L.Add()([tokens, keras.ops.repeat(per_example, seq, axis=1)])
+        inputs = [tokens, per_example]
+    else:
+        inputs = tokens
+    q, k, v = (L.Dense(dim, use_bias=False, name=n)(x) for n in ("q", "k", "v"))
+    scores = keras.ops.softmax(keras.ops.matmul(q, keras.ops.transpose(k, (0, 2, 1))) / np.sqrt(dim), axis=-1)
+    out = L.Dense(dim, use_bias=False, name="out")(keras.ops.matmul(scores, v))
+    return keras.Model(inputs, out)
+
+
+def test_raw_op_attention_weights_times_values_is_calibrated_by_default():
+    """Attention written in raw ops (keras-hub's MiT and Swin): the matmul of softmax weights and values
+    treats the values as independent across positions. Where they share a part (here a per-example
+    component with 3x the tokens' variance) the analytic output is far off (variance 6.1 measured, target
+    1); the default wrap calibrates the layers after that matmul and says why."""
+    model = _raw_attention_model()
+    rng = np.random.default_rng(0)
+    x = [rng.standard_normal((2000, 16, 32)).astype("float32"),
+         (np.sqrt(3.0) * rng.standard_normal((2000, 1, 32))).astype("float32")]
+    moments = [(0.0, 1.0), (0.0, 3.0)]
+    autoinit_tf.wrap(model, input_moments=moments, seed=0, calibrate=None)
+    analytic = float(np.var(keras.ops.convert_to_numpy(model(x))))
+    _, rep = autoinit_tf.wrap(model, input_moments=moments, seed=0, return_report=True)
+    default = float(np.var(keras.ops.convert_to_numpy(model(x))))
+    assert "out" in rep.auto_calibrated and "attention weights" in rep.auto_calibrated["out"]
+    assert abs(np.log(analytic)) > 0.5  # what the analytic pass misses
+    assert default == pytest.approx(1.0, rel=0.1)
+
+
+def test_a_product_of_two_independent_signals_stays_analytic():
+    """A matmul of two signals that are not attention weights keeps the analytic (exact) rule: no probe."""
+    a_in, b_in = keras.Input((8, 16)), keras.Input((16, 8))
+    model = keras.Model([a_in, b_in], L.Dense(8, name="after")(keras.ops.matmul(a_in, b_in)))
+    _, rep = autoinit_tf.wrap(model, input_moments=[(0.0, 1.0), (0.0, 1.0)], seed=0, return_report=True)
+    assert not rep.auto_calibrated

@@ -210,13 +210,35 @@ def power_rule(ctx):
     return ctx.probe()
 
 
+def _from_softmax(tensor) -> bool:
+    """Whether a traced tensor is a softmax's output (through dropout): attention weights."""
+    for _ in range(4):
+        history = getattr(tensor, "_keras_history", None)
+        op = history[0] if history else None
+        if op is None:
+            return False
+        if isinstance(op, (nn_ops.Softmax, keras.layers.Softmax)) or (
+                isinstance(op, keras.layers.Activation) and getattr(op.activation, "__name__", "") == "softmax"):
+            return True
+        if not isinstance(op, keras.layers.Dropout):
+            return False
+        tensor = op._inbound_nodes[history[1]].input_tensors[0]
+    return False
+
+
 @BUILTIN.rule(np_ops.Matmul)
 def matmul_rule(ctx):
+    """Two signals: n independent products (mean n mu_a mu_b, variance n (E[a^2] E[b^2] - mu_a^2 mu_b^2)).
+    Attention weights (a softmax's output) times values are not independent terms (the weights of a row sum
+    to 1 and the values of one example share parts across positions: MiT's attention output 2.9x the
+    prediction): the call is marked inexact, so the default wrap calibrates what follows."""
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
         n = ctx.node.input_tensors[0].shape[-1]
         if n is None:
             return ctx.probe()
+        if any(_from_softmax(t) for t in ctx.node.input_tensors[:2]):
+            ctx.inexact("attention weights times values (values assumed independent across positions)")
         n = int(n)
         return Moments(n * a.mean * b.mean, n * (a.second * b.second - a.mean**2 * b.mean**2))
     if ma:
