@@ -406,6 +406,11 @@ def test_shared_part_rules_against_numpy():
     bn = shared_part.through_batch_norm(Moments.from_channels(np.zeros(c), np.ones(c)), m_in, np.full(c, 2.0), 0.0)
     np.testing.assert_allclose(bn.shared, 4.0 * s / v)
     np.testing.assert_allclose(shared_part.pooled_variance_gain(m_in, 36), s * (1 - 1 / 36))
+    # a constant channel (variance 0) with epsilon 0: no shared part, not a NaN
+    flat = Moments.from_channels(m, np.array([1.0, 0.0, 1.5]))
+    flat.shared = np.array([0.3, 0.0, 0.5])
+    got_flat = shared_part.through_batch_norm(Moments.from_channels(np.zeros(c), np.ones(c)), flat, None, 0.0)
+    np.testing.assert_allclose(got_flat.shared, [0.3, 0.0, 0.5 / 1.5])
 
 
 def test_strided_depthwise_on_a_small_padded_map_reads_its_positions():

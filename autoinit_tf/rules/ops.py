@@ -222,7 +222,10 @@ def _from_softmax(tensor) -> bool:
             return True
         if not isinstance(op, keras.layers.Dropout):
             return False
-        tensor = op._inbound_nodes[history[1]].input_tensors[0]
+        nodes = getattr(op, "_inbound_nodes", [])
+        if not 0 <= history[1] < len(nodes) or not nodes[history[1]].input_tensors:
+            return False
+        tensor = nodes[history[1]].input_tensors[0]
     return False
 
 

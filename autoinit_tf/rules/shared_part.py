@@ -136,7 +136,8 @@ def through_batch_norm(out: Moments, m_in: Moments, gamma, epsilon) -> Moments:
     if s is None or out.ch_mean is None or out.channels != s.size:
         return out
     g2 = 1.0 if gamma is None else np.square(np.asarray(gamma, dtype=np.float64).reshape(-1))
-    out.shared = s * g2 / (m_in.ch_var + float(epsilon))
+    den = m_in.ch_var + float(epsilon)
+    out.shared = np.where(den > 0, s * g2 / np.where(den > 0, den, 1.0), 0.0)  # a constant channel: none
     return out
 
 
