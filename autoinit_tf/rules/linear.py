@@ -320,6 +320,15 @@ def _separable_pre(ctx):
     ctx.weight_scale = var
     dk = ctx.value(layer.depthwise_kernel).astype(np.float64)
     taps, cin, dm = int(np.prod(dk.shape[:-2])), dk.shape[-2], dk.shape[-1]
+    if dm == 1 and ctx.input.el_mean is not None:
+        # Element maps: the depthwise stage per element (its strides read particular positions: NASNet's
+        # strided reduction cells), then the pointwise stage per position; with one depthwise output per
+        # input channel, the middle channels are as independent as the input's.
+        mid_maps = element_maps.depthwise_maps(layer, ctx.input, ctx.input_shapes[0], dk, None)
+        if mid_maps is not None:
+            exact = element_maps.dense_maps(mid_maps, (None,) + mid_maps.el_mean.shape, p, _bias(ctx, layer))
+            if exact is not None:
+                return exact
     # W[t, c, k] = sum_d D[t, c, d] P[c dm + d, k], as dm broadcast products (no generic einsum)
     dk, pk3 = dk.reshape(taps, cin, dm), p.reshape(cin, dm, -1)
     composed = dk[:, :, 0, None] * pk3[None, :, 0, :]
