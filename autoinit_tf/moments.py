@@ -382,8 +382,8 @@ def many_expectations(fn, means, variances, kinks=()):
     For a smooth fn (no kinks) and more than `INTERPOLATE_ABOVE` pairs, both are smooth functions of
     (mean, sd) (Gaussian smoothing of an analytic function), so the mean and the variance of fn(X) are
     integrated (coarse panels, ~1e-6) on a 32 x 16 Chebyshev grid over the pairs' range and
-    interpolated (barycentric formula, in each coordinate): 512 quadratures instead of one per pair (EfficientNetB0's swish maps: up to 200k
-    pairs). The interpolant is checked against the quadrature on 16 of the pairs (the extremes and a
+    interpolated (barycentric formula, in each coordinate): 512 quadratures instead of one per pair
+    (EfficientNetB0's swish maps: up to 200k pairs). The interpolant is checked against the quadrature on 16 of the pairs (the extremes and a
     spread of the rest); above `INTERPOLATION_TOLERANCE` (relative to the values' range) every pair is
     integrated instead. Otherwise `channel_expectations` with coarse panels (~1e-6)."""
     means = np.asarray(means, dtype=np.float64).reshape(-1)
@@ -515,15 +515,21 @@ def relu_gaussian_expectations(mu, s):
         E[relu] = mu Phi(a) + s phi(a),  E[relu^2] = (mu^2 + s^2) Phi(a) + mu s phi(a),
 
     and relu(mu), relu(mu)^2 where s = 0. Large arrays go in cache-sized blocks (`_BLOCK_NODES`)."""
+    return _in_blocks(_relu_gaussian_block, mu, s)
+
+
+def _in_blocks(block_fn, mu, s):
+    """(e1, e2) of the elementwise `block_fn(mu, s)` over broadcast arrays, in cache-sized blocks of
+    `_BLOCK_NODES` entries."""
     mu, s = np.broadcast_arrays(np.asarray(mu, dtype=np.float64), np.asarray(s, dtype=np.float64))
     if mu.size <= _BLOCK_NODES:
-        return _relu_gaussian_block(mu, s)
+        return block_fn(mu, s)
     e1 = np.empty(mu.shape)
     e2 = np.empty(mu.shape)
     flat_mu, flat_s, f1, f2 = mu.reshape(-1), s.reshape(-1), e1.reshape(-1), e2.reshape(-1)
     for i in range(0, mu.size, _BLOCK_NODES):
-        f1[i:i + _BLOCK_NODES], f2[i:i + _BLOCK_NODES] = _relu_gaussian_block(flat_mu[i:i + _BLOCK_NODES],
-                                                                              flat_s[i:i + _BLOCK_NODES])
+        f1[i:i + _BLOCK_NODES], f2[i:i + _BLOCK_NODES] = block_fn(flat_mu[i:i + _BLOCK_NODES],
+                                                                  flat_s[i:i + _BLOCK_NODES])
     return e1, e2
 
 
@@ -556,15 +562,8 @@ def piecewise_polynomial_expectations(pieces, mu, s):
 
     then E[f] = sum_k c_k M_k and E[f^2] = sum_k (c * c)_k M_k (the squared polynomial); f(mu) where
     s = 0. Large arrays go in cache-sized blocks (`_BLOCK_NODES`)."""
-    mu, s = np.broadcast_arrays(np.asarray(mu, dtype=np.float64), np.asarray(s, dtype=np.float64))
-    e1 = np.empty(mu.shape)
-    e2 = np.empty(mu.shape)
-    flat_mu, flat_s, f1, f2 = mu.reshape(-1), s.reshape(-1), e1.reshape(-1), e2.reshape(-1)
     pieces = [(float(lo), float(hi), np.asarray(c, dtype=np.float64).reshape(-1)) for lo, hi, c in pieces]
-    for i in range(0, max(mu.size, 1), _BLOCK_NODES):
-        f1[i:i + _BLOCK_NODES], f2[i:i + _BLOCK_NODES] = _piecewise_polynomial_block(
-            pieces, flat_mu[i:i + _BLOCK_NODES], flat_s[i:i + _BLOCK_NODES])
-    return e1, e2
+    return _in_blocks(functools.partial(_piecewise_polynomial_block, pieces), mu, s)
 
 
 def _piecewise_polynomial_block(pieces, mu, s):
@@ -619,7 +618,8 @@ def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
     (`relu_gaussian_expectations`, closed form). That inner expectation is integrated over P in [-7, 7]
     standard deviations by piecewise Gauss-Legendre (4 nodes per panel, `_SUM_PANELS`) split at the kinks
     of fn: ~1e-6 relative where R is about as wide as P, 1e-4 to 3e-4 where R is narrow (sd 0.1 against 1:
-    the smoothed kink of relu(fn(x) + R) lies inside a panel; scipy references in tests/test_moments.py). Where fn is constant c below its first kink k (ReLU: 0), that part is closed form,
+    the smoothed kink of relu(fn(x) + R) lies inside a panel; scipy references in tests/test_moments.py).
+    Where fn is constant c below its first kink k (ReLU: 0), that part is closed form,
     Pr(P < k) E[relu(c + R)^p], and only [k, 7 sd] is integrated. The residual blocks of Inception-ResNet,
     relu(relu(P) + 0.1 R): the sum is far from Gaussian (a point mass at 0 barely moved), and the Gaussian
     rule lost 10-14% of the second moment per block.

@@ -107,7 +107,7 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     if shared_part.shared_of(m) is not None and out is not m and name not in VECTOR_ACTIVATIONS:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         out = shared_part.through_activation(numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks), m,
-                                             out, relu=name == "relu")
+                                             out, pieces=polynomial_pieces(f))
     if name in MONOTONE and out is not m:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         pre = m
@@ -171,12 +171,7 @@ def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
         return relu_channel_moments(m)
     pieces = polynomial_pieces(fn)
     if pieces is not None and m.ch_mean is not None:
-        per_element = m.el_mean is not None
-        mu, var = (m.el_mean, m.el_var) if per_element else (m.ch_mean, m.ch_var)
-        e1, e2 = piecewise_polynomial_expectations(pieces, mu, np.sqrt(var))
-        if per_element:
-            return Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
-        return Moments.from_channel_second(e1, e2)
+        return piecewise_moments(pieces, m)
     if m.ch_mean is not None:
         return elementwise_moments(numpy_function(fn), m, kinks)
     try:
@@ -286,8 +281,19 @@ def activation_layer_rule(ctx):
     return function_moments(fn, ctx.input, size=size)
 
 
+def piecewise_moments(pieces, m: Moments) -> Moments:
+    """A piecewise-polynomial activation (`pieces`, see `PIECEWISE_POLYNOMIAL`) of `m`'s element maps or
+    channels, in closed form (`moments.piecewise_polynomial_expectations`)."""
+    per_element = m.el_mean is not None
+    mu, var = (m.el_mean, m.el_var) if per_element else (m.ch_mean, m.ch_var)
+    e1, e2 = piecewise_polynomial_expectations(pieces, mu, np.sqrt(var))
+    if per_element:
+        return Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
+    return Moments.from_channel_second(e1, e2)
+
+
 def relu_layer_pieces(layer):
-    """keras.layers.ReLU as linear pieces (lo, hi, slope, intercept): negative_slope (x - threshold) below
+    """keras.layers.ReLU as polynomial pieces (lo, hi, coefficients): negative_slope (x - threshold) below
     the threshold, x up to max_value, max_value above."""
     t = float(layer.threshold)
     a = float(layer.negative_slope or 0.0)
@@ -329,16 +335,11 @@ def relu_layer_rule(ctx):
     kinks = [float(layer.threshold)]
     if layer.max_value is not None:
         kinks.append(float(layer.max_value))
-    pieces = relu_layer_pieces(layer)
-    if m.el_mean is not None:
-        e1, e2 = piecewise_polynomial_expectations(pieces, m.el_mean, np.sqrt(m.el_var))
-        out = Moments.from_elements(e1, np.maximum(e2 - e1 * e1, 0.0))
-    elif m.ch_mean is not None:
-        e1, e2 = piecewise_polynomial_expectations(pieces, m.ch_mean, np.sqrt(m.ch_var))
-        out = Moments.from_channel_second(e1, e2)
-    else:
+    if m.ch_mean is None:
         return elementwise_moments(numpy_function(layer), m, kinks)
-    return shared_part.through_activation(numpy_function(layer), tuple(kinks), m, out)
+    pieces = relu_layer_pieces(layer)
+    return shared_part.through_activation(numpy_function(layer), tuple(kinks), m, piecewise_moments(pieces, m),
+                                          pieces=pieces)
 
 
 @BUILTIN.rule(keras.layers.LeakyReLU)

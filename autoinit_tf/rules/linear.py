@@ -221,11 +221,11 @@ def _dense_pre(ctx):
     layer = ctx.layer
     fan_in = int(layer.kernel.shape[0])
     w = _draw_kernel(ctx, layer.kernel, fan_in)
+    pre = None
     if ctx.input.el_mean is not None:
-        exact = element_maps.dense_maps(ctx.input, ctx.input_shapes[0], w, _bias(ctx, layer))
-        if exact is not None:
-            return shared_part.through_linear(exact, ctx.input, w.reshape(1, fan_in, -1))
-    pre, _, _ = linear_output(ctx.input, w.reshape(1, fan_in, -1), [1.0], _bias(ctx, layer))
+        pre = element_maps.dense_maps(ctx.input, ctx.input_shapes[0], w, _bias(ctx, layer))
+    if pre is None:
+        pre, _, _ = linear_output(ctx.input, w.reshape(1, fan_in, -1), [1.0], _bias(ctx, layer))
     if len(ctx.input_shapes[0]) > 2:  # applied at every position: the shared part goes through
         pre = shared_part.through_linear(pre, ctx.input, w.reshape(1, fan_in, -1))
     return pre

@@ -163,26 +163,26 @@ def average_rule(ctx):
                    sum(m.between for m in ctx.inputs) / n**2)
 
 
-def is_per_example_gate(shapes) -> bool:
-    """True when a Multiply scales a feature map by a tensor constant over its positions (squeeze-and-
-    excitation: (batch, 1, 1, C) times (batch, H, W, C))."""
+def _constant_over_positions(shapes):
+    """Per input, whether it is constant over positions (every axis between batch and channels is 1),
+    when a Multiply scales a feature map by such a tensor (squeeze-and-excitation: (batch, 1, 1, C) times
+    (batch, H, W, C)); else None."""
     shapes = [tuple(s) for s in shapes]
     if len(shapes) < 2 or len({len(s) for s in shapes}) != 1 or len(shapes[0]) < 3:
-        return False
-    spatial = [s[1:-1] for s in shapes]
-    pooled = [all(d == 1 for d in sp) for sp in spatial]
-    return any(pooled) and not all(pooled)
+        return None
+    pooled = [all(d == 1 for d in s[1:-1]) for s in shapes]
+    return pooled if any(pooled) and not all(pooled) else None
 
 
 @BUILTIN.rule(L.Multiply)
 def multiply_rule(ctx):
     out = multiply_moments(ctx.inputs)
-    if is_per_example_gate(ctx.input_shapes):
+    pooled = _constant_over_positions(ctx.input_shapes)
+    if pooled is not None:
         ctx.inexact("a per-example gate (squeeze-and-excitation) scales each example's channels: the signal after "
                     "it is a scale mixture, which the Gaussian rules do not carry", persistent=True)
         if len(ctx.inputs) == 2:
-            pooled = [all(d == 1 for d in tuple(s)[1:-1]) for s in ctx.input_shapes]
-            g, x = (ctx.inputs[0], ctx.inputs[1]) if pooled[0] else (ctx.inputs[1], ctx.inputs[0])
+            g, x = ctx.inputs if pooled[0] else ctx.inputs[::-1]
             out = shared_part.gate(x, g, out)
     return out
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoinit_tf.moments import Moments, many_expectations, relu_gaussian_expectations
+from autoinit_tf.moments import Moments, many_expectations, piecewise_polynomial_expectations
 
 _GH_Z, _GH_W = np.polynomial.hermite_e.hermegauss(8)
 _GH_W = _GH_W / _GH_W.sum()
@@ -141,8 +141,9 @@ def through_batch_norm(out: Moments, m_in: Moments, gamma, epsilon) -> Moments:
     return out
 
 
-def through_activation(fn, kinks, m_in: Moments, out: Moments, relu: bool = False) -> Moments:
-    """S_out = Var_u(E_v fn(m + u + v)) per channel (module docstring); `fn` maps numpy to numpy."""
+def through_activation(fn, kinks, m_in: Moments, out: Moments, pieces=None) -> Moments:
+    """S_out = Var_u(E_v fn(m + u + v)) per channel (module docstring); `fn` maps numpy to numpy, `pieces`
+    (when fn is piecewise polynomial, `rules.activation.PIECEWISE_POLYNOMIAL`) gives E_v in closed form."""
     s = shared_of(m_in)
     if s is None or out.ch_mean is None or out.channels != s.size:
         return out
@@ -150,8 +151,8 @@ def through_activation(fn, kinks, m_in: Moments, out: Moments, relu: bool = Fals
     s = np.minimum(s, m_in.ch_var)
     mean = (m_in.ch_mean[:, None] + np.sqrt(s)[:, None] * _GH_Z[None, :]).reshape(-1)
     within = np.repeat(np.maximum(m_in.ch_var - s, 0.0), _GH_Z.size)
-    if relu:
-        h, _ = relu_gaussian_expectations(mean, np.sqrt(within))
+    if pieces is not None:
+        h, _ = piecewise_polynomial_expectations(pieces, mean, np.sqrt(within))
     else:
         h, _ = many_expectations(fn, mean, within, kinks)
     h = np.asarray(h, dtype=np.float64).reshape(c, -1)
