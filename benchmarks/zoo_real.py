@@ -151,13 +151,20 @@ class Recorder:
         import numpy as np
 
         out = out[0] if isinstance(out, (list, tuple)) else out
+        key = layer.path if hasattr(layer, "path") else layer.name
+        if key in self.batch:  # only the first call of the layer in this batch
+            return
         try:
-            a = np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
+            a = np.asarray(keras.ops.convert_to_numpy(out)).reshape(-1)
         except Exception:  # noqa: BLE001 - symbolic call
             return
-        key = layer.path if hasattr(layer, "path") else layer.name
-        if key not in self.batch:  # the first call of the layer in this batch
-            self.batch[key] = (a.size, float(a.sum()), float(np.sum(a * a)))
+        # Sums in float64 over slices of 2**20 elements: no float64 copy of a whole activation.
+        s1 = s2 = 0.0
+        for i in range(0, a.size, 1 << 20):
+            part = a[i:i + (1 << 20)].astype(np.float64)
+            s1 += float(part.sum())
+            s2 += float(np.dot(part, part))
+        self.batch[key] = (a.size, s1, s2)
 
     def run(self, model, batches):
         """Each layer's variance over every batch (sums of x and x^2 accumulated, so the estimate is that of

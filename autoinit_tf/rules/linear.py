@@ -495,6 +495,11 @@ def reversible_embedding_rule(ctx):
     in every keras-hub model (or the pre-norm of the first block) rescales. E[h^2] is the reverse call's
     input second moment from the pass's first walk (the layer is called twice, so the engine walks
     twice), `signal_variance` before that. Both rows report what the network will do.
+
+    Untied, with the reverse call never made (a backbone without its LM head): the output table R is
+    drawn for a normalized head input (keras-hub LMs apply a final LayerNormalization / RMS norm before
+    the head: E[h^2] = 1), Var(R) = signal_variance / d, so the task model built on the backbone
+    starts with logits on target.
     """
     layer = ctx.layer
     d = int(layer.output_dim)
@@ -512,6 +517,15 @@ def reversible_embedding_rule(ctx):
         total, _, _ = linear_output(h, w[None], [1.0], None)
         return _soft_capped(total, getattr(layer, "logit_soft_cap", None))
     var = ctx.signal_variance
+    if not tied and ctx.calls == 1 and getattr(layer, "reverse_embeddings", None) is not None:
+        # A backbone alone never makes the reverse call, but its task model (a CausalLM on this backbone)
+        # will: draw the head's table for the input every keras-hub LM gives it, the output of a final
+        # LayerNormalization / RMS norm (E[h^2] = 1 with the norm's scale at one), so logits = h R have
+        # the target variance there.
+        head_var = ctx.signal_variance / d
+        ctx.draw(layer.reverse_embeddings, head_var)
+        ctx.note(f"untied output table drawn for the LM head this model does not call: variance {head_var:.4g} "
+                 "= signal_variance / d (a normalized head input, E[h^2] = 1)")
     if tied and ctx.calls > 1:
         second = ctx.state.get(_REVERSE_SECOND, ctx.signal_variance)
         var = ctx.signal_variance / (d * second)
