@@ -14,11 +14,12 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     target is `signal_variance` = 1;
   * the fraction of weighted layers within [0.5, 2] (analytic) and [0.8, 1.25] (default) of the target;
   * final: |log(predicted / measured)| of the model's (first) output variance after the analytic wrap;
-  * the recorder measures `--fresh` (512) fresh examples in batches of `--batch` (64), accumulating sums of
-    x and x^2 per layer, so each variance is that of all 512 examples;
+  * the recorder measures `--fresh` (512) fresh examples in batches of `--batch` (32), accumulating sums of
+    x and x^2 per layer, so each variance is that of all 512 examples (the batch bounds the recorder's own
+    memory: TF's training-mode forward of ConvNeXtTiny holds ~36 MB per 96x96 example);
   * peak RSS (MB) of the subprocess.
 
-    python benchmarks/zoo_real.py [--only NAME ...] [--batch 64] [--fresh 512]
+    python benchmarks/zoo_real.py [--only NAME ...] [--batch 32] [--fresh 512]
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def _value(model, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--fresh", type=int, default=512, help="fresh examples measured (in batches of --batch)")
     ap.add_argument("--one")
     args = ap.parse_args()

@@ -13,7 +13,12 @@ constant per unit, and parts of one example shared by all its positions (what an
 averaging leaves). When B is more than `SHARED_LIMIT` of the value variance (every block after the
 first in a stack), the prediction is an estimate (keras-hub ViT, block 2: attended variance predicted
 0.280, measured 0.174): the rule says so (`ctx.inexact`), and ``wrap(calibrate="auto")`` calibrates
-that layer's output projection on the probe.
+that layer's output projection on the probe. Both that estimate and a mask (each query sees its own set
+of keys) misplace the variance between the parts shared across positions and the parts that are not: a
+deviation of the signal's shape, which the normalization after the block does not remove (keras-hub
+BertBackbone, block 2's feed-forward output: its GELU input carried per-unit offsets worth 70% of its
+energy, mean 0.18 instead of 0, and the output came out 1.45x the target). Such a mark is persistent
+(`RuleContext.inexact`): ``calibrate="auto"`` calibrates every weighted layer downstream of it.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def _masked(ctx) -> bool:
 
 def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
     if _masked(ctx):
-        ctx.inexact("attention mask (every query is assumed to see every key)")
+        ctx.inexact("attention mask (every query is assumed to see every key)", persistent=True)
     query, key, value, value_shape = _qkv_inputs(ctx)
     keys = _seq_len(value_shape, ctx.probe_length)
     q, _, _, _ = _project(ctx, q_dense, query, 1, 1.0)
@@ -93,7 +98,7 @@ def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
     v_total, v_within, v_between, _ = _project(ctx, v_dense, value, 1, ctx.signal_variance)
     if v_between > SHARED_LIMIT * v_total.var:
         ctx.inexact(f"values share {v_between / v_total.var:.0%} of their variance across positions "
-                    "(per-unit offsets and per-example parts are not told apart)")
+                    "(per-unit offsets and per-example parts are not told apart)", persistent=True)
     logit_mean = head_dim * q.mean * k.mean / np.sqrt(head_dim)
     logit_var = (q.second * k.second - q.mean**2 * k.mean**2)
     logits = Moments(logit_mean, logit_var)
