@@ -58,7 +58,8 @@ class Moments:
             derived from them. Rules that do not, simply use the pooled numbers.
     """
 
-    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared")
+    __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
+                 "matched")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -71,6 +72,10 @@ class Moments:
         # variance that every position of one example shares (after a squeeze-and-excitation gate), which
         # global pooling does not average out (`autoinit_tf.rules.shared_part`). None: not tracked (0).
         self.shared = None
+        # True for a Gaussian that only matches the first two moments of what its activation's output really
+        # is (`rules.activation.relu_matched_pre`): exact where only those moments matter, an approximation
+        # where the whole distribution does (the max of several).
+        self.matched = False
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)

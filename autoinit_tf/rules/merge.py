@@ -21,6 +21,7 @@ import numpy as np
 
 from autoinit_tf.moments import Moments, mix
 from autoinit_tf.rules import shared_part
+from autoinit_tf.rules.activation import concatenated_pre
 from autoinit_tf.rules.element_maps import same_shape
 from autoinit_tf.rules.registry import BuiltinTable
 
@@ -124,12 +125,19 @@ def minimum_moments(ms):
 
 
 def concat_moments(ms, sizes, last_axis=False):
-    """Concatenation: channels side by side on the last axis, else a size-weighted mixture."""
+    """Concatenation: channels side by side on the last axis, else a size-weighted mixture. On the last
+    axis the branches' common activation memo is kept (`activation.concatenated_pre`)."""
+    out = None
     if last_axis and all(m.el_mean is not None for m in ms) and len({m.el_mean.shape[:-1] for m in ms}) == 1:
-        return Moments.from_elements(np.concatenate([m.el_mean for m in ms], axis=-1),
-                                     np.concatenate([m.el_var for m in ms], axis=-1))
-    if last_axis and all(m.ch_mean is not None for m in ms):
-        return Moments.from_channels(np.concatenate([m.ch_mean for m in ms]), np.concatenate([m.ch_var for m in ms]))
+        out = Moments.from_elements(np.concatenate([m.el_mean for m in ms], axis=-1),
+                                    np.concatenate([m.el_var for m in ms], axis=-1))
+    elif last_axis and all(m.ch_mean is not None for m in ms):
+        out = Moments.from_channels(np.concatenate([m.ch_mean for m in ms]), np.concatenate([m.ch_var for m in ms]))
+    if out is not None:
+        pre = concatenated_pre(ms)
+        if pre is not None and (pre[0].el_mean is None) == (out.el_mean is None):
+            out.pre = pre
+        return out
     if any(s is None for s in sizes):
         sizes = [1] * len(ms)
     return mix(list(zip(sizes, ms)))

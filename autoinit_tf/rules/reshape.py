@@ -60,8 +60,7 @@ def permute_rule(ctx):
     return ctx.input if dims[-1] == len(dims) else ctx.input.pooled()
 
 
-_PASS = [L.Identity, L.RepeatVector, L.Cropping1D, L.Cropping2D, L.Cropping3D,
-         L.UpSampling1D, L.UpSampling3D, L.Masking, L.InputLayer]
+_PASS = [L.Identity, L.RepeatVector, L.UpSampling1D, L.UpSampling3D, L.Masking, L.InputLayer]
 for _cls in _PASS:
     BUILTIN.rule(_cls, _identity)
 for _cls in (L.Reshape, L.Flatten):
@@ -108,8 +107,42 @@ def _padded_pre(m, widths):
         return None
     if float(np.asarray(fn(np.zeros(1)), dtype=np.float64).reshape(-1)[0]) != 0.0:
         return None
-    return Moments.from_elements(np.pad(pre.el_mean, widths), np.pad(pre.el_var, widths)), fn, kinks
+    out = Moments.from_elements(np.pad(pre.el_mean, widths), np.pad(pre.el_var, widths))
+    out.matched = getattr(pre, "matched", False)
+    return out, fn, kinks
 
 
 for _cls in (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
     BUILTIN.rule(_cls, _zero_padding_rule)
+
+def _crop_slices(layer, rank):
+    """``slice`` per spatial axis of a Cropping1D/2D/3D layer (channels last)."""
+    crop = layer.cropping
+    if rank == 1:
+        crop = [crop]
+    return tuple(slice(int(a), -int(b) if int(b) else None) for a, b in crop)
+
+
+def _cropping_rule(ctx):
+    """Cropping keeps the entries it does not cut: element maps (and the pre-activation memo) are sliced,
+    so the positions a strided layer after it reads are the right ones (NASNet's adjust blocks pad by
+    one, crop the other side and subsample: the subsample reads only real positions, where the passed-
+    through uncropped map put 1 in 7 padding zeros in each direction into the prediction, 1.44x after
+    it). Without element maps the moments pass through (per-channel numbers of uncut positions)."""
+    m = ctx.input
+    rank = len(ctx.input_shapes[0]) - 2
+    if m.el_mean is None or getattr(ctx.layer, "data_format", "channels_last") != "channels_last" \
+            or m.el_mean.ndim != rank + 1:
+        return m
+    cut = _crop_slices(ctx.layer, rank) + (slice(None),)
+    out = Moments.from_elements(m.el_mean[cut], m.el_var[cut])
+    if m.pre is not None and m.pre[0].el_mean is not None and m.pre[0].el_mean.shape == m.el_mean.shape:
+        pre = Moments.from_elements(m.pre[0].el_mean[cut], m.pre[0].el_var[cut])
+        pre.matched = getattr(m.pre[0], "matched", False)
+        out.pre = (pre, m.pre[1], m.pre[2])
+    out.shared = m.shared
+    return out
+
+
+for _cls in (L.Cropping1D, L.Cropping2D, L.Cropping3D):
+    BUILTIN.rule(_cls, _cropping_rule)
