@@ -19,7 +19,7 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     memory: TF's training-mode forward of ConvNeXtTiny holds ~36 MB per 96x96 example);
   * peak RSS (MB) of the subprocess.
 
-    python benchmarks/zoo_real.py [--only NAME ...] [--batch 32] [--fresh 512]
+    python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 32] [--fresh 512]
 """
 
 from __future__ import annotations
@@ -42,13 +42,20 @@ HUB = ["BertBackbone", "GPT2Backbone", "GPT2CausalLM", "LlamaBackbone", "GemmaBa
        "TransformerStack"]
 OTHER = ["EmbeddingLSTM"]
 MODELS = APPLICATIONS + HUB + OTHER
+#: The other keras.applications models Keras 3.15 has (deeper / wider members of the families above):
+#: ``--variants`` runs them (about an hour on a 2-core CPU; the default run keeps one per family).
+VARIANTS = ["ResNet101", "ResNet152", "ResNet101V2", "ResNet152V2", "DenseNet169", "DenseNet201", "VGG19",
+            "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4", "EfficientNetB5", "EfficientNetB6",
+            "EfficientNetB7", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3", "EfficientNetV2S",
+            "EfficientNetV2M", "EfficientNetV2L", "ConvNeXtSmall", "ConvNeXtBase", "ConvNeXtLarge", "ConvNeXtXLarge",
+            "NASNetLarge"]
 TEXT = dict(vocabulary_size=1000, num_layers=2, hidden_dim=64, intermediate_dim=128)
 
 
 def build(name):
     import keras
 
-    if name in APPLICATIONS:
+    if name in APPLICATIONS or name in VARIANTS:
         return getattr(keras.applications, name)(weights=None, input_shape=(96, 96, 3), classes=10)
     if name == "EmbeddingLSTM":
         ids = keras.Input((64,), dtype="int32", name="token_ids")
@@ -263,11 +270,12 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--fresh", type=int, default=512, help="fresh examples measured (in batches of --batch)")
     ap.add_argument("--one")
+    ap.add_argument("--variants", action="store_true", help="the other keras.applications models (VARIANTS)")
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.batch, args.fresh)))
         return
-    names = args.only or MODELS
+    names = args.only or (VARIANTS if args.variants else MODELS)
     head = (f"{'model':24s} {'build':>6s} {'analyz':>6s} {'wrap':>6s} {'auto':>6s} {'probe':>6s} {'w/b':>5s} "
             f"{'reinit':>6s} {'fb':>3s} {'autoN':>5s} | {'analytic worst/med in[.5,2] final':>34s} | "
             f"{'default worst/med in[.8,1.25]':>30s} | {'probe worst/med':>16s} | {'RSS MB':>6s}")
