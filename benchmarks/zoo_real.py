@@ -18,9 +18,10 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     x and x^2 per layer, so each variance is that of all 512 examples (training mode: BatchNormalization
     normalizes by each batch's statistics, so the batch is part of what is measured; keep 64 to compare
     runs);
-  * peak RSS (MB) of the subprocess, and of the wrap calls alone (``wrapRSS``: the resident set sampled
-    every 5 ms while analyze and each wrap run; the recorder's own training-mode forward passes, ~36 MB per
-    96x96 example on ConvNeXtTiny, are in the first figure only).
+  * peak RSS (MB) of the subprocess, and ``wrapRSS``: the resident set after building the model plus the
+    largest rise of it (sampled every 5 ms) during analyze or one of the wraps, what a process that builds
+    the model and wraps it peaks at (the recorder's own training-mode forward passes, ~36 MB per 96x96 example
+    on ConvNeXtTiny, are in the first figure only; memory they free stays resident).
 
     python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 64] [--fresh 512]
 """
@@ -206,10 +207,13 @@ class Recorder:
 
 class PeakRSS:
     """The largest resident set size (MB) seen while inside ``with`` blocks, sampled every 5 ms by a thread
-    (``ru_maxrss`` only gives the process's peak so far, the recorder's included)."""
+    (``ru_maxrss`` only gives the process's peak so far, the recorder's included), and the largest rise above
+    the resident set at the block's start (``rise``): memory freed by earlier work (the recorder's forward
+    passes) stays resident, so the peak inside a later block overstates what that block needs."""
 
     def __init__(self):
         self.peak = 0.0
+        self.rise = 0.0
 
     @staticmethod
     def now():
@@ -220,10 +224,13 @@ class PeakRSS:
         import threading
 
         self._stop = threading.Event()
+        self._start = self.now()
 
         def sample():
             while not self._stop.is_set():
-                self.peak = max(self.peak, self.now())
+                now = self.now()
+                self.peak = max(self.peak, now)
+                self.rise = max(self.rise, now - self._start)
                 self._stop.wait(0.005)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -233,7 +240,9 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.now())
+        now = self.now()
+        self.peak = max(self.peak, now)
+        self.rise = max(self.rise, now - self._start)
         return False
 
 
@@ -248,6 +257,7 @@ def one(name, batch, fresh_examples):
     t = time.perf_counter()
     model = build(name)
     t_build = time.perf_counter() - t
+    built_rss = PeakRSS.now()
     fn = graph.as_functional(model)
     batches = []
     for i in range(max(fresh_examples // batch, 1)):
@@ -291,7 +301,7 @@ def one(name, batch, fresh_examples):
                                         reverse=True)[:3]
     out["layers"] = len(layers)
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["wrap_rss_mb"] = wrap_rss.peak
+    out["wrap_rss_mb"] = built_rss + wrap_rss.rise
     return out
 
 
