@@ -18,10 +18,10 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     x and x^2 per layer, so each variance is that of all 512 examples (training mode: BatchNormalization
     normalizes by each batch's statistics, so the batch is part of what is measured; keep 64 to compare
     runs);
-  * peak RSS (MB) of the subprocess, and ``wrapRSS``: the resident set after building the model plus the
-    largest rise of it (sampled every 5 ms) during analyze or one of the wraps, what a process that builds
-    the model and wraps it peaks at (the recorder's own training-mode forward passes, ~36 MB per 96x96 example
-    on ConvNeXtTiny, are in the first figure only; memory they free stays resident).
+  * peak RSS (MB) of the subprocess, and ``wrapRSS``: its peak when analyze and the three wraps are done,
+    before any recorder pass (the wraps run first, each mode's weights saved to disk and restored for its
+    recorder pass): what building and wrapping the model takes. The recorder's own training-mode forward
+    passes (~36 MB per 96x96 example on ConvNeXtTiny) are in the first figure only.
 
     python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 64] [--fresh 512]
 """
@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -205,45 +206,13 @@ class Recorder:
         return var, max(final[2] / final[0] - (final[1] / final[0]) ** 2, 0.0)
 
 
-class PeakRSS:
-    """The largest resident set size (MB) seen while inside ``with`` blocks, sampled every 5 ms by a thread
-    (``ru_maxrss`` only gives the process's peak so far, the recorder's included), and the largest rise above
-    the resident set at the block's start (``rise``): memory freed by earlier work (the recorder's forward
-    passes) stays resident, so the peak inside a later block overstates what that block needs."""
+def _digest(variable) -> bytes:
+    """A hash of a variable's value (to tell whether wrap changed it without keeping a copy)."""
+    import hashlib
 
-    def __init__(self):
-        self.peak = 0.0
-        self.rise = 0.0
+    import numpy as np
 
-    @staticmethod
-    def now():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def __enter__(self):
-        import threading
-
-        self._stop = threading.Event()
-        self._start = self.now()
-
-        def sample():
-            while not self._stop.is_set():
-                now = self.now()
-                self.peak = max(self.peak, now)
-                self.rise = max(self.rise, now - self._start)
-                self._stop.wait(0.005)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        now = self.now()
-        self.peak = max(self.peak, now)
-        self.rise = max(self.rise, now - self._start)
-        return False
+    return hashlib.sha1(np.ascontiguousarray(variable.numpy()).tobytes()).digest()
 
 
 def one(name, batch, fresh_examples):
@@ -257,7 +226,6 @@ def one(name, batch, fresh_examples):
     t = time.perf_counter()
     model = build(name)
     t_build = time.perf_counter() - t
-    built_rss = PeakRSS.now()
     fn = graph.as_functional(model)
     batches = []
     for i in range(max(fresh_examples // batch, 1)):
@@ -269,28 +237,38 @@ def one(name, batch, fresh_examples):
     layers = weighted_layers(model)
     rec = Recorder(layers)
     out = {"model": name, "build_s": t_build}
-    with warnings.catch_warnings():
+    modes = (("analytic", None), ("default", "auto"), ("probe", "probe"))
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
-        wrap_rss = PeakRSS()
         t = time.perf_counter()
-        with wrap_rss:
-            rep = autoinit_tf.analyze(model, seed=0)
+        rep = autoinit_tf.analyze(model, seed=0)
         out["analyze_s"] = time.perf_counter() - t
         out["fallbacks"] = len({r.name for r in rep.fallbacks})
-        before = {v.path: np.array(v.numpy()) for layer in layers for v in layer.weights if len(v.shape) >= 2}
-        for mode, cal in (("analytic", None), ("default", "auto"), ("probe", "probe")):
+        kernels = {v.path: v for layer in layers for v in layer.weights if len(v.shape) >= 2}
+        before = {p: _digest(v) for p, v in kernels.items()}
+        # Every wrap first (their times and the process's peak RSS up to here: what building and wrapping
+        # takes), each mode's weights saved to disk one variable at a time; then the recorder on each.
+        predicted = {}
+        for mode, cal in modes:
             t = time.perf_counter()
-            with wrap_rss:
-                _, rep = autoinit_tf.wrap(model, seed=0, calibrate=cal, return_report=True)
+            _, rep = autoinit_tf.wrap(model, seed=0, calibrate=cal, return_report=True)
             out[f"{mode}_s"] = time.perf_counter() - t
             if mode == "analytic":
-                kept = [p for p, a in before.items() if np.array_equal(a, _value(model, p))]
-                total = sum(a.size for a in before.values())
-                out["reinit"] = 1.0 - sum(before[p].size for p in kept) / max(total, 1)
+                kept = [p for p, d in before.items() if d == _digest(kernels[p])]
+                total = sum(int(np.prod(v.shape)) for v in kernels.values())
+                out["reinit"] = 1.0 - sum(int(np.prod(kernels[p].shape)) for p in kept) / max(total, 1)
             if mode == "default":
                 out["auto"] = len(rep.auto_calibrated)
+            predicted[mode] = float(rep.output.var)
+            del rep
+            for i, v in enumerate(model.weights):
+                np.save(os.path.join(tmp, f"{mode}_{i}.npy"), v.numpy())
+        out["wrap_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        for mode, _ in modes:
+            for i, v in enumerate(model.weights):
+                v.assign(np.load(os.path.join(tmp, f"{mode}_{i}.npy")))
             got, final = rec.run(model, batches)
-            out[f"{mode}_final"] = abs(float(np.log(max(rep.output.var, 1e-30) / max(final, 1e-30))))
+            out[f"{mode}_final"] = abs(float(np.log(max(predicted[mode], 1e-30) / max(final, 1e-30))))
             logs = np.abs(np.log(np.maximum(np.array(list(got.values()) or [1.0]), 1e-30)))
             out[f"{mode}_worst"] = float(logs.max())
             out[f"{mode}_median"] = float(np.median(logs))
@@ -301,7 +279,6 @@ def one(name, batch, fresh_examples):
                                         reverse=True)[:3]
     out["layers"] = len(layers)
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["wrap_rss_mb"] = built_rss + wrap_rss.rise
     return out
 
 
