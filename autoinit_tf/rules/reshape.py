@@ -107,13 +107,19 @@ def _padded_pre(m, widths):
         return None
     if float(np.asarray(fn(np.zeros(1)), dtype=np.float64).reshape(-1)[0]) != 0.0:
         return None
-    out = Moments.from_elements(np.pad(pre.el_mean, widths), np.pad(pre.el_var, widths))
+    return _memo_elements(pre, np.pad(pre.el_mean, widths), np.pad(pre.el_var, widths)), fn, kinks
+
+
+def _memo_elements(pre, el_mean, el_var):
+    """A memo's pre-activation with new element maps (padded or cropped), keeping `Moments.matched`."""
+    out = Moments.from_elements(el_mean, el_var)
     out.matched = getattr(pre, "matched", False)
-    return out, fn, kinks
+    return out
 
 
 for _cls in (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
     BUILTIN.rule(_cls, _zero_padding_rule)
+
 
 def _crop_slices(layer, rank):
     """``slice`` per spatial axis of a Cropping1D/2D/3D layer (channels last)."""
@@ -137,9 +143,8 @@ def _cropping_rule(ctx):
     cut = _crop_slices(ctx.layer, rank) + (slice(None),)
     out = Moments.from_elements(m.el_mean[cut], m.el_var[cut])
     if m.pre is not None and m.pre[0].el_mean is not None and m.pre[0].el_mean.shape == m.el_mean.shape:
-        pre = Moments.from_elements(m.pre[0].el_mean[cut], m.pre[0].el_var[cut])
-        pre.matched = getattr(m.pre[0], "matched", False)
-        out.pre = (pre, m.pre[1], m.pre[2])
+        pre = m.pre[0]
+        out.pre = (_memo_elements(pre, pre.el_mean[cut], pre.el_var[cut]), m.pre[1], m.pre[2])
     out.shared = m.shared
     return out
 
