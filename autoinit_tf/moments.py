@@ -31,6 +31,7 @@ __all__ = [
     "relu_gaussian_expectations",
     "relu_of_sum_expectations",
     "distinct_rows",
+    "hermite_coefficients",
     "mix",
     "standard_normal_quantiles",
 ]
@@ -59,7 +60,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched")
+                 "matched", "corr")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -76,6 +77,9 @@ class Moments:
         # is (`rules.activation.relu_matched_pre`): exact where only those moments matter, an approximation
         # where the whole distribution does (the max of several).
         self.matched = False
+        # Per channel, the correlation between positions at each spatial offset of a 2D feature map (an
+        # array (C, 2R+1, 2R+1), `autoinit_tf.rules.spatial_correlation`). None: positions independent.
+        self.corr = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)
@@ -148,6 +152,7 @@ class Moments:
             return self
         out = Moments(self.mean, self.var, self.between, self.ch_mean, self.ch_var)
         out.shared = self.shared
+        out.corr = self.corr
         return out
 
     @property
@@ -172,6 +177,7 @@ class Moments:
         else:
             return Moments(a * self.mean + b, a * a * self.var, a * a * self.between)
         out.shared = None if self.shared is None else a * a * self.shared
+        out.corr = self.corr
         return out
 
     def is_finite(self) -> bool:
@@ -369,6 +375,63 @@ def channel_expectations(fn, means, variances, kinks=(), coarse=False):
     e1 = np.sum(w * y, axis=(1, 2))
     e2 = np.sum(w * y * y, axis=(1, 2))
     return e1, np.maximum(e2, e1 * e1)
+
+
+def hermite_coefficients(fn, means, variances, kinks=(), order=8):
+    """Normalised Hermite coefficients of fn on each channel's Gaussian, and fn's variance there.
+
+    For X_c = mu_c + s_c Z, ``coef[c, n - 1] = E[fn(X_c) He_n(Z)] / sqrt(n!)`` (n = 1..order, He_n the
+    probabilists' Hermite polynomials) and ``var[c] = Var fn(X_c)``. By Mehler's formula, two such
+    entries whose standardised Gaussians have correlation rho have
+
+        Cov(fn(X), fn(X')) = sum_{n >= 1} coef_n^2 rho^n,      Var fn(X) = sum_{n >= 1} coef_n^2,
+
+    so the coefficients map a correlation before an activation to the one after it. Quadrature as in
+    `channel_expectations` with its coarse panels (8 nodes each, ~1e-6); channels whose mean / sd and sd
+    agree to 0.5% share one integration (a correlation needs no more: BatchNormalization makes most
+    channels alike).
+    """
+    means = np.asarray(means, dtype=np.float64).reshape(-1)
+    s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        key_m = np.nan_to_num(np.round(means / np.maximum(s, 1e-300) * 200.0), posinf=1e9, neginf=-1e9)
+        key_s = np.round(np.log(np.maximum(s, 1e-300)) * 200.0)
+    _, first, inverse = np.unique(np.stack([key_m, key_s], axis=1), axis=0, return_index=True, return_inverse=True)
+    if first.size < means.size:
+        coef, var = hermite_coefficients_exact(fn, means[first], s[first] ** 2, kinks, order)
+        inverse = inverse.reshape(-1)
+        return coef[inverse], var[inverse]
+    return hermite_coefficients_exact(fn, means, s * s, kinks, order)
+
+
+def hermite_coefficients_exact(fn, means, variances, kinks=(), order=8):
+    """`hermite_coefficients` integrated for every channel (no sharing)."""
+    means = np.asarray(means, dtype=np.float64).reshape(-1)
+    s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
+    base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
+    kinks = [k for k in kinks if k is not None and math.isfinite(k)]
+    if kinks:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
+        kz = np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
+        edges = np.sort(np.concatenate([base, kz], axis=1), axis=1)
+    else:
+        edges = base
+    a, b = edges[:, :-1], edges[:, 1:]
+    half = 0.5 * (b - a)
+    z = half[..., None] * _GL_X8 + (0.5 * (a + b))[..., None]
+    w = half[..., None] * _GL_W8 * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    y = np.asarray(fn((means[:, None, None] + s[:, None, None] * z).reshape(-1)), dtype=np.float64).reshape(z.shape)
+    e1 = np.sum(w * y, axis=(1, 2))
+    var = np.maximum(np.sum(w * y * y, axis=(1, 2)) - e1 * e1, 0.0)
+    coef = np.empty((means.size, order))
+    h_prev, h = np.ones_like(z), z
+    factorial = 1.0
+    for n in range(1, order + 1):
+        factorial *= n
+        coef[:, n - 1] = np.sum(w * y * h, axis=(1, 2)) / math.sqrt(factorial)
+        h_prev, h = h, z * h - n * h_prev
+    return coef, var
 
 
 #: Above this many distinct (mean, variance) pairs, `many_expectations` interpolates a smooth activation's

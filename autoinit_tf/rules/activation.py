@@ -27,7 +27,7 @@ import numpy as np
 
 from autoinit_tf.moments import (Moments, elementwise_moments, gaussian_expectations, piecewise_polynomial_expectations,
                                  relu_gaussian_expectations, relu_of_sum_expectations)
-from autoinit_tf.rules import shared_part
+from autoinit_tf.rules import shared_part, spatial_correlation
 from autoinit_tf.rules.registry import BuiltinTable, register_layer, spec_of
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -108,6 +108,10 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         out = shared_part.through_activation(numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks), m,
                                              out, pieces=polynomial_pieces(f))
+    if spatial_correlation.corr_of(m) is not None and out is not m and name not in VECTOR_ACTIVATIONS:
+        f = keras.activations.get(fn) if isinstance(fn, str) else fn
+        out = spatial_correlation.through_activation(numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks),
+                                                     m, out)
     if name in MONOTONE and out is not m:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         pre = m
@@ -355,8 +359,9 @@ def relu_layer_rule(ctx):
     if m.ch_mean is None:
         return elementwise_moments(numpy_function(layer), m, kinks)
     pieces = relu_layer_pieces(layer)
-    return shared_part.through_activation(numpy_function(layer), tuple(kinks), m, piecewise_moments(pieces, m),
-                                          pieces=pieces)
+    out = shared_part.through_activation(numpy_function(layer), tuple(kinks), m, piecewise_moments(pieces, m),
+                                         pieces=pieces)
+    return spatial_correlation.through_activation(numpy_function(layer), tuple(kinks), m, out)
 
 
 @BUILTIN.rule(keras.layers.LeakyReLU)

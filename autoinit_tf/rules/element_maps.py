@@ -115,7 +115,7 @@ def dense_maps(m: Moments, in_shape, kernel, bias):
     return Moments.from_elements(out_mean, out_var)
 
 
-def _windows(n, k, stride, padding):
+def window_bounds(n, k, stride, padding):
     """(start, stop) of each pooling window along one dimension, padding excluded."""
     if padding == "valid":
         out = (n - k) // stride + 1
@@ -150,8 +150,8 @@ def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind, fn=None, 
     if len(pool_size) == 1:
         mean, var = mean[:, None, :], var[:, None, :]
         pool_size, strides = (pool_size[0], 1), (strides[0], 1)
-    rows = _windows(mean.shape[0], pool_size[0], strides[0], padding)
-    cols = _windows(mean.shape[1], pool_size[1], strides[1], padding)
+    rows = window_bounds(mean.shape[0], pool_size[0], strides[0], padding)
+    cols = window_bounds(mean.shape[1], pool_size[1], strides[1], padding)
     if kind == "max":
         (ri, rok), (ci, cok) = _window_index(rows), _window_index(cols)
         gather = (ri[:, None, :, None], ci[None, :, None, :])

@@ -26,7 +26,7 @@ import numpy as np
 
 from autoinit_tf.declared import integer_fill
 from autoinit_tf.moments import Moments, elementwise_moments
-from autoinit_tf.rules import element_maps, shared_part
+from autoinit_tf.rules import element_maps, shared_part, spatial_correlation
 from autoinit_tf.rules.activation import axis_size, function_moments
 from autoinit_tf.rules.registry import BuiltinTable, kernel_of, spec_for
 
@@ -228,6 +228,7 @@ def _dense_pre(ctx):
         pre, _, _ = linear_output(ctx.input, w.reshape(1, fan_in, -1), [1.0], _bias(ctx, layer))
     if len(ctx.input_shapes[0]) > 2:  # applied at every position: the shared part goes through
         pre = shared_part.through_linear(pre, ctx.input, w.reshape(1, fan_in, -1))
+        pre = spatial_correlation.through_conv(pre, ctx.input, w, (1, 1), ctx.input_shapes[0])
     return pre
 
 
@@ -243,7 +244,10 @@ def _conv_pre(ctx):
     exact = element_maps.conv_maps(layer, ctx.input, ctx.input_shapes[0], w, _bias(ctx, layer))
     if exact is None:
         exact, _, _ = linear_output(ctx.input, w.reshape(-1, cin, kshape[-1]), frac, _bias(ctx, layer))
-    return shared_part.through_linear(exact, ctx.input, w.reshape(-1, cin, kshape[-1]), frac)
+    exact = shared_part.through_linear(exact, ctx.input, w.reshape(-1, cin, kshape[-1]), frac)
+    if rank == 2 and getattr(layer, "groups", 1) == 1:
+        exact = spatial_correlation.through_conv(exact, ctx.input, w, tuple(layer.strides), ctx.input_shapes[0])
+    return exact
 
 
 def _conv_transpose_pre(ctx):
@@ -301,7 +305,11 @@ def _depthwise_conv_pre(ctx):
     if exact is None:
         exact = depthwise_output(ctx.input, w3, frac, _bias(ctx, layer))
     kshape = tuple(kernel.shape)
-    return shared_part.through_depthwise(exact, ctx.input, kernel.reshape(-1, kshape[-2], kshape[-1]), frac)
+    exact = shared_part.through_depthwise(exact, ctx.input, kernel.reshape(-1, kshape[-2], kshape[-1]), frac)
+    if layer.rank == 2:
+        exact = spatial_correlation.through_depthwise(exact, ctx.input, kernel, tuple(layer.strides),
+                                                      tuple(layer.dilation_rate), ctx.input_shapes[0])
+    return exact
 
 
 def _separable_pre(ctx):
@@ -328,14 +336,24 @@ def _separable_pre(ctx):
         if mid_maps is not None:
             exact = element_maps.dense_maps(mid_maps, (None,) + mid_maps.el_mean.shape, p, _bias(ctx, layer))
             if exact is not None:
-                return exact
+                return _separable_correlation(ctx, exact, mid_maps, dk, p)
     # W[t, c, k] = sum_d D[t, c, d] P[c dm + d, k], as dm broadcast products (no generic einsum)
     dk, pk3 = dk.reshape(taps, cin, dm), p.reshape(cin, dm, -1)
     composed = dk[:, :, 0, None] * pk3[None, :, 0, :]
     for d in range(1, dm):
         composed += dk[:, :, d, None] * pk3[None, :, d, :]
     pre, _, _ = linear_output(ctx.input, composed, frac, _bias(ctx, layer))
-    return pre
+    return _separable_correlation(ctx, pre, mid, dk.reshape(tuple(layer.depthwise_kernel.shape)), p)
+
+
+def _separable_correlation(ctx, out, mid, depthwise_kernel, pointwise):
+    """The positions' correlation through a SeparableConv2D: its depthwise stage, then its pointwise one."""
+    layer = ctx.layer
+    if layer.rank != 2:
+        return out
+    mid = spatial_correlation.through_depthwise(mid, ctx.input, depthwise_kernel, tuple(layer.strides),
+                                                tuple(layer.dilation_rate), ctx.input_shapes[0])
+    return spatial_correlation.through_conv(out, mid, pointwise, (1, 1), ctx.input_shapes[0])
 
 
 def _einsum_parts(equation):

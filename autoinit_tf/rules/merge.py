@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments, mix
-from autoinit_tf.rules import shared_part
+from autoinit_tf.rules import shared_part, spatial_correlation
 from autoinit_tf.rules.activation import acts_alike
 from autoinit_tf.rules.element_maps import same_shape
 from autoinit_tf.rules.registry import BuiltinTable
@@ -150,6 +150,7 @@ def concatenated_pre(ms):
     out = _side_by_side(pres)
     if out is None:
         return None
+    out = spatial_correlation.concatenated(pres, out)
     out.matched = any(getattr(p, "matched", False) for p in pres)
     return out, fn, kinks
 
@@ -162,7 +163,7 @@ def concat_moments(ms, sizes, last_axis=False):
         pre = concatenated_pre(ms)
         if pre is not None and (pre[0].el_mean is None) == (out.el_mean is None):
             out.pre = pre
-        return out
+        return spatial_correlation.concatenated(ms, out)
     if any(s is None for s in sizes):
         sizes = [1] * len(ms)
     return mix(list(zip(sizes, ms)))
@@ -174,7 +175,7 @@ def _is_last(axis, ndim):
 
 @BUILTIN.rule(L.Add)
 def add_rule(ctx):
-    return shared_part.added(ctx.inputs, add_moments(ctx.inputs))
+    return spatial_correlation.added(ctx.inputs, shared_part.added(ctx.inputs, add_moments(ctx.inputs)))
 
 
 @BUILTIN.rule(L.Subtract)
@@ -216,7 +217,7 @@ def multiply_rule(ctx):
                     "it is a scale mixture, which the Gaussian rules do not carry", persistent=True)
         if len(ctx.inputs) == 2:
             g, x = ctx.inputs if pooled[0] else ctx.inputs[::-1]
-            out = shared_part.gate(x, g, out)
+            out = spatial_correlation.unchanged(shared_part.gate(x, g, out), x)
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules.activation import axis_size
-from autoinit_tf.rules import element_maps, shared_part
+from autoinit_tf.rules import element_maps, shared_part, spatial_correlation
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -113,7 +113,8 @@ def batch_normalization_rule(ctx):
             out = element_maps.batch_norm_maps(m, gamma, beta, layer.epsilon)
         else:
             out = _per_channel_affine(ctx, layer, m, m.ch_mean, np.sqrt(m.ch_var + layer.epsilon))
-        return shared_part.through_batch_norm(out, m, gamma, layer.epsilon)
+        out = shared_part.through_batch_norm(out, m, gamma, layer.epsilon)
+        return spatial_correlation.unchanged(out, m)
     v = m.var
     ratio = v / (v + layer.epsilon) if v > 0 else 0.0
     return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio)

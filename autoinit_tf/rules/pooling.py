@@ -19,7 +19,7 @@ import numpy as np
 
 from autoinit_tf.moments import (Moments, elementwise_moments, max_of_gaussians, max_order_expectations,
                                  max_order_statistic, mix)
-from autoinit_tf.rules import element_maps, shared_part
+from autoinit_tf.rules import element_maps, shared_part, spatial_correlation
 from autoinit_tf.rules.activation import is_relu, relu_matched_pre
 from autoinit_tf.rules.registry import BuiltinTable
 
@@ -135,8 +135,13 @@ def _local_maps(ctx, kind):
 
 
 def average_pooling_rule(ctx):
-    exact = _local_maps(ctx, "average") if ctx.input.el_mean is not None else None
-    return exact if exact is not None else _average(ctx.input, _local_sizes(ctx))
+    layer = ctx.layer
+    exact = _local_maps(ctx, "average")
+    out = exact if exact is not None else _average(ctx.input, _local_sizes(ctx))
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return out
+    return spatial_correlation.average_pool(out, ctx.input, tuple(layer.pool_size), tuple(layer.strides),
+                                            layer.padding, ctx.input_shapes[0])
 
 
 def _max_of(m, pool, ctx=None):
@@ -171,6 +176,15 @@ def _max_of(m, pool, ctx=None):
 
 def max_pooling_rule(ctx):
     def pool(m, fn=None, kinks=()):
+        if m.ch_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
+            rho = spatial_correlation.window_correlation(m, tuple(ctx.layer.pool_size), ctx.input_shapes[0])
+            if rho is not None and rho.size == m.channels:
+                out = spatial_correlation.correlated_max(independent_pool, m, rho, fn, kinks)
+                if out is not None:
+                    return out
+        return independent_pool(m, fn, kinks)
+
+    def independent_pool(m, fn=None, kinks=()):
         exact = None
         if m.el_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
             layer = ctx.layer
@@ -178,7 +192,11 @@ def max_pooling_rule(ctx):
                                            layer.padding, "max", fn, kinks)
         return exact if exact is not None else _maximum(m, _local_sizes(ctx), fn, kinks)
 
-    return _max_of(ctx.input, pool, ctx)
+    out = _max_of(ctx.input, pool, ctx)
+    if getattr(ctx.layer, "data_format", "channels_last") != "channels_last":
+        return out
+    return spatial_correlation.max_pool(out, ctx.input, tuple(ctx.layer.pool_size), tuple(ctx.layer.strides),
+                                        ctx.input_shapes[0])
 
 
 def _global_average(ctx, rank):
@@ -188,6 +206,11 @@ def _global_average(ctx, rank):
     if out is None:
         out = _average(ctx.input, _global_sizes(ctx, rank))
     sizes = _spatial_dims(ctx.input_shapes[0], getattr(ctx.layer, "data_format", "channels_last"), rank)
+    correlated = None
+    if rank == 2 and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
+        correlated = spatial_correlation.global_average_variance(ctx.input, ctx.input_shapes[0])
+    if correlated is not None and out.ch_mean is not None and out.channels == correlated.size:
+        return Moments.from_channels(out.ch_mean, correlated)  # correlated positions, the shared part included
     gain = None if any(d is None for d in sizes) else shared_part.pooled_variance_gain(ctx.input, int(np.prod(sizes)))
     if gain is not None and out.ch_mean is not None and out.channels == gain.size:
         out = Moments.from_channels(out.ch_mean, out.ch_var + gain)  # the shared part is not averaged out

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments
+from autoinit_tf.rules import spatial_correlation
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -89,7 +90,7 @@ def _zero_padding_rule(ctx):
             out = Moments.from_elements(np.pad(m.el_mean, widths), np.pad(m.el_var, widths))
             out.pre = _padded_pre(m, widths)
             out.shared = m.shared  # the real positions' shared part (the padding has none)
-            return out
+            return spatial_correlation.unchanged(out, m)
     if m.ch_mean is not None:
         return Moments.from_channel_second(k * m.ch_mean, k * m.ch_second)
     return Moments.from_second(k * m.mean, k * m.second, k * m.between)
@@ -114,7 +115,7 @@ def _memo_elements(pre, el_mean, el_var):
     """A memo's pre-activation with new element maps (padded or cropped), keeping `Moments.matched`."""
     out = Moments.from_elements(el_mean, el_var)
     out.matched = getattr(pre, "matched", False)
-    return out
+    return spatial_correlation.unchanged(out, pre)
 
 
 for _cls in (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
@@ -146,7 +147,7 @@ def _cropping_rule(ctx):
         pre = m.pre[0]
         out.pre = (_memo_elements(pre, pre.el_mean[cut], pre.el_var[cut]), m.pre[1], m.pre[2])
     out.shared = m.shared
-    return out
+    return spatial_correlation.unchanged(out, m)
 
 
 for _cls in (L.Cropping1D, L.Cropping2D, L.Cropping3D):
