@@ -131,7 +131,8 @@ def layer_normalization_rule(ctx):
         return Moments.from_second(g * m.mean / math.sqrt(s + layer.epsilon), g2 * s / (s + layer.epsilon))
     if m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0])):
         # Per example over the features: centre ~ the pooled mean, scale ~ the pooled deviation.
-        return _per_channel_affine(ctx, layer, m, m.mean, math.sqrt(m.var + layer.epsilon))
+        out = _per_channel_affine(ctx, layer, m, m.mean, math.sqrt(m.var + layer.epsilon))
+        return spatial_correlation.unchanged(out, m)  # each position's own centre and scale: ~ constants
     ratio = m.var / (m.var + layer.epsilon) if m.var > 0 else 0.0
     # Per-example normalization over the features keeps the channel offsets (relative to the mean).
     return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))

@@ -176,13 +176,12 @@ def _max_of(m, pool, ctx=None):
 
 def max_pooling_rule(ctx):
     def pool(m, fn=None, kinks=()):
+        out = independent_pool(m, fn, kinks)
         if m.ch_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
             rho = spatial_correlation.window_correlation(m, tuple(ctx.layer.pool_size), ctx.input_shapes[0])
-            if rho is not None and rho.size == m.channels:
-                out = spatial_correlation.correlated_max(independent_pool, m, rho, fn, kinks)
-                if out is not None:
-                    return out
-        return independent_pool(m, fn, kinks)
+            if rho is not None and rho.size == m.channels and out is not None:
+                out = spatial_correlation.correlated_max(independent_pool, m, rho, out, fn, kinks)
+        return out
 
     def independent_pool(m, fn=None, kinks=()):
         exact = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules import shared_part
+from autoinit_tf.rules import shared_part, spatial_correlation
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -32,7 +32,9 @@ def _inverted_dropout(ctx):
         out = Moments.from_channel_second(m.ch_mean, m.ch_second / keep)
     else:
         return Moments.from_second(m.mean, m.second / keep, m.between)
-    return shared_part.through_dropout(out, m, keep, _one_mask_per_example(ctx))
+    per_example = _one_mask_per_example(ctx)
+    out = shared_part.through_dropout(out, m, keep, per_example)
+    return spatial_correlation.through_dropout(out, m, per_example)
 
 
 def _one_mask_per_example(ctx) -> bool:

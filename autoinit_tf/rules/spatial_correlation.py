@@ -206,6 +206,23 @@ def unchanged(out: Moments, m_in: Moments) -> Moments:
     return out if corr is None else _with(out, corr)
 
 
+def through_dropout(out: Moments, m_in: Moments, per_example: bool) -> Moments:
+    """Inverted dropout in training mode. One mask per example scales every covariance of the example
+    alike (1 / keep; its mean part is the shared part): the correlation is kept. A mask per element leaves
+    the covariance of two positions as it was (E[M_p M_q] = keep^2) and raises each variance: the
+    correlation times u_in / u_out."""
+    corr = corr_of(m_in)
+    if corr is None or out.ch_mean is None or out.channels != m_in.channels:
+        return out
+    if per_example:
+        return _with(out, corr)
+    u_in, u_out = fluctuation(m_in), fluctuation(out)
+    ratio = np.where(u_out > 0, u_in / np.where(u_out > 0, u_out, 1.0), 1.0)
+    scaled = corr * ratio[:, None, None]
+    scaled[:, RADIUS, RADIUS] = 1.0
+    return _with(out, scaled)
+
+
 def added(ms, out: Moments) -> Moments:
     """Sum of independent inputs: their covariances add."""
     corrs = [corr_of(m) for m in ms]
@@ -377,33 +394,39 @@ def window_correlation(m: Moments, pool_size, in_shape):
     return rho if float(rho.max()) >= MIN_WINDOW_CORRELATION else None
 
 
-def correlated_max(pool, m: Moments, rho, *args):
-    """Max pooling of entries with average correlation rho (per channel): each entry is taken as
-    X_i = mu_i + s_i (sqrt(rho) Z_0 + sqrt(1 - rho) Z_i), one common Z_0 per window (equicorrelation),
-    so the max is pooled for each of 8 Gauss-Hermite values of Z_0 (means shifted by sqrt(rho) s_i z,
-    variances times 1 - rho) and the results mixed. Exact for equicorrelated Gaussian windows; positive
-    correlation lowers the max's mean and raises its variance (InceptionV3's stem pool: mean 1.484
-    predicted for independent entries, 1.404 measured). `pool(moments, *args)` is the rule's pool;
-    returns None where it does."""
-    parts = []
-    for z in _GH_Z:
-        if m.el_mean is not None:
-            s = np.sqrt(m.el_var)
-            shifted = Moments.from_elements(m.el_mean + np.sqrt(rho) * s * z, m.el_var * (1.0 - rho))
-        else:
-            s = np.sqrt(m.ch_var)
-            shifted = Moments.from_channels(m.ch_mean + np.sqrt(rho) * s * z, m.ch_var * (1.0 - rho))
-        out = pool(shifted, *args)
-        if out is None or out.ch_mean is None:
-            return None
-        parts.append(out)
-    if all(p.el_mean is not None for p in parts) and len({p.el_mean.shape for p in parts}) == 1:
-        mean = sum(w * p.el_mean for w, p in zip(_GH_W, parts))
-        second = sum(w * (p.el_var + p.el_mean ** 2) for w, p in zip(_GH_W, parts))
-        return Moments.from_elements(mean, second - mean ** 2)
-    mean = sum(w * p.ch_mean for w, p in zip(_GH_W, parts))
-    second = sum(w * (p.ch_var + p.ch_mean ** 2) for w, p in zip(_GH_W, parts))
-    return Moments.from_channel_second(mean, second)
+def correlated_max(pool, m: Moments, rho, independent: Moments, *args):
+    """Max pooling of entries with average correlation rho (per channel).
+
+    Each entry is taken as X_i = mu_i + s_i (sqrt(rho) Z_0 + sqrt(1 - rho) Z_i), one common Z_0 per window
+    (equicorrelation): per channel, the max is pooled for each of 8 Gauss-Hermite values of Z_0 (means
+    shifted by sqrt(rho) s z, variances times 1 - rho) and the results mixed, exact for equicorrelated
+    Gaussian windows. Positive correlation lowers the max's mean and raises its variance (InceptionV3's stem
+    pool: mean 1.484 predicted for independent entries, 1.404 measured). This runs on the per-channel
+    moments (order statistics: cheap), and its change against the per-channel independent max corrects
+    `independent`, the rule's own (per-element) result: its means shifted, its variances scaled, per
+    channel. `pool(moments, *args)` is the rule's pool; `independent` is returned where it gives None.
+    """
+    channel = m.per_channel()
+    base = pool(channel, *args)
+    if base is None or base.ch_mean is None or base.channels != m.channels:
+        return independent
+    mean = np.zeros(m.channels)
+    second = np.zeros(m.channels)
+    s = np.sqrt(channel.ch_var)
+    for z, w in zip(_GH_Z, _GH_W):
+        part = pool(Moments.from_channels(channel.ch_mean + np.sqrt(rho) * s * z, channel.ch_var * (1.0 - rho)), *args)
+        if part is None or part.ch_mean is None:
+            return independent
+        mean += w * part.ch_mean
+        second += w * (part.ch_var + part.ch_mean ** 2)
+    var = np.maximum(second - mean ** 2, 0.0)
+    shift = mean - base.ch_mean
+    ratio = np.where(base.ch_var > 0, var / np.where(base.ch_var > 0, base.ch_var, 1.0), 1.0)
+    if independent.el_mean is not None and independent.el_mean.shape[-1] == m.channels:
+        return Moments.from_elements(independent.el_mean + shift, independent.el_var * ratio)
+    if independent.ch_mean is not None and independent.channels == m.channels:
+        return Moments.from_channels(independent.ch_mean + shift, independent.ch_var * ratio)
+    return Moments.from_channels(mean, var)
 
 
 def max_pool(out: Moments, m_in: Moments, pool_size, strides, in_shape) -> Moments:
