@@ -26,7 +26,7 @@ from keras import tree
 
 from autoinit_tf import declared, distributions, graph, stability, tracing
 from autoinit_tf.heap import HeapTrim
-from autoinit_tf.inputs import resolve_input_moments
+from autoinit_tf.inputs import resolve_input_moments, with_constant_inputs
 from autoinit_tf.moments import Moments, mix
 from autoinit_tf.report import NodeRow
 from autoinit_tf.rules import registry
@@ -232,8 +232,12 @@ class AnalyticPass:
         k = site.index
         self.call_inputs.setdefault(key, []).append(inputs)
         ctx = RuleContext(op, node, inputs, args, kwargs, self.fit_inputs.get(key), self)
-        rule, _ = registry.find_rule(op, self.rules)
-        rule_name = getattr(rule, "__name__", type(rule).__name__) if rule is not None else "fallback"
+        folded = _folded_constant(op, node, args, kwargs, inputs)
+        if folded is not None:
+            rule, rule_name = (lambda _ctx: folded), "constant"
+        else:
+            rule, _ = registry.find_rule(op, self.rules)
+            rule_name = getattr(rule, "__name__", type(rule).__name__) if rule is not None else "fallback"
         if rule is None:
             if self.strict:
                 raise UnsupportedLayerError(unsupported_message(op))
@@ -415,6 +419,27 @@ def _without_element_maps(values):
     return [v.per_channel() if isinstance(v, Moments) and v.el_mean is not None else v for v in values]
 
 
+def _folded_constant(op, node, args, kwargs, inputs):
+    """The outputs of a plain op (not a layer) whose every signal input is a constant (`Moments.const`: a
+    mask made from the probe's all-ones padding mask), computed on those values; None otherwise or where
+    the op does not run on them. So a causal mask merged with the padding mask reaches the attention that
+    reads it as the exact matrix, not as pooled moments."""
+    if not inputs or isinstance(op, keras.layers.Layer) or any(getattr(m, "const", None) is None for m in inputs):
+        return None
+
+    def value(a):
+        return keras.ops.convert_to_tensor(a.const) if isinstance(a, Moments) else a
+
+    try:
+        out = op(*tree.map_structure(value, list(args)), **tree.map_structure(value, dict(kwargs)))
+        outs = [np.asarray(keras.ops.convert_to_numpy(o)) for o in tree.flatten(out)]
+    except Exception:  # noqa: BLE001 - an op that needs its symbolic shapes: the rule handles it
+        return None
+    if len(outs) != len(node.outputs):
+        return None
+    return [Moments.constant(o) for o in outs]
+
+
 def run_analytic_pass(model, options: PassOptions | None = None, *, keep_drawn=True, warn_unstable=True, **kwargs):
     """The analytic pass over `model` (nothing assigned): the `AnalyticPass` holds the rows, the drawn
     arrays (``pending``; ``keep_drawn=False`` drops each once its layer's last call is visited, for
@@ -425,6 +450,9 @@ def run_analytic_pass(model, options: PassOptions | None = None, *, keep_drawn=T
     register_builtin_rules()
     fn = graph.as_functional(model)
     moments = resolve_input_moments(fn, options.input_moments, options.data)
+    if options.data is None and not isinstance(options.input_moments, (dict, list)):
+        # masks and segment ids as the probe fills them, unless the caller gave each input its moments
+        moments = with_constant_inputs(fn, moments, declared.probe_length(fn))
     engine = AnalyticPass(options, keep_drawn=keep_drawn)
     engine.input_moments = moments
     engine.probe_length = declared.probe_length(fn)

@@ -152,6 +152,21 @@ def resolve_input_moments(fn, input_moments=None, data=None):
     return [check_moments(m, f"input_moments[{i}]") for i, m in enumerate(items)]
 
 
+def with_constant_inputs(fn, moments, length):
+    """`moments` with each padding mask (all ones) and segment-id input (all zeros) of `fn` as that constant
+    (`Moments.constant`, one example: unknown non-batch dimensions `length`), as the probe fills them:
+    masks built from them inside the model (a causal mask merged with the padding mask) are then known
+    exactly to the rules that read them (`engine` folds the ops on constants)."""
+    out = list(moments)
+    for i, (kt, fill) in enumerate(zip(fn.inputs, declared.input_fills(fn))):
+        if fill not in (("ones",), ("zeros",)):
+            continue
+        shape = probe_shape(kt, 1, length=length)
+        value = np.ones(shape, dtype=str(kt.dtype)) if fill == ("ones",) else np.zeros(shape, dtype=str(kt.dtype))
+        out[i] = Moments.constant(value)
+    return out
+
+
 #: Salt of the probe generator's seed (the probe is a fixed function of the seed).
 PROBE_SALT = 0x5EED
 

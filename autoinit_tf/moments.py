@@ -60,7 +60,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched", "corr")
+                 "matched", "corr", "const")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -80,6 +80,10 @@ class Moments:
         # Per channel, the correlation between positions at each spatial offset of a 2D feature map (an
         # array (C, 2R+1, 2R+1), `autoinit_tf.rules.spatial_correlation`). None: positions independent.
         self.corr = None
+        # The tensor's value itself (a numpy array, batch axis 1 or the traced batch) when it is the same for
+        # every example: masks made from the probe's all-ones padding mask and constant index arithmetic
+        # (a causal mask). `Moments.constant`; None for a signal.
+        self.const = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)
@@ -120,6 +124,17 @@ class Moments:
         mean = float(ch_mean.mean())
         between = float(ch_mean.var())
         return cls(mean, between + float(ch_var.mean()), between, ch_mean, ch_var)
+
+    @classmethod
+    def constant(cls, value):
+        """Moments of a tensor that is `value` for every example: its entries' mean and variance, all of it
+        fixed by position (`between`), and the value itself (`const`)."""
+        arr = np.asarray(value)
+        flat = arr.astype(np.float64).reshape(-1) if arr.size else np.zeros(1)
+        var = float(flat.var())
+        out = cls(float(flat.mean()), var, var)
+        out.const = arr
+        return out
 
     @classmethod
     def from_channel_second(cls, ch_mean, ch_second):

@@ -16,7 +16,7 @@ from keras.src.ops import math as math_ops
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
-from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians
+from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, mix
 from autoinit_tf.rules.activation import log_softmax_moments, numpy_function, softmax_moments
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
@@ -211,7 +211,7 @@ def power_rule(ctx):
 
 
 def _from_softmax(tensor) -> bool:
-    """Whether a traced tensor is a softmax's output (through dropout): attention weights."""
+    """Whether a traced tensor is a softmax's output (through dropout and casts): attention weights."""
     for _ in range(4):
         history = getattr(tensor, "_keras_history", None)
         op = history[0] if history else None
@@ -220,7 +220,7 @@ def _from_softmax(tensor) -> bool:
         if isinstance(op, (nn_ops.Softmax, keras.layers.Softmax)) or (
                 isinstance(op, keras.layers.Activation) and getattr(op.activation, "__name__", "") == "softmax"):
             return True
-        if not isinstance(op, keras.layers.Dropout):
+        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast)):
             return False
         nodes = getattr(op, "_inbound_nodes", [])
         if not 0 <= history[1] < len(nodes) or not nodes[history[1]].input_tensors:
@@ -396,8 +396,66 @@ def _probe_rule(ctx):
     return ctx.probe()
 
 
-for _cls in (np_ops.Einsum, nn_ops.DotProductAttention, np_ops.Where):
-    BUILTIN.rule(_cls, _probe_rule)
+BUILTIN.rule(nn_ops.DotProductAttention, _probe_rule)
+
+
+@BUILTIN.rule(np_ops.Where)
+def where_op_rule(ctx):
+    """``where(condition, x1, x2)`` with a known condition (`Moments.const`: Gemma zeroes the outputs of
+    queries that see no key, ``where(all(mask == 0), 0, x)``): x1 where it holds, x2 elsewhere, mixed by
+    the fraction of positions; otherwise measured on the probe."""
+    args = list(ctx.args)
+    cond = args[0] if args else None
+    const = getattr(cond, "const", None) if isinstance(cond, Moments) else None
+    if const is None or len(args) != 3:
+        return ctx.probe()
+    frac = float(np.mean(np.asarray(const) != 0))
+    parts = [a if isinstance(a, Moments) else Moments.constant(_constant_array(ctx, a)) for a in args[1:]]
+    if frac == 1.0:
+        return parts[0]
+    if frac == 0.0:
+        return parts[1]
+    return mix([(frac, parts[0]), (1.0 - frac, parts[1])])
+
+
+#: Share of the values' variance above which their shared part makes attended values an estimate
+#: (`rules.attention.SHARED_LIMIT`).
+ATTENDED_SHARED_LIMIT = 0.05
+
+
+@BUILTIN.rule(np_ops.Einsum)
+def einsum_op_rule(ctx):
+    """Attention weights (a softmax's output, masked or not) times values, ``einsum("buqk,bkuh->bquh", a, v)``
+    (Llama, Gemma): query i's output is sum_k a_ik v_k = c + sum_k a_ik e_k for values c + e_k (c the part
+    shared by all positions, variance B = ``between``; e_k independent, variance W), so its mean is E[v] and
+    its variance B + W T E[a^2] (T E[a^2] = E[sum_k a_ik^2], from the softmax's own moments: a causal mask
+    is in them); of it B + W / T is common to all query positions. As in `rules.attention`, values sharing
+    more than `ATTENDED_SHARED_LIMIT` of their variance make this an estimate (persistent: per-unit offsets
+    and per-example parts are not told apart). Any other einsum is measured on the probe."""
+    args = [a for a in ctx.args[1:] if isinstance(a, Moments)] if isinstance(ctx.args[0], str) else \
+        [a for a in ctx.args if isinstance(a, Moments)]
+    tensors = ctx.node.input_tensors
+    subscripts = getattr(ctx.op, "subscripts", None)
+    if len(args) != 2 or len(tensors) != 2 or not isinstance(subscripts, str) or "->" not in subscripts \
+            or "..." in subscripts:
+        return ctx.probe()
+    (sa, sb), out = subscripts.replace(" ", "").split("->")[0].split(","), subscripts.replace(" ", "").split("->")[1]
+    weights = [_from_softmax(t) for t in tensors]
+    if weights.count(True) != 1:
+        return ctx.probe()
+    i = weights.index(True)
+    sw, sv = (sa, sb) if i == 0 else (sb, sa)
+    a, v = args[i], args[1 - i]
+    contracted = [c for c in sw if c in sv and c not in out]
+    if len(contracted) != 1 or sw[-1] != contracted[0]:
+        return ctx.probe()
+    keys = tensors[i].shape[-1]
+    keys = ctx.probe_length if keys is None else int(keys)
+    if v.between > ATTENDED_SHARED_LIMIT * v.var:
+        ctx.inexact(f"values share {v.between / max(v.var, 1e-300):.0%} of their variance across positions "
+                    "(per-unit offsets and per-example parts are not told apart)", persistent=True)
+    within = v.within
+    return Moments(v.mean, v.between + within * keys * a.second, v.between + within / keys)
 
 # Comparisons and logical reductions make masks (Gemma's "no attended tokens": all(equal(mask, 0))): boolean
 # values that carry no signal scale; measured on the probe like `where`, which consumes them (no warning).
