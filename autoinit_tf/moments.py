@@ -32,6 +32,7 @@ __all__ = [
     "relu_of_sum_expectations",
     "distinct_rows",
     "hermite_coefficients",
+    "piecewise_linear_hermite",
     "mix",
     "standard_normal_quantiles",
 ]
@@ -411,12 +412,59 @@ def hermite_coefficients(fn, means, variances, kinks=(), order=8):
     with np.errstate(divide="ignore", invalid="ignore"):
         key_m = np.nan_to_num(np.round(means / np.maximum(s, 1e-300) * 200.0), posinf=1e9, neginf=-1e9)
         key_s = np.round(np.log(np.maximum(s, 1e-300)) * 200.0)
-    _, first, inverse = np.unique(np.stack([key_m, key_s], axis=1), axis=0, return_index=True, return_inverse=True)
+    key = np.clip(key_m, -1e9, 1e9).astype(np.int64) * 4_000_037 + np.clip(key_s, -2e6, 2e6).astype(np.int64)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
     if first.size < means.size:
         coef, var = hermite_coefficients_exact(fn, means[first], s[first] ** 2, kinks, order)
         inverse = inverse.reshape(-1)
         return coef[inverse], var[inverse]
     return hermite_coefficients_exact(fn, means, s * s, kinks, order)
+
+
+def piecewise_linear_hermite(pieces, means, variances, order=8):
+    """`hermite_coefficients` in closed form for a piecewise-linear fn (`pieces`: (lo, hi, (a, b)) with
+    f = a + b x on (lo, hi), as `rules.activation.PIECEWISE_POLYNOMIAL`), or None for higher degrees.
+
+    By Stein's identity E[g(Z) He_n(Z)] = E[g^(n)(Z)] for g(z) = f(mu + s z): with z_k = (x_k - mu) / s the
+    kinks, J_k the jumps of the slope and D_k those of the value there,
+
+        n = 1:   E[g'] = s sum_p b_p P(piece p) + sum_k D_k phi(z_k)
+        n >= 2:  E[g^(n)] = s sum_k J_k He_{n-2}(z_k) phi(z_k) + sum_k D_k He_{n-1}(z_k) phi(z_k)
+
+    and Var f from `piecewise_polynomial_expectations`."""
+    if any(len(c) > 2 for _, _, c in pieces):
+        return None
+    means = np.asarray(means, dtype=np.float64).reshape(-1)
+    s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
+    e1, e2 = piecewise_polynomial_expectations(pieces, means, s)
+    var = np.maximum(np.asarray(e2) - np.asarray(e1) ** 2, 0.0)
+    safe = np.where(s > 0, s, 1.0)
+
+    def coef(c, i):
+        return float(c[i]) if len(c) > i else 0.0
+
+    first = np.zeros_like(means)
+    jumps = []  # (z_k, slope jump, value jump)
+    for p, (lo, hi, c) in enumerate(pieces):
+        zlo = (lo - means) / safe if math.isfinite(lo) else np.full_like(means, -np.inf)
+        zhi = (hi - means) / safe if math.isfinite(hi) else np.full_like(means, np.inf)
+        first += s * coef(c, 1) * (_norm_cdf(zhi) - _norm_cdf(zlo))
+        if p + 1 < len(pieces):
+            nxt = pieces[p + 1][2]
+            jumps.append((zhi, coef(nxt, 1) - coef(c, 1), coef(nxt, 0) + coef(nxt, 1) * hi - coef(c, 0) - coef(c, 1) * hi))
+    out = np.zeros((means.size, order))
+    out[:, 0] = first
+    for z, jump_slope, jump_value in jumps:
+        pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        out[:, 0] += jump_value * pdf
+        h_prev, h = np.zeros_like(z), np.ones_like(z)  # He_{-1} (unused), He_0
+        for n in range(2, order + 1):  # He_{n-2} = h; He_{n-1} = z h - (n - 2) He_{n-3}
+            h_next = z * h - (n - 2) * h_prev
+            out[:, n - 1] += s * jump_slope * h * pdf + jump_value * h_next * pdf
+            h_prev, h = h, h_next
+    factorial = np.cumprod(np.arange(1, order + 1, dtype=np.float64))
+    out = np.where(s[:, None] > 0, out / np.sqrt(factorial)[None, :], 0.0)
+    return out, var
 
 
 def hermite_coefficients_exact(fn, means, variances, kinks=(), order=8):

@@ -139,3 +139,59 @@ def test_conv_after_an_average_pool_branch_is_on_target_after_wrap():
     model = keras.Model(x, out)
     _, (y,) = _wrapped(model, 3000, (10, 10, 24))
     assert float(np.mean(y * y)) == pytest.approx(1.0, rel=0.06)
+
+
+@pytest.mark.parametrize("kernel,strides,dilation", [((3, 3), (1, 1), (1, 1)), ((5, 5), (2, 2), (1, 1)),
+                                                     ((3, 3), (1, 1), (2, 2)), ((3, 5), (1, 2), (1, 1))])
+def test_depthwise_correlation_against_the_sum_over_tap_pairs(kernel, strides, dilation):
+    """cov_out(d) = sum_{t, t'} W_t W_t' cov_in(s d + dilation (t' - t)), summed pair by pair here."""
+    from autoinit_tf.moments import Moments
+
+    rng = np.random.default_rng(0)
+    kh, kw = kernel
+    c, dm = 3, 2
+    w = rng.normal(size=(kh, kw, c, dm))
+    m = Moments.from_channels(np.zeros(c), rng.uniform(0.5, 2.0, c))
+    corr = rng.uniform(-0.1, 0.4, (c, 7, 7))
+    corr = (corr + corr[:, ::-1, ::-1]) / 2
+    corr[:, 3, 3] = 1.0
+    m.corr = corr
+    got = spatial_correlation.through_depthwise(Moments.from_channels(np.zeros(c * dm), np.ones(c * dm)), m, w,
+                                                strides, dilation, (None, 20, 20, c)).corr
+    cov = corr * m.ch_var[:, None, None]
+    ref = np.zeros((c * dm, 7, 7))
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    for ch in range(c):
+        for d in range(dm):
+            for y in range(-3, 4):
+                for x in range(-3, 4):
+                    total = 0.0
+                    for (i1, j1) in taps:
+                        for (i2, j2) in taps:
+                            oy = strides[0] * y + dilation[0] * (i2 - i1)
+                            ox = strides[1] * x + dilation[1] * (j2 - j1)
+                            if abs(oy) <= 3 and abs(ox) <= 3:
+                                total += w[i1, j1, ch, d] * w[i2, j2, ch, d] * cov[ch, 3 + oy, 3 + ox]
+                    ref[ch * dm + d, 3 + y, 3 + x] = total
+    ref = np.clip(ref / ref[:, 3:4, 3:4], -1.0, 1.0)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["relu", "relu6", "leaky_relu", "hard_sigmoid", "hard_shrink"])
+def test_closed_form_hermite_coefficients_of_piecewise_linear_activations(name):
+    from autoinit_tf.moments import hermite_coefficients_exact, piecewise_linear_hermite
+    from autoinit_tf.rules.activation import PIECEWISE_POLYNOMIAL
+
+    pieces = PIECEWISE_POLYNOMIAL[name]
+
+    def f(x):
+        y = np.zeros_like(x)
+        for lo, hi, c in pieces:
+            y = np.where((x > lo) & (x <= hi), sum(ci * x ** i for i, ci in enumerate(c)) if c else 0.0, y)
+        return y
+
+    means, variances = np.array([0.0, 0.4, -1.0, 5.5]), np.array([1.0, 2.0, 0.3, 1.0])
+    closed, var = piecewise_linear_hermite(pieces, means, variances, 8)
+    quad, var_q = hermite_coefficients_exact(f, means, variances, tuple(p[1] for p in pieces[:-1]), 8)
+    np.testing.assert_allclose(closed, quad, atol=1e-8)
+    np.testing.assert_allclose(var, var_q, atol=1e-9)

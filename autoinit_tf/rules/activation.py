@@ -111,7 +111,7 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     if spatial_correlation.corr_of(m) is not None and out is not m and name not in VECTOR_ACTIVATIONS:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         out = spatial_correlation.through_activation(numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks),
-                                                     m, out)
+                                                     m, out, pieces=polynomial_pieces(f))
     if name in MONOTONE and out is not m:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         pre = m
@@ -361,7 +361,7 @@ def relu_layer_rule(ctx):
     pieces = relu_layer_pieces(layer)
     out = shared_part.through_activation(numpy_function(layer), tuple(kinks), m, piecewise_moments(pieces, m),
                                          pieces=pieces)
-    return spatial_correlation.through_activation(numpy_function(layer), tuple(kinks), m, out)
+    return spatial_correlation.through_activation(numpy_function(layer), tuple(kinks), m, out, pieces=pieces)
 
 
 @BUILTIN.rule(keras.layers.LeakyReLU)

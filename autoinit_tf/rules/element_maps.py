@@ -167,18 +167,23 @@ def pool_maps(m: Moments, in_shape, pool_size, strides, padding, kind, fn=None, 
         if len(in_shape) == 3:  # 1D
             out_mean, out_var = out_mean[:, 0, :], out_var[:, 0, :]
         return Moments.from_elements(out_mean, out_var)
-    out_mean = np.empty((len(rows), len(cols), mean.shape[-1]))
-    out_var = np.empty_like(out_mean)
-    for i, (r0, r1) in enumerate(rows):
-        for j, (c0, c1) in enumerate(cols):
-            wm = mean[r0:r1, c0:c1].reshape(-1, mean.shape[-1])
-            wv = var[r0:r1, c0:c1].reshape(-1, mean.shape[-1])
-            k = wm.shape[0]
-            out_mean[i, j] = wm.mean(axis=0)
-            out_var[i, j] = wv.sum(axis=0) / (k * k)
+    counts = np.outer([b - a for a, b in rows], [b - a for a, b in cols]).astype(np.float64)[..., None]
+    out_mean = window_sums(mean, rows, cols) / counts
+    out_var = window_sums(var, rows, cols) / (counts * counts)
     if len(in_shape) == 3:  # 1D
         out_mean, out_var = out_mean[:, 0, :], out_var[:, 0, :]
     return Moments.from_elements(out_mean, out_var)
+
+
+def window_sums(a, rows, cols):
+    """Sum of a (H, W, C) map over each window (rows x cols of (start, stop)), by an integral image."""
+    h, w = a.shape[:2]
+    integral = np.zeros((h + 1, w + 1) + a.shape[2:])
+    integral[1:, 1:] = a.cumsum(axis=0).cumsum(axis=1)
+    r0, r1 = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    c0, c1 = np.array([c[0] for c in cols]), np.array([c[1] for c in cols])
+    return (integral[r1[:, None], c1[None, :]] - integral[r0[:, None], c1[None, :]]
+            - integral[r1[:, None], c0[None, :]] + integral[r0[:, None], c0[None, :]])
 
 
 def global_average_maps(m: Moments, in_shape):
