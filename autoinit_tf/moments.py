@@ -363,13 +363,9 @@ _GL_X8, _GL_W8 = np.polynomial.legendre.leggauss(8)
 _GL_X4, _GL_W4 = np.polynomial.legendre.leggauss(4)
 
 
-def channel_expectations(fn, means, variances, kinks=(), coarse=False):
-    """E[fn(X_c)] and E[fn(X_c)^2] for X_c ~ N(means[c], variances[c]), every channel at once.
-
-    Each channel gets its own panels (the fixed ones plus its kinks mapped to z), all evaluated in
-    one vectorised call of fn. `coarse` uses 8 instead of 24 nodes per panel (relative error
-    ~1e-6 instead of ~1e-12), for per-element maps with many thousands of entries.
-    """
+def _channel_nodes(means, variances, kinks, coarse):
+    """(means, sds, z, w): per channel, the panels' Gauss-Legendre nodes z (C, panels, nodes) in the
+    standardised variable, split at that channel's kinks, and their weights times the normal density."""
     gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
     means = np.asarray(means, dtype=np.float64).reshape(-1)
     s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
@@ -386,6 +382,17 @@ def channel_expectations(fn, means, variances, kinks=(), coarse=False):
     half = 0.5 * (b - a)
     z = half[..., None] * gl_x + (0.5 * (a + b))[..., None]  # (C, panels, nodes)
     w = half[..., None] * gl_w * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return means, s, z, w
+
+
+def channel_expectations(fn, means, variances, kinks=(), coarse=False):
+    """E[fn(X_c)] and E[fn(X_c)^2] for X_c ~ N(means[c], variances[c]), every channel at once.
+
+    Each channel gets its own panels (the fixed ones plus its kinks mapped to z), all evaluated in
+    one vectorised call of fn. `coarse` uses 8 instead of 24 nodes per panel (relative error
+    ~1e-6 instead of ~1e-12), for per-element maps with many thousands of entries.
+    """
+    means, s, z, w = _channel_nodes(means, variances, kinks, coarse)
     x = means[:, None, None] + s[:, None, None] * z
     y = np.asarray(fn(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
     e1 = np.sum(w * y, axis=(1, 2))
@@ -469,21 +476,7 @@ def piecewise_linear_hermite(pieces, means, variances, order=8):
 
 def hermite_coefficients_exact(fn, means, variances, kinks=(), order=8):
     """`hermite_coefficients` integrated for every channel (no sharing)."""
-    means = np.asarray(means, dtype=np.float64).reshape(-1)
-    s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
-    base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
-    kinks = [k for k in kinks if k is not None and math.isfinite(k)]
-    if kinks:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
-        kz = np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
-        edges = np.sort(np.concatenate([base, kz], axis=1), axis=1)
-    else:
-        edges = base
-    a, b = edges[:, :-1], edges[:, 1:]
-    half = 0.5 * (b - a)
-    z = half[..., None] * _GL_X8 + (0.5 * (a + b))[..., None]
-    w = half[..., None] * _GL_W8 * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    means, s, z, w = _channel_nodes(means, variances, kinks, coarse=True)
     y = np.asarray(fn((means[:, None, None] + s[:, None, None] * z).reshape(-1)), dtype=np.float64).reshape(z.shape)
     e1 = np.sum(w * y, axis=(1, 2))
     var = np.maximum(np.sum(w * y * y, axis=(1, 2)) - e1 * e1, 0.0)
