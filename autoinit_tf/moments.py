@@ -61,7 +61,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched", "corr", "const")
+                 "matched", "corr", "const", "visible")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -85,6 +85,10 @@ class Moments:
         # every example: masks made from the probe's all-ones padding mask and constant index arithmetic
         # (a causal mask). `Moments.constant`; None for a signal.
         self.const = None
+        # Logits with a known additive mask (entries of -30 or less: Swin's shifted windows add -100): a
+        # boolean array (rows, last axis), True where an entry is not masked, for the softmax after them
+        # (`rules.ops`); the moments are those of the entries that are not masked. None: no mask.
+        self.visible = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)

@@ -77,3 +77,25 @@ def test_where_on_a_known_condition_passes_the_chosen_branch():
     assert where.outputs[0].var == pytest.approx(1.0)
     assert not report.auto_calibrated
     assert rows["head"].outputs[0].var == pytest.approx(1.0, rel=1e-6)
+
+
+def test_additive_mask_on_raw_op_attention():
+    """Swin's shifted windows add -100 to the logits of keys in another window: taken as logit variance
+    (thousands), the softmax looked one-hot and the output projection came out 0.011x the target. Now the
+    mask's rows reach the softmax (`Moments.visible`), and weights @ values passes the values' shared part
+    whole (each row of weights sums to 1)."""
+    n, d = 36, 64
+    x = keras.Input((n, d))
+    q = L.Dense(d, use_bias=False)(x)
+    k = L.Dense(d, use_bias=False)(x)
+    v = L.Dense(d, use_bias=False)(x)
+    groups = np.repeat(np.arange(4), n // 4)
+    mask = np.where(groups[:, None] == groups[None, :], 0.0, -100.0).astype("float32")  # 4 windows of 9
+    logits = keras.ops.matmul(q, keras.ops.transpose(k, (0, 2, 1))) / math.sqrt(d) + mask
+    a = keras.ops.softmax(logits, axis=-1)
+    out = L.Dense(d, use_bias=False, name="proj")(keras.ops.matmul(a, v))
+    model = keras.Model(x, out)
+    autoinit_tf.wrap(model, seed=0, calibrate=None)
+    xs = np.random.default_rng(4).standard_normal((512, n, d)).astype("float32")
+    y = np.asarray(keras.ops.convert_to_numpy(model(xs)), dtype=np.float64)
+    assert np.mean(y * y) == pytest.approx(1.0, rel=0.1)

@@ -226,16 +226,20 @@ def test_pad_and_roll_ops_against_the_real_op(op):
 
 
 def test_widely_spread_softmax_logits_are_marked_inexact_and_calibrated():
-    """Logits with a large structured constant added (a -100 mask, a relative position bias) are beyond the
-    log-normal softmax: the default wrap calibrates the layer after it (Swin was 0.01 of target)."""
-    inp = keras.Input((16, 16))
-    mask = np.where(np.tril(np.ones((16, 16))) > 0, 0.0, -100.0).astype("float32")
-    weights = keras.ops.softmax(L.Dense(16, name="logits")(inp) + mask, axis=-1)
-    model = keras.Model(inp, L.Dense(8, name="proj")(weights))
-    _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
-    assert list(rep.auto_calibrated) == ["proj"] and "softmax of logits" in rep.auto_calibrated["proj"]
+    """Logits with a large structured constant added (a relative position bias) are beyond the log-normal
+    softmax: the default wrap calibrates the layer after it. A -100 mask is not such a constant: its rows
+    reach the softmax (`Moments.visible`: Swin's shifted windows were 0.01 of target through attention);
+    a layer reading the masked weights directly sees their positional pattern, so it is calibrated too."""
     x = np.random.default_rng(4).standard_normal((4096, 16, 16)).astype("float32")
-    assert float(np.var(keras.ops.convert_to_numpy(model(x)))) == pytest.approx(1.0, rel=0.1)
+    bias = np.random.default_rng(1).normal(0.0, 5.0, (16, 16)).astype("float32")
+    mask = np.where(np.tril(np.ones((16, 16))) > 0, 0.0, -100.0).astype("float32")
+    for added, why in ((bias, "softmax of logits with variance"), (mask, "softmax of masked logits")):
+        inp = keras.Input((16, 16))
+        weights = keras.ops.softmax(L.Dense(16, name="logits")(inp) + added, axis=-1)
+        model = keras.Model(inp, L.Dense(8, name="proj")(weights))
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+        assert list(rep.auto_calibrated) == ["proj"] and why in rep.auto_calibrated["proj"]
+        assert float(np.var(keras.ops.convert_to_numpy(model(x)))) == pytest.approx(1.0, rel=0.1)
 
 
 def test_a_per_example_gate_marks_every_weighted_layer_after_it_inexact():

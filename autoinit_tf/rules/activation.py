@@ -401,7 +401,11 @@ def softmax_layer_rule(ctx):
     const = getattr(mask, "const", None) if isinstance(mask, Moments) else None
     axis = ctx.layer.axis
     if const is not None and axis in (-1, len(ctx.input_shapes[0]) - 1) and np.shape(const)[-1] == size:
-        return masked_softmax_moments(ctx.input, np.asarray(const).reshape(-1, size) != 0)
+        rows = np.asarray(const).reshape(-1, size) != 0
+        if not rows.all():
+            ctx.inexact("softmax of masked logits: each weight's mean is fixed by its position, a pattern to a "
+                        "layer reading the weights directly")
+        return masked_softmax_moments(ctx.input, rows)
     return softmax_moments(ctx.input, size)
 
 
@@ -415,4 +419,7 @@ def masked_softmax_moments(m: Moments, rows) -> Moments:
     n = np.where(n == 0, size, n)
     counts, freq = np.unique(n, return_counts=True)
     second = sum(f * c * softmax_moments(m, int(c)).second for c, f in zip(counts, freq)) / (n.size * size)
-    return Moments.from_second(1.0 / size, second)
+    # each entry's mean is fixed by its position (1 / n_i where seen, 0 where masked): that spread is
+    # `between`, which a layer reading the weights directly sees as offsets
+    means = np.where(rows.sum(axis=1, keepdims=True) == 0, 1.0 / size, rows / n[:, None])
+    return Moments.from_second(1.0 / size, second, float(np.mean(means * means)) - 1.0 / size ** 2)

@@ -17,7 +17,7 @@ from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, mix
-from autoinit_tf.rules.activation import log_softmax_moments, numpy_function, softmax_moments
+from autoinit_tf.rules.activation import log_softmax_moments, masked_softmax_moments, numpy_function, softmax_moments
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
 from autoinit_tf.rules.registry import BuiltinTable
@@ -151,12 +151,40 @@ def _binary(ctx):
     return a, b, isinstance(a, Moments), isinstance(b, Moments)
 
 
+#: A constant added to logits with entries at or below this is a mask (exp(-30) ~ 1e-13 of a weight).
+MASK_LOGIT = -30.0
+
+
+def _additive_mask(ctx, m: Moments, c):
+    """The signal plus a constant mask (Swin's shifted windows: 0 where a key is visible, -100 where not):
+    the moments of the visible entries (the constant's visible part added) with `Moments.visible`, the rows
+    of the last axis, for the softmax after it; None when `c` is no such mask."""
+    arr = _constant_array(ctx, c)
+    if arr.ndim < 1 or arr.size < 2 or float(arr.min()) > MASK_LOGIT:
+        return None
+    out_shape = ctx.node.outputs[0].shape
+    if not out_shape or out_shape[-1] != arr.shape[-1]:
+        return None
+    visible = arr > MASK_LOGIT / 2
+    if not visible.any():
+        return None
+    shown = arr[visible]
+    c1, c2 = float(shown.mean()), float(np.mean(shown * shown))
+    cvar = max(c2 - c1 * c1, 0.0)
+    out = m.scaled(1.0, c1) if cvar == 0.0 else Moments(m.mean + c1, m.var + cvar, m.between + cvar)
+    out.visible = visible.reshape(-1, arr.shape[-1])
+    return out
+
+
 @BUILTIN.rule(np_ops.Add)
 def add_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
         return add_moments([a, b])
     m, c = (a, b) if ma else (b, a)
+    masked = _additive_mask(ctx, m, c)
+    if masked is not None:
+        return masked
     c1, c2 = _constant_stats(ctx, c)
     cvar = max(c2 - c1 * c1, 0.0)
     if cvar == 0.0:
@@ -232,16 +260,19 @@ def _from_softmax(tensor) -> bool:
 @BUILTIN.rule(np_ops.Matmul)
 def matmul_rule(ctx):
     """Two signals: n independent products (mean n mu_a mu_b, variance n (E[a^2] E[b^2] - mu_a^2 mu_b^2)).
-    Attention weights (a softmax's output) times values are not independent terms (the weights of a row sum
-    to 1 and the values of one example share parts across positions: MiT's attention output 2.9x the
-    prediction): the call is marked inexact, so the default wrap calibrates what follows."""
+    Attention weights (a softmax's output) times values are not independent terms: the weights of a row sum
+    to 1, so the values' shared part passes whole (`attended_values`, as for the einsum of Llama; MiT's
+    attention output was 2.9x the independent-terms prediction); values shared across positions mark it an
+    estimate there."""
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
         n = ctx.node.input_tensors[0].shape[-1]
+        if _from_softmax(ctx.node.input_tensors[0]) and not _from_softmax(ctx.node.input_tensors[1]):
+            return attended_values(ctx, a, b, n)  # weights @ values: each row of weights sums to 1
         if n is None:
             return ctx.probe()
-        if any(_from_softmax(t) for t in ctx.node.input_tensors[:2]):
-            ctx.inexact("attention weights times values (values assumed independent across positions)")
+        if _from_softmax(ctx.node.input_tensors[1]):
+            ctx.inexact("values times attention weights (values assumed independent across positions)")
         n = int(n)
         return Moments(n * a.mean * b.mean, n * (a.second * b.second - a.mean**2 * b.mean**2))
     if ma:
@@ -296,11 +327,25 @@ def max_op_rule(ctx):
 SOFTMAX_EXACT_VARIANCE = 4.0
 
 
+#: Why a masked softmax's output is an estimate for a layer that reads it directly (attention reads it
+#: through `attended_values`, which needs only its moments).
+_MASKED_WEIGHTS = ("softmax of masked logits: each weight's mean is fixed by its position (1 / n_i where seen, 0 "
+                   "where masked), which a layer reading the weights directly sees as a pattern, not as noise")
+
+
 @BUILTIN.rule(nn_ops.Softmax)
 def softmax_op_rule(ctx):
+    """Softmax of i.i.d. logits; logits with a known additive mask (`Moments.visible`) over each row's
+    visible entries (`masked_softmax_moments`)."""
     if ctx.input.var > SOFTMAX_EXACT_VARIANCE:
         ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
     n = _reduced_count(ctx, ctx.op.axis)
+    visible = getattr(ctx.input, "visible", None)
+    axis = ctx.op.axis
+    last = axis in (-1, len(ctx.node.input_tensors[0].shape) - 1)
+    if n and visible is not None and last and visible.shape[-1] == n:
+        ctx.inexact(_MASKED_WEIGHTS)
+        return masked_softmax_moments(ctx.input, visible)
     return softmax_moments(ctx.input, n) if n else ctx.probe()
 
 
@@ -429,9 +474,9 @@ def einsum_op_rule(ctx):
     (Llama, Gemma): query i's output is sum_k a_ik v_k = c + sum_k a_ik e_k for values c + e_k (c the part
     shared by all positions, variance B = ``between``; e_k independent, variance W), so its mean is E[v] and
     its variance B + W T E[a^2] (T E[a^2] = E[sum_k a_ik^2], from the softmax's own moments: a causal mask
-    is in them); of it B + W / T is common to all query positions. As in `rules.attention`, values sharing
-    more than `ATTENDED_SHARED_LIMIT` of their variance make this an estimate (persistent: per-unit offsets
-    and per-example parts are not told apart). Any other einsum is measured on the probe."""
+    is in them); of it B + W / T is common to all query positions (`attended_values`: an estimate for the
+    default wrap; persistent where values share more than `ATTENDED_SHARED_LIMIT` of their variance, as in
+    `rules.attention`). Any other einsum is measured on the probe."""
     args = [a for a in ctx.args[1:] if isinstance(a, Moments)] if isinstance(ctx.args[0], str) else \
         [a for a in ctx.args if isinstance(a, Moments)]
     tensors = ctx.node.input_tensors
@@ -449,11 +494,20 @@ def einsum_op_rule(ctx):
     contracted = [c for c in sw if c in sv and c not in out]
     if len(contracted) != 1 or sw[-1] != contracted[0]:
         return ctx.probe()
-    keys = tensors[i].shape[-1]
+    return attended_values(ctx, a, v, tensors[i].shape[-1])
+
+
+def attended_values(ctx, a: Moments, v: Moments, keys):
+    """sum_k a_k v_k for softmax weights `a` (their own moments: a mask is in them) over `keys` values `v`
+    (see `einsum_op_rule`). Marked an estimate either way: the moments cannot show a part of the values
+    that an example's positions share (a per-example component), which passes whole as well; the default
+    wrap calibrates the layers after it, as it did when this was measured on the probe."""
     keys = ctx.probe_length if keys is None else int(keys)
     if v.between > ATTENDED_SHARED_LIMIT * v.var:
         ctx.inexact(f"values share {v.between / max(v.var, 1e-300):.0%} of their variance across positions "
                     "(per-unit offsets and per-example parts are not told apart)", persistent=True)
+    else:  # a part shared by an example's positions that the moments do not show passes whole too
+        ctx.inexact("attention weights times values (values' parts shared across positions not all known)")
     within = v.within
     return Moments(v.mean, v.between + within * keys * a.second, v.between + within / keys)
 

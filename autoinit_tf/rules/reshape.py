@@ -20,6 +20,18 @@ L = keras.layers
 
 
 def relayout(m: Moments, in_shape, out_shape) -> Moments:
+    """Per-channel detail after a row-major reshape from `in_shape` to `out_shape` (logits' additive mask,
+    `Moments.visible`, kept where the last axis is)."""
+    out = _relayout(m, in_shape, out_shape)
+    visible = getattr(m, "visible", None)
+    if visible is not None and in_shape and out_shape and in_shape[-1] == out_shape[-1] == visible.shape[-1]:
+        if out is m:
+            out = m.scaled(1.0)
+        out.visible = visible
+    return out
+
+
+def _relayout(m: Moments, in_shape, out_shape) -> Moments:
     """Per-channel detail after a row-major reshape from `in_shape` to `out_shape`.
 
     The flat index modulo the last dimension is the channel, so with C channels in and D out:
