@@ -403,8 +403,7 @@ def softmax_layer_rule(ctx):
     if const is not None and axis in (-1, len(ctx.input_shapes[0]) - 1) and np.shape(const)[-1] == size:
         rows = np.asarray(const).reshape(-1, size) != 0
         if not rows.all():
-            ctx.inexact("softmax of masked logits: each weight's mean is fixed by its position, a pattern to a "
-                        "layer reading the weights directly")
+            ctx.inexact(MASKED_WEIGHTS)
         return masked_softmax_moments(ctx.input, rows)
     return softmax_moments(ctx.input, size)
 
@@ -415,11 +414,24 @@ def masked_softmax_moments(m: Moments, rows) -> Moments:
     size - n_i zeros per row. Mean 1 / size; second moment the rows' average of n_i E[a^2 | n_i] / size (a
     causal mask over 64 keys: 4.7x what every row seeing every key gives)."""
     size = rows.shape[1]
-    n = rows.sum(axis=1)
-    n = np.where(n == 0, size, n)
+    n, means = uniform_row_weights(rows)
     counts, freq = np.unique(n, return_counts=True)
     second = sum(f * c * softmax_moments(m, int(c)).second for c, f in zip(counts, freq)) / (n.size * size)
     # each entry's mean is fixed by its position (1 / n_i where seen, 0 where masked): that spread is
     # `between`, which a layer reading the weights directly sees as offsets
-    means = np.where(rows.sum(axis=1, keepdims=True) == 0, 1.0 / size, rows / n[:, None])
     return Moments.from_second(1.0 / size, second, float(np.mean(means * means)) - 1.0 / size ** 2)
+
+
+def uniform_row_weights(rows):
+    """``(n, weights)`` for a boolean (rows x size) mask: each row's number of visible entries (a row with
+    none counts all, as Keras' softmax then weighs every entry alike) and uniform weights 1 / n_i over them."""
+    size = rows.shape[1]
+    seen = rows.sum(axis=1)
+    n = np.where(seen == 0, size, seen)
+    return n, np.where(seen[:, None] == 0, 1.0 / size, rows / n[:, None])
+
+
+#: Why a masked softmax's output is an estimate for a layer that reads it directly (attention reads it
+#: through its moments only: `rules.attention`, `rules.ops.attended_values`).
+MASKED_WEIGHTS = ("softmax of masked logits: each weight's mean is fixed by its position (1 / n_i where seen, 0 "
+                  "where masked), which a layer reading the weights directly sees as a pattern, not as noise")

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules.activation import softmax_moments
+from autoinit_tf.rules.activation import masked_softmax_moments, softmax_moments, uniform_row_weights
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.registry import BuiltinTable
 
@@ -49,35 +49,18 @@ def _project(ctx, dense, m: Moments, n_contracted: int, target: float):
 
 
 def _attended(v_total, v_within, v_between, logits: Moments, keys: int, dropout: float, mask=None):
-    """The attended values. With `mask` (queries x keys, True where a query sees a key: a causal mask),
-    query i averages its own n_i keys: the output variance is B + W mean_i(n_i E[a^2 | n_i]) (a causal
-    mask over T = 64 keys: W H_T / T, 4.7x the W / T of every query seeing every key), and the part
-    shared by all query positions is W sum_k (mean_i A_ik)^2, A_ik = mask_ik / n_i (uniform weights)."""
-    if mask is not None:
-        return _attended_masked(v_total, v_within, v_between, logits, mask, dropout)
-    return _attended_all(v_total, v_within, v_between, logits, keys, dropout)
-
-
-def _attended_masked(v_total, v_within, v_between, logits: Moments, mask, dropout: float):
-    n = mask.sum(axis=1).astype(np.int64)
-    n = np.where(n == 0, mask.shape[1], n)  # a query that sees nothing: uniform over every key
-    sums = {int(c): c * softmax_moments(logits, int(c)).second for c in np.unique(n)}
-    sum_a2 = float(np.mean([sums[int(c)] for c in n]))
+    """The attended values. Query i averages its own n_i keys (`mask`: queries x keys, True where a query
+    sees a key, a causal mask; None: every query sees all `keys`): the output variance is
+    B + W mean_i(n_i E[a^2 | n_i]) (a causal mask over T = 64 keys: W H_T / T, 4.7x the W / T of every query
+    seeing every key), and the part shared by all query positions, which like the per-unit offsets survives
+    pooling over positions (`between`), is W sum_k (mean_i A_ik)^2, A_ik = mask_ik / n_i (uniform weights;
+    W / T without a mask)."""
+    rows = np.ones((1, keys), dtype=bool) if mask is None else mask
+    sum_a2 = rows.shape[1] * masked_softmax_moments(logits, rows).second
     if dropout > 0:
         sum_a2 /= 1.0 - dropout
-    weights = np.where(mask.sum(axis=1, keepdims=True) == 0, 1.0 / mask.shape[1], mask / n[:, None])
+    _, weights = uniform_row_weights(rows)
     shared = v_within * float(np.sum(weights.mean(axis=0) ** 2))
-    return Moments(v_total.mean, v_between + v_within * sum_a2, v_between + shared)
-
-
-def _attended_all(v_total, v_within, v_between, logits: Moments, keys: int, dropout: float):
-    a = softmax_moments(logits, keys)
-    sum_a2 = keys * a.second
-    if dropout > 0:
-        sum_a2 /= 1.0 - dropout
-    # Every query averages the same values: the part W T E[a]^2 = W / T of the output is shared by all
-    # query positions, so like the per-unit offsets it survives pooling over positions (`between`).
-    shared = v_within / keys
     return Moments(v_total.mean, v_between + v_within * sum_a2, v_between + shared)
 
 

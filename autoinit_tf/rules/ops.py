@@ -17,7 +17,8 @@ from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, mix
-from autoinit_tf.rules.activation import log_softmax_moments, masked_softmax_moments, numpy_function, softmax_moments
+from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, masked_softmax_moments, numpy_function,
+                                         softmax_moments)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
 from autoinit_tf.rules.registry import BuiltinTable
@@ -327,12 +328,6 @@ def max_op_rule(ctx):
 SOFTMAX_EXACT_VARIANCE = 4.0
 
 
-#: Why a masked softmax's output is an estimate for a layer that reads it directly (attention reads it
-#: through `attended_values`, which needs only its moments).
-_MASKED_WEIGHTS = ("softmax of masked logits: each weight's mean is fixed by its position (1 / n_i where seen, 0 "
-                   "where masked), which a layer reading the weights directly sees as a pattern, not as noise")
-
-
 @BUILTIN.rule(nn_ops.Softmax)
 def softmax_op_rule(ctx):
     """Softmax of i.i.d. logits; logits with a known additive mask (`Moments.visible`) over each row's
@@ -344,7 +339,7 @@ def softmax_op_rule(ctx):
     axis = ctx.op.axis
     last = axis in (-1, len(ctx.node.input_tensors[0].shape) - 1)
     if n and visible is not None and last and visible.shape[-1] == n:
-        ctx.inexact(_MASKED_WEIGHTS)
+        ctx.inexact(MASKED_WEIGHTS)
         return masked_softmax_moments(ctx.input, visible)
     return softmax_moments(ctx.input, n) if n else ctx.probe()
 
@@ -484,7 +479,8 @@ def einsum_op_rule(ctx):
     if len(args) != 2 or len(tensors) != 2 or not isinstance(subscripts, str) or "->" not in subscripts \
             or "..." in subscripts:
         return ctx.probe()
-    (sa, sb), out = subscripts.replace(" ", "").split("->")[0].split(","), subscripts.replace(" ", "").split("->")[1]
+    lhs, out = subscripts.replace(" ", "").split("->")
+    sa, sb = lhs.split(",")
     weights = [_from_softmax(t) for t in tensors]
     if weights.count(True) != 1:
         return ctx.probe()

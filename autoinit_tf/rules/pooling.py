@@ -175,26 +175,28 @@ def _max_of(m, pool, ctx=None):
 
 
 def max_pooling_rule(ctx):
+    layer = ctx.layer
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+
     def pool(m, fn=None, kinks=()):
         out = independent_pool(m, fn, kinks)
-        if m.ch_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
-            rho = spatial_correlation.window_correlation(m, tuple(ctx.layer.pool_size), ctx.input_shapes[0])
+        if m.ch_mean is not None and channels_last:
+            rho = spatial_correlation.window_correlation(m, tuple(layer.pool_size), ctx.input_shapes[0])
             if rho is not None and rho.size == m.channels and out is not None:
                 out = spatial_correlation.correlated_max(independent_pool, m, rho, out, fn, kinks)
         return out
 
     def independent_pool(m, fn=None, kinks=()):
         exact = None
-        if m.el_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
-            layer = ctx.layer
+        if m.el_mean is not None and channels_last:
             exact = element_maps.pool_maps(m, ctx.input_shapes[0], tuple(layer.pool_size), tuple(layer.strides),
                                            layer.padding, "max", fn, kinks)
         return exact if exact is not None else _maximum(m, _local_sizes(ctx), fn, kinks)
 
     out = _max_of(ctx.input, pool, ctx)
-    if getattr(ctx.layer, "data_format", "channels_last") != "channels_last":
+    if not channels_last:
         return out
-    return spatial_correlation.max_pool(out, ctx.input, tuple(ctx.layer.pool_size), tuple(ctx.layer.strides),
+    return spatial_correlation.max_pool(out, ctx.input, tuple(layer.pool_size), tuple(layer.strides),
                                         ctx.input_shapes[0])
 
 

@@ -262,6 +262,17 @@ def _pool_pair(out: Moments, m_in: Moments, pool_size, in_shape):
     return out, m_in
 
 
+def _axis_pairs(sizes):
+    """Pairs of entries at each offset -R..R along one axis of windows of the given sizes: (k - |e|)+."""
+    offsets = np.abs(np.arange(-RADIUS, RADIUS + 1))
+    return np.maximum(np.asarray(sizes)[..., None] - offsets, 0).astype(np.float64)
+
+
+def _pair_counts(ky, kx):
+    """(SIDE, SIDE): pairs of entries of one ky x kx window at each offset."""
+    return np.outer(_axis_pairs(ky), _axis_pairs(kx))
+
+
 def _window_cov(corr, k, strides):
     """Correlation of k-window averages at output offsets d (interior windows): (C, SIDE, SIDE)."""
     ky, kx = k
@@ -312,18 +323,13 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
         counts = np.outer(heights, widths).astype(np.float64)[..., None]
         # pairs at offset e in an h x w window: (h - |e_y|)+ (w - |e_x|)+, each pair sqrt(u_p u_q) taken as the
         # window's mean u (exact where u is uniform over the window)
-        offsets = np.abs(np.arange(-RADIUS, RADIUS + 1))
-        per_row = np.maximum(heights[:, None] - offsets[None, :], 0).astype(np.float64)
-        per_col = np.maximum(widths[:, None] - offsets[None, :], 0).astype(np.float64)
-        pairs = np.einsum("ia,jb,cab->ijc", per_row, per_col, off_centre)
+        pairs = np.einsum("ia,jb,cab->ijc", _axis_pairs(heights), _axis_pairs(widths), off_centre)
         extra = pairs * (window_sums(u, rows, cols) / counts) / (counts ** 2)
         result = Moments.from_elements(out.el_mean, out.el_var + extra)
         result.shared = out.shared
         result.pre = None
         return result
-    n = np.asarray([[max(k[0] - abs(ey), 0) * max(k[1] - abs(ex), 0) for ex in range(-RADIUS, RADIUS + 1)]
-                    for ey in range(-RADIUS, RADIUS + 1)], dtype=np.float64)
-    factor = np.tensordot(corr, n, axes=([1, 2], [0, 1])) / (k[0] * k[1])  # 1 for independent entries
+    factor = np.tensordot(corr, _pair_counts(k[0], k[1]), axes=([1, 2], [0, 1])) / (k[0] * k[1])  # 1 for independent entries
     u = fluctuation(m_in)
     extra = u * (factor - 1.0) / (k[0] * k[1])
     result = Moments.from_channels(out.ch_mean, out.ch_var + extra)
@@ -371,9 +377,7 @@ MIN_WINDOW_CORRELATION = 0.01
 def _mean_pair_correlation(corr, ky, kx):
     """Per channel, the average correlation between two entries of one interior ky x kx window."""
     n = ky * kx
-    counts = np.asarray([[max(ky - abs(ey), 0) * max(kx - abs(ex), 0) for ex in range(-RADIUS, RADIUS + 1)]
-                         for ey in range(-RADIUS, RADIUS + 1)], dtype=np.float64)
-    return np.clip((np.tensordot(corr, counts, axes=([1, 2], [0, 1])) - n) / (n * (n - 1)), 0.0, 0.999)
+    return np.clip((np.tensordot(corr, _pair_counts(ky, kx), axes=([1, 2], [0, 1])) - n) / (n * (n - 1)), 0.0, 0.999)
 
 
 def window_correlation(m: Moments, pool_size, in_shape):
@@ -488,6 +492,4 @@ def global_average_variance(m_in: Moments, in_shape):
                 both = np.einsum("ijc,ijc->c", a, b)
                 pairs += (1.0 if (ey, ex) == (0, 0) else 2.0) * rho * both
         return pairs / (h * w) ** 2 + s
-    n = np.asarray([[max(h - abs(ey), 0) * max(w - abs(ex), 0) for ex in range(-RADIUS, RADIUS + 1)]
-                    for ey in range(-RADIUS, RADIUS + 1)], dtype=np.float64)
-    return fluctuation(m_in) * np.tensordot(corr, n, axes=([1, 2], [0, 1])) / (h * w) ** 2 + s
+    return fluctuation(m_in) * np.tensordot(corr, _pair_counts(h, w), axes=([1, 2], [0, 1])) / (h * w) ** 2 + s
