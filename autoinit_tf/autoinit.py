@@ -72,7 +72,9 @@ def wrap(
         model: a built `keras.Model` (Functional, built Sequential, or a subclassed model whose
             `call` can be traced symbolically).
         input_moments: ``(mean, var)`` of the inputs, one pair for all inputs or one per input
-            (list, or dict keyed by input name). Default ``(0, 1)``.
+            (list, or dict keyed by input name). Default: what the model's preprocessing declares
+            (`declared.input_moments`: a Normalization's adapted statistics, 8-bit pixels after a
+            Rescaling by 1/255 or 1/127.5), else ``(0, 1)``.
         data: a sample of real inputs (array, dict of arrays, tf.data dataset or iterable of batches)
             to compute the input moments from instead.
         signal_variance: the target variance of every weighted layer's pre-activation output.

@@ -80,7 +80,8 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
         report: the analytic `SignalReport` of this model: only its weighted rows are calibrated, and it
             gets the scale factors (``report.calibration`` and a note per row) and the realized moments
             (``row.measured``). None: every calibratable layer, and a measured report is returned.
-        input_moments, seed: the probe's moments and seed (None: ``(0, 1)`` and 0).
+        input_moments, seed: the probe's moments and seed (None: what the model's preprocessing
+            declares, `declared.input_moments`, else ``(0, 1)``; and 0).
         signal_variance: the target pre-activation variance.
         training: run layers in training mode.
         batch_size: the probe's batch size (None: about 2**17 input elements, between 8 and 1024, grown

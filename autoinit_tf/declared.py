@@ -11,12 +11,20 @@ rule) has to be an input the model could really be given:
   segment / token-type ids are zeros, and token ids that feed an embedding are uniform over that
   embedding's vocabulary (``input_dim`` / ``vocabulary_size``; the smallest when they feed several).
   Other integer inputs keep the moment-based rule of `execute.probe_array`.
+* **Float inputs** get what the model's own preprocessing declares (`input_moments`): a Normalization with
+  adapted statistics at the input (ConvNeXt's ImageNet mean and variance) holds the statistics of the data
+  it was adapted on, so the inputs are those whose normalized values have mean 0 and variance 1 per
+  channel; a Rescaling by 1/255 or 1/127.5 at the input (EfficientNet, MobileNetV3) takes 8-bit pixel
+  values, so the inputs are uniform over [0, 255] in their mean and variance. Otherwise N(0, 1). A Gaussian
+  N(0, 1) fed to ConvNeXt normalizes to -2.1 +- 0.02: every image nearly the same constant, a regime no
+  user runs, and the statistics `wrap` leaves in BatchNormalization would be those of that regime.
 * **Memory**: `probe_elements` counts an example's entries with the substituted lengths, so batch sizes
   can keep every visible activation within a bound (`ACTIVATION_BYTES`).
 """
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from autoinit_tf import graph
@@ -24,7 +32,8 @@ from autoinit_tf.execute import DEFAULT_PROBE_LENGTH
 
 __all__ = [
     "DEFAULT_PROBE_LENGTH", "MAX_PROBE_LENGTH", "ACTIVATION_BYTES", "declared_length", "probe_length",
-    "vocabulary_size", "integer_fill", "input_fills", "probe_elements", "largest_activation",
+    "vocabulary_size", "integer_fill", "input_fills", "probe_elements", "largest_activation", "input_moments",
+    "PIXEL_MEAN", "PIXEL_VAR",
 ]
 
 #: A declared sequence length longer than this is probed at this length (attention is O(length^2)).
@@ -108,3 +117,83 @@ def largest_activation(fn, length) -> int:
             if shape is not None:
                 largest = max(largest, probe_elements(shape, length))
     return largest
+
+
+#: Moments of 8-bit pixel values (uniform over [0, 255]), what a Rescaling by 1/255 or 1/127.5 takes.
+PIXEL_MEAN, PIXEL_VAR = 127.5, 255.0**2 / 12.0
+_PIXEL_SCALES = (1.0 / 255.0, 1.0 / 127.5)
+
+
+def _chain(fn, kt):
+    """The Rescaling / Normalization layers applied to input `kt` one after another, each the only
+    consumer of the tensor before it, with the number of channels (last axis) they act on."""
+    consumers = {}
+    for node in graph.topo_nodes(fn):
+        for t in node.input_tensors:
+            consumers.setdefault(id(t), []).append(node)
+    chain, tensor = [], kt
+    while True:
+        nodes = consumers.get(id(tensor), [])
+        if len(nodes) != 1 or len(nodes[0].outputs) != 1:
+            return chain
+        op = nodes[0].operation
+        if not isinstance(op, (keras.layers.Rescaling, keras.layers.Normalization)):
+            return chain
+        chain.append(op)
+        tensor = nodes[0].outputs[0]
+
+
+def _affine(op, channels):
+    """(a, b) per channel with y = a x + b for a Rescaling or Normalization on the last axis, or None."""
+    if isinstance(op, keras.layers.Rescaling):
+        a, b = np.asarray(op.scale, dtype=np.float64), np.asarray(op.offset, dtype=np.float64)
+    else:
+        axis = tuple(np.atleast_1d(op.axis)) if op.axis is not None else ()
+        if axis not in ((-1,), (len(op.input.shape) - 1,)) or getattr(op, "mean", None) is None:
+            return None
+        mean = np.asarray(keras.ops.convert_to_numpy(op.mean), dtype=np.float64).reshape(-1)
+        std = np.maximum(np.sqrt(np.asarray(keras.ops.convert_to_numpy(op.variance), dtype=np.float64)).reshape(-1),
+                         keras.backend.epsilon())
+        a, b = (std, mean) if op.invert else (1.0 / std, -mean / std)
+    a, b = np.broadcast_to(a.reshape(-1), (channels,)).copy(), np.broadcast_to(b.reshape(-1), (channels,)).copy()
+    return a, b
+
+
+def _trivial_normalization(op) -> bool:
+    if not isinstance(op, keras.layers.Normalization) or getattr(op, "mean", None) is None:
+        return False
+    mean = np.asarray(keras.ops.convert_to_numpy(op.mean), dtype=np.float64)
+    var = np.asarray(keras.ops.convert_to_numpy(op.variance), dtype=np.float64)
+    return bool(np.all(mean == 0.0) and np.all(var == 1.0))
+
+
+def input_moments(fn):
+    """Per input of `fn`: ``(ch_mean, ch_var, why)`` for the float inputs whose preprocessing declares
+    their scale (see the module docstring; arrays per channel of the last axis, or scalars), else None."""
+    out = []
+    for kt in fn.inputs:
+        shape = tuple(kt.shape)
+        channels = shape[-1] if len(shape) >= 2 else None
+        if "float" not in str(kt.dtype) or not isinstance(channels, int):
+            out.append(None)
+            continue
+        try:
+            chain = _chain(fn, kt)
+            maps = [_affine(op, channels) for op in chain]
+        except (TypeError, ValueError, AttributeError):
+            chain, maps = [], []
+        a, b, declared = np.ones(channels), np.zeros(channels), None
+        for op, m in zip(chain, maps):
+            if m is None:
+                break
+            a, b = m[0] * a, m[0] * b + m[1]
+            if isinstance(op, keras.layers.Normalization) and not op.invert and not _trivial_normalization(op):
+                # the statistics the Normalization was adapted on: its outputs are N(0, 1) per channel
+                declared = (-b / a, 1.0 / (a * a), f"the statistics held by '{op.name}' (Normalization)")
+        if declared is None and chain and isinstance(chain[0], keras.layers.Rescaling):
+            scale = np.asarray(chain[0].scale, dtype=np.float64).reshape(-1)
+            if scale.size == 1 and any(abs(float(scale[0]) - s) < 1e-6 * s for s in _PIXEL_SCALES):
+                declared = (np.full(channels, PIXEL_MEAN), np.full(channels, PIXEL_VAR),
+                            f"8-bit pixel values, as '{chain[0].name}' (Rescaling by {float(scale[0]):.6g}) takes")
+        out.append(declared)
+    return out

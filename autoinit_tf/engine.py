@@ -101,6 +101,8 @@ class AnalyticPass:
         self.bn_gamma = None if options.bn_gamma is None else float(options.bn_gamma)
         self.only = None if options.only is None else frozenset(options.only)
         self.pending = {}  # variable path -> (variable, array)
+        self.drawn_paths = set()  # every path ever recorded (analyze drops arrays from `pending` as it goes)
+        self.raw_weights = {}  # path -> traced op whose raw ops read that matrix (no layer of the walk owns it)
         self.rows = []
         self.fit_inputs = {}  # id(op) -> combined input moments over all calls
         self.call_inputs = {}  # id(op) -> list of input-moment lists, one per call
@@ -139,6 +141,7 @@ class AnalyticPass:
                 f"{tuple(variable.shape)}."
             )
         _check_array_fits(variable, array)
+        self.drawn_paths.add(variable.path)
         if variable.path not in self.pending:
             self.visit_records.append(variable.path)
             if getattr(variable, "trainable", True):
@@ -155,7 +158,6 @@ class AnalyticPass:
         # path -> traced op whose raw ops use that matrix (no layer of the walk owns it): kept as it is
         self.raw_weights = {path: op for op, view in self.tracer.traced_ops()
                             for path in tracing.unowned_matrices(op, view, owned)}
-        _warn_unowned(self.raw_weights)
         if not self.keep_drawn:
             self.owners = {}
             for op in graph.leaf_ops(fn, expand=self.tracer):
@@ -177,6 +179,8 @@ class AnalyticPass:
             out = self._one_pass(fn, input_moments)
         self.probe_values = {}
         self.fn = fn
+        # Raw tables a rule drew (`RuleContext.draw_raw_table`) are initialized; the others are kept, said once.
+        _warn_unowned({p: op for p, op in self.raw_weights.items() if p not in self.drawn_paths})
         return out
 
     def untouched(self) -> dict:
@@ -189,12 +193,16 @@ class AnalyticPass:
         raw = self.raw_weights
         out = {}
         for v in self.fn.weights:
-            if len(v.shape) < 2 or v.path in self.pending or v.path in out:
+            if len(v.shape) < 2 or v.path in self.drawn_paths or v.path in out:
                 continue
             op = owned.get(v.path)
             if v.path in raw:
-                out[v.path] = (f"used by raw ops inside '{raw[v.path].name}' ({type(raw[v.path]).__name__}), not by a "
-                               "layer with a rule")
+                where = f"raw ops inside '{raw[v.path].name}' ({type(raw[v.path]).__name__})"
+                if "bias" in v.path.rsplit("/", 1)[-1]:
+                    out[v.path] = f"a bias read by {where}: existing biases are kept"
+                else:
+                    out[v.path] = (f"used by {where}, not by a layer with a rule (a table only a raw add draws: "
+                                   "this one is read another way, or computed on while tracing)")
             elif op is None:
                 out[v.path] = "not used by the model's forward pass (its layer or call is never reached)"
             elif id(op) in self.fallback_ops:

@@ -107,7 +107,8 @@ def probe_shape(kt, batch, *, batch_axis=True, length=None):
 
 
 def probe_array(shape, dtype, moments, rng, fill=None):
-    """A probe array of `shape`: entries N(mean, var) of `moments`; integer/bool dtypes follow `fill`
+    """A probe array of `shape`: entries N(mean, var) of `moments` (per channel of the last axis when they have
+    channels of its size); integer/bool dtypes follow `fill`
     (`declared.integer_fill`: ``("ones",)``, ``("zeros",)``, ``("uniform", high)``), else uniform integers
     in ``[0, round(mean + 3 std) + 1)`` (at least {0, 1}); other non-float dtypes float32."""
     dtype = str(dtype)
@@ -120,5 +121,9 @@ def probe_array(shape, dtype, moments, rng, fill=None):
             return rng.integers(0, int(fill[1]), size=shape).astype(dtype)
         hi = max(int(round(moments.mean + 3.0 * math.sqrt(moments.var))) + 1, 2)
         return rng.integers(0, hi, size=shape).astype(dtype)
-    x = rng.standard_normal(shape) * math.sqrt(moments.var) + moments.mean
+    ch_mean, ch_var = getattr(moments, "ch_mean", None), getattr(moments, "ch_var", None)
+    if ch_mean is not None and len(shape) >= 2 and shape[-1] == ch_mean.size:
+        x = rng.standard_normal(shape) * np.sqrt(ch_var) + ch_mean  # per channel of the last axis
+    else:
+        x = rng.standard_normal(shape) * math.sqrt(moments.var) + moments.mean
     return x.astype(dtype if "float" in dtype else "float32")

@@ -132,7 +132,7 @@ def resolve_input_moments(fn, input_moments=None, data=None):
     if data is not None:
         return moments_from_data(fn, data)
     if input_moments is None:
-        return [Moments(0.0, 1.0)] * n
+        return default_input_moments(fn)
     if isinstance(input_moments, Moments):
         return [check_moments(input_moments, "input_moments")] * n
     if isinstance(input_moments, dict):
@@ -150,6 +150,18 @@ def resolve_input_moments(fn, input_moments=None, data=None):
             "pair for all inputs or one per input."
         )
     return [check_moments(m, f"input_moments[{i}]") for i, m in enumerate(items)]
+
+
+def default_input_moments(fn):
+    """One `Moments` per input when none are given: what the model's own preprocessing declares
+    (`declared.input_moments`: per channel), else N(0, 1)."""
+    out = []
+    for declared_input in declared.input_moments(fn):
+        if declared_input is None:
+            out.append(Moments(0.0, 1.0))
+        else:
+            out.append(Moments.from_channels(declared_input[0], declared_input[1]))
+    return out
 
 
 def with_constant_inputs(fn, moments, length):

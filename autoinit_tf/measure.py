@@ -50,7 +50,8 @@ def measure(model, x=None, *, training=True, batch_size=256, seed=None, input_mo
             active with a fixed, throw-away RNG state).
         batch_size: the probe's batch size; `x` is cut to this many examples.
         seed: the probe's seed (None means 0: the probe is deterministic).
-        input_moments: ``(mean, var)`` of the probe (per input or for all). Default ``(0, 1)``.
+        input_moments: ``(mean, var)`` of the probe (per input or for all). Default: what the model's
+            preprocessing declares (`declared.input_moments`), else ``(0, 1)``.
 
     Returns:
         A `SignalReport` (``source="measured"``) with one row per call of each layer or op, named like

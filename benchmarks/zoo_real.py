@@ -6,7 +6,9 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
 
   * build / analyze / wrap times (s) for each mode, and wrap / build;
   * reinit: the fraction of weighted-layer parameters the analytic wrap re-initialized (weighted layers
-    anywhere in the layer tree, inside keras-hub blocks too; tied or unused tables count as kept);
+    anywhere in the layer tree, inside keras-hub blocks too; tied or unused tables count as kept). Kernels
+    and tables only: weights of two or more dimensions whose name does not say ``bias`` (biases are kept
+    by policy, and a bias shaped (heads, head_dim) or a relative-position bias table is a bias too);
   * fb: layers left to the probe fallback, auto: layers ``calibrate="auto"`` calibrated;
   * worst / median |log var| over weighted layers, per mode: a recorder on the ``call`` of every weighted
     layer in the tree records its pre-activation output variance on FRESH inputs (another seed than
@@ -244,7 +246,8 @@ def one(name, batch, fresh_examples):
         rep = autoinit_tf.analyze(model, seed=0)
         out["analyze_s"] = time.perf_counter() - t
         out["fallbacks"] = len({r.name for r in rep.fallbacks})
-        kernels = {v.path: v for layer in layers for v in layer.weights if len(v.shape) >= 2}
+        kernels = {v.path: v for layer in layers for v in layer.weights
+                   if len(v.shape) >= 2 and "bias" not in v.path.rsplit("/", 1)[-1]}
         before = {p: _digest(v) for p, v in kernels.items()}
         # Every wrap first (their times and the process's peak RSS up to here: what building and wrapping
         # takes), each mode's weights saved to disk one variable at a time; then the recorder on each.

@@ -142,3 +142,69 @@ def test_sequence_probe_batch_counts_the_substituted_length():
     fn = graph.as_functional(model)
     n = inputs.auto_batch(fn)
     assert n * declared.probe_length(fn) <= max(1 << 17, 8 * declared.probe_length(fn))
+
+
+def _preprocessed_cnn(front):
+    inp = keras.Input((10, 10, 3))
+    h = front(inp)
+    h = L.Conv2D(12, 3, padding="same", name="conv")(h)
+    h = L.BatchNormalization(name="bn")(h)
+    h = L.GlobalAveragePooling2D()(L.Activation("relu")(h))
+    return keras.Model(inp, L.Dense(4, name="head")(h))
+
+
+IMAGENET_MEAN, IMAGENET_VAR = [123.675, 116.28, 103.53], [3409.98, 3262.69, 3291.89]
+
+
+def test_a_normalization_at_the_input_declares_the_data_its_statistics_came_from():
+    """ConvNeXt's front: a Normalization holding ImageNet's pixel statistics. A N(0, 1) probe normalizes to
+    -2.1 +- 0.02 (every image the same constant): the BatchNormalization statistics `wrap` left were those
+    of that regime, 2e-4 of the per-channel variance on real-scale inputs. The declared inputs are the
+    data the statistics describe, so inference right after `wrap` behaves like training mode on them."""
+    norm = lambda x: L.Normalization(mean=IMAGENET_MEAN, variance=IMAGENET_VAR, name="norm")(x)  # noqa: E731
+    model = _preprocessed_cnn(norm)
+    fn = graph.as_functional(model)
+    (mean, var, why), = declared.input_moments(fn)
+    np.testing.assert_allclose(mean, IMAGENET_MEAN, rtol=1e-5)
+    np.testing.assert_allclose(var, IMAGENET_VAR, rtol=1e-4)
+    assert "'norm'" in why
+    probe = inputs.probe_arrays(fn, None, 512, seed=0)[0].reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(probe.mean(0), IMAGENET_MEAN, rtol=0.01)
+    np.testing.assert_allclose(probe.var(0), IMAGENET_VAR, rtol=0.03)
+    autoinit_tf.wrap(model, seed=0)
+    rng = np.random.default_rng(7)  # "real" inputs: the statistics the Normalization holds
+    x = (rng.standard_normal((256, 10, 10, 3)) * np.sqrt(IMAGENET_VAR) + IMAGENET_MEAN).astype("float32")
+    bn = model.get_layer("bn")
+    conv = np.asarray(keras.Model(model.inputs, bn.input)(x), np.float64).reshape(-1, 12)
+    ratio = np.asarray(bn.moving_variance) / conv.var(0)
+    assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio
+    assert conv.var() == pytest.approx(1.0, rel=0.2)
+    train = np.asarray(model(x, training=True), np.float64)
+    infer = np.asarray(model.predict(x, verbose=0), np.float64)
+    assert 0.8 < infer.var() / train.var() < 1.25
+
+
+@pytest.mark.parametrize("scale, offset, declared_pixels", [(1 / 255, 0.0, True), (1 / 127.5, -1.0, True),
+                                                            (2.0, -1.0, False)])
+def test_a_pixel_rescaling_at_the_input_declares_8_bit_pixels(scale, offset, declared_pixels):
+    """EfficientNet / MobileNetV3's front: Rescaling by 1/255 or 1/127.5 takes pixel values in [0, 255]
+    (probed with their uniform mean 127.5 and variance 255^2 / 12); any other rescaling declares nothing."""
+    model = _preprocessed_cnn(lambda x: L.Rescaling(scale, offset=offset, name="rescale")(x))
+    fn = graph.as_functional(model)
+    (got,) = declared.input_moments(fn)
+    if not declared_pixels:
+        assert got is None
+        assert inputs.resolve_input_moments(fn)[0].var == 1.0
+        return
+    np.testing.assert_allclose(got[0], 127.5)
+    np.testing.assert_allclose(got[1], 255.0**2 / 12)
+    rep = autoinit_tf.analyze(model, seed=0)
+    assert rep["rescale"].inputs[0].mean == pytest.approx(127.5)
+    # a given input_moments still wins
+    rep = autoinit_tf.analyze(model, seed=0, input_moments=(0.0, 1.0))
+    assert rep["rescale"].inputs[0].var == pytest.approx(1.0)
+    # the analytic prediction of the conv on the declared inputs matches uniform pixels through the model
+    autoinit_tf.wrap(model, seed=0, calibrate=None)
+    x = np.random.default_rng(3).uniform(0, 255, (512, 10, 10, 3)).astype("float32")
+    conv = np.asarray(keras.Model(model.inputs, model.get_layer("conv").output)(x), np.float64)
+    assert conv.var() == pytest.approx(1.0, rel=0.15)

@@ -315,6 +315,67 @@ def test_a_calibrated_output_computed_from_constants_has_no_sampling_error():
     assert "patches/pos" in rep.calibration
 
 
+class RawTable(L.Layer):
+    """Like keras-hub's DeiT embedding layer: a learned position table the layer adds itself
+    (``ops.add(x, self.position_embedding)``), no sublayer owning it, and a matrix its call multiplies by."""
+
+    def __init__(self, n, width, mix=True, **kw):
+        super().__init__(**kw)
+        self.proj = L.Dense(width, name="proj")
+        self.n, self.width, self.use_mix = n, width, mix
+
+    def build(self, shape):
+        init = keras.initializers.RandomNormal(0, 0.02)
+        self.position_embedding = self.add_weight(shape=(1, self.n, self.width), initializer=init,
+                                                  name="position_embedding")
+        self.mix = self.add_weight(shape=(self.width, self.width), initializer=init, name="mix")
+        self.built = True
+
+    def call(self, x):
+        y = keras.ops.add(self.proj(x), self.position_embedding)
+        return keras.ops.matmul(y, self.mix) if self.use_mix else y
+
+
+def test_a_table_a_traced_layer_adds_itself_is_drawn_like_an_embedding():
+    """DeiT's position table (entries 0.02) was kept: 2% of its parameters untouched and the sum's
+    variance 1.0004; it is drawn with variance `signal_variance` like every embedding table, the add's
+    predicted variance follows the drawn table, and a matrix read another way is still kept and named."""
+    inp = keras.Input((6, 4))
+    layer = RawTable(6, 8, name="raw")
+    model = keras.Model(inp, layer(inp))
+    old_mix = layer.mix.numpy().copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    table = layer.position_embedding.numpy()
+    assert float(table.var()) == pytest.approx(1.0, rel=0.35)
+    assert np.array_equal(layer.mix.numpy(), old_mix)
+    assert set(rep.untouched) == {"raw/mix"} and "raw ops" in rep.untouched["raw/mix"]
+    unowned = [str(w.message) for w in caught if issubclass(w.category, FallbackRuleWarning)]
+    assert any("raw/mix" in m and "position_embedding" not in m for m in unowned)
+    # the sum, measured on real inputs: the drawn table's per-position pattern is part of it
+    x = np.random.default_rng(3).standard_normal((4096, 6, 4)).astype("float32")
+    summed = keras.Model(inp, layer.proj(inp) + layer.position_embedding)
+    y = np.asarray(keras.ops.convert_to_numpy(summed(x)), dtype=np.float64)
+    add_row = next(r for r in rep.rows if r.name.endswith("/add"))
+    assert add_row.weighted
+    assert y.var() == pytest.approx(add_row.outputs[0].var, rel=0.05)
+    assert y.var() > 1.5
+    # Averaged over positions (what attention and pooling do) the table's rows cancel: its per-channel
+    # means are the sum's fixed offsets (`between`), its variation over positions is counted as a
+    # fluctuation, as keras-hub's PositionEmbedding rule does (an average over all n positions removes it
+    # entirely, so the pooled prediction is high by that part / n: 1.6x over 6 positions here). Taken whole
+    # as fixed offsets, as before, the pooled variance came out 4.8x high and DeiT's attention outputs 6x.
+    pooled = keras.Model(inp, L.GlobalAveragePooling1D(name="gap")(RawTable(6, 8, mix=False, name="raw2")(inp)))
+    autoinit_tf.wrap(pooled, seed=0, calibrate=None)
+    rep = autoinit_tf.analyze(pooled, seed=0)
+    table = pooled.get_layer("raw2").position_embedding.numpy()[0].astype(np.float64)
+    assert rep["raw2/add"].outputs[0].between == pytest.approx(table.mean(0).var(), rel=1e-6)
+    measured = np.asarray(keras.ops.convert_to_numpy(pooled(x)), dtype=np.float64).var()
+    predicted = rep["gap"].outputs[0].var
+    assert measured < predicted < measured + table.var(0).mean() / 6 * 1.1
+
+
 class ScoresBlock(L.Layer):
     """Returns (y, None) when no scores are asked for, as keras-hub's DeiT blocks do."""
 

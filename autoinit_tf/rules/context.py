@@ -168,6 +168,15 @@ class RuleContext:
         self._drawn[variable.path] = arr
         return arr
 
+    def raw_table(self, value) -> bool:
+        """Whether `value` (an argument of this raw op) is a trainable table of two or more dimensions
+        that no layer of the walk owns: a traced layer's own weight its ``call`` reads directly
+        (``ops.add(x, self.position_embedding)``), so no layer rule draws it."""
+        import keras
+
+        return (isinstance(value, keras.Variable) and len(value.shape) >= 2 and bool(value.trainable)
+                and value.path in getattr(self._engine, "raw_weights", {}))
+
     def rescale(self, variable, factor: float) -> None:
         """Multiply the value `variable` will have by `factor`: in place when it is an array this call's
         `draw` made (no second copy of a large kernel), else into a new array."""

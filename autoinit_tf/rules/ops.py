@@ -177,12 +177,33 @@ def _additive_mask(ctx, m: Moments, c):
     return out
 
 
+def _draw_additive_table(ctx, c):
+    """A learned table a traced layer adds to the signal itself (DeiT's ``ops.add(embeddings,
+    self.position_embedding)``), the same for every example (its batch axis, if any, of size 1): drawn like
+    every embedding table (`rules.linear.embedding_rule`, keras-hub's PositionEmbedding), entries with
+    variance `signal_variance`, so the sum is token plus position as in BERT and GPT-2."""
+    out_shape = ctx.node.outputs[0].shape
+    shape = tuple(c.shape)
+    if len(shape) < len(out_shape) or (len(shape) == len(out_shape) and shape[0] == 1):
+        ctx.weight_scale = ctx.signal_variance
+        table = ctx.draw(c, ctx.signal_variance).astype(np.float64).reshape(-1, shape[-1])
+        # As keras-hub's PositionEmbedding (`rules.keras_hub_layers.position_embedding_rule`): per channel,
+        # the table's mean and its variance over positions, which averaging over positions (attention,
+        # pooling) shrinks like a fluctuation, not a fixed offset of the channel.
+        return Moments.from_channels(table.mean(axis=0), table.var(axis=0))
+    return None
+
+
 @BUILTIN.rule(np_ops.Add)
 def add_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
         return add_moments([a, b])
     m, c = (a, b) if ma else (b, a)
+    if ctx.raw_table(c):
+        table = _draw_additive_table(ctx, c)
+        if table is not None:
+            return add_moments([m, table])
     masked = _additive_mask(ctx, m, c)
     if masked is not None:
         return masked
