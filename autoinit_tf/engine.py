@@ -257,6 +257,7 @@ class AnalyticPass:
         self.visit_weighted = False
         self.visit_inexact = None
         self.visit_persistent = False
+        self.visit_output_only = False
         if rule is fallback_rule:
             self.visit_inexact = "no rule: measured on a probe"
         outs = rule(ctx)
@@ -304,6 +305,16 @@ class AnalyticPass:
     def _taint(self, name, inputs, outs, weighted, normalizes):
         reason = self.visit_inexact and f"{name}: {self.visit_inexact}"
         persistent = reason is not None and self.visit_persistent
+        if reason is not None and self.visit_output_only:
+            # exact weights, estimated output (`RuleContext.estimated_output`): what it feeds is calibrated,
+            # the layer itself only when its inputs were estimates too
+            hits = [self.tainted[id(m)] for m in inputs if id(m) in self.tainted]
+            if weighted and hits:
+                self.inexact[name] = hits[0][1]
+            persistent = persistent or any(h[2] for h in hits)
+            for m in outs:
+                self.tainted[id(m)] = (m, reason, persistent)
+            return
         if reason is None:
             hits = [self.tainted[id(m)] for m in inputs if id(m) in self.tainted]
             lasting = [h for h in hits if h[2]]

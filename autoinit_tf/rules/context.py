@@ -226,3 +226,12 @@ class RuleContext:
             self._engine.visit_inexact = reason
         if persistent and hasattr(self._engine, "visit_persistent"):
             self._engine.visit_persistent = True
+
+    def estimated_output(self, reason: str) -> None:
+        """Say that this call's weights are exact for its inputs (drawn from their moments) but its
+        predicted output is an estimate (a recurrent layer's state, simulated on a probe): the weighted
+        layers it feeds are calibrated by ``calibrate="auto"``, this one only when its inputs were
+        estimates too."""
+        self.inexact(reason)
+        if hasattr(self._engine, "visit_output_only"):
+            self._engine.visit_output_only = True
