@@ -513,3 +513,21 @@ def test_strided_separable_conv_on_a_small_padded_map_reads_its_positions():
     x = np.random.default_rng(0).normal(size=(20000, 8, 8, 8)).astype("float32")
     y = _measure(model, x)
     assert y.var() == pytest.approx(pred.var, rel=0.05)
+
+
+def test_separable_output_equals_the_composed_kernel():
+    """`separable_output` (two (taps x C) @ (C x K) products) against `linear_output` on the composed kernel
+    W[t, c, k] = D[t, c] P[c, k], with padding's position classes, per-channel input moments and a bias."""
+    from autoinit_tf.moments import Moments
+    from autoinit_tf.rules.linear import linear_output, separable_output
+
+    rng = np.random.default_rng(0)
+    d, p = rng.standard_normal((9, 5)), rng.standard_normal((5, 7))
+    m = Moments.from_channels(rng.standard_normal(5), rng.uniform(0.5, 2.0, 5))
+    classes = [(0.6, np.ones(9)), (0.4, (rng.uniform(size=9) > 0.4).astype(float))]
+    bias = rng.standard_normal(7)
+    got = separable_output(m, d, p, classes, bias)
+    want, _, _ = linear_output(m, d[:, :, None] * p[None], classes, bias)
+    np.testing.assert_allclose(got.ch_mean, want.ch_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.ch_var, want.ch_var, rtol=1e-12)
+    assert separable_output(Moments(0.3, 1.0, 0.2), d, p, classes) is None  # channel offsets unknown: composed

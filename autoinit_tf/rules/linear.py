@@ -47,6 +47,51 @@ def _unit_blocks(w3):
         yield sl, np.asarray(w3[:, :, sl], dtype=np.float64)
 
 
+def _channel_moments(m: Moments, channels):
+    """(mu_c, v_c) per input channel when the per-channel path applies (per-channel moments of these
+    channels, or no fixed channel offsets), else None."""
+    if m.ch_mean is not None and m.channels == channels:
+        return m.ch_mean, m.ch_var
+    if m.between == 0.0:
+        return np.full(channels, m.mean), np.full(channels, m.var)
+    return None
+
+
+def _as_classes(taps):
+    if not (isinstance(taps, list) and taps and isinstance(taps[0], tuple)):
+        return [(1.0, np.asarray(taps, dtype=np.float64).reshape(-1))]
+    return taps
+
+
+def _add_tap_moments(out_mean, out_second, sl, tap_means, tap_vars, taps, b):
+    """Add the position classes' unit means and second moments, from each tap's contribution to every
+    unit's mean (`tap_means`, (taps, units)) and variance (`tap_vars`), to ``out_*[sl]``."""
+    for weight, valid in taps:
+        means = valid @ tap_means
+        if b is not None:
+            means = means + b[sl]
+        out_mean[sl] += weight * means
+        out_second[sl] += weight * (valid @ tap_vars + means * means)
+
+
+def separable_output(m: Moments, depthwise, pointwise, taps, bias=None):
+    """`linear_output` of a separable convolution with one depthwise output per input channel, from its
+    two kernels (depthwise D[t, c], pointwise P[c, k]) without composing W[t, c, k] = D[t, c] P[c, k]:
+    tap t adds sum_c mu_c D[t, c] P[c, k] to unit k's mean and sum_c v_c D[t, c]^2 P[c, k]^2 to its
+    variance, two (taps x C) @ (C x K) products. None where the per-channel path does not apply."""
+    d = np.asarray(depthwise, dtype=np.float64)
+    p = np.asarray(pointwise, dtype=np.float64)
+    channel_moments = _channel_moments(m, d.shape[1])
+    if channel_moments is None:
+        return None
+    mu, v = channel_moments
+    units = p.shape[1]
+    b = None if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.float64).reshape(-1), (units,))
+    out_mean, out_second = np.zeros(units), np.zeros(units)
+    _add_tap_moments(out_mean, out_second, slice(None), (d * mu) @ p, (d * d * v) @ (p * p), _as_classes(taps), b)
+    return Moments.from_channel_second(out_mean, out_second)
+
+
 def linear_output(m: Moments, w3, taps, bias=None):
     """Output moments of a linear map with kernel w3[t, c, j] (see the module docstring).
 
@@ -60,32 +105,23 @@ def linear_output(m: Moments, w3, taps, bias=None):
     variance of unit means (over units and positions).
     """
     w3 = np.asarray(w3)
-    if not (isinstance(taps, list) and taps and isinstance(taps[0], tuple)):
-        taps = [(1.0, np.asarray(taps, dtype=np.float64).reshape(-1))]
+    taps = _as_classes(taps)
     units = w3.shape[2]
     b = None
     if bias is not None:
         b = np.asarray(bias, dtype=np.float64).reshape(-1)
         if b.size != units:
             b = np.full(units, float(b.mean()))
-    per_channel = m.ch_mean is not None and m.channels == w3.shape[1]
-    if per_channel or m.between == 0.0:
+    channel_moments = _channel_moments(m, w3.shape[1])
+    if channel_moments is not None:
         # Exact per output unit: input channel c has mean mu_c and within-channel variance v_c.
-        mu = m.ch_mean if per_channel else np.full(w3.shape[1], m.mean)
-        v = m.ch_var if per_channel else np.full(w3.shape[1], m.var)
+        mu, v = channel_moments
         out_mean = np.zeros(units)
         out_second = np.zeros(units)
         for sl, wb in _unit_blocks(w3):
             # Per tap t: the mean and the variance part each input tap contributes to every unit; a position
             # class then only sums its valid taps (cheap), instead of contracting the kernel once per class.
-            tap_means = mu @ wb  # (taps, units): BLAS per tap
-            tap_vars = v @ (wb * wb)
-            for weight, valid in taps:
-                means = valid @ tap_means
-                if b is not None:
-                    means = means + b[sl]
-                out_mean[sl] += weight * means
-                out_second[sl] += weight * (valid @ tap_vars + means * means)
+            _add_tap_moments(out_mean, out_second, sl, mu @ wb, v @ (wb * wb), taps, b)  # BLAS per tap
         result = Moments.from_channel_second(out_mean, out_second)
         return result, result.within, result.between
     ntaps = w3.shape[0]
@@ -337,6 +373,10 @@ def _separable_pre(ctx):
             exact = element_maps.dense_maps(mid_maps, (None,) + mid_maps.el_mean.shape, p, _bias(ctx, layer))
             if exact is not None:
                 return _separable_correlation(ctx, exact, mid_maps, dk, p)
+    if dm == 1:
+        pre = separable_output(ctx.input, dk.reshape(taps, cin), p, frac, _bias(ctx, layer))
+        if pre is not None:
+            return _separable_correlation(ctx, pre, mid, dk, p)
     # W[t, c, k] = sum_d D[t, c, d] P[c dm + d, k], as dm broadcast products (no generic einsum)
     dk, pk3 = dk.reshape(taps, cin, dm), p.reshape(cin, dm, -1)
     composed = dk[:, :, 0, None] * pk3[None, :, 0, :]
