@@ -34,7 +34,7 @@ def test_core_tests_pass_on_jax_backend():
     _rerun_core("jax", "jax", ["tests/test_moments.py", "tests/test_rules_monte_carlo.py", "tests/test_wrap.py",
                                 "tests/test_tracing.py", "tests/test_probe_inputs.py",
                                 "tests/test_reversible_embedding.py", "tests/test_spatial_correlation.py",
-                                "tests/test_attention_masks.py"],
+                                "tests/test_attention_masks.py", "tests/test_attention_coupling.py"],
                 extra=["-x"])
 
 
