@@ -246,6 +246,24 @@ def test_pad_and_roll_ops_against_the_real_op(op):
     assert y.var() == pytest.approx(pred.var, rel=0.03)
 
 
+@pytest.mark.parametrize("widths", [((0, 0), (0, 0), (0, 0)), ((0, 0), (2, 3), (0, 0))])
+def test_pad_keeps_the_channel_offsets(widths):
+    """Channel offsets known only as pooled moments (`between`, after a raw reshape) survive a pad: Swin's
+    patch merging pads nothing on even maps and used to drop them, so stage 1's attended values lost their
+    per-unit offsets. Measured: the variance of the per-channel means after the pad."""
+    inp = keras.Input((10, 6))
+    h = L.Dense(6, bias_initializer=keras.initializers.RandomNormal(0, 1.0, seed=3), name="d")(inp)
+    h = keras.ops.transpose(keras.ops.transpose(h, (0, 2, 1)), (0, 2, 1))
+    model = keras.Model(inp, keras.ops.pad(h, widths))
+    _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    pred = rep.rows[-1].outputs[0]
+    x = np.random.default_rng(0).standard_normal((4000, 10, 6)).astype("float32")
+    y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
+    assert pred.between > 0.05
+    assert y.mean(axis=(0, 1)).var() == pytest.approx(pred.between, rel=0.15)
+    assert y.var() == pytest.approx(pred.var, rel=0.05)
+
+
 def test_widely_spread_softmax_logits_are_marked_inexact_and_calibrated():
     """Logits with a large structured constant added (a relative position bias) are beyond the log-normal
     softmax: the default wrap calibrates the layer after it. A -100 mask is not such a constant: its rows

@@ -423,9 +423,12 @@ def pad_op_rule(ctx):
             return ctx.probe()
     f = float(np.prod(n_in)) / float(np.prod(n_out))
     m = ctx.input
+    if f == 1.0:
+        return m  # nothing padded (Swin's patch merging pads only odd maps): the input, offsets and all
     if m.ch_mean is not None and n_in[-1] == n_out[-1]:
         return Moments.from_channel_second(f * m.ch_mean + (1 - f) * c, f * (m.ch_var + m.ch_mean**2) + (1 - f) * c * c)
-    return Moments.from_second(f * m.mean + (1 - f) * c, f * m.second + (1 - f) * c * c)
+    # the channel offsets (`between`) fill a fraction f of the entries: their per-channel means f d_c vary by f^2 B
+    return Moments.from_second(f * m.mean + (1 - f) * c, f * m.second + (1 - f) * c * c, f * f * m.between)
 
 
 @BUILTIN.rule(np_ops.Split)
