@@ -159,8 +159,9 @@ IMAGENET_MEAN, IMAGENET_VAR = [123.675, 116.28, 103.53], [3409.98, 3262.69, 3291
 def test_a_normalization_at_the_input_declares_the_data_its_statistics_came_from():
     """ConvNeXt's front: a Normalization holding ImageNet's pixel statistics. A N(0, 1) probe normalizes to
     -2.1 +- 0.02 (every image the same constant): the BatchNormalization statistics `wrap` left were those
-    of that regime, 2e-4 of the per-channel variance on real-scale inputs. The declared inputs are the
-    data the statistics describe, so inference right after `wrap` behaves like training mode on them."""
+    of that regime, 2.1-3.9x the per-channel batch variance of real-scale inputs here. The declared inputs
+    are the data the statistics describe (0.72-1.33x), so inference right after `wrap` behaves like
+    training mode on them."""
     norm = lambda x: L.Normalization(mean=IMAGENET_MEAN, variance=IMAGENET_VAR, name="norm")(x)  # noqa: E731
     model = _preprocessed_cnn(norm)
     fn = graph.as_functional(model)
