@@ -85,18 +85,23 @@ def integer_fill(name, consumers=()):
     return None
 
 
-def input_fills(fn):
-    """`integer_fill` for each input of the functional graph `fn` (None for float inputs)."""
-    consumers = {id(kt): [] for kt in fn.inputs}
+def _consumers(fn):
+    """``id(tensor) -> [node, ...]``: the nodes of `fn` that read each tensor."""
+    consumers = {}
     for node in graph.topo_nodes(fn):
         for kt in node.input_tensors:
-            if id(kt) in consumers:
-                consumers[id(kt)].append(node.operation)
+            consumers.setdefault(id(kt), []).append(node)
+    return consumers
+
+
+def input_fills(fn):
+    """`integer_fill` for each input of the functional graph `fn` (None for float inputs)."""
+    consumers = _consumers(fn)
     fills = []
     for kt in fn.inputs:
         dtype = str(kt.dtype)
         if "int" in dtype or "bool" in dtype:
-            fills.append(integer_fill(kt.name, consumers[id(kt)]))
+            fills.append(integer_fill(kt.name, [n.operation for n in consumers.get(id(kt), [])]))
         else:
             fills.append(None)
     return fills
@@ -124,13 +129,9 @@ PIXEL_MEAN, PIXEL_VAR = 127.5, 255.0**2 / 12.0
 _PIXEL_SCALES = (1.0 / 255.0, 1.0 / 127.5)
 
 
-def _chain(fn, kt):
+def _chain(consumers, kt):
     """The Rescaling / Normalization layers applied to input `kt` one after another, each the only
-    consumer of the tensor before it, with the number of channels (last axis) they act on."""
-    consumers = {}
-    for node in graph.topo_nodes(fn):
-        for t in node.input_tensors:
-            consumers.setdefault(id(t), []).append(node)
+    consumer (`_consumers`) of the tensor before it."""
     chain, tensor = [], kt
     while True:
         nodes = consumers.get(id(tensor), [])
@@ -159,17 +160,10 @@ def _affine(op, channels):
     return a, b
 
 
-def _trivial_normalization(op) -> bool:
-    if not isinstance(op, keras.layers.Normalization) or getattr(op, "mean", None) is None:
-        return False
-    mean = np.asarray(keras.ops.convert_to_numpy(op.mean), dtype=np.float64)
-    var = np.asarray(keras.ops.convert_to_numpy(op.variance), dtype=np.float64)
-    return bool(np.all(mean == 0.0) and np.all(var == 1.0))
-
-
 def input_moments(fn):
     """Per input of `fn`: ``(ch_mean, ch_var, why)`` for the float inputs whose preprocessing declares
     their scale (see the module docstring; arrays per channel of the last axis, or scalars), else None."""
+    consumers = _consumers(fn)
     out = []
     for kt in fn.inputs:
         shape = tuple(kt.shape)
@@ -178,7 +172,7 @@ def input_moments(fn):
             out.append(None)
             continue
         try:
-            chain = _chain(fn, kt)
+            chain = _chain(consumers, kt)
             maps = [_affine(op, channels) for op in chain]
         except (TypeError, ValueError, AttributeError):
             chain, maps = [], []
@@ -187,7 +181,8 @@ def input_moments(fn):
             if m is None:
                 break
             a, b = m[0] * a, m[0] * b + m[1]
-            if isinstance(op, keras.layers.Normalization) and not op.invert and not _trivial_normalization(op):
+            trivial = np.all(m[0] == 1.0) and np.all(m[1] == 0.0)  # mean 0, variance 1: never adapted
+            if isinstance(op, keras.layers.Normalization) and not op.invert and not trivial:
                 # the statistics the Normalization was adapted on: its outputs are N(0, 1) per channel
                 declared = (-b / a, 1.0 / (a * a), f"the statistics held by '{op.name}' (Normalization)")
         if declared is None and chain and isinstance(chain[0], keras.layers.Rescaling):

@@ -179,7 +179,8 @@ class AnalyticPass:
             out = self._one_pass(fn, input_moments)
         self.probe_values = {}
         self.fn = fn
-        # Raw tables a rule drew (`RuleContext.draw_raw_table`) are initialized; the others are kept, said once.
+        # Raw tables a rule drew (`RuleContext.raw_table`, `rules.ops.add_op_rule`) are initialized; the others
+        # are kept, said once.
         _warn_unowned({p: op for p, op in self.raw_weights.items() if p not in self.drawn_paths})
         return out
 
@@ -305,10 +306,10 @@ class AnalyticPass:
     def _taint(self, name, inputs, outs, weighted, normalizes):
         reason = self.visit_inexact and f"{name}: {self.visit_inexact}"
         persistent = reason is not None and self.visit_persistent
+        hits = [self.tainted[id(m)] for m in inputs if id(m) in self.tainted]
         if reason is not None and self.visit_output_only:
             # exact weights, estimated output (`RuleContext.estimated_output`): what it feeds is calibrated,
             # the layer itself only when its inputs were estimates too
-            hits = [self.tainted[id(m)] for m in inputs if id(m) in self.tainted]
             if weighted and hits:
                 self.inexact[name] = hits[0][1]
             persistent = persistent or any(h[2] for h in hits)
@@ -316,7 +317,6 @@ class AnalyticPass:
                 self.tainted[id(m)] = (m, reason, persistent)
             return
         if reason is None:
-            hits = [self.tainted[id(m)] for m in inputs if id(m) in self.tainted]
             lasting = [h for h in hits if h[2]]
             if lasting:
                 reason, persistent = lasting[0][1], True

@@ -462,7 +462,8 @@ def piecewise_linear_hermite(pieces, means, variances, order=8):
         first += s * coef(c, 1) * (_norm_cdf(zhi) - _norm_cdf(zlo))
         if p + 1 < len(pieces):
             nxt = pieces[p + 1][2]
-            jumps.append((zhi, coef(nxt, 1) - coef(c, 1), coef(nxt, 0) + coef(nxt, 1) * hi - coef(c, 0) - coef(c, 1) * hi))
+            value_jump = coef(nxt, 0) + coef(nxt, 1) * hi - coef(c, 0) - coef(c, 1) * hi
+            jumps.append((zhi, coef(nxt, 1) - coef(c, 1), value_jump))
     out = np.zeros((means.size, order))
     out[:, 0] = first
     for z, jump_slope, jump_value in jumps:

@@ -10,6 +10,7 @@ with ``ctx.value``; they never assign anything themselves, so the same rule serv
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from autoinit_tf import distributions
@@ -172,8 +173,6 @@ class RuleContext:
         """Whether `value` (an argument of this raw op) is a trainable table of two or more dimensions
         that no layer of the walk owns: a traced layer's own weight its ``call`` reads directly
         (``ops.add(x, self.position_embedding)``), so no layer rule draws it."""
-        import keras
-
         return (isinstance(value, keras.Variable) and len(value.shape) >= 2 and bool(value.trainable)
                 and value.path in getattr(self._engine, "raw_weights", {}))
 

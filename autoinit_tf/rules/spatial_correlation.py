@@ -329,7 +329,8 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
         result.shared = out.shared
         result.pre = None
         return result
-    factor = np.tensordot(corr, _pair_counts(k[0], k[1]), axes=([1, 2], [0, 1])) / (k[0] * k[1])  # 1 for independent entries
+    # 1 for independent entries
+    factor = np.tensordot(corr, _pair_counts(k[0], k[1]), axes=([1, 2], [0, 1])) / (k[0] * k[1])
     u = fluctuation(m_in)
     extra = u * (factor - 1.0) / (k[0] * k[1])
     result = Moments.from_channels(out.ch_mean, out.ch_var + extra)
