@@ -243,6 +243,7 @@ class SignalReplay:
         pre_stats = None
         if self.calibrate and (kern is not None or cells is not None) and self._wants(op, name):
             if kern is not None:
+                self._calibrate_inner(op, name, args, kwargs)
                 outs, pre_stats, note = self._calibrated_call(op, name, args, kwargs, kern, act)
             else:
                 outs, pre_stats, note = self._calibrated_recurrent(op, name, args, kwargs, cells)
@@ -315,6 +316,20 @@ class SignalReplay:
         if not getattr(op, "trainable", True):
             return False
         return self.only is None or name in self.only
+
+    def _calibrate_inner(self, op, name, args, kwargs):
+        """Calibrate the linear sublayers `op`'s record names (``inner``, e.g. an attention layer's
+        query, key and value projections) on their own inputs, before `op`'s own kernel: each is run
+        once more on its input, and its rescaled kernel is what `op`'s call then uses. Their factors
+        are reported as ``<name>/<sublayer name>``."""
+        get = registry.spec_for(op).inner
+        if get is None:
+            return
+        for sub, x in get(op, args, kwargs):
+            kern = calibration_kernel(sub)
+            if kern is None or not getattr(sub, "trainable", True) or id(sub) in self.calibrated_ops:
+                continue
+            self._calibrated_call(sub, f"{name}/{sub.name}", (x,), {}, kern, None)
 
     def _calibrated_recurrent(self, op, name, args, kwargs, cells):
         """Scale each gate's block of the input kernel so its input contribution x W hits the target.

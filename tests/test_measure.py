@@ -207,13 +207,39 @@ def test_calibrate_bias_split_conv_and_attention_is_exact():
     h = mha(h, h)
     model = keras.Model(inp, h)
     mha._output_dense.bias.assign(np.linspace(-0.5, 0.5, 8).astype("float32"))
+    mha._key_dense.bias.assign(np.full(mha._key_dense.bias.shape, 0.7, "float32"))
     x = (np.random.default_rng(0).standard_normal((32, 6, 6, 4)) * 2.0 + 0.5).astype("float32")
     with pytest.warns(CalibrationWarning, match="data sample of 32 examples"):
         rep = calibrate(model, x, signal_variance=1.5)
-    assert set(rep.calibration) == {"conv", "mha"}
+    # The query, key and value projections first, each on its input, then the output projection.
+    assert set(rep.calibration) == {"conv", "mha", "mha/query", "mha/key", "mha/value"}
     after = measure(model, x)
     assert after["conv"].preactivation.var == pytest.approx(1.5, rel=1e-3)
     assert after["mha"].outputs[0].var == pytest.approx(1.5, rel=1e-3)
+    tokens = keras.ops.convert_to_numpy(keras.Model(inp, model.layers[-2].output)(x))
+    for dense in (mha._query_dense, mha._key_dense, mha._value_dense):
+        assert float(np.var(keras.ops.convert_to_numpy(dense(tokens)))) == pytest.approx(1.5, rel=1e-3)
+
+
+@pytest.mark.core
+def test_calibrate_grouped_query_attention_projections_and_output_are_exact():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((10, 12))
+    h = keras.layers.LayerNormalization(name="ln")(inp)
+    gqa = keras.layers.GroupQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2, name="gqa")
+    model = keras.Model(inp, gqa(h, h))
+    # Anisotropic tokens: two directions carry most of the energy, so a projection's variance depends on
+    # its particular kernel, not only on its scale.
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((64, 10, 12)) * np.r_[5.0, 4.0, np.ones(10)]).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        rep = calibrate(model, x, signal_variance=0.5)
+    assert set(rep.calibration) == {"gqa", "gqa/query", "gqa/key", "gqa/value"}
+    tokens = keras.ops.convert_to_numpy(model.get_layer("ln")(x))
+    for dense in (gqa._query_dense, gqa._key_dense, gqa._value_dense):
+        assert float(np.var(keras.ops.convert_to_numpy(dense(tokens)))) == pytest.approx(0.5, rel=1e-3)
+    assert float(np.var(keras.ops.convert_to_numpy(model(x)))) == pytest.approx(0.5, rel=1e-3)
 
 
 @pytest.mark.core

@@ -269,7 +269,22 @@ def output_projection(layer):
     return dense.kernel, getattr(dense, "bias", None)
 
 
-@BUILTIN.rule(keras.layers.MultiHeadAttention, kernel=output_projection, bias_split=True)
+def input_projections(layer, args, kwargs):
+    """What calibration scales inside an attention layer before its output projection: the query, key
+    and value projections, each on its own input (``call(query, value, key=None, ...)``; the key
+    defaults to the value). Each is linear in its kernel, so its output variance is fixed exactly."""
+    def arg(i, name):
+        if len(args) > i:
+            return args[i]
+        return kwargs.get(name)
+
+    query, value, key = arg(0, "query"), arg(1, "value"), arg(2, "key")
+    key = value if key is None else key
+    pairs = [(layer._query_dense, query), (layer._key_dense, key), (layer._value_dense, value)]
+    return [(sub, x) for sub, x in pairs if x is not None]
+
+
+@BUILTIN.rule(keras.layers.MultiHeadAttention, kernel=output_projection, bias_split=True, inner=input_projections)
 def multi_head_attention_rule(ctx):
     layer = ctx.layer
     return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
@@ -279,7 +294,7 @@ def multi_head_attention_rule(ctx):
 _GQA = getattr(keras.layers, "GroupQueryAttention", None) or getattr(keras.layers, "GroupedQueryAttention", None)
 if _GQA is not None:
 
-    @BUILTIN.rule(_GQA)
+    @BUILTIN.rule(_GQA, kernel=output_projection, inner=input_projections)
     def grouped_query_attention_rule(ctx):
         layer = ctx.layer
         return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,

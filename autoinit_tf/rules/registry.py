@@ -19,6 +19,9 @@ A `LayerSpec` carries, for one layer or op class (or activation function):
                    layers that normalize by batch statistics in training: `wrap` sets them to the
                    statistics the initialized network produces (inference then matches training mode)
 ``kinks``          for an activation function: where it is not smooth, so quadrature splits there
+``inner``          ``(layer, args, kwargs) -> [(sublayer, input), ...]``: linear sublayers calibration
+                   scales first, each on its own input, before the layer's own ``kernel`` (attention:
+                   the query, key and value projections, then the output projection)
 =================  ==========================================================================================
 
 Two tables: the built-in declarations (`install_builtin`, filled by
@@ -57,6 +60,7 @@ class LayerSpec:
     kinks: tuple | None = None
     moving_statistics: Callable | None = None
     normalizes: bool | None = None
+    inner: Callable | None = None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
@@ -80,7 +84,7 @@ def _check_fields(fields):
         raise TypeError(f"Unknown LayerSpec fields {sorted(unknown)}; known: {list(FIELDS)}.")
     if fields.get("kinks") is not None:
         fields["kinks"] = tuple(float(k) for k in fields["kinks"])
-    for name in ("rule", "preactivation", "kernel", "moving_statistics"):
+    for name in ("rule", "preactivation", "kernel", "moving_statistics", "inner"):
         if fields.get(name) is not None and not callable(fields[name]):
             raise TypeError(f"A {name} must be callable, got {fields[name]!r}.")
     return fields
