@@ -3,7 +3,8 @@ this table only once keras-hub has been imported, so importing autoinit-tf never
 
 keras-hub's blocks (TransformerEncoder/Decoder, the Llama/Gemma decoders, ViT and Swin layers,
 RMSNormalization, LlamaLayerNorm, RotaryEmbedding...) have no rule of their own on purpose: their calls
-are traced (`autoinit_tf.tracing`) so every inner layer gets its own rule. The layers here need one
+are traced (`autoinit_tf.tracing`) so every inner layer gets its own rule (the RMS norms' raw ops are
+recognized as one normalization by `autoinit_tf.rules.rms_pattern`). The layers here need one
 because their calls cannot be traced with unknown sequence lengths or hold weights a trace would read
 as constants. CachedMultiHeadAttention is a MultiHeadAttention (its rule); ReversibleEmbedding is
 Keras' own (`rules.linear.reversible_embedding_rule`).

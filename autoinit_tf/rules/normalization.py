@@ -25,6 +25,7 @@ from autoinit_tf.moments import Moments
 from autoinit_tf.rules.activation import axis_size
 from autoinit_tf.rules import element_maps, shared_part, spatial_correlation
 from autoinit_tf.rules.registry import BuiltinTable
+from autoinit_tf.rules.rms_pattern import rms_normalized_moments
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
@@ -160,15 +161,9 @@ if hasattr(keras.layers, "RMSNormalization"):
     @BUILTIN.rule(keras.layers.RMSNormalization)
     def rms_normalization_rule(ctx):
         layer = ctx.layer
-        m = ctx.input
-        s = m.second
         eps = layer.epsilon if layer.epsilon is not None else 1e-6
-        scale = ctx.value(layer.scale).astype(np.float64) if getattr(layer, "scale", None) is not None else np.ones(1)
-        if m.ch_mean is not None and scale.size == m.channels:
-            return Moments.from_channels(scale * m.ch_mean / math.sqrt(s + eps), scale**2 * m.ch_var / (s + eps))
-        mean = float(scale.mean()) * m.mean / math.sqrt(s + eps)
-        g2 = float(np.mean(scale**2))
-        return Moments.from_second(mean, g2 * s / (s + eps), g2 * m.between / (s + eps))
+        scale = ctx.value(layer.scale).astype(np.float64) if getattr(layer, "scale", None) is not None else None
+        return rms_normalized_moments(ctx.input, eps, scale)
 
 
 @BUILTIN.rule(keras.layers.UnitNormalization)

@@ -23,6 +23,7 @@ from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
+from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
@@ -229,6 +230,9 @@ def subtract_op_rule(ctx):
 def multiply_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
+        hit = rms_normalized(ctx.node)  # x * rsqrt(mean(x^2) + eps): one normalization, not two factors
+        if hit is not None:
+            return rms_normalized_moments(ctx.args[hit[0]], hit[1])
         return multiply_moments([a, b])
     m, c = (a, b) if ma else (b, a)
     c1, c2 = _constant_stats(ctx, c)
@@ -239,6 +243,10 @@ def multiply_op_rule(ctx):
 
 def _divide_rule(ctx):
     a, b, ma, mb = _binary(ctx)
+    if ma and mb:
+        hit = rms_normalized(ctx.node)  # x / sqrt(mean(x^2) + eps)
+        if hit is not None:
+            return rms_normalized_moments(a, hit[1])
     if ma and not mb:
         arr = _constant_array(ctx, b)
         inv = 1.0 / arr
