@@ -16,8 +16,11 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     target is `signal_variance` = 1;
   * the fraction of weighted layers within [0.5, 2] (analytic) and [0.8, 1.25] (default) of the target;
   * final: |log(predicted / measured)| of the model's (first) output variance after the analytic wrap;
+  * probe: also the standard error (relative, +-rse) of the worst layer's measured variance on the fresh
+    examples (from the spread of the examples' energies: heavy-tailed after squeeze-and-excitation gates),
+    and how many layers are off by more than 10% plus two of their own standard errors (>10%+2se);
   * the recorder measures `--fresh` (512) fresh examples in batches of `--batch` (64), accumulating sums of
-    x and x^2 per layer, so each variance is that of all 512 examples (training mode: BatchNormalization
+    x and x^2 per example and layer, so each variance is that of all 512 examples (training mode: BatchNormalization
     normalizes by each batch's statistics, so the batch is part of what is measured; keep 64 to compare
     runs);
   * peak RSS (MB) of the subprocess, and ``wrapRSS``: its peak when analyze and the three wraps are done,
@@ -137,6 +140,9 @@ class Recorder:
         self.values = {}
         self.layers = layers
         self.active = False
+        self.examples = None
+        self.batch = {}
+        self.rse = {}
         for layer in layers:
             original = layer.call
             # The fused activation of Dense/EinsumDense/convolutions is set aside to read the pre-activation.
@@ -170,16 +176,16 @@ class Recorder:
         if key in self.batch:  # only the first call of the layer in this batch
             return
         try:
-            a = np.asarray(keras.ops.convert_to_numpy(out)).reshape(-1)
+            a = np.asarray(keras.ops.convert_to_numpy(out))
         except Exception:  # noqa: BLE001 - symbolic call
             return
-        # Sums in float64 over slices of 2**20 elements: no float64 copy of a whole activation.
-        s1 = s2 = 0.0
-        for i in range(0, a.size, 1 << 20):
-            part = a[i:i + (1 << 20)].astype(np.float64)
-            s1 += float(part.sum())
-            s2 += float(np.dot(part, part))
-        self.batch[key] = (a.size, s1, s2)
+        # Per-example sums in float64 (one example at a time: no float64 copy of a whole activation), so
+        # the spread of the examples' energies gives each variance's own standard error. An output
+        # without the batch axis (a position table) is the same for every example: one row.
+        rows = a.reshape(a.shape[0], -1) if a.ndim and a.shape[0] == self.examples else a.reshape(1, -1)
+        s1 = np.array([float(r.astype(np.float64).sum()) for r in rows])
+        s2 = np.array([float(np.dot(r.astype(np.float64), r.astype(np.float64))) for r in rows])
+        self.batch[key] = (rows.shape[1], s1, s2)
 
     def run(self, model, batches):
         """Each layer's variance over every batch (sums of x and x^2 accumulated, so the estimate is that of
@@ -190,21 +196,28 @@ class Recorder:
         sums, final = {}, [0, 0.0, 0.0]
         for inputs in batches:
             self.batch = {}
+            self.examples = int(keras.tree.flatten(inputs)[0].shape[0])
             self.active = True
             try:
                 y = model(inputs, training=True)
             finally:
                 self.active = False
             for k, (n, s1, s2) in self.batch.items():
-                t = sums.setdefault(k, [0, 0.0, 0.0])
-                t[0] += n
-                t[1] += s1
-                t[2] += s2
+                t = sums.setdefault(k, [n, [], []])
+                t[1].append(s1)
+                t[2].append(s2)
             y = np.asarray(keras.ops.convert_to_numpy(keras.tree.flatten(y)[0]), dtype=np.float64)
             final[0] += y.size
             final[1] += float(y.sum())
             final[2] += float(np.sum(y * y))
-        var = {k: max(s2 / n - (s1 / n) ** 2, 0.0) for k, (n, s1, s2) in sums.items()}
+        var, self.rse = {}, {}
+        for k, (n, s1, s2) in sums.items():
+            m, q = np.concatenate(s1) / n, np.concatenate(s2) / n  # per example: mean, mean square
+            mu = float(m.mean())
+            var[k] = max(float(q.mean()) - mu * mu, 0.0)
+            # Delta method: V = mean(q) - mean(m)^2 moves by (q - 2 mu m) per example.
+            z = q - 2.0 * mu * m
+            self.rse[k] = float(z.std() / np.sqrt(len(z)) / var[k]) if len(z) > 1 and var[k] > 0 else 0.0
         return var, max(final[2] / final[0] - (final[1] / final[0]) ** 2, 0.0)
 
 
@@ -280,6 +293,14 @@ def one(name, batch, fresh_examples):
             out[f"{mode}_within"] = float(np.mean((vals >= lo) & (vals <= hi)))
             out[f"{mode}_off"] = sorted(((abs(float(np.log(max(v, 1e-30)))), k, v) for k, v in got.items()),
                                         reverse=True)[:3]
+            if mode == "probe":
+                # The measurement's own noise: the standard error of each variance on these fresh examples
+                # (heavy-tailed per-example energies make it large), and the layers off by more than 10%
+                # plus two of their standard errors.
+                worst_key = max(got, key=lambda k: abs(float(np.log(max(got[k], 1e-30)))), default=None)
+                out["probe_worst_rse"] = rec.rse.get(worst_key, 0.0)
+                out["probe_beyond"] = sum(abs(float(np.log(max(v, 1e-30)))) > 0.1 + 2 * rec.rse.get(k, 0.0)
+                                          for k, v in got.items())
     out["layers"] = len(layers)
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -308,7 +329,8 @@ def main():
     names = args.only or (VARIANTS if args.variants else MODELS)
     head = (f"{'model':24s} {'build':>6s} {'analyz':>6s} {'wrap':>6s} {'auto':>6s} {'probe':>6s} {'w/b':>5s} "
             f"{'reinit':>6s} {'fb':>3s} {'autoN':>5s} | {'analytic worst/med in[.5,2] final':>34s} | "
-            f"{'default worst/med in[.8,1.25]':>30s} | {'probe worst/med':>16s} | {'RSS MB':>6s} {'wrapRSS':>7s}")
+            f"{'default worst/med in[.8,1.25]':>30s} | {'probe worst/med +-rse >10%+2se':>31s} | {'RSS MB':>6s} "
+            f"{'wrapRSS':>7s}")
     print(head)
     for name in names:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--fresh",
@@ -325,7 +347,8 @@ def main():
               f"{r['auto']:5d} | {r['analytic_worst']:8.2f} {r['analytic_median']:6.3f} {r['analytic_within']:11.0%} "
               f"{r['analytic_final']:5.2f} | "
               f"{r['default_worst']:8.2f} {r['default_median']:6.3f} {r['default_within']:13.0%} | "
-              f"{r['probe_worst']:7.2f} {r['probe_median']:7.3f} | {r['rss_mb']:6.0f} {r.get('wrap_rss_mb', 0):7.0f}",
+              f"{r['probe_worst']:7.2f} {r['probe_median']:7.3f} {r['probe_worst_rse']:6.3f} {r['probe_beyond']:8d} | "
+              f"{r['rss_mb']:6.0f} {r.get('wrap_rss_mb', 0):7.0f}",
               flush=True)
 
 
