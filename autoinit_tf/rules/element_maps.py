@@ -56,10 +56,74 @@ def element_maps(m: Moments, shape):
 
 
 def conv_maps(layer, m: Moments, in_shape, kernel, bias):
-    """Output element maps of a channels-last Conv1D/2D/3D with `kernel`, or None."""
+    """Output element maps of a channels-last Conv1D/2D/3D with `kernel`, or None.
+
+    1-D and 2-D convolutions of maps up to `NUMPY_CONV_ELEMENTS` run in NumPy (`correlate_maps`): handing
+    the kernel and its square to the backend copies both into fresh backend tensors (ResNet50V2's first
+    wrap: 0.26 s of 1.2 in those copies); per conv 1.5-20x faster on ResNet-sized maps and kernels."""
     if getattr(layer, "groups", 1) != 1:
         return None
+    maps = element_maps(m, in_shape[1:])
+    if maps is None:
+        return None
+    if len(in_shape) in (3, 4) and getattr(layer, "data_format", "channels_last") == "channels_last" \
+            and layer.padding != "causal" and maps[0].size <= NUMPY_CONV_ELEMENTS:
+        mean, var = maps
+        k = np.asarray(kernel, dtype=np.float32)
+        conv = dict(strides=tuple(layer.strides), padding=layer.padding, dilation=tuple(layer.dilation_rate))
+        out_mean = correlate_maps(mean, k, **conv).astype(np.float64)
+        if bias is not None:
+            out_mean = out_mean + np.asarray(bias, dtype=np.float64)
+        return Moments.from_elements(out_mean, correlate_maps(var, k * k, **conv).astype(np.float64))
     return _filtered_maps(keras.ops.conv, layer, m, in_shape, kernel, bias)
+
+
+#: Maps of at most this many elements are convolved in NumPy (`correlate_maps`); larger ones (VGG's
+#: first blocks, 96x96x64: 18 ms against the backend's 15 ms) by the backend.
+NUMPY_CONV_ELEMENTS = 1 << 18
+
+#: `correlate_maps` gathers the input patches of this many output elements x taps at a time.
+PATCH_BLOCK = 1 << 22
+
+
+def correlate_maps(x, kernel, *, strides, padding, dilation):
+    """A convolution (cross-correlation, as Keras' Conv) of one channels-last map `x` of shape
+    (*spatial, Cin) (1 or 2 spatial axes) with `kernel` (*taps, Cin, Cout), in float32: the patches of a
+    block of output rows gathered and multiplied by the kernel reshaped to (taps * Cin, Cout) (BLAS).
+    'same' pads as TensorFlow does (the extra row or column after)."""
+    x = np.asarray(x, dtype=np.float32)
+    spatial = x.ndim - 1
+    if spatial == 1:
+        y = correlate_maps(x[None], kernel[None], strides=(1,) + tuple(strides), padding=padding,
+                           dilation=(1,) + tuple(dilation))
+        return y[0]
+    taps = kernel.shape[:2]
+    cout = kernel.shape[3]
+    pads = []
+    out = []
+    for n, k, st, d in zip(x.shape[:2], taps, strides, dilation):
+        span = (k - 1) * d + 1
+        if padding == "same":
+            o = -(-n // st)
+            total = max((o - 1) * st + span - n, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            o = (n - span) // st + 1
+            pads.append((0, 0))
+        out.append(o)
+    xp = np.pad(x, pads + [(0, 0)]) if any(p != (0, 0) for p in pads) else x
+    w = kernel.reshape(-1, cout)
+    y = np.empty((out[0], out[1], cout), dtype=np.float32)
+    rows = max(1, PATCH_BLOCK // max(out[1] * w.shape[0], 1))
+    for r0 in range(0, out[0], rows):
+        r1 = min(r0 + rows, out[0])
+        # patches[i, j, a, b, c] = xp[(r0 + i) * s0 + a * d0, j * s1 + b * d1, c]
+        parts = [xp[r0 * strides[0] + a * dilation[0]:(r1 - 1) * strides[0] + a * dilation[0] + 1:strides[0],
+                    b * dilation[1]:(out[1] - 1) * strides[1] + b * dilation[1] + 1:strides[1], :]
+                 for a in range(taps[0]) for b in range(taps[1])]
+        patches = np.stack(parts, axis=2)  # (rows, out1, taps, Cin)
+        y[r0:r1] = (patches.reshape(-1, w.shape[0]) @ w).reshape(r1 - r0, out[1], cout)
+    return y
 
 
 def depthwise_maps(layer, m: Moments, in_shape, kernel, bias):

@@ -133,9 +133,12 @@ def through_conv(out: Moments, m_in: Moments, kernel, strides, in_shape) -> Mome
     if corr is None or not _is_map(in_shape) or out.ch_mean is None:
         return out
     w = np.asarray(kernel)
-    w2 = np.square(w).reshape(-1, w.shape[-2], w.shape[-1]).sum(axis=0, dtype=np.float64)  # (cin, cout)
-    if w2.shape != (m_in.channels, out.channels):
+    w3 = w.reshape(-1, w.shape[-2], w.shape[-1])
+    if w3.shape[1:] != (m_in.channels, out.channels):
         return out
+    w2 = np.zeros(w3.shape[1:])  # (cin, cout): sum over taps of W^2, one tap at a time (no kernel-size temporary)
+    for tap in w3:
+        w2 += np.square(tap, dtype=np.float64)
     cov = corr * fluctuation(m_in)[:, None, None]
     big, pad = _strided(cov, strides)
     sampled = _sample(big, pad, strides).reshape(m_in.channels, -1)  # (cin, SIDE^2)
