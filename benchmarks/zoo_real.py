@@ -16,9 +16,10 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     target is `signal_variance` = 1;
   * the fraction of weighted layers within [0.5, 2] (analytic) and [0.8, 1.25] (default) of the target;
   * final: |log(predicted / measured)| of the model's (first) output variance after the analytic wrap;
-  * probe: also the standard error (relative, +-rse) of the worst layer's measured variance on the fresh
-    examples (from the spread of the examples' energies: heavy-tailed after squeeze-and-excitation gates),
-    and how many layers are off by more than 10% plus two of their own standard errors (>10%+2se);
+  * default and probe: also the standard error (relative, +-rse) of the worst layer's measured variance on
+    the fresh examples (from the spread of the examples' energies: heavy-tailed after squeeze-and-excitation
+    gates); probe: how many layers are off by more than 10% plus two of their own standard errors
+    (>10%+2se);
   * the recorder measures `--fresh` (512) fresh examples in batches of `--batch` (64), accumulating sums of
     x and x^2 per example and layer, so each variance is that of all 512 examples (training mode: BatchNormalization
     normalizes by each batch's statistics, so the batch is part of what is measured; keep 64 to compare
@@ -293,12 +294,12 @@ def one(name, batch, fresh_examples):
             out[f"{mode}_within"] = float(np.mean((vals >= lo) & (vals <= hi)))
             out[f"{mode}_off"] = sorted(((abs(float(np.log(max(v, 1e-30)))), k, v) for k, v in got.items()),
                                         reverse=True)[:3]
+            # The measurement's own noise: the standard error of the worst layer's variance on these fresh
+            # examples (heavy-tailed per-example energies make it large); for the probe, the layers off by
+            # more than 10% plus two of their standard errors.
+            worst_key = max(got, key=lambda k: abs(float(np.log(max(got[k], 1e-30)))), default=None)
+            out[f"{mode}_worst_rse"] = rec.rse.get(worst_key, 0.0)
             if mode == "probe":
-                # The measurement's own noise: the standard error of each variance on these fresh examples
-                # (heavy-tailed per-example energies make it large), and the layers off by more than 10%
-                # plus two of their standard errors.
-                worst_key = max(got, key=lambda k: abs(float(np.log(max(got[k], 1e-30)))), default=None)
-                out["probe_worst_rse"] = rec.rse.get(worst_key, 0.0)
                 out["probe_beyond"] = sum(abs(float(np.log(max(v, 1e-30)))) > 0.1 + 2 * rec.rse.get(k, 0.0)
                                           for k, v in got.items())
     out["layers"] = len(layers)
@@ -329,7 +330,7 @@ def main():
     names = args.only or (VARIANTS if args.variants else MODELS)
     head = (f"{'model':24s} {'build':>6s} {'analyz':>6s} {'wrap':>6s} {'auto':>6s} {'probe':>6s} {'w/b':>5s} "
             f"{'reinit':>6s} {'fb':>3s} {'autoN':>5s} | {'analytic worst/med in[.5,2] final':>34s} | "
-            f"{'default worst/med in[.8,1.25]':>30s} | {'probe worst/med +-rse >10%+2se':>31s} | {'RSS MB':>6s} "
+            f"{'default worst/med +-rse in[.8,1.25]':>37s} | {'probe worst/med +-rse >10%+2se':>31s} | {'RSS MB':>6s} "
             f"{'wrapRSS':>7s}")
     print(head)
     for name in names:
@@ -346,7 +347,8 @@ def main():
               f"{r['probe_s']:6.2f} {r['analytic_s'] / r['build_s']:5.2f} {r['reinit']:6.1%} {r['fallbacks']:3d} "
               f"{r['auto']:5d} | {r['analytic_worst']:8.2f} {r['analytic_median']:6.3f} {r['analytic_within']:11.0%} "
               f"{r['analytic_final']:5.2f} | "
-              f"{r['default_worst']:8.2f} {r['default_median']:6.3f} {r['default_within']:13.0%} | "
+              f"{r['default_worst']:8.2f} {r['default_median']:6.3f} {r['default_worst_rse']:6.3f} "
+              f"{r['default_within']:13.0%} | "
               f"{r['probe_worst']:7.2f} {r['probe_median']:7.3f} {r['probe_worst_rse']:6.3f} {r['probe_beyond']:8d} | "
               f"{r['rss_mb']:6.0f} {r.get('wrap_rss_mb', 0):7.0f}",
               flush=True)
