@@ -241,10 +241,18 @@ def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_with
     high; with it a LayerNorm + MultiHeadAttention's attended values are within 1-2% of the layer's
     (`tests/test_attention_coupling.py` checks the layer's output)."""
     wk, wv, wq = (np.asarray(ctx.value(d.kernel), dtype=np.float64) for d in (k_dense, v_dense, q_dense))
-    if not (wk.ndim == wv.ndim == wq.ndim == 3 and wk.shape[1] == wv.shape[1] == wq.shape[1]):
+    if not (wk.ndim == wv.ndim == wq.ndim == 3 and wk.shape[1] == wv.shape[1]):
         return attended
-    bq = ctx.value(q_dense.bias) if getattr(q_dense, "bias", None) is not None else None
     bv = ctx.value(v_dense.bias) if getattr(v_dense, "bias", None) is not None else None
+    groups = wq.shape[1] // wk.shape[1] if wq.shape[1] % wk.shape[1] == 0 else 0
+    if groups == 0:
+        return attended
+    if groups > 1:
+        # Grouped-query attention: query head h reads key/value head h // groups (Keras repeats each).
+        wk, wv = np.repeat(wk, groups, axis=1), np.repeat(wv, groups, axis=1)
+        if bv is not None:
+            bv = np.repeat(np.asarray(bv, dtype=np.float64).reshape(-1, wv.shape[2]), groups, axis=0)
+    bq = ctx.value(q_dense.bias) if getattr(q_dense, "bias", None) is not None else None
     if kv_input.ch_mean is not None and kv_input.channels == wv.shape[0]:
         value_mean = np.einsum("c,chu->hu", kv_input.ch_mean, wv)
     else:
