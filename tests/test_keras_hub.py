@@ -27,6 +27,26 @@ def _changed_fraction(model, run):
     return changed / total
 
 
+def _outputs_on_fresh_tokens(model, layers, seeds):
+    """``id(layer) -> [output arrays]`` of each of `layers` over the model's training-mode calls on fresh
+    probes of 64 examples (token ids uniform over the vocabulary, masks ones), one per seed."""
+    seen = {}
+    for layer in layers:
+        original = layer.call
+
+        def call(*args, _layer=layer, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            seen.setdefault(id(_layer), []).append(np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64))
+            return out
+
+        object.__setattr__(layer, "call", call)
+    fn = graph.as_functional(model)
+    for seed in seeds:
+        x = dict(zip([kt.name for kt in fn.inputs], inputs.probe_arrays(fn, None, 64, seed=seed)))
+        model(x, training=True)
+    return seen
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_position_table_backbones_wrap(name):
     """Crashed with 'Expected size[0] in [0, 64], but got 256': the probe's unknown sequence length
@@ -173,20 +193,7 @@ def test_causal_attention_outputs_on_target_after_the_analytic_wrap(name):
     projections = [l for l in model._flatten_layers(include_self=False, recursive=True)
                    if isinstance(l, keras.layers.EinsumDense) and l.name in ("attention_output", "output")]
     assert len(projections) == 2
-    seen = {}
-    for layer in projections:
-        original = layer.call
-
-        def call(*args, _layer=layer, _original=original, **kwargs):
-            out = _original(*args, **kwargs)
-            seen.setdefault(id(_layer), []).append(np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64))
-            return out
-
-        object.__setattr__(layer, "call", call)
-    fn = graph.as_functional(model)
-    for seed in (11, 12):
-        x = dict(zip([kt.name for kt in fn.inputs], inputs.probe_arrays(fn, None, 64, seed=seed)))
-        model(x, training=True)
+    seen = _outputs_on_fresh_tokens(model, projections, seeds=(11, 12))
     for layer in projections:
         y = np.concatenate(seen[id(layer)])
         # (the second block's values share per-example parts: an estimate there, up to 1.25x; the default
@@ -210,20 +217,7 @@ def test_projections_after_the_rms_norms_on_target_after_the_analytic_wrap(name)
     layer0 = [l for l in model._flatten_layers(include_self=False, recursive=True)
               if isinstance(l, keras.layers.EinsumDense) and l.name in ("query", "key", "value")][:3]
     assert len(layer0) == 3
-    seen = {}
-    for layer in layer0:
-        original = layer.call
-
-        def call(*args, _layer=layer, _original=original, **kwargs):
-            out = _original(*args, **kwargs)
-            seen.setdefault(id(_layer), []).append(np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64))
-            return out
-
-        object.__setattr__(layer, "call", call)
-    fn = graph.as_functional(model)
-    for seed in (21, 22, 23, 24):
-        x = dict(zip([kt.name for kt in fn.inputs], inputs.probe_arrays(fn, None, 64, seed=seed)))
-        model(x, training=True)
+    seen = _outputs_on_fresh_tokens(model, layer0, seeds=(21, 22, 23, 24))
     for layer in layer0:
         y = np.concatenate(seen[id(layer)])
         assert 0.96 <= float(np.var(y)) <= 1.04, (layer.path, float(np.var(y)))

@@ -32,6 +32,7 @@ import numpy as np
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules.activation import masked_softmax_moments, softmax_moments, uniform_row_weights
 from autoinit_tf.rules.linear import linear_output
+from autoinit_tf.rules.provenance import producer
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -220,8 +221,7 @@ def _token_normalized_width(ctx):
     axis of C channels (LayerNormalization, RMS norms): points on a sphere, not Gaussian vectors."""
     tensors = ctx.node.input_tensors
     kt = tensors[1] if len(tensors) > 1 else tensors[0]
-    history = getattr(kt, "_keras_history", None)
-    op = getattr(history, "operation", None) if history is not None else None
+    op, _ = producer(kt)
     name = type(op).__name__
     if op is None or not any(k in name for k in ("LayerNorm", "RMSNorm")):
         return None

@@ -21,6 +21,7 @@ from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, m
                                          softmax_moments)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
+from autoinit_tf.rules.provenance import producer
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
@@ -271,19 +272,15 @@ def power_rule(ctx):
 def _from_softmax(tensor) -> bool:
     """Whether a traced tensor is a softmax's output (through dropout and casts): attention weights."""
     for _ in range(4):
-        history = getattr(tensor, "_keras_history", None)
-        op = history[0] if history else None
+        op, node = producer(tensor)
         if op is None:
             return False
         if isinstance(op, (nn_ops.Softmax, keras.layers.Softmax)) or (
                 isinstance(op, keras.layers.Activation) and getattr(op.activation, "__name__", "") == "softmax"):
             return True
-        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast)):
+        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast)) or not node.input_tensors:
             return False
-        nodes = getattr(op, "_inbound_nodes", [])
-        if not 0 <= history[1] < len(nodes) or not nodes[history[1]].input_tensors:
-            return False
-        tensor = nodes[history[1]].input_tensors[0]
+        tensor = node.input_tensors[0]
     return False
 
 

@@ -22,39 +22,18 @@ import math
 
 import keras
 import numpy as np
-from keras.src.ops import core as core_ops
 from keras.src.ops import math as math_ops
 from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.moments import Moments
+from autoinit_tf.rules.provenance import producer, uncast
 
 __all__ = ["rms_normalized", "rms_normalized_moments"]
 
 
-def _producer(tensor):
-    """(operation, its node) that produced a traced tensor, or (None, None)."""
-    history = getattr(tensor, "_keras_history", None)
-    op = getattr(history, "operation", None) if history is not None else None
-    if op is None:
-        return None, None
-    nodes = getattr(op, "_inbound_nodes", [])
-    index = history.node_index
-    return (op, nodes[index]) if 0 <= index < len(nodes) else (None, None)
-
-
-def _uncast(tensor):
-    """The tensor before any chain of casts."""
-    for _ in range(4):
-        op, node = _producer(tensor)
-        if not isinstance(op, core_ops.Cast) or not node.input_tensors:
-            return tensor
-        tensor = node.input_tensors[0]
-    return tensor
-
-
 def _squared(tensor):
     """z when `tensor` is z ** 2, square(z) or z * z; else None."""
-    op, node = _producer(tensor)
+    op, node = producer(tensor)
     if op is None:
         return None
     args = node.arguments.args
@@ -70,7 +49,7 @@ def _squared(tensor):
 
 def _mean_square_plus_eps(tensor, rank):
     """(z, eps) when `tensor` is mean(z ** 2 over the last axis, keepdims) + eps (eps >= 0 a number)."""
-    op, node = _producer(_uncast(tensor))
+    op, node = producer(uncast(tensor))
     eps = 0.0
     if isinstance(op, np_ops.Add):
         args = node.arguments.args
@@ -81,25 +60,25 @@ def _mean_square_plus_eps(tensor, rank):
         if len(inner) != 1 or len(const) != 1 or float(const[0]) < 0:
             return None
         eps = float(const[0])
-        op, node = _producer(_uncast(inner[0]))
+        op, node = producer(uncast(inner[0]))
     if not isinstance(op, np_ops.Mean) or not op.keepdims or not node.input_tensors:
         return None
     axis = op.axis if isinstance(op.axis, (list, tuple)) else [op.axis]
     if len(axis) != 1 or axis[0] is None or int(axis[0]) % rank != rank - 1:
         return None
-    z = _squared(_uncast(node.input_tensors[0]))
+    z = _squared(uncast(node.input_tensors[0]))
     return None if z is None else (z, eps)
 
 
 def _root(tensor):
     """u when `tensor` is sqrt(u) (through casts); else None."""
-    op, node = _producer(_uncast(tensor))
+    op, node = producer(uncast(tensor))
     return node.input_tensors[0] if isinstance(op, np_ops.Sqrt) and node.input_tensors else None
 
 
 def _inverse_root(tensor):
     """u when `tensor` is rsqrt(u) or reciprocal(sqrt(u)) (Gemma) (through casts); else None."""
-    op, node = _producer(_uncast(tensor))
+    op, node = producer(uncast(tensor))
     if isinstance(op, math_ops.Rsqrt) and node.input_tensors:
         return node.input_tensors[0]
     if isinstance(op, np_ops.Reciprocal) and node.input_tensors:
@@ -131,7 +110,7 @@ def rms_normalized(node):
         if u is None:
             continue
         hit = _mean_square_plus_eps(u, rank)
-        if hit is not None and _uncast(hit[0]) is _uncast(x):
+        if hit is not None and uncast(hit[0]) is uncast(x):
             return i, hit[1]
     return None
 
