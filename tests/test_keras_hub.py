@@ -27,6 +27,20 @@ def _changed_fraction(model, run):
     return changed / total
 
 
+def _decoder_after_analytic_wrap(name):
+    """A small GPT-2, Llama or Gemma backbone after ``wrap(calibrate=None)``."""
+    if name == "gpt2":
+        model = keras_hub.models.GPT2Backbone(num_heads=2, max_sequence_length=64, **SIZE)
+    elif name == "llama":
+        model = keras_hub.models.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **SIZE)
+    else:
+        model = keras_hub.models.GemmaBackbone(num_query_heads=2, num_key_value_heads=1, head_dim=32, **SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        autoinit_tf.wrap(model, seed=0, calibrate=None)
+    return model
+
+
 def _outputs_on_fresh_tokens(model, layers, seeds):
     """``id(layer) -> [output arrays]`` of each of `layers` over the model's training-mode calls on fresh
     probes of 64 examples (token ids uniform over the vocabulary, masks ones), one per seed."""
@@ -181,15 +195,7 @@ def test_causal_attention_outputs_on_target_after_the_analytic_wrap(name):
     Gemma's where on the queries that see nothing). The causal mask is now folded from the probe's all-ones
     padding mask and reaches those rules exactly. Measured: each block's attention output projection on
     fresh token ids, training mode."""
-    if name == "gpt2":
-        model = keras_hub.models.GPT2Backbone(num_heads=2, max_sequence_length=64, **SIZE)
-    elif name == "llama":
-        model = keras_hub.models.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **SIZE)
-    else:
-        model = keras_hub.models.GemmaBackbone(num_query_heads=2, num_key_value_heads=1, head_dim=32, **SIZE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        autoinit_tf.wrap(model, seed=0, calibrate=None)
+    model = _decoder_after_analytic_wrap(name)
     projections = [l for l in model._flatten_layers(include_self=False, recursive=True)
                    if isinstance(l, keras.layers.EinsumDense) and l.name in ("attention_output", "output")]
     assert len(projections) == 2
@@ -207,13 +213,7 @@ def test_projections_after_the_rms_norms_on_target_after_the_analytic_wrap(name)
     x * rsqrt(mean(x^2) + eps) was predicted 1.065-1.093 for 1.000, and every query, key and value
     projection after it came out 0.90-0.95 of the target (`rules.rms_pattern`). Measured: each block's
     query, key and value projections on fresh token ids, training mode."""
-    if name == "llama":
-        model = keras_hub.models.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **SIZE)
-    else:
-        model = keras_hub.models.GemmaBackbone(num_query_heads=2, num_key_value_heads=1, head_dim=32, **SIZE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        autoinit_tf.wrap(model, seed=0, calibrate=None)
+    model = _decoder_after_analytic_wrap(name)
     layer0 = [l for l in model._flatten_layers(include_self=False, recursive=True)
               if isinstance(l, keras.layers.EinsumDense) and l.name in ("query", "key", "value")][:3]
     assert len(layer0) == 3
