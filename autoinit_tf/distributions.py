@@ -45,6 +45,18 @@ def rng_for(seed, key: str) -> np.random.Generator:
 #: the values depend only on the generator's state.
 CHUNK = 1 << 20
 
+#: Byte alignment of the arrays `sample` returns (Eigen's widest vector alignment), so that
+#: `variable_assign` can hand them to TensorFlow as the variables' own buffers without a copy.
+ALIGNMENT = 64
+
+
+def aligned_empty(n: int, dtype=np.float32) -> np.ndarray:
+    """An uninitialized 1-D array of `n` entries whose data starts on an `ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % ALIGNMENT
+    return raw[offset:offset + n * dtype.itemsize].view(dtype)
+
 
 def sample(shape, var: float, distribution: str, rng: np.random.Generator, *,
            workers: int | None = None) -> np.ndarray:
@@ -60,7 +72,7 @@ def sample(shape, var: float, distribution: str, rng: np.random.Generator, *,
     check_distribution(distribution)
     std = float(np.sqrt(max(var, 0.0)))
     check_representable(std, np.float32)
-    out = np.empty(n, dtype=np.float32)
+    out = aligned_empty(n)
     if n <= CHUNK:
         _fill(out, std, distribution, rng)
     else:

@@ -34,6 +34,7 @@ from autoinit_tf.rules.context import RuleContext
 from autoinit_tf.rules.builtin import register_builtin_rules
 from autoinit_tf.rules.fallback import fallback_rule
 from autoinit_tf.rules.registry import UnsupportedLayerError
+from autoinit_tf.variable_assign import HostAssigner
 
 logger = logging.getLogger("autoinit_tf")
 
@@ -344,10 +345,11 @@ class AnalyticPass:
         """Assign every drawn array; returns the assigned variable paths. Each array is released once
         assigned, so the drawn copies and the variables' new buffers are not all alive at once."""
         paths = sorted(self.pending)
+        host = HostAssigner()
         while self.pending:
             _, (variable, array) = self.pending.popitem()
             if isinstance(array, np.ndarray):
-                variable.assign(array.astype(_np_dtype(variable), copy=False))
+                host.assign(variable, array.astype(_np_dtype(variable), copy=False))
             else:
                 variable.assign(keras.ops.cast(array, variable.dtype))
             del array
