@@ -24,12 +24,18 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     x and x^2 per example and layer, so each variance is that of all 512 examples (training mode: BatchNormalization
     normalizes by each batch's statistics, so the batch is part of what is measured; keep 64 to compare
     runs);
+  * for the calibrated modes, where a layer's verdict (default: inside [0.8, 1.25]; probe: |log var| below
+    0.10) is within two of its own standard errors of the edge on those 512, a second line: the same
+    layers measured on more fresh examples (512 at a time, generated one batch at a time) until every
+    verdict is decided at two standard errors or `--max-fresh` (8192) examples are measured: examples
+    measured, worst |log var| and its +-rse, layers out, layers still undecided, and the worst relative
+    standard error wrap's calibration claimed for itself (`report.calibration_error`);
   * peak RSS (MB) of the subprocess, and ``wrapRSS``: its peak when analyze and the three wraps are done,
     before any recorder pass (the wraps run first, each mode's weights saved to disk and restored for its
     recorder pass): what building and wrapping the model takes. The recorder's own training-mode forward
     passes (~36 MB per 96x96 example on ConvNeXtTiny) are in the first figure only.
 
-    python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 64] [--fresh 512]
+    python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 64] [--fresh 512] [--max-fresh 8192]
 """
 
 from __future__ import annotations
@@ -191,13 +197,23 @@ class Recorder:
     def run(self, model, batches):
         """Each layer's variance over every batch (sums of x and x^2 accumulated, so the estimate is that of
         all the examples, with one batch in memory at a time), and the model's final output variance."""
+        self.reset()
+        self.add(model, batches)
+        return self.result()
+
+    def reset(self):
+        self.sums, self.final, self.n_examples = {}, [0, 0.0, 0.0], 0
+
+    def add(self, model, batches):
+        """Accumulate more batches into the sums of `run` (`result` gives the estimates over all of them)."""
         import keras
         import numpy as np
 
-        sums, final = {}, [0, 0.0, 0.0]
+        sums, final = self.sums, self.final
         for inputs in batches:
             self.batch = {}
             self.examples = int(keras.tree.flatten(inputs)[0].shape[0])
+            self.n_examples += self.examples
             self.active = True
             try:
                 y = model(inputs, training=True)
@@ -211,6 +227,11 @@ class Recorder:
             final[0] += y.size
             final[1] += float(y.sum())
             final[2] += float(np.sum(y * y))
+
+    def result(self):
+        import numpy as np
+
+        sums, final = self.sums, self.final
         var, self.rse = {}, {}
         for k, (n, s1, s2) in sums.items():
             m, q = np.concatenate(s1) / n, np.concatenate(s2) / n  # per example: mean, mean square
@@ -231,7 +252,7 @@ def _digest(variable) -> bytes:
     return hashlib.sha1(np.ascontiguousarray(variable.numpy()).tobytes()).digest()
 
 
-def one(name, batch, fresh_examples):
+def one(name, batch, fresh_examples, max_fresh=0):
     import resource
 
     import numpy as np
@@ -243,13 +264,16 @@ def one(name, batch, fresh_examples):
     model = build(name)
     t_build = time.perf_counter() - t
     fn = graph.as_functional(model)
-    batches = []
-    for i in range(max(fresh_examples // batch, 1)):
+
+    def fresh_batch(i):
         fresh = inputs_mod.probe_arrays(fn, None, batch, seed=12345 + i)
         fresh = fresh if len(fresh) > 1 else fresh[0]
         if len(fn.inputs) > 1:
             fresh = {kt.name: a for kt, a in zip(fn.inputs, fresh)}
-        batches.append(fresh)
+        return fresh
+
+    base = max(fresh_examples // batch, 1)
+    batches = [fresh_batch(i) for i in range(base)]
     layers = weighted_layers(model)
     rec = Recorder(layers)
     out = {"model": name, "build_s": t_build}
@@ -265,7 +289,7 @@ def one(name, batch, fresh_examples):
         before = {p: _digest(v) for p, v in kernels.items()}
         # Every wrap first (their times and the process's peak RSS up to here: what building and wrapping
         # takes), each mode's weights saved to disk one variable at a time; then the recorder on each.
-        predicted = {}
+        predicted, claimed = {}, {}
         for mode, cal in modes:
             t = time.perf_counter()
             _, rep = autoinit_tf.wrap(model, seed=0, calibrate=cal, return_report=True)
@@ -276,6 +300,8 @@ def one(name, batch, fresh_examples):
                 out["reinit"] = 1.0 - sum(int(np.prod(kernels[p].shape)) for p in kept) / max(total, 1)
             if mode == "default":
                 out["auto"] = len(rep.auto_calibrated)
+            # the precision wrap's calibration claims for itself (worst layer's relative standard error)
+            claimed[mode] = max((getattr(rep, "calibration_error", None) or {}).values(), default=0.0)
             predicted[mode] = float(rep.output.var)
             del rep
             for i, v in enumerate(model.weights):
@@ -302,6 +328,25 @@ def one(name, batch, fresh_examples):
             if mode == "probe":
                 out["probe_beyond"] = sum(abs(float(np.log(max(v, 1e-30)))) > 0.1 + 2 * rec.rse.get(k, 0.0)
                                           for k, v in got.items())
+            if mode != "analytic" and max_fresh > fresh_examples:
+                # Sequential: more fresh examples (generated one batch at a time, never all in memory) while
+                # some layer's verdict (the probe: |log var| below 0.10; default: inside [0.8, 1.25]) is
+                # within two of its own standard errors of the threshold, up to `max_fresh` examples.
+                edge = 0.10 if mode == "probe" else float(np.log(1.25))
+                i = base
+                while rec.n_examples < max_fresh and any(
+                        abs(abs(float(np.log(max(v, 1e-30)))) - edge) < 2 * rec.rse.get(k, 0.0) for k, v in got.items()):
+                    rec.add(model, (fresh_batch(j) for j in range(i, i + base)))
+                    i += base
+                    got, _ = rec.result()
+                logs = {k: abs(float(np.log(max(v, 1e-30)))) for k, v in got.items()}
+                worst_key = max(logs, key=logs.get, default=None)
+                out[f"{mode}_ext"] = {"n": rec.n_examples, "worst": logs.get(worst_key, 0.0),
+                                      "rse": rec.rse.get(worst_key, 0.0),
+                                      "out": sum(v > edge for v in logs.values()),
+                                      "undecided": sum(abs(v - edge) < 2 * rec.rse.get(k, 0.0) for k, v in logs.items())}
+            if mode != "analytic":
+                out[f"{mode}_claimed_rse"] = claimed.get(mode, 0.0)
     out["layers"] = len(layers)
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -321,11 +366,14 @@ def main():
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--fresh", type=int, default=512, help="fresh examples measured (in batches of --batch)")
+    ap.add_argument("--max-fresh", type=int, default=8192,
+                    help="for the calibrated modes, measure up to this many fresh examples while a layer's verdict "
+                         "is within two standard errors of its threshold")
     ap.add_argument("--one")
     ap.add_argument("--variants", action="store_true", help="the other keras.applications models (VARIANTS)")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.batch, args.fresh)))
+        print("RESULT " + json.dumps(one(args.one, args.batch, args.fresh, args.max_fresh)))
         return
     names = args.only or (VARIANTS if args.variants else MODELS)
     head = (f"{'model':24s} {'build':>6s} {'analyz':>6s} {'wrap':>6s} {'auto':>6s} {'probe':>6s} {'w/b':>5s} "
@@ -335,7 +383,7 @@ def main():
     print(head)
     for name in names:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--fresh",
-                               str(args.fresh)],
+                               str(args.fresh), "--max-fresh", str(args.max_fresh)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -352,6 +400,12 @@ def main():
               f"{r['probe_worst']:7.2f} {r['probe_median']:7.3f} {r['probe_worst_rse']:6.3f} {r['probe_beyond']:8d} | "
               f"{r['rss_mb']:6.0f} {r.get('wrap_rss_mb', 0):7.0f}",
               flush=True)
+        ext = [(mode, r[f"{mode}_ext"]) for mode in ("default", "probe") if r.get(f"{mode}_ext", {}).get("n", 0) > args.fresh]
+        if ext:
+            # Measured again on more fresh examples where a verdict was within two standard errors of its edge.
+            print(f"{'':24s} more fresh examples: " + "; ".join(
+                f"{mode} n={e['n']} worst {e['worst']:.3f} +-{e['rse']:.3f} out {e['out']} undecided {e['undecided']} "
+                f"(wrap's own claim +-{r.get(mode + '_claimed_rse', 0.0):.3f})" for mode, e in ext), flush=True)
 
 
 if __name__ == "__main__":
