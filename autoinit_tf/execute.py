@@ -26,6 +26,8 @@ import keras
 import numpy as np
 from keras import tree
 
+from autoinit_tf import distributions
+
 __all__ = ["accepts_training", "call_stateless", "current_value", "probe_shape", "probe_array", "DEFAULT_PROBE_LENGTH"]
 
 #: Length given to unknown non-batch dimensions of a probe when the caller knows none
@@ -121,9 +123,14 @@ def probe_array(shape, dtype, moments, rng, fill=None):
             return rng.integers(0, int(fill[1]), size=shape).astype(dtype)
         hi = max(int(round(moments.mean + 3.0 * math.sqrt(moments.var))) + 1, 2)
         return rng.integers(0, hi, size=shape).astype(dtype)
+    # float32 standard normals, drawn in parallel chunks for large probes (`distributions.sample`: a
+    # probe of 372 images of 96x96x3 took 0.9 s in float64 on one core), then scaled in place
+    x = distributions.sample(shape, 1.0, "untruncated_normal", rng)
     ch_mean, ch_var = getattr(moments, "ch_mean", None), getattr(moments, "ch_var", None)
     if ch_mean is not None and len(shape) >= 2 and shape[-1] == ch_mean.size:
-        x = rng.standard_normal(shape) * np.sqrt(ch_var) + ch_mean  # per channel of the last axis
+        x *= np.sqrt(np.asarray(ch_var, dtype=np.float64)).astype(np.float32)  # per channel of the last axis
+        x += np.asarray(ch_mean, dtype=np.float32)
     else:
-        x = rng.standard_normal(shape) * math.sqrt(moments.var) + moments.mean
-    return x.astype(dtype if "float" in dtype else "float32")
+        x *= np.float32(math.sqrt(moments.var))
+        x += np.float32(moments.mean)
+    return x.astype(dtype if "float" in dtype else "float32", copy=False)

@@ -146,7 +146,9 @@ def _check_calibrated(model, fresh, tol=0.05, **measure_kw):
 def test_calibrate_probe_deep_mlp(act, fused):
     keras.utils.set_random_seed(0)
     model = _mlp(100, 64, act, fused)
-    _check_calibrated(model, None, batch_size=1024)
+    # 8192 fresh examples: on 1024 the worst of the 100 layers' measured variances alone moves by +-3%
+    # from one fresh seed to the next (per-example energies spread with depth)
+    _check_calibrated(model, None, batch_size=8192)
 
 
 def test_calibrate_probe_plain_cnn():
