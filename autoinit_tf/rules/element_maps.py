@@ -101,8 +101,12 @@ def correlate_maps(x, kernel, *, strides, padding, dilation):
             o = (n - span) // st + 1
             pads.append((0, 0))
         out.append(o)
-    xp = np.pad(x, pads + [(0, 0)]) if any(p != (0, 0) for p in pads) else x
     w = kernel.reshape(-1, cout)
+    if taps == (1, 1):
+        # a 1x1 kernel reads no padding: the strided positions times the kernel, one product (no patches)
+        xs = x[:(out[0] - 1) * strides[0] + 1:strides[0], :(out[1] - 1) * strides[1] + 1:strides[1], :]
+        return (xs.reshape(-1, w.shape[0]) @ w.astype(np.float32, copy=False)).reshape(out[0], out[1], cout)
+    xp = np.pad(x, pads + [(0, 0)]) if any(p != (0, 0) for p in pads) else x
     y = np.empty((out[0], out[1], cout), dtype=np.float32)
     rows = max(1, PATCH_BLOCK // max(out[1] * w.shape[0], 1))
     for r0 in range(0, out[0], rows):
