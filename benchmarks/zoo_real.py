@@ -35,7 +35,7 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     recorder pass): what building and wrapping the model takes. The recorder's own training-mode forward
     passes (~36 MB per 96x96 example on ConvNeXtTiny) are in the first figure only.
 
-    python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 64] [--fresh 512] [--max-fresh 8192]
+    python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 64] [--fresh 512] [--max-fresh 8192] [--probe-rounds N]
 """
 
 from __future__ import annotations
@@ -369,10 +369,17 @@ def main():
     ap.add_argument("--max-fresh", type=int, default=8192,
                     help="for the calibrated modes, measure up to this many fresh examples while a layer's verdict "
                          "is within two standard errors of its threshold")
+    ap.add_argument("--probe-rounds", type=int, default=None,
+                    help="set autoinit_tf.calibration.MAX_ROUNDS (the probe mode's refinement rounds; the "
+                         "remedy a CalibrationWarning names)")
     ap.add_argument("--one")
     ap.add_argument("--variants", action="store_true", help="the other keras.applications models (VARIANTS)")
     args = ap.parse_args()
     if args.one:
+        if args.probe_rounds:
+            import autoinit_tf.calibration
+
+            autoinit_tf.calibration.MAX_ROUNDS = args.probe_rounds
         print("RESULT " + json.dumps(one(args.one, args.batch, args.fresh, args.max_fresh)))
         return
     names = args.only or (VARIANTS if args.variants else MODELS)
@@ -383,7 +390,8 @@ def main():
     print(head)
     for name in names:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--fresh",
-                               str(args.fresh), "--max-fresh", str(args.max_fresh)],
+                               str(args.fresh), "--max-fresh", str(args.max_fresh)]
+                              + (["--probe-rounds", str(args.probe_rounds)] if args.probe_rounds else []),
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
