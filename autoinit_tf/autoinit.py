@@ -10,7 +10,7 @@ import time
 import warnings
 
 from autoinit_tf import distribute
-from autoinit_tf.calibration import AUTO_ROUNDS
+from autoinit_tf.calibration import AUTO_ROUNDS, TRAINING_BATCH_SIZE
 from autoinit_tf.engine import FallbackRuleWarning, PassOptions, run_analytic_pass
 from autoinit_tf.measure import calibrated_values, measure
 from autoinit_tf.report import SignalReport
@@ -65,6 +65,7 @@ def wrap(
     progress=None,
     bn_gamma=None,
     only=None,
+    training_batch_size=TRAINING_BATCH_SIZE,
 ):
     """Re-initialize every weight tensor of `model` in place so the signal keeps its scale.
 
@@ -102,10 +103,15 @@ def wrap(
             layers (a new head on a pretrained backbone), every other variable stays bit-identical. The
             layers are fitted on a replay of the real model: on `data` when given (the moments the
             pretrained backbone really produces; recommended), else on a Gaussian probe (with a warning).
+        training_batch_size: the batch size you will train with (default 32, Keras fit's). Where
+            `calibrate` runs, BatchNormalization's batch statistics are taken over consecutive chunks of
+            this many probe examples, as training takes them: behind squeeze-and-excitation gates a
+            layer's variance depends on the batch size BN normalizes over. None: the whole probe at once.
 
     BatchNormalization (and DAR-BN) moving statistics are set to the statistics the initialized network
     gives its input (the analytic per-channel prediction; with `calibrate`, those measured on the
-    calibration batch), so inference right after `wrap` normalizes as training mode does.
+    calibration batch, averaged over its chunks of `training_batch_size`), so inference right after
+    `wrap` normalizes as training mode does.
 
     Returns:
         The same model object (or the rewritten model when `swaps` are given), with new weights.
@@ -150,6 +156,7 @@ def wrap(
             model, "probe" if auto else calibrate, report=report if return_report else None, only=only, values=values,
             record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
             moving_statistics=True, max_rounds=AUTO_ROUNDS if auto else None,
+            training_batch_size=training_batch_size,
         )
         engine.replace_pending(values)
         del values

@@ -23,7 +23,7 @@ from autoinit_tf.rules.builtin import register_builtin_rules
 from autoinit_tf.signal_replay import SignalReplay
 
 __all__ = ["calibrate", "calibrated_values", "assign_values", "CalibrationWarning", "CALIBRATION_RSE", "AUTO_ROUNDS",
-           "MAX_ROUNDS"]
+           "MAX_ROUNDS", "TRAINING_BATCH_SIZE"]
 
 logger = logging.getLogger("autoinit_tf")
 
@@ -55,13 +55,22 @@ MAX_ROUNDS = 8
 AUTO_ROUNDS = 2
 
 
+#: The batch size training will use, by default (Keras `fit`'s): in the calibration replay, layers that
+#: normalize by batch statistics (BatchNormalization) run on consecutive chunks of this many probe
+#: examples, so what follows them is calibrated for the batches training will see
+#: (`signal_replay.SignalReplay`, ``statistics_batch``). Pass ``training_batch_size`` to `wrap` or
+#: `calibrate` when you train with another.
+TRAINING_BATCH_SIZE = 32
+
+
 class CalibrationWarning(UserWarning):
     """Calibration could not fix a layer's variance to the intended precision on its batch."""
 
 
 
 def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
-              training=True, batch_size=None, targets=None, only=None) -> SignalReport:
+              training=True, batch_size=None, targets=None, only=None,
+              training_batch_size=TRAINING_BATCH_SIZE) -> SignalReport:
     """Rescale each weighted layer's kernel so its realized pre-activation variance hits the target.
 
     One replay in topological order: at each calibratable layer (see `CALIBRATION_KERNELS`; recurrent
@@ -90,20 +99,23 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
         targets: optional ``{row name: target variance}`` overriding `signal_variance` per layer.
         only: optional set of row names to calibrate (default: the weighted rows of `report`, or every
             calibratable layer when there is no report).
+        training_batch_size: the batch size you will train with: in training mode, BatchNormalization
+            runs on consecutive chunks of this many examples (`TRAINING_BATCH_SIZE`, Keras fit's
+            default 32); None: on the whole batch at once.
 
     Returns:
         The report (the given one, updated in place, or a new measured one).
     """
     report, values = calibrated_values(model, data, report=report, input_moments=input_moments, seed=seed,
                                        signal_variance=signal_variance, training=training, batch_size=batch_size,
-                                       targets=targets, only=only)
+                                       targets=targets, only=only, training_batch_size=training_batch_size)
     assign_values(model, values)
     return report
 
 
 def calibrated_values(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
                       training=True, batch_size=None, targets=None, only=None, values=None, record=True,
-                      moving_statistics=False, max_rounds=None):
+                      moving_statistics=False, max_rounds=None, training_batch_size=TRAINING_BATCH_SIZE):
     """`calibrate` without assigning anything: ``(report, values)`` with ``values`` the calibrated
     kernels as ``id(variable) -> value``.
 
@@ -120,7 +132,8 @@ def calibrated_values(model, data="probe", *, report=None, input_moments=None, s
     replay, source = calibration_replay(model, data, only=only, record=record, input_moments=input_moments,
                                          seed=seed, signal_variance=signal_variance, training=training,
                                          batch_size=batch_size, targets=targets, values=values,
-                                         moving_statistics=moving_statistics, max_rounds=max_rounds)
+                                         moving_statistics=moving_statistics, max_rounds=max_rounds,
+                                         training_batch_size=training_batch_size)
     if not record:
         return None, replay.values
     if report is None:
@@ -156,7 +169,7 @@ def assign_values(model, values):
 
 def calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
                         training=True, batch_size=None, targets=None, values=None, moving_statistics=False,
-                        max_rounds=None):
+                        max_rounds=None, training_batch_size=TRAINING_BATCH_SIZE):
     """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
     without a report). Returns the `SignalReplay` (its ``factors``, ``rse`` and ``batch``) and the source
     ("probe" or "data").
@@ -182,7 +195,7 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         replay = SignalReplay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
                          only=None if only is None else set(only), record=record,
                          prior=None if replay is None else replay.factors, values=values,
-                         moving_statistics=moving_statistics)
+                         moving_statistics=moving_statistics, statistics_batch=training_batch_size)
         replay.run(inputs)
         replay.batch = n
         del inputs
@@ -208,7 +221,8 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
             replay = SignalReplay(fn, training=training, calibrate=True, targets=targets,
                                   signal_variance=signal_variance, only=None if only is None else set(only),
                                   record=record, prior=replay.factors, values=values,
-                                  moving_statistics=moving_statistics, step=1.0 / k)
+                                  moving_statistics=moving_statistics, step=1.0 / k,
+                                  statistics_batch=training_batch_size)
             replay.run(inputs)
             del inputs
             rounds = k

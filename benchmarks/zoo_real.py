@@ -20,10 +20,11 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     the fresh examples (from the spread of the examples' energies: heavy-tailed after squeeze-and-excitation
     gates); probe: how many layers are off by more than 10% plus two of their own standard errors
     (>10%+2se);
-  * the recorder measures `--fresh` (512) fresh examples in batches of `--batch` (64), accumulating sums of
+  * the recorder measures `--fresh` (512) fresh examples in batches of `--batch` (32), accumulating sums of
     x and x^2 per example and layer, so each variance is that of all 512 examples (training mode: BatchNormalization
-    normalizes by each batch's statistics, so the batch is part of what is measured; keep 64 to compare
-    runs);
+    normalizes by each batch's statistics, so the batch is part of what is measured: 32 is Keras fit's
+    default batch size and `wrap`'s default ``training_batch_size``, the batch its calibration targets;
+    the runs in BENCHMARKS.md up to commit c53d30e measured in batches of 64);
   * for the calibrated modes, where a layer's verdict (default: inside [0.8, 1.25]; probe: |log var| below
     0.10) is within two of its own standard errors of the edge on those 512, a second line: the same
     layers measured on more fresh examples (512 at a time, generated one batch at a time) until every
@@ -35,7 +36,7 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     recorder pass): what building and wrapping the model takes. The recorder's own training-mode forward
     passes (~36 MB per 96x96 example on ConvNeXtTiny) are in the first figure only.
 
-    python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 64] [--fresh 512] [--max-fresh 8192] [--probe-rounds N]
+    python benchmarks/zoo_real.py [--only NAME ...] [--variants] [--batch 32] [--fresh 512] [--max-fresh 8192] [--probe-rounds N]
 """
 
 from __future__ import annotations
@@ -364,7 +365,8 @@ def _value(model, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32,
+                    help="measurement batch (BatchNormalization's statistics); wrap's default training_batch_size")
     ap.add_argument("--fresh", type=int, default=512, help="fresh examples measured (in batches of --batch)")
     ap.add_argument("--max-fresh", type=int, default=8192,
                     help="for the calibrated modes, measure up to this many fresh examples while a layer's verdict "
