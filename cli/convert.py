@@ -270,6 +270,9 @@ def default_output(input_path, suffix="autoinit", ext=".keras"):
               help="auto: rescale on a probe only the layers the analytic pass knows it cannot predict exactly; "
                    "none: the pure analytic pass; probe/data: rescale every layer so its realized variance hits "
                    "the target.")
+@click.option("--training-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="The batch size you will train with: calibration takes BatchNormalization's statistics over "
+                   "batches of this many examples.")
 @click.option("--seed", type=int, default=None, help="Seed: weights depend only on (seed, variable path).")
 @click.option("--signal-variance", type=float, default=1.0, show_default=True,
               help="Target variance of every weighted layer's pre-activation output.")
@@ -293,8 +296,8 @@ def default_output(input_path, suffix="autoinit", ext=".keras"):
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Print the per-layer table, fix-ups and tracebacks.")
 def command(input_path, output_path, input_format, custom_objects, allow_lambda, swaps, input_mean, input_var,
-            data_path, calibrate, seed, signal_variance, distribution, strict, bn_gamma, include_frozen, keep,
-            export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
+            data_path, calibrate, training_batch_size, seed, signal_variance, distribution, strict, bn_gamma,
+            include_frozen, keep, export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
     """Re-initialize a stored model with AutoInit and save it as .keras.
 
     INPUT is a .keras file, a legacy .h5 file (Keras 2 or 3), a Keras-2 SavedModel directory or a JSON
@@ -323,8 +326,8 @@ def command(input_path, output_path, input_format, custom_objects, allow_lambda,
 
 
 def _convert(*, input_path, output_path, input_format, custom_objects, allow_lambda, swaps, input_mean,
-             input_var, data_path, calibrate, seed, signal_variance, distribution, strict, bn_gamma, include_frozen,
-             keep, export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
+             input_var, data_path, calibrate, training_batch_size, seed, signal_variance, distribution, strict,
+             bn_gamma, include_frozen, keep, export_dir, report_path, plot_path, dry_run, overwrite, quiet, verbose):
     """The stages: refuse unwritable outputs, load, swap, initialize, then print (dry run) or publish."""
     from autoinit_tf import formats
 
@@ -353,7 +356,7 @@ def _convert(*, input_path, output_path, input_format, custom_objects, allow_lam
                        distribution=distribution, seed=seed, strict=strict, include_frozen=include_frozen,
                        progress=progress.walk_callback(), bn_gamma=bn_gamma)
         model, report = _initialize(model, kept, options, dry_run=dry_run, calibrate=calibrate, progress=progress,
-                                    verbose=verbose)
+                                    verbose=verbose, training_batch_size=training_batch_size)
         if dry_run:
             progress.finish()
             _print_dry_run(echo, input_path, loaded, plan, kept, report, t0)
@@ -389,7 +392,7 @@ def _swap(model, swaps, echo):
     return model, plan
 
 
-def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose):
+def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose, training_batch_size=32):
     """analyze (dry run) or wrap, then calibrate; kept layers frozen meanwhile. Returns (model, report)."""
     import autoinit_tf
 
@@ -404,12 +407,14 @@ def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose):
                 report = autoinit_tf.analyze(model, **options)
             else:
                 model, report = autoinit_tf.wrap(model, return_report=True,
-                                                 calibrate="auto" if calibrate == "auto" else None, **options)
+                                                 calibrate="auto" if calibrate == "auto" else None,
+                                                 training_batch_size=training_batch_size, **options)
                 if calibrate in ("probe", "data"):
                     progress("calibrate")
                     target = "probe" if calibrate == "probe" else options["data"]
                     report = autoinit_tf.calibrate(model, target, report=report, input_moments=options["input_moments"],
-                                                   seed=options["seed"], signal_variance=options["signal_variance"])
+                                                   seed=options["seed"], signal_variance=options["signal_variance"],
+                                                   training_batch_size=training_batch_size)
     finally:
         for _, layer in kept:
             layer.trainable = frozen_before[id(layer)]

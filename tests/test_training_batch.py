@@ -73,3 +73,19 @@ def test_calibration_targets_the_training_batch(training_batch_size, measured_ba
     # the other batch size sees about half or twice that: the batch size is part of what is calibrated
     other = 4096 if measured_batch == 8 else 8
     assert abs(np.log(_head_variance(model, other))) > 0.5
+
+
+def test_cli_passes_the_training_batch_size(tmp_path):
+    pytest.importorskip("tensorflow")
+    from click.testing import CliRunner
+
+    from autoinit_tf_cli.main import cli
+
+    model = _gated_model()
+    model.save(tmp_path / "gated.keras")
+    out = tmp_path / "out.keras"
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path / "gated.keras"), str(out), "--calibrate", "probe",
+                                 "--training-batch-size", "8", "--seed", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    back = keras.saving.load_model(out, compile=False)
+    assert _head_variance(back, 8) == pytest.approx(1.0, rel=0.06)
