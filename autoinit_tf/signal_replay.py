@@ -296,8 +296,8 @@ class SignalReplay:
         """Whether `op` runs on chunks of `statistics_batch` examples (see ``__init__``)."""
         if not self.training or self.statistics_batch is None or not isinstance(op, keras.layers.Layer):
             return False
-        if not registry.spec_for(op).mixes_examples:
-            return False
+        if not registry.spec_for(op).mixes_examples or not getattr(op, "trainable", True):
+            return False  # a frozen BatchNormalization normalizes by its moving statistics, even in training
         x = args[0] if args else None
         return x is not None and hasattr(x, "shape") and len(x.shape) >= 1 and x.shape[0] is not None \
             and int(x.shape[0]) > self.statistics_batch

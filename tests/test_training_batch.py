@@ -89,3 +89,17 @@ def test_cli_passes_the_training_batch_size(tmp_path):
     assert r.exit_code == 0, r.output
     back = keras.saving.load_model(out, compile=False)
     assert _head_variance(back, 8) == pytest.approx(1.0, rel=0.06)
+
+
+def test_a_frozen_batch_norm_is_not_chunked():
+    """Keras runs a BatchNormalization with trainable=False in inference mode even in training: the replay
+    calls it as it is (its moving statistics), whatever the chunk size."""
+    register_builtin_rules()
+    model, bn, x = _bn_model()
+    bn.moving_mean.assign(np.array([0.5, -1.0, 2.0], np.float32))
+    bn.moving_variance.assign(np.array([4.0, 9.0, 0.25], np.float32))
+    bn.trainable = False
+    replay = SignalReplay(graph.as_functional(model), training=True, statistics_batch=32)
+    assert not replay._in_chunks(bn, (keras.ops.convert_to_tensor(x),))
+    got = keras.ops.convert_to_numpy(replay.run(x))
+    np.testing.assert_allclose(got, keras.ops.convert_to_numpy(bn(x, training=True)), rtol=1e-5, atol=1e-5)
