@@ -256,11 +256,12 @@ class SignalReplay:
                 outs, pre_stats, note = self._calibrated_recurrent(op, name, args, kwargs, cells)
             notes.append(note)
         else:
+            moments = None
             if self.moving_statistics and layer and getattr(op, "trainable", True):
-                self._measure_moving_statistics(op, args, kwargs)
+                moments = self._measure_moving_statistics(op, args, kwargs)
             with NoActivation(op, act is not None):
                 if self._in_chunks(op, args):
-                    outs = self._chunked_call(op, args, kwargs)
+                    outs = self._chunked_call(op, args, kwargs, moments)
                 else:
                     outs = call_with(op, args, kwargs, self.training, self.values)
             if act is not None:
@@ -306,12 +307,13 @@ class SignalReplay:
         size = self.statistics_batch
         return [(i, min(i + size, n)) for i in range(0, n, size)]
 
-    def _chunked_call(self, op, args, kwargs):
+    def _chunked_call(self, op, args, kwargs, moments=None):
         """`op` on consecutive chunks of `statistics_batch` examples (the last one shorter), concatenated;
-        batch-sized keyword tensors (a mask) are cut alike."""
+        batch-sized keyword tensors (a mask) are cut alike. ``moments``: the full chunks' statistics when
+        `_measure_moving_statistics` already computed them."""
         n = int(args[0].shape[0])
         if type(op) is keras.layers.BatchNormalization and len(args) == 1 and kwargs.get("mask") is None:
-            return self._chunked_batch_norm(op, args[0])
+            return self._chunked_batch_norm(op, args[0], moments)
 
         def cut(v, a, b):
             return v[a:b] if hasattr(v, "shape") and len(v.shape) >= 1 and v.shape[0] == n else v
@@ -324,22 +326,32 @@ class SignalReplay:
             return type(outs[0])(ops.concatenate([o[i] for o in outs], axis=0) for i in range(len(outs[0])))
         return ops.concatenate(outs, axis=0)
 
-    def _chunked_batch_norm(self, op, x):
-        """Keras' BatchNormalization in training mode with each chunk's own statistics, all chunks in one
-        set of ops (the chunks as a leading axis): (x - mean_chunk) / sqrt(var_chunk + eps) * gamma + beta
-        per channel, moments in float32 at least (as Keras computes them)."""
+    def _full_chunk_moments(self, x, axis, dtype=None):
+        """The full chunks of `x` as a leading axis, (chunks, size, ...), and each chunk's mean and variance
+        per channel of `axis` (keepdims), in `dtype`; (None, None, None) when there is no full chunk."""
         n, size = int(x.shape[0]), self.statistics_batch
+        if n < size:
+            return None, None, None
         rank = len(x.shape)
+        xs = x[:(n // size) * size]
+        xs = ops.reshape(xs if dtype is None else ops.cast(xs, dtype), (n // size, size) + tuple(int(d) for d in x.shape[1:]))
+        axes = tuple(i + 1 for i in range(rank) if i != axis)
+        mean = ops.mean(xs, axis=axes, keepdims=True)
+        return xs, mean, ops.mean(ops.square(xs - mean), axis=axes, keepdims=True)
+
+    def _chunked_batch_norm(self, op, x, moments=None):
+        """Keras' BatchNormalization in training mode with each chunk's own statistics, all full chunks in one
+        set of ops (the chunks as a leading axis): (x - mean_chunk) / sqrt(var_chunk + eps) * gamma + beta
+        per channel, moments in float32 at least (as Keras computes them); the shorter last chunk by Keras."""
+        n, rank = int(x.shape[0]), len(x.shape)
         axis = int(op.axis) % rank
         dtype = x.dtype
         compute = "float32" if keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16") else dtype
-        full = (n // size) * size
+        xs, mean, var = self._full_chunk_moments(x, axis, compute)
+        if moments is not None and xs is not None:  # the same statistics, already taken for the moving ones
+            mean, var = (ops.cast(m, compute) for m in moments)
         parts = []
-        if full:
-            xs = ops.reshape(ops.cast(x[:full], compute), (n // size, size) + tuple(int(d) for d in x.shape[1:]))
-            axes = tuple(i + 1 for i in range(rank) if i != axis)
-            mean = ops.mean(xs, axis=axes, keepdims=True)
-            var = ops.mean(ops.square(xs - mean), axis=axes, keepdims=True)
+        if xs is not None:
             y = (xs - mean) * ops.rsqrt(var + op.epsilon)
             shape = [1] * (rank + 1)
             shape[axis + 1] = -1
@@ -347,7 +359,8 @@ class SignalReplay:
                 y = y * ops.reshape(ops.cast(self.value(op.gamma), compute), shape)
             if op.center:
                 y = y + ops.reshape(ops.cast(self.value(op.beta), compute), shape)
-            parts.append(ops.cast(ops.reshape(y, (full,) + tuple(int(d) for d in x.shape[1:])), dtype))
+            parts.append(ops.cast(ops.reshape(y, (int(xs.shape[0]) * int(xs.shape[1]),) + tuple(x.shape[1:])), dtype))
+        full = 0 if xs is None else int(xs.shape[0]) * int(xs.shape[1])
         if full < n:
             parts.append(call_with(op, (x[full:],), {}, self.training, self.values))
         return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
@@ -356,39 +369,39 @@ class SignalReplay:
         """For a layer that normalizes by batch statistics, its moving mean and variance become the
         statistics of its input on this (already calibrated) replay, per channel: with `statistics_batch`,
         the average over the chunks of each chunk's mean and variance (what training's moving averages
-        of per-batch statistics converge to)."""
+        of per-batch statistics converge to), each chunk weighted by its examples. Returns the full
+        chunks' (mean, var) for the chunked call to reuse, or None."""
         get = registry.spec_for(op).moving_statistics
         x = args[0] if args else kwargs.get("inputs")
         if get is None or x is None or not hasattr(x, "shape"):
-            return
+            return None
         mean_var, var_var, axis = get(op)
         x = as_float(x)
-        axis = int(axis if not isinstance(axis, (list, tuple)) else axis[-1]) % len(x.shape)
-        axes = tuple(i for i in range(len(x.shape)) if i != axis)
         rank = len(x.shape)
+        axis = int(axis if not isinstance(axis, (list, tuple)) else axis[-1]) % rank
+        axes = tuple(i for i in range(rank) if i != axis)
+        shape = [-1 if i == axis else 1 for i in range(rank)]
+
+        def whole(t):
+            m = ops.mean(t, axis=axes)
+            return m, ops.mean(ops.square(t - ops.reshape(m, shape)), axis=axes)
+
+        chunked = None
         if self._in_chunks(op, (x,)) and axis != 0:
-            # the full chunks as a leading axis (one set of ops), then the shorter last chunk
-            n, size = int(x.shape[0]), self.statistics_batch
-            full = (n // size) * size
-            xs = ops.reshape(x[:full], (n // size, size) + tuple(int(d) for d in x.shape[1:]))
-            chunk_axes = tuple(i + 1 for i in range(rank) if i != axis)
-            means = ops.mean(xs, axis=chunk_axes, keepdims=True)
-            variances = ops.mean(ops.square(xs - means), axis=chunk_axes)
-            mean, var = ops.sum(means, axis=0), ops.sum(variances, axis=0)
-            mean = ops.reshape(mean, (-1,)) * size
-            var = var * size
+            xs, means, variances = self._full_chunk_moments(x, axis)
+            chunked = (means, variances)
+            n, full = int(x.shape[0]), int(xs.shape[0]) * int(xs.shape[1])
+            mean = ops.reshape(ops.sum(means, axis=0), (-1,)) * int(xs.shape[1])
+            var = ops.reshape(ops.sum(variances, axis=0), (-1,)) * int(xs.shape[1])
             if full < n:
-                rest = x[full:]
-                m = ops.mean(rest, axis=axes)
-                mean = mean + m * (n - full)
-                var = var + ops.mean(ops.square(rest - ops.reshape(m, [-1 if i == axis else 1 for i in range(rank)])),
-                                     axis=axes) * (n - full)
-            mean, var = mean / n, var / n  # each chunk weighted by its examples
+                m, v = whole(x[full:])
+                mean, var = mean + m * (n - full), var + v * (n - full)
+            mean, var = mean / n, var / n
         else:
-            mean = ops.mean(x, axis=axes)
-            var = ops.mean(ops.square(x - ops.reshape(mean, [-1 if i == axis else 1 for i in range(rank)])), axis=axes)
+            mean, var = whole(x)
         self._set(mean_var, ops.cast(ops.reshape(mean, mean_var.shape), mean_var.dtype))
         self._set(var_var, ops.cast(ops.reshape(var, var_var.shape), var_var.dtype))
+        return chunked
 
     def value(self, variable):
         """The value `variable` stands for in this replay."""
