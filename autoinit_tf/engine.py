@@ -179,6 +179,7 @@ class AnalyticPass:
             self.call_inputs = {}
             out = self._one_pass(fn, input_moments)
         self.probe_values = {}
+        self.exact_probes = set()
         self.fn = fn
         # Raw tables a rule drew (`RuleContext.raw_table`, `rules.ops.add_op_rule`) are initialized; the others
         # are kept, said once.
@@ -231,6 +232,7 @@ class AnalyticPass:
         self.tainted = {}  # id(Moments) -> (Moments, reason, persistent); the object is held so its id stays unique
         self.drawn_by = {}  # id(op) -> variable paths its calls drew so far (keep_drawn=False only)
         self.probe_values = {}  # realized outputs of probed ops, keyed by id(KerasTensor)
+        self.exact_probes = set()  # the keys of those drawn from the input's exact distribution
         return graph.walk(fn, input_moments, self._visit, expand=self.tracer)
 
     def _visit(self, node, args, kwargs, site):

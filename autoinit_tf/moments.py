@@ -61,7 +61,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched", "corr", "const", "visible")
+                 "matched", "corr", "const", "visible", "ch_cov")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -89,6 +89,11 @@ class Moments:
         # boolean array (rows, last axis), True where an entry is not masked, for the softmax after them
         # (`rules.ops`); the moments are those of the entries that are not masked. None: no mask.
         self.visible = None
+        # The covariance matrix (C, C) between the channels (last axis) over examples and positions, whose
+        # diagonal is `ch_var`, when the channels are known to be correlated and it was measured (a recurrent
+        # layer's simulated state: its units share one recurrence). A Dense reading these channels then has
+        # variance w_j^T Cov w_j per unit, not sum_c w_cj^2 v_c. None: channels taken as uncorrelated.
+        self.ch_cov = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)

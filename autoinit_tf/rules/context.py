@@ -111,6 +111,14 @@ class RuleContext:
         return getattr(self._engine, "probe_values", None)
 
     @property
+    def exact_probes(self) -> set:
+        """The keys of `probe_cache` whose values are samples of the exact distribution the model gives that
+        tensor on its declared inputs (a recurrent layer simulated on the rows of the Embedding that feeds it,
+        say), not a Gaussian stand-in with the same moments; a rule that realizes such a value adds its key."""
+        store = getattr(self._engine, "exact_probes", None)
+        return set() if store is None else store
+
+    @property
     def state(self) -> dict:
         """A dict for this op that lives through all walks of the pass (a shared layer's rule may
         record in one call what another call needs; the engine walks twice when a layer is shared)."""

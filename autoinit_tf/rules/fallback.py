@@ -65,20 +65,33 @@ def run_on_probe(ctx, training=True, use_pending=True, seed=0):
     return [np.asarray(keras.ops.convert_to_numpy(o), dtype=np.float64) for o in outs]
 
 
+#: `array_moments(covariance=True)` measures the channel covariance for at most this many channels.
+MAX_COVARIANCE_CHANNELS = 1024
+
+
+def array_moments(y: np.ndarray, covariance: bool = False) -> Moments:
+    """The moments of a measured output: per channel of the last axis (channels last) when it has two or
+    more axes and is finite, else of its finite entries. ``covariance``: also the covariance between the
+    channels (`Moments.ch_cov`, over examples and positions), for up to `MAX_COVARIANCE_CHANNELS`."""
+    if not y.size:
+        return Moments(0.0, 0.0)
+    if y.ndim >= 2 and np.isfinite(y).all():
+        flat = y.reshape(-1, y.shape[-1])
+        mean = flat.mean(axis=0, dtype=np.float64)
+        if covariance and flat.shape[-1] <= MAX_COVARIANCE_CHANNELS:
+            centered = flat.astype(np.float64) - mean
+            cov = centered.T @ centered / flat.shape[0]
+            out = Moments.from_channels(mean, np.diag(cov).copy())
+            out.ch_cov = cov
+            return out
+        return Moments.from_channels(mean, flat.var(axis=0, dtype=np.float64))
+    y = y[np.isfinite(y)]
+    return Moments(float(y.mean()), float(y.var()))
+
+
 def probe_moments(ctx, training=True, use_pending=True):
     """Measured moments of every output of the op on a deterministic probe."""
-    outs = run_on_probe(ctx, training=training, use_pending=use_pending)
-    result = []
-    for y in outs:
-        if not y.size:
-            result.append(Moments(0.0, 0.0))
-            continue
-        if y.ndim >= 2 and np.isfinite(y).all():  # channels last: per-channel statistics
-            flat = y.reshape(-1, y.shape[-1])
-            result.append(Moments.from_channels(flat.mean(axis=0), flat.var(axis=0)))
-            continue
-        y = y[np.isfinite(y)]
-        result.append(Moments(float(y.mean()), float(y.var())))
+    result = [array_moments(y) for y in run_on_probe(ctx, training=training, use_pending=use_pending)]
     return result if len(result) > 1 else result[0]
 
 

@@ -116,12 +116,15 @@ def linear_output(m: Moments, w3, taps, bias=None):
     if channel_moments is not None:
         # Exact per output unit: input channel c has mean mu_c and within-channel variance v_c.
         mu, v = channel_moments
+        cov = m.ch_cov if m.ch_cov is not None and m.ch_cov.shape[0] == w3.shape[1] and w3.shape[0] == 1 else None
         out_mean = np.zeros(units)
         out_second = np.zeros(units)
         for sl, wb in _unit_blocks(w3):
             # Per tap t: the mean and the variance part each input tap contributes to every unit; a position
             # class then only sums its valid taps (cheap), instead of contracting the kernel once per class.
-            _add_tap_moments(out_mean, out_second, sl, mu @ wb, v @ (wb * wb), taps, b)  # BLAS per tap
+            # Correlated channels (a Dense on a measured covariance): w_j^T Cov w_j per unit.
+            tap_vars = v @ (wb * wb) if cov is None else np.sum((cov @ wb[0]) * wb[0], axis=0)[None]
+            _add_tap_moments(out_mean, out_second, sl, mu @ wb, tap_vars, taps, b)  # BLAS per tap
         result = Moments.from_channel_second(out_mean, out_second)
         return result, result.within, result.between
     ntaps = w3.shape[0]
