@@ -28,7 +28,10 @@ def _changed_fraction(model, run):
 
 
 def _decoder_after_analytic_wrap(name):
-    """A small GPT-2, Llama or Gemma backbone after ``wrap(calibrate=None)``."""
+    """A small GPT-2, Llama or Gemma backbone after ``wrap(calibrate=None)``. Names restart (the session is
+    cleared) so that the variables' paths, which key wrap's random streams, do not depend on the models
+    earlier tests built: the same weights whichever tests ran before."""
+    keras.backend.clear_session()
     if name == "gpt2":
         model = keras_hub.models.GPT2Backbone(num_heads=2, max_sequence_length=64, **SIZE)
     elif name == "llama":

@@ -127,6 +127,14 @@ class RuleContext:
             return {}
         return store.setdefault(id(self.op), {})
 
+    def state_of(self, op) -> dict:
+        """`state` of another op: a rule leaves there what that op's rule is to do on the next walk (a tied LM
+        head asks the normalization before it to scale its output)."""
+        store = getattr(self._engine, "op_state", None)
+        if store is None:
+            return {}
+        return store.setdefault(id(op), {})
+
     @property
     def calls(self) -> int:
         """How many times the walk calls this op."""
@@ -149,9 +157,10 @@ class RuleContext:
         return self.fit_inputs[0]
 
     # -- weights ---------------------------------------------------------------------------------
-    def may_reinit(self, variable) -> bool:
-        """Whether this pass may replace `variable` (frozen layers keep theirs by default)."""
-        return self._engine.may_reinit(self.op, variable)
+    def may_reinit(self, variable, op=None) -> bool:
+        """Whether this pass may replace `variable` of this op (or of `op`): frozen layers keep theirs by
+        default."""
+        return self._engine.may_reinit(self.op if op is None else op, variable)
 
     def drew(self, variable) -> bool:
         """Whether this call drew (recorded) a new value for `variable`."""

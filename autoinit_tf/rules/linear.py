@@ -23,10 +23,11 @@ import math
 
 import keras
 import numpy as np
+from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.declared import integer_fill
 from autoinit_tf.moments import Moments, elementwise_moments
-from autoinit_tf.rules import element_maps, shared_part, spatial_correlation
+from autoinit_tf.rules import element_maps, normalization, provenance, shared_part, spatial_correlation
 from autoinit_tf.rules.activation import axis_size, function_moments
 from autoinit_tf.rules.registry import BuiltinTable, kernel_of, spec_for
 
@@ -540,6 +541,37 @@ def _soft_capped(m: Moments, cap):
 
 
 _REVERSE_SECOND = "reverse call input second moment"
+_FORWARD_VAR = "tied table variance for the forward call"
+_HEAD_NORM = "the normalization before the head takes its scale"
+
+
+def _forward_gain(ctx) -> float:
+    """|c| when the forward call's output is read only by a multiplication by a constant c (Gemma scales its
+    embeddings by sqrt(d)), else 1."""
+    readers = provenance.consumers(ctx.node.outputs[0]) if ctx.node is not None and ctx.node.outputs else []
+    if len(readers) != 1 or not isinstance(readers[0].operation, np_ops.Multiply):
+        return 1.0
+    args = readers[0].arguments.args
+    consts = [a for a in args if not isinstance(a, keras.KerasTensor)]
+    if len(args) != 2 or len(consts) != 1:
+        return 1.0
+    c = np.asarray(keras.ops.convert_to_numpy(consts[0]), dtype=np.float64)
+    return abs(float(c.reshape(-1)[0])) if c.size == 1 and float(c.reshape(-1)[0]) != 0 else 1.0
+
+
+def _head_norm(ctx, h: Moments, w):
+    """The normalization that computes the reverse call's input, and the factor its scale takes so that the
+    logits h @ E^T have the target variance (``w``: the table as drawn for the forward call, this walk and
+    the next);
+    (None, None) where there is none this pass may rescale (a norm with a beta, a frozen one, raw ops)."""
+    norm, _ = provenance.source(ctx.node.input_tensors[0]) if ctx.node is not None else (None, None)
+    variable = normalization.scale_variable(norm) if norm is not None else None
+    if variable is None or not ctx.may_reinit(variable, op=norm):
+        return None, None
+    logits, _, _ = linear_output(h, w[None], [1.0], None)  # the next walk draws the same table
+    if not logits.var > 0:
+        return None, None
+    return norm, math.sqrt(ctx.signal_variance / logits.var)
 
 
 @BUILTIN.rule(keras.layers.ReversibleEmbedding, kernel=kernel_and_bias("embeddings", bias="__no_bias__"))
@@ -550,12 +582,19 @@ def reversible_embedding_rule(ctx):
     logits = h @ E^T, or h @ R with untied ``reverse_embeddings`` R, then the optional soft cap
     c tanh(x / c)): a linear map over d inputs, variance d Var(E) E[h^2].
 
-    Tied weights (one table serves both calls): the table is scaled for the output head, Var(E) =
-    signal_variance / (d E[h^2]), so the logits have the target variance; the embedding output then
-    has variance Var(E) (1/d for a normalized h), which the LayerNormalization that follows embeddings
-    in every keras-hub model (or the pre-norm of the first block) rescales. E[h^2] is the reverse call's
-    input second moment from the pass's first walk (the layer is called twice, so the engine walks
-    twice), `signal_variance` before that. Both rows report what the network will do.
+    Tied weights (one table serves both calls), the policy: the table is drawn for the embedding's own
+    use, Var(E) = signal_variance / g^2 (g = 1, or the constant the model multiplies the embeddings by:
+    Gemma's sqrt(d)), so the token embeddings enter the network on target (beside a learned position
+    embedding, GPT-2's, they carry as much as it does: drawn for the head they would carry 1/d of it).
+    The logits h @ E^T, with h from a final normalization (E[h^2] = 1), would then have variance
+    d Var(E) = d / g^2: the normalization that computes the head's input (a LayerNormalization without
+    beta, an RMSNormalization) takes a scale of sqrt(target / (d Var(E) E[h^2])) instead (1 / sqrt(d) for
+    GPT-2; 1 for Gemma's design), as T5 scales its tied decoder output by d^-0.5, and the logits are on
+    target. Where the head's input comes from anything else (raw ops, a norm with a beta, a frozen one),
+    the table is scaled for the head instead, Var(E) = signal_variance / (d E[h^2]), and the embedding
+    output has variance Var(E), which the normalization after the embeddings rescales. The engine walks
+    twice (the layer is called twice): the first walk finds the head's norm and its factor, the second
+    applies them. Both rows report what the network will do.
 
     Untied, with the reverse call never made (a backbone without its LM head): the output table R is
     drawn for a normalized head input (keras-hub LMs apply a final LayerNormalization / RMS norm before
@@ -565,12 +604,22 @@ def reversible_embedding_rule(ctx):
     layer = ctx.layer
     d = int(layer.output_dim)
     tied = bool(getattr(layer, "tie_weights", True))
+    state = ctx.state
     if _is_reverse_call(ctx):
         h = ctx.input
-        ctx.state[_REVERSE_SECOND] = h.second
+        state[_REVERSE_SECOND] = h.second
         if tied:
             w = ctx.value(layer.embeddings).astype(np.float64).T
-            ctx.note("tied: the head uses the embedding table (scaled for this head)")
+            forward_var = state.get(_FORWARD_VAR)
+            if forward_var is not None and not state.get(_HEAD_NORM):
+                norm, factor = _head_norm(ctx, h, w)
+                if norm is not None:
+                    ctx.state_of(norm)[normalization.HEAD_SCALE] = factor
+                    state[_HEAD_NORM] = norm.name
+            if state.get(_HEAD_NORM):
+                ctx.note(f"tied: the head uses the embedding table; '{state[_HEAD_NORM]}' scales its input")
+            else:
+                ctx.note("tied: the head uses the embedding table (scaled for this head)")
         else:
             var = ctx.signal_variance / (d * h.second)
             w = ctx.draw(layer.reverse_embeddings, var).astype(np.float64)
@@ -588,9 +637,16 @@ def reversible_embedding_rule(ctx):
         ctx.note(f"untied output table drawn for the LM head this model does not call: variance {head_var:.4g} "
                  "= signal_variance / d (a normalized head input, E[h^2] = 1)")
     if tied and ctx.calls > 1:
-        second = ctx.state.get(_REVERSE_SECOND, ctx.signal_variance)
-        var = ctx.signal_variance / (d * second)
-        ctx.note(f"tied with the output head: table variance {var:.4g} puts the head's logits on target")
+        own = ctx.signal_variance / _forward_gain(ctx) ** 2
+        state[_FORWARD_VAR] = own
+        if state.get(_HEAD_NORM) or _REVERSE_SECOND not in state:
+            var = own  # the first walk, or the head's norm takes the head's scale
+            if state.get(_HEAD_NORM):
+                ctx.note(f"tied with the output head: table variance {var:.4g} puts the embedding on target; "
+                         f"'{state[_HEAD_NORM]}' scales the head's input")
+        else:
+            var = ctx.signal_variance / (d * state[_REVERSE_SECOND])
+            ctx.note(f"tied with the output head: table variance {var:.4g} puts the head's logits on target")
     ctx.weight_scale = var
     w = ctx.draw(layer.embeddings, var).astype(np.float64)
     return _looked_up(ctx, w)

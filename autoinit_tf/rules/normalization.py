@@ -42,6 +42,37 @@ for _cls in (keras.layers.BatchNormalization, keras.layers.LayerNormalization, k
         BUILTIN.declare(_cls, normalizes=True)
 
 
+#: `RuleContext.state` key: the factor a tied LM head after this normalization asked its scale to take
+#: (`rules.linear.reversible_embedding_rule`), applied on the walk after the one that asked.
+HEAD_SCALE = "scale for the tied head after it"
+
+
+def scale_variable(layer):
+    """The weight a normalization multiplies its normalized output by (LayerNormalization's gamma,
+    RMSNormalization's scale), when its output is exactly proportional to it (no beta, or a zero one);
+    else None."""
+    if isinstance(layer, keras.layers.LayerNormalization) and not getattr(layer, "rms_scaling", False):
+        beta = getattr(layer, "beta", None)
+        if beta is not None and np.any(keras.ops.convert_to_numpy(beta) != 0):
+            return None
+        return getattr(layer, "gamma", None)
+    rms = getattr(keras.layers, "RMSNormalization", None)
+    if rms is not None and isinstance(layer, rms):
+        return getattr(layer, "scale", None)
+    return None
+
+
+def apply_head_scale(ctx, layer) -> None:
+    """Scale the `scale_variable` of `layer` by the factor a tied LM head asked for (`HEAD_SCALE`), if any."""
+    factor = ctx.state.get(HEAD_SCALE)
+    variable = None if factor is None else scale_variable(layer)
+    if variable is None:
+        return
+    ctx.assign(variable, ctx.value(variable).astype(np.float64) * factor)
+    ctx.note(f"scale x{factor:.4g} for the tied LM head after it (its table is drawn for the embedding's own "
+             "output; this puts the logits on target)")
+
+
 def _affine_over_normalized(ctx, gamma, beta, ratio, kept_between=0.0):
     """gamma * xhat + beta with E[xhat^2] = ratio; `kept_between` of xhat's variance is per-channel."""
     g2 = 1.0 if gamma is None else float(np.mean(np.square(ctx.value(gamma).astype(np.float64))))
@@ -125,6 +156,7 @@ def batch_normalization_rule(ctx):
 def layer_normalization_rule(ctx):
     layer = ctx.layer
     m = ctx.input
+    apply_head_scale(ctx, layer)
     if getattr(layer, "rms_scaling", False):
         s = m.second
         g2 = float(np.mean(np.square(ctx.value(layer.gamma)))) if layer.gamma is not None else 1.0
@@ -162,6 +194,7 @@ if hasattr(keras.layers, "RMSNormalization"):
     def rms_normalization_rule(ctx):
         layer = ctx.layer
         eps = layer.epsilon if layer.epsilon is not None else 1e-6
+        apply_head_scale(ctx, layer)
         scale = ctx.value(layer.scale).astype(np.float64) if getattr(layer, "scale", None) is not None else None
         return rms_normalized_moments(ctx.input, eps, scale)
 

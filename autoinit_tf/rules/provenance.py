@@ -6,9 +6,11 @@ weights coming from a softmax, tokens coming from a per-token normalization) wal
 
 from __future__ import annotations
 
+import keras
+from keras import tree
 from keras.src.ops import core as core_ops
 
-__all__ = ["producer", "uncast"]
+__all__ = ["consumers", "producer", "source", "uncast"]
 
 
 def producer(tensor):
@@ -30,3 +32,27 @@ def uncast(tensor):
             return tensor
         tensor = node.input_tensors[0]
     return tensor
+
+
+def consumers(tensor):
+    """The nodes that read a traced tensor (the nodes of its producer's consumers that take it as an input)."""
+    op, _ = producer(tensor)
+    if op is None:
+        return []
+    return [n for n in getattr(op, "_outbound_nodes", []) if any(t is tensor for t in n.input_tensors)]
+
+
+def source(tensor, depth=4):
+    """(operation, node) that computes a traced tensor, looking through casts and into the Functional models
+    (a keras-hub backbone inside its task model) whose output it is; (None, None) when unknown."""
+    for _ in range(depth):
+        tensor = uncast(tensor)
+        op, node = producer(tensor)
+        if not isinstance(op, keras.Model) or getattr(op, "outputs", None) is None:
+            return op, node
+        index = next((i for i, t in enumerate(node.outputs) if t is tensor), None)
+        inner = tree.flatten(op.outputs)
+        if index is None or index >= len(inner):
+            return None, None
+        tensor = inner[index]
+    return None, None
