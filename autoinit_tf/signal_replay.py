@@ -326,15 +326,18 @@ class SignalReplay:
             return type(outs[0])(ops.concatenate([o[i] for o in outs], axis=0) for i in range(len(outs[0])))
         return ops.concatenate(outs, axis=0)
 
-    def _full_chunk_moments(self, x, axis, dtype=None):
+    def _full_chunk_moments(self, x, axis, dtype=None, moments=True):
         """The full chunks of `x` as a leading axis, (chunks, size, ...), and each chunk's mean and variance
-        per channel of `axis` (keepdims), in `dtype`; (None, None, None) when there is no full chunk."""
+        per channel of `axis` (keepdims), in `dtype`; (None, None, None) when there is no full chunk.
+        ``moments=False``: the chunks only (mean and variance None)."""
         n, size = int(x.shape[0]), self.statistics_batch
         if n < size:
             return None, None, None
         rank = len(x.shape)
         xs = x[:(n // size) * size]
         xs = ops.reshape(xs if dtype is None else ops.cast(xs, dtype), (n // size, size) + tuple(int(d) for d in x.shape[1:]))
+        if not moments:
+            return xs, None, None
         axes = tuple(i + 1 for i in range(rank) if i != axis)
         mean = ops.mean(xs, axis=axes, keepdims=True)
         return xs, mean, ops.mean(ops.square(xs - mean), axis=axes, keepdims=True)
@@ -347,18 +350,21 @@ class SignalReplay:
         axis = int(op.axis) % rank
         dtype = x.dtype
         compute = "float32" if keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16") else dtype
-        xs, mean, var = self._full_chunk_moments(x, axis, compute)
+        xs, mean, var = self._full_chunk_moments(x, axis, compute, moments=moments is None)
         if moments is not None and xs is not None:  # the same statistics, already taken for the moving ones
             mean, var = (ops.cast(m, compute) for m in moments)
         parts = []
         if xs is not None:
-            y = (xs - mean) * ops.rsqrt(var + op.epsilon)
+            # one multiply-add over the activation: y = x a + b, a = gamma / sqrt(var + eps), b = beta - mean a
             shape = [1] * (rank + 1)
             shape[axis + 1] = -1
+            a = ops.rsqrt(var + op.epsilon)
             if op.scale:
-                y = y * ops.reshape(ops.cast(self.value(op.gamma), compute), shape)
+                a = a * ops.reshape(ops.cast(self.value(op.gamma), compute), shape)
+            b = -mean * a
             if op.center:
-                y = y + ops.reshape(ops.cast(self.value(op.beta), compute), shape)
+                b = b + ops.reshape(ops.cast(self.value(op.beta), compute), shape)
+            y = xs * a + b
             parts.append(ops.cast(ops.reshape(y, (int(xs.shape[0]) * int(xs.shape[1]),) + tuple(x.shape[1:])), dtype))
         full = 0 if xs is None else int(xs.shape[0]) * int(xs.shape[1])
         if full < n:

@@ -36,6 +36,20 @@ def test_chunked_batch_norm_equals_keras_batch_norm_on_each_chunk():
     assert np.abs(got - whole).max() > 0.1  # the chunks' statistics differ from the whole batch's
 
 
+def test_chunked_batch_norm_on_the_moving_statistics_chunks_equals_keras():
+    """The replay measures the moving statistics first and hands their per-chunk moments to the chunked
+    call (not computed twice): the output is still Keras' BatchNormalization chunk by chunk."""
+    register_builtin_rules()
+    model, bn, x = _bn_model()
+    replay = SignalReplay(graph.as_functional(model), training=True, statistics_batch=32, moving_statistics=True)
+    t = keras.ops.convert_to_tensor(x)
+    moments = replay._measure_moving_statistics(bn, (t,), {})
+    assert moments is not None
+    got = keras.ops.convert_to_numpy(replay._chunked_call(bn, (t,), {}, moments))
+    ref = np.concatenate([keras.ops.convert_to_numpy(bn(x[a:a + 32], training=True)) for a in range(0, 70, 32)])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_moving_statistics_average_the_chunks_statistics():
     register_builtin_rules()
     model, bn, x = _bn_model()
