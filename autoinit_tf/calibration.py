@@ -179,7 +179,8 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     examples carry most of the energy: for per-example energies q the relative standard error of the
     variance is std(q) / (mean(q) sqrt(n))): the replay runs again on about n (rse / GROWTH_RSE)^2
     examples, refining the kernels already calibrated, while the largest activation stays within
-    `GROWTH_ELEMENTS`. A layer still short of `CALIBRATION_RSE` gets a `CalibrationWarning`.
+    `GROWTH_ELEMENTS`, cut down to whole batches of `training_batch_size`. A layer still short of
+    `CALIBRATION_RSE` gets a `CalibrationWarning`.
     """
     register_builtin_rules()
     fn = graph.as_functional(model)
@@ -204,6 +205,10 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
             break
         cap = max(n, GROWTH_ELEMENTS // max(replay.widest, 1))
         want = min(math.ceil(1.1 * n * (worst / GROWTH_RSE) ** 2), cap) if math.isfinite(worst) else cap
+        if training_batch_size and want > training_batch_size:
+            # whole training batches: batch-statistics layers then normalize every chunk over as many
+            # examples as training will (a shorter last chunk would have noisier statistics)
+            want -= want % int(training_batch_size)
         if want < 1.25 * n:
             break
         logger.info("autoinit: a calibrated variance is known to +-%.1f%% on %d probe examples; "

@@ -450,6 +450,22 @@ def test_probe_growth_stops_at_the_memory_bound_and_warns(monkeypatch):
 
 
 @pytest.mark.core
+@pytest.mark.parametrize("training_batch", [32, 50])
+def test_a_grown_probe_is_whole_training_batches(monkeypatch, training_batch):
+    """Grown to the memory bound (2000 examples here), the probe is cut down to whole training batches, so
+    batch-statistics layers normalize every chunk over as many examples as training will."""
+    keras.utils.set_random_seed(0)
+    model = _cubic_model()
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2000)
+    monkeypatch.setattr(calibration, "MAX_ROUNDS", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate="probe", return_report=True,
+                                  training_batch_size=training_batch)
+    assert rep.calibration_batch == 2000 - 2000 % training_batch
+
+
+@pytest.mark.core
 def test_rounds_on_fresh_probes_accumulate_precision_past_the_memory_bound(monkeypatch):
     """Statistics accumulate over several probes (each round moves the factors by the k-th root of its
     own estimate), so precision is not bounded by one batch's memory (here 2048 examples)."""
