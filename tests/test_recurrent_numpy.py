@@ -68,3 +68,26 @@ def test_a_dense_on_correlated_channels_uses_their_covariance():
     np.testing.assert_allclose(pred.ch_var, y.var(axis=0), rtol=1e-9)
     diagonal, _, _ = linear_output(array_moments(x), w[None], [1.0])
     assert abs(diagonal.var / y.var() - 1) > 0.05
+
+
+def test_a_simulation_too_costly_for_enough_sequences_stays_an_estimate(monkeypatch):
+    """The probe is bounded by the recurrence's cost (`SIMULATION_FLOPS`): a layer that affords only a few
+    sequences says so, and its output stays an estimate (the Dense after it is calibrated by default), even
+    on the Embedding's exact rows."""
+    import warnings
+
+    import autoinit_tf
+    from autoinit_tf.rules import recurrent
+
+    def build():
+        inp = keras.Input((12,), dtype="int32")
+        h = L.LSTM(16, name="lstm")(L.Embedding(50, 16, name="embedding")(inp))
+        return keras.Model(inp, L.Dense(4, name="dense")(h))
+
+    per_sequence = 12 * 4 * 16 * (16 + 16)  # time x gates x units x (features + units)
+    monkeypatch.setattr(recurrent, "SIMULATION_FLOPS", 8 * per_sequence)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(build(), seed=0, return_report=True)
+    assert any("on 8 probe sequences" in n for n in rep["lstm"].notes)
+    assert set(rep.auto_calibrated) == {"dense"}

@@ -54,13 +54,18 @@ def _rnn_rule(ctx):
 
 
 #: Probe sequences of the NumPy simulation: as many as fit in about this many entries of one time-major
-#: array (time x the wider of input and output features, per sequence), between the two bounds.
+#: array (time x the wider of input and output features, per sequence) and in about `SIMULATION_FLOPS`
+#: multiply-adds of the recurrence, between the two bounds (a long, wide layer gets few sequences: its
+#: estimate's error is then larger than `EXACT_RSE` and it stays an estimate).
 SIMULATION_ELEMENTS = 1 << 21
-MIN_SEQUENCES, MAX_SEQUENCES = 64, 1024
+SIMULATION_FLOPS = 1 << 32
+MIN_SEQUENCES, MAX_SEQUENCES = 2, 1024
 #: A simulated output is taken as exact (``calibrate="auto"`` leaves what it feeds alone) when its probe is
-#: the input's exact distribution and the relative standard error of its variance is at most this: far
-#: inside the [0.8, 1.25] band, and tighter than a calibration's own estimate.
+#: the input's exact distribution, of at least `EXACT_MIN_SEQUENCES` sequences (so that the error estimate
+#: is itself reliable), and the relative standard error of its variance is at most `EXACT_RSE`: far inside
+#: the [0.8, 1.25] band, and tighter than a calibration's own estimate.
 EXACT_RSE = 0.02
+EXACT_MIN_SEQUENCES = 64
 
 
 def _simulated(ctx):
@@ -71,7 +76,7 @@ def _simulated(ctx):
     The input kernels are exact for the input moments; the output is exact up to the simulation's sampling
     error when the probe is the input's exact distribution (the rows of the Embedding that feeds the layer
     for uniform token ids, or the realized output of a layer simulated that way) and that error is at most
-    `EXACT_RSE`. Otherwise it is an estimate: ``calibrate="auto"`` calibrates the weighted layers after the
+    `EXACT_RSE` on at least `EXACT_MIN_SEQUENCES` sequences. Otherwise it is an estimate: ``calibrate="auto"`` calibrates the weighted layers after the
     recurrent one (it calibrated the input kernel itself, which moved it by under 1% on the Embedding-LSTM
     zoo model), not the recurrent layer."""
     why = recurrent_numpy.unsupported(ctx.layer)
@@ -91,9 +96,8 @@ def _simulated(ctx):
                 ctx.exact_probes.add(id(kt))
     rse = _variance_rse(outs[0])
     text = f"output simulated on {x.shape[0]} probe sequences ({source}): variance +-{100 * rse:.1f}%"
-    if exact and rse <= EXACT_RSE:
-        ctx.note(text)
-    else:
+    ctx.note(text)
+    if not (exact and rse <= EXACT_RSE and x.shape[0] >= EXACT_MIN_SEQUENCES):
         ctx.estimated_output(text)
     result = [array_moments(y, covariance=True) for y in outs]
     return result if len(result) > 1 else result[0]
@@ -111,6 +115,13 @@ def _variance_rse(y) -> float:
     return float((q - 2.0 * mu * m).std() / np.sqrt(len(m)) / var)
 
 
+def _cells(layer):
+    """The recurrent cells `layer` runs (both directions of a Bidirectional)."""
+    if isinstance(layer, L.Bidirectional):
+        return [layer.forward_layer.cell, layer.backward_layer.cell]
+    return [layer.cell]
+
+
 def _sequence_probe(ctx):
     """Probe sequences (batch, time, features) for the layer's input, whether they follow the input's exact
     distribution, and what they are."""
@@ -119,18 +130,21 @@ def _sequence_probe(ctx):
     if cache is not None and id(kt) in cache:
         x = np.asarray(keras.ops.convert_to_numpy(cache[id(kt)]), dtype=np.float32)
         return x, id(kt) in ctx.exact_probes, "the realized output of the layer before"
-    time = kt.shape[1] if kt.shape[1] is not None else ctx.probe_length
-    width = max(int(kt.shape[-1]), int(ctx.output_shapes[0][-1] or 1))
-    n = int(np.clip(SIMULATION_ELEMENTS // max(int(time) * width, 1), MIN_SEQUENCES, MAX_SEQUENCES))
+    time = int(kt.shape[1] if kt.shape[1] is not None else ctx.probe_length)
+    features = int(kt.shape[-1])
+    width = max(features, int(ctx.output_shapes[0][-1] or 1))
+    flops = sum(time * _gates(cell) * int(cell.units) * (features + int(cell.units)) for cell in _cells(ctx.layer))
+    n = min(SIMULATION_ELEMENTS // max(time * width, 1), SIMULATION_FLOPS // max(flops, 1))
+    n = int(np.clip(n, MIN_SEQUENCES, MAX_SEQUENCES))
     rng = ctx.rng(ctx.layer.weights[0], salt="/probe sequences")
     producer, node = provenance.producer(kt)
     if type(producer) is keras.layers.Embedding and not producer.mask_zero and node.input_tensors:
         ids_kt = node.input_tensors[0]
         fill = integer_fill(ids_kt.name, [producer]) or ("uniform", int(producer.input_dim))
-        ids = probe_array((n, int(time)), "int32", Moments(0.0, 1.0), rng, fill=fill)
+        ids = probe_array((n, time), "int32", Moments(0.0, 1.0), rng, fill=fill)
         table = np.asarray(ctx.value(producer.embeddings), dtype=np.float32)
         return table[ids], True, f"rows of {producer.name} for token ids {fill[0]}"
-    return probe_array((n, int(time), int(kt.shape[-1])), "float32", ctx.input, rng), False, \
+    return probe_array((n, time, features), "float32", ctx.input, rng), False, \
         "Gaussian with the input's moments"
 
 
