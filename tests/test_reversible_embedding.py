@@ -89,3 +89,17 @@ def test_soft_capped_logits_are_predicted():
     y = _measured_logits(model)
     assert np.abs(y).max() <= 0.5
     assert rep["emb#1"].outputs[0].var == pytest.approx(y.var(), rel=0.1)
+
+
+def test_a_shared_head_norm_keeps_its_scale():
+    """The norm before the head also normalizes the embeddings (called twice): scaling it for the head would
+    scale the other call too, so the table is drawn for the head instead."""
+    ids = keras.Input((None,), dtype="int32", name="token_ids")
+    emb = L.ReversibleEmbedding(500, 64, name="emb")
+    norm = L.LayerNormalization(name="norm_out")
+    h = L.Dense(64, activation="gelu", name="mlp")(norm(emb(ids)))
+    model = keras.Model(ids, emb(norm(h), reverse=True))
+    _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    np.testing.assert_array_equal(_gamma(model), 1.0)
+    assert float(np.var(emb.embeddings.numpy())) == pytest.approx(1.0 / 64, rel=0.15)
+    assert _measured_logits(model).var() == pytest.approx(1.0, rel=0.1)

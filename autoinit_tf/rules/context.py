@@ -138,8 +138,12 @@ class RuleContext:
     @property
     def calls(self) -> int:
         """How many times the walk calls this op."""
+        return self.calls_of(self.op)
+
+    def calls_of(self, op) -> int:
+        """How many times the walk calls `op`."""
         counts = getattr(self._engine, "counts", None) or {}
-        return int(counts.get(id(self.op), 1))
+        return int(counts.get(id(op), 1))
 
     @property
     def probe_length(self) -> int:

@@ -563,11 +563,12 @@ def _head_norm(ctx, h: Moments, w):
     """The normalization that computes the reverse call's input, and the factor its scale takes so that the
     logits h @ E^T have the target variance (``w``: the table as drawn for the forward call, this walk and
     the next);
-    (None, None) where there is none this pass may rescale (a norm with a beta, a frozen one, raw ops)."""
+    (None, None) where there is none this pass may rescale (a norm with a beta, a frozen or shared one, raw
+    ops)."""
     norm, _ = provenance.source(ctx.node.input_tensors[0]) if ctx.node is not None else (None, None)
     variable = normalization.scale_variable(norm) if norm is not None else None
-    if variable is None or not ctx.may_reinit(variable, op=norm):
-        return None, None
+    if variable is None or not ctx.may_reinit(variable, op=norm) or ctx.calls_of(norm) != 1:
+        return None, None  # (a norm called elsewhere too would carry the head's scale there)
     logits, _, _ = linear_output(h, w[None], [1.0], None)  # the next walk draws the same table
     if not logits.var > 0:
         return None, None
@@ -590,7 +591,7 @@ def reversible_embedding_rule(ctx):
     d Var(E) = d / g^2: the normalization that computes the head's input (a LayerNormalization without
     beta, an RMSNormalization) takes a scale of sqrt(target / (d Var(E) E[h^2])) instead (1 / sqrt(d) for
     GPT-2; 1 for Gemma's design), as T5 scales its tied decoder output by d^-0.5, and the logits are on
-    target. Where the head's input comes from anything else (raw ops, a norm with a beta, a frozen one),
+    target. Where the head's input comes from anything else (raw ops, a norm with a beta, a frozen or shared one),
     the table is scaled for the head instead, Var(E) = signal_variance / (d E[h^2]), and the embedding
     output has variance Var(E), which the normalization after the embeddings rescales. The engine walks
     twice (the layer is called twice): the first walk finds the head's norm and its factor, the second
