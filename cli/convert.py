@@ -392,7 +392,7 @@ def _swap(model, swaps, echo):
     return model, plan
 
 
-def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose, training_batch_size=32):
+def _initialize(model, kept, options, *, dry_run, calibrate, progress, verbose, training_batch_size):
     """analyze (dry run) or wrap, then calibrate; kept layers frozen meanwhile. Returns (model, report)."""
     import autoinit_tf
 

@@ -122,10 +122,7 @@ class RuleContext:
     def state(self) -> dict:
         """A dict for this op that lives through all walks of the pass (a shared layer's rule may
         record in one call what another call needs; the engine walks twice when a layer is shared)."""
-        store = getattr(self._engine, "op_state", None)
-        if store is None:
-            return {}
-        return store.setdefault(id(self.op), {})
+        return self.state_of(self.op)
 
     def state_of(self, op) -> dict:
         """`state` of another op: a rule leaves there what that op's rule is to do on the next walk (a tied LM

@@ -541,7 +541,7 @@ def _soft_capped(m: Moments, cap):
 
 
 _REVERSE_SECOND = "reverse call input second moment"
-_FORWARD_VAR = "tied table variance for the forward call"
+_FORWARD_DRAWN = "tied table drawn for the forward call"
 _HEAD_NORM = "the normalization before the head takes its scale"
 
 
@@ -559,17 +559,15 @@ def _forward_gain(ctx) -> float:
     return abs(float(c.reshape(-1)[0])) if c.size == 1 and float(c.reshape(-1)[0]) != 0 else 1.0
 
 
-def _head_norm(ctx, h: Moments, w):
+def _head_norm(ctx, logits: Moments):
     """The normalization that computes the reverse call's input, and the factor its scale takes so that the
-    logits h @ E^T have the target variance (``w``: the table as drawn for the forward call, this walk and
-    the next);
-    (None, None) where there is none this pass may rescale (a norm with a beta, a frozen or shared one, raw
-    ops)."""
+    logits h @ E^T (their moments `logits`, with the table drawn for the forward call: the next walk draws
+    the same) have the target variance; (None, None) where there is none this pass may rescale (a norm with
+    a beta, a frozen or shared one, raw ops)."""
     norm, _ = provenance.source(ctx.node.input_tensors[0]) if ctx.node is not None else (None, None)
     variable = normalization.scale_variable(norm) if norm is not None else None
     if variable is None or not ctx.may_reinit(variable, op=norm) or ctx.calls_of(norm) != 1:
         return None, None  # (a norm called elsewhere too would carry the head's scale there)
-    logits, _, _ = linear_output(h, w[None], [1.0], None)  # the next walk draws the same table
     if not logits.var > 0:
         return None, None
     return norm, math.sqrt(ctx.signal_variance / logits.var)
@@ -609,11 +607,10 @@ def reversible_embedding_rule(ctx):
     if _is_reverse_call(ctx):
         h = ctx.input
         state[_REVERSE_SECOND] = h.second
-        if tied:
-            w = ctx.value(layer.embeddings).astype(np.float64).T
-            forward_var = state.get(_FORWARD_VAR)
-            if forward_var is not None and not state.get(_HEAD_NORM):
-                norm, factor = _head_norm(ctx, h, w)
+        if tied:  # (linear_output sums the float32 table in float64 blocks: no float64 copy of it here)
+            total, _, _ = linear_output(h, ctx.value(layer.embeddings).T[None], [1.0], None)
+            if state.get(_FORWARD_DRAWN) and not state.get(_HEAD_NORM):
+                norm, factor = _head_norm(ctx, total)
                 if norm is not None:
                     ctx.state_of(norm)[normalization.HEAD_SCALE] = factor
                     state[_HEAD_NORM] = norm.name
@@ -623,9 +620,8 @@ def reversible_embedding_rule(ctx):
                 ctx.note("tied: the head uses the embedding table (scaled for this head)")
         else:
             var = ctx.signal_variance / (d * h.second)
-            w = ctx.draw(layer.reverse_embeddings, var).astype(np.float64)
+            total, _, _ = linear_output(h, ctx.draw(layer.reverse_embeddings, var)[None], [1.0], None)
             ctx.weight_scale = var
-        total, _, _ = linear_output(h, w[None], [1.0], None)
         return _soft_capped(total, getattr(layer, "logit_soft_cap", None))
     var = ctx.signal_variance
     if not tied and ctx.calls == 1 and getattr(layer, "reverse_embeddings", None) is not None:
@@ -639,7 +635,7 @@ def reversible_embedding_rule(ctx):
                  "= signal_variance / d (a normalized head input, E[h^2] = 1)")
     if tied and ctx.calls > 1:
         own = ctx.signal_variance / _forward_gain(ctx) ** 2
-        state[_FORWARD_VAR] = own
+        state[_FORWARD_DRAWN] = True
         if state.get(_HEAD_NORM) or _REVERSE_SECOND not in state:
             var = own  # the first walk, or the head's norm takes the head's scale
             if state.get(_HEAD_NORM):
