@@ -61,7 +61,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched", "corr", "const", "visible", "ch_cov")
+                 "matched", "corr", "const", "visible", "ch_cov", "scale", "given")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -94,6 +94,14 @@ class Moments:
         # layer's simulated state: its units share one recurrence). A Dense reading these channels then has
         # variance w_j^T Cov w_j per unit, not sum_c w_cj^2 v_c. None: channels taken as uncorrelated.
         self.ch_cov = None
+        # The variance over examples of the log of each example's own energy factor (`rules.shared_part`:
+        # after squeeze-and-excitation gates every example's map has its own scale, common to its channels).
+        # None: not tracked (every example alike).
+        self.scale = None
+        # For a tensor with one value per example and channel (a global pool, the gate computed from it), or the
+        # activation that feeds one: the channel means and variances of an example given its log-scale, at
+        # the latent's quadrature nodes (`rules.shared_part.Given`). None: not tracked.
+        self.given = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)
@@ -178,6 +186,8 @@ class Moments:
         out = Moments(self.mean, self.var, self.between, self.ch_mean, self.ch_var)
         out.shared = self.shared
         out.corr = self.corr
+        out.scale = self.scale
+        out.given = self.given
         return out
 
     @property
@@ -203,6 +213,8 @@ class Moments:
             return Moments(a * self.mean + b, a * a * self.var, a * a * self.between)
         out.shared = None if self.shared is None else a * a * self.shared
         out.corr = self.corr
+        out.scale = self.scale
+        out.given = None if self.given is None else self.given.affine(a, b)
         return out
 
     def is_finite(self) -> bool:

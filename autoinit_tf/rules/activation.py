@@ -104,7 +104,7 @@ def function_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     """
     out = activation_moments(fn, m, kinks, size)
     name = activation_name(keras.activations.get(fn) if isinstance(fn, str) else fn)
-    if shared_part.shared_of(m) is not None and out is not m and name not in VECTOR_ACTIVATIONS:
+    if shared_part.tracked(m) and out is not m and name not in VECTOR_ACTIVATIONS:
         f = keras.activations.get(fn) if isinstance(fn, str) else fn
         out = shared_part.through_activation(numpy_function(f), kinks_of(f) if kinks is None else tuple(kinks), m,
                                              out, pieces=polynomial_pieces(f))

@@ -252,6 +252,12 @@ def _draw_kernel(ctx, variable, fan_eff, target=None):
     return ctx.draw(variable, var)  # the drawn array itself (float32): rules sum it in float64 blockwise
 
 
+def _sampled(ctx, out):
+    """`out` with the sampling variance of an example's output energy in its log-scale
+    (`shared_part.with_sampling`)."""
+    return shared_part.with_sampling(out, spatial_correlation.energy_sampling_variance(out, ctx.output_shapes[0]))
+
+
 def _bias(ctx, layer):
     b = getattr(layer, "bias", None)
     return None if b is None else ctx.value(b)
@@ -269,7 +275,7 @@ def _dense_pre(ctx):
     if len(ctx.input_shapes[0]) > 2:  # applied at every position: the shared part goes through
         pre = shared_part.through_linear(pre, ctx.input, w.reshape(1, fan_in, -1))
         pre = spatial_correlation.through_conv(pre, ctx.input, w, (1, 1), ctx.input_shapes[0])
-    return pre
+    return shared_part.given_through_linear(_sampled(ctx, pre), ctx.input, w.reshape(fan_in, -1), _bias(ctx, layer))
 
 
 def _conv_pre(ctx):
@@ -287,6 +293,9 @@ def _conv_pre(ctx):
     exact = shared_part.through_linear(exact, ctx.input, w.reshape(-1, cin, kshape[-1]), frac)
     if rank == 2 and getattr(layer, "groups", 1) == 1:
         exact = spatial_correlation.through_conv(exact, ctx.input, w, tuple(layer.strides), ctx.input_shapes[0])
+    exact = _sampled(ctx, exact)
+    if int(np.prod(kshape[:-2])) == 1 and getattr(layer, "groups", 1) == 1:
+        exact = shared_part.given_through_linear(exact, ctx.input, w.reshape(cin, kshape[-1]), _bias(ctx, layer))
     return exact
 
 
@@ -349,7 +358,7 @@ def _depthwise_conv_pre(ctx):
     if layer.rank == 2:
         exact = spatial_correlation.through_depthwise(exact, ctx.input, kernel, tuple(layer.strides),
                                                       tuple(layer.dilation_rate), ctx.input_shapes[0])
-    return exact
+    return _sampled(ctx, exact)
 
 
 def _separable_pre(ctx):

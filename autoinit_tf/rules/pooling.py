@@ -211,11 +211,12 @@ def _global_average(ctx, rank):
     if rank == 2 and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
         correlated = spatial_correlation.global_average_variance(ctx.input, ctx.input_shapes[0])
     if correlated is not None and out.ch_mean is not None and out.channels == correlated.size:
-        return Moments.from_channels(out.ch_mean, correlated)  # correlated positions, the shared part included
+        # correlated positions, the shared part included
+        return shared_part.pooled(Moments.from_channels(out.ch_mean, correlated), ctx.input)
     gain = None if any(d is None for d in sizes) else shared_part.pooled_variance_gain(ctx.input, int(np.prod(sizes)))
     if gain is not None and out.ch_mean is not None and out.channels == gain.size:
         out = Moments.from_channels(out.ch_mean, out.ch_var + gain)  # the shared part is not averaged out
-    return out
+    return shared_part.pooled(out, ctx.input)
 
 
 L = keras.layers

@@ -102,6 +102,7 @@ def _zero_padding_rule(ctx):
             out = Moments.from_elements(np.pad(m.el_mean, widths), np.pad(m.el_var, widths))
             out.pre = _padded_pre(m, widths)
             out.shared = m.shared  # the real positions' shared part (the padding has none)
+            out.scale = m.scale
             return spatial_correlation.unchanged(out, m)
     if m.ch_mean is not None:
         return Moments.from_channel_second(k * m.ch_mean, k * m.ch_second)
@@ -159,6 +160,7 @@ def _cropping_rule(ctx):
         pre = m.pre[0]
         out.pre = (_memo_elements(pre, pre.el_mean[cut], pre.el_var[cut]), m.pre[1], m.pre[2])
     out.shared = m.shared
+    out.scale = m.scale
     return spatial_correlation.unchanged(out, m)
 
 

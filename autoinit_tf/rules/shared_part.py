@@ -25,9 +25,29 @@ With m_c the channel mean, V_c its variance (over examples and positions) and W[
     global average over n positions:
                     variance of the pooled value V / n + S (1 - 1 / n)
 
-What this does not carry: the gate also makes the signal a scale mixture (each example's variance scaled by
-its own g^2), which changes E[f] of a nonlinearity beyond its mean and variance (kurtosis 11-32 in
-EfficientNetB0's later blocks). That is why the default `wrap` still calibrates the layers after a gate.
+The per-example scale (`Moments.scale`). A gate also makes the signal a scale mixture: each example's
+map has its own energy, e^xi times the average, with xi common to its channels. On MobileNetV3Small
+(`benchmarks/zoo_real.py`'s fresh images after the analytic wrap) Var(xi) = lam grows from 0.006 at the
+fourth gate to 0.78 at the last and 1.27 at the logits. Through a non-homogeneous activation it moves each
+example's channel means (hard swish: E[f(s z)] ~ s^2 / 6), which is what the squeeze reads: there the
+per-example part of the squeeze's variance was 0.045, of which the shared part without the scale
+predicted 0.0005. With lam carried and xi taken Gaussian (8 Gauss-Hermite nodes xi_q, S_q = e^(xi_q)
+normalized to E[S] = 1):
+
+    linear, depthwise, BatchNorm, dropout, padding: lam unchanged (every example's energy scaled alike)
+    activation f:   an example at node q has channel c ~ N(m_c + u, W_c S_q), u ~ N(0, S_c): the shared part
+                    is the variance over (q, u) of E_v f, and lam_out = Var_q(log sum_c Var_v f) (the
+                    activation's elasticity: 1.3-1.6x per hard swish on MobileNetV3Small)
+    add:            the log-scales are one latent xi: lam = Var_xi(log sum_i E_i e^(sqrt(lam_i) xi)) (E_i the
+                    inputs' within-energies; measured 0.196, first order 0.198)
+    global pool:    an example's channel means given xi (`Given`) go on to the gate's convolutions and
+                    activations node by node (channels independent given xi)
+    gate y = g x:   per node, E[g^2 | q] multiplies x's within-energy: lam_y = Var_q(log energy_q) plus the
+                    gate's own independent part sum_c W_c^2 Var(g_c^2 | q) / energy_q^2; the shared part
+                    E_q[E[g^2 | q] (M^2 + spread)] - (E_q[E[g | q] M])^2 with M the channel mean given q.
+
+Still left out: the mixture's effect on the activation's own pooled mean and variance (Jensen over S), and
+everything else about the gate's distribution; the default `wrap` still calibrates the layers after a gate.
 """
 
 from __future__ import annotations
@@ -38,6 +58,95 @@ from autoinit_tf.moments import Moments, many_expectations, piecewise_polynomial
 
 _GH_Z, _GH_W = np.polynomial.hermite_e.hermegauss(8)
 _GH_W = _GH_W / _GH_W.sum()
+
+
+class Given:
+    """Channel statistics of an example given its latent log-scale xi, at the latent's nodes q (weights `w`,
+    scale factors `s` with E[S] = 1, Var(log S) = `lam`). Arrays (Q, C): `mean` E[x | q]; `spread` the variance
+    over examples of an example's own channel mean given q (offsets the latent does not explain); `within`
+    the variance over an example's positions given q (0 where each example has one value per channel)."""
+
+    __slots__ = ("lam", "w", "s", "mean", "spread", "within")
+
+    def __init__(self, lam, w, s, mean, spread, within):
+        self.lam, self.w, self.s = float(lam), w, s
+        self.mean, self.spread, self.within = mean, np.maximum(spread, 0.0), np.maximum(within, 0.0)
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[1])
+
+    def affine(self, a, b=0.0) -> "Given":
+        a2 = np.square(np.asarray(a, dtype=np.float64))
+        return Given(self.lam, self.w, self.s, a * self.mean + b, a2 * self.spread, a2 * self.within)
+
+    def channel_moments(self):
+        """(mean, variance) per channel over examples (and positions): the mixture over the nodes."""
+        mu = self.w @ self.mean
+        second = self.w @ (self.spread + self.within + self.mean * self.mean)
+        return mu, np.maximum(second - mu * mu, 0.0)
+
+
+def scale_of(m: Moments) -> float:
+    """Var(xi) of `m`'s per-example log-scale (0 when not tracked)."""
+    s = getattr(m, "scale", None)
+    return 0.0 if s is None else float(s)
+
+
+def given_of(m: Moments, per_example: bool | None = None):
+    """`m`'s `Given` when it is of `m`'s channels (and, with `per_example`, of one value per example and
+    channel (True) or of a feature map (False)), else None."""
+    g = getattr(m, "given", None)
+    if g is None or m.ch_mean is None or g.channels != m.channels:
+        return None
+    if per_example is not None and per_example != (not np.any(g.within)):
+        return None
+    return g
+
+
+def tracked(m: Moments) -> bool:
+    """Whether `m` carries any per-example structure (shared part, scale or `Given`)."""
+    return shared_of(m) is not None or scale_of(m) > 0.0 or given_of(m) is not None
+
+
+def carry_scale(out: Moments, m_in: Moments) -> Moments:
+    """`out` (a homogeneous map of `m_in`: linear, BatchNorm, dropout, padding) with `m_in`'s log-scale."""
+    lam = scale_of(m_in)
+    if lam > 0.0:
+        out.scale = lam
+    return out
+
+
+def with_sampling(out: Moments, variance) -> Moments:
+    """`out`, a linear map's output, with the sampling `variance` of an example's log-energy added to its
+    log-scale (`rules.spatial_correlation.energy_sampling_variance`): given the input, each example's
+    output energy x^T W W^T x / x^T x varies with the example's own configuration of its entries, which
+    later layers carry like any other scale."""
+    if variance and scale_of(out) > 0.0:
+        out.scale = scale_of(out) + float(variance)
+    return out
+
+
+def scale_nodes(lam: float):
+    """(weights, S_q) of the latent's nodes: S = e^xi normalized to E[S] = 1; one node S = 1 for lam = 0."""
+    if lam <= 0.0:
+        return np.ones(1), np.ones(1)
+    s = np.exp(np.sqrt(lam) * _GH_Z)
+    return _GH_W, s / float(s @ _GH_W)
+
+
+def _log_variance(energy, w) -> float:
+    """Var_q(log energy_q) under node weights `w`."""
+    e = np.log(np.maximum(np.asarray(energy, dtype=np.float64), 1e-300))
+    mu = float(w @ e)
+    return max(float(w @ (e * e)) - mu * mu, 0.0)
+
+
+def _expect(fn, kinks, pieces, mean, var):
+    """(E f(X), E f(X)^2) for X ~ N(mean, var), elementwise over flat arrays."""
+    if pieces is not None:
+        return piecewise_polynomial_expectations(pieces, mean, np.sqrt(np.maximum(var, 0.0)))
+    return many_expectations(fn, mean, var, kinks)
 
 
 def shared_of(m: Moments):
@@ -56,18 +165,61 @@ def _with_extra_variance(m: Moments, extra) -> Moments:
 
 
 def gate(x: Moments, g: Moments, out: Moments) -> Moments:
-    """Set the shared part of y = g x (g constant over positions, per example and channel)."""
+    """Set the shared part (and log-scale) of y = g x (g constant over positions, per example and channel).
+    With x's and g's `Given` on one latent, node by node (module docstring); else g independent of x."""
     if out.ch_mean is None:
         return out
+    gx, gg = given_of(x, per_example=False), given_of(g, per_example=True)
+    if gx is not None and gg is not None and gx.channels == gg.channels == out.channels \
+            and gx.mean.shape == gg.mean.shape and abs(gx.lam - gg.lam) <= 1e-12 * max(gx.lam, 1.0):
+        return _coupled_gate(gx, gg, out)
     c = out.channels
     gm, g2 = _per_channel(g, c)
     xm, _ = _per_channel(x, c)
     if gm is None or xm is None:
+        carry_scale(out, x)
         return out
     sx = shared_of(x)
     m2 = xm ** 2
     out.shared = np.maximum(g2 * (m2 + (0.0 if sx is None else sx)) - gm ** 2 * m2, 0.0)
+    # the gate's own part of the log-scale: channels gated independently, sum_c Var(g_c^2) W_c^2 / energy^2
+    within = np.maximum(x.ch_var - (0.0 if sx is None else np.minimum(sx, x.ch_var)), 0.0)
+    gv = np.maximum(g2 - gm * gm, 0.0)
+    energy = float(np.sum(g2 * within))
+    own = float(np.sum((4.0 * gm * gm * gv + 2.0 * gv * gv) * within ** 2)) / energy ** 2 if energy > 0 else 0.0
+    if scale_of(x) + own > 0.0:
+        out.scale = scale_of(x) + own
     return out
+
+
+def _coupled_gate(gx: Given, gg: Given, out: Moments) -> Moments:
+    """y = g x with the gate and the map on one latent: given node q, g independent of x.
+
+    y's channel mean given q is E[g|q] M, its per-example spread E[g^2|q] (M^2 + spread) - (E[g|q] M)^2, its
+    variance over positions E[g^2|q] W; lam_y = Var_q(log sum_c E[g_c^2|q] W_qc) plus the gate's independent
+    part E_q[sum_c Var(g_c^2|q) W_qc^2] / energy^2, Var(g^2) = 4 E[g]^2 var + 2 var^2 (Gaussian given q)."""
+    g1, gv = gg.mean, gg.spread
+    g2 = gv + g1 * g1
+    mean = g1 * gx.mean
+    spread = g2 * (gx.mean ** 2 + gx.spread) - mean * mean
+    within = g2 * gx.within
+    energy = within.sum(axis=1)
+    lam = _log_variance(energy, gx.w)
+    var_g2 = 4.0 * g1 * g1 * gv + 2.0 * gv * gv
+    safe = np.where(energy > 0, energy, 1.0)
+    lam += float(gx.w @ (np.sum(var_g2 * gx.within ** 2, axis=1) / safe ** 2))
+    w = gx.w
+    ch_mean = w @ mean
+    ch_second = w @ (spread + within + mean * mean)
+    shared = np.maximum(w @ (spread + mean * mean) - ch_mean * ch_mean, 0.0)
+    if out.el_mean is None:
+        res = Moments.from_channels(ch_mean, np.maximum(ch_second - ch_mean ** 2, 0.0))
+        res.corr = out.corr
+    else:
+        res = out  # element maps: their per-position numbers stay; the per-example structure is set below
+    res.shared = shared
+    res.scale = lam
+    return res
 
 
 def _per_channel(m: Moments, c: int):
@@ -109,12 +261,14 @@ def _through_taps(pre: Moments, s, w, taps, expand):
     out_shared = expand(s, a_mean * a_mean)
     out = _with_extra_variance(pre, extra) if np.any(extra) else pre
     out.shared = np.maximum(out_shared, 0.0)
+    out.scale = pre.scale
     return out
 
 
 def through_linear(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
     """`pre` (a linear layer's output from `m_in`, kernel `w3` of shape (taps, cin, cout), `taps` its
     per-position real taps) with the shared part carried and its correlated-taps variance added."""
+    carry_scale(pre, m_in)
     s = shared_of(m_in)
     if s is None or pre.ch_mean is None or w3.shape[1] != s.size or w3.shape[2] != pre.channels:
         return pre
@@ -124,6 +278,7 @@ def through_linear(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
 def through_depthwise(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
     """Like `through_linear` for a depthwise kernel `w3` of shape (taps, C, depth_multiplier) (output
     channel c * dm + d reads input channel c)."""
+    carry_scale(pre, m_in)
     s = shared_of(m_in)
     if s is None or pre.ch_mean is None or w3.shape[1] != s.size or w3.shape[1] * w3.shape[2] != pre.channels:
         return pre
@@ -131,7 +286,8 @@ def through_depthwise(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
 
 
 def through_batch_norm(out: Moments, m_in: Moments, gamma, epsilon) -> Moments:
-    """Training-mode BatchNormalization on the last axis: S gamma^2 / (V + eps)."""
+    """Training-mode BatchNormalization on the last axis: S gamma^2 / (V + eps); the log-scale unchanged."""
+    carry_scale(out, m_in)
     s = shared_of(m_in)
     if s is None or out.ch_mean is None or out.channels != s.size:
         return out
@@ -142,27 +298,119 @@ def through_batch_norm(out: Moments, m_in: Moments, gamma, epsilon) -> Moments:
 
 
 def through_activation(fn, kinks, m_in: Moments, out: Moments, pieces=None) -> Moments:
-    """S_out = Var_u(E_v fn(m + u + v)) per channel (module docstring); `fn` maps numpy to numpy, `pieces`
-    (when fn is piecewise polynomial, `rules.activation.PIECEWISE_POLYNOMIAL`) gives E_v in closed form."""
-    s = shared_of(m_in)
-    if s is None or out.ch_mean is None or out.channels != s.size:
+    """The shared part, log-scale and `Given` of f(x) (module docstring): per channel, over the latent's nodes q
+    and 8 Gauss-Hermite nodes of the offset u, E_v f and Var_v f of N(m + u, W S_q); `fn` maps numpy to
+    numpy, `pieces` (when fn is piecewise polynomial, `rules.activation.PIECEWISE_POLYNOMIAL`) gives them in
+    closed form. A tensor of one value per example and channel with a `Given` goes node by node."""
+    if out.ch_mean is None or m_in.ch_mean is None or out.channels != m_in.channels:
         return out
-    c = s.size
-    s = np.minimum(s, m_in.ch_var)
-    mean = (m_in.ch_mean[:, None] + np.sqrt(s)[:, None] * _GH_Z[None, :]).reshape(-1)
-    within = np.repeat(np.maximum(m_in.ch_var - s, 0.0), _GH_Z.size)
-    if pieces is not None:
-        h, _ = piecewise_polynomial_expectations(pieces, mean, np.sqrt(within))
-    else:
-        h, _ = many_expectations(fn, mean, within, kinks)
-    h = np.asarray(h, dtype=np.float64).reshape(c, -1)
-    avg = h @ _GH_W
-    out.shared = np.maximum(np.square(h) @ _GH_W - avg * avg, 0.0)
+    g_in = given_of(m_in, per_example=True)
+    if g_in is not None:
+        return _given_activation(fn, kinks, pieces, g_in, out)
+    s = shared_of(m_in)
+    lam = scale_of(m_in)
+    if s is None and lam <= 0.0:
+        return out
+    c = m_in.channels
+    s = np.zeros(c) if s is None else np.minimum(s, m_in.ch_var)
+    within = np.maximum(m_in.ch_var - s, 0.0)
+    w_q, s_q = scale_nodes(lam)
+    shape = (c, s_q.size, _GH_Z.size)
+    mean = np.broadcast_to(m_in.ch_mean[:, None, None] + np.sqrt(s)[:, None, None] * _GH_Z[None, None, :], shape)
+    var = np.broadcast_to(within[:, None, None] * s_q[None, :, None], shape)
+    h1, h2 = _expect(fn, kinks, pieces, mean.reshape(-1), var.reshape(-1))
+    h1 = np.asarray(h1, dtype=np.float64).reshape(shape)
+    h2 = np.asarray(h2, dtype=np.float64).reshape(shape)
+    given_mean = h1 @ _GH_W  # (c, Q): an example's channel mean given the node, averaged over u
+    avg = given_mean @ w_q
+    out.shared = np.maximum(np.einsum("cqj,q,j->c", h1 * h1, w_q, _GH_W) - avg * avg, 0.0)
+    positions = np.maximum((h2 - h1 * h1) @ _GH_W, 0.0)  # (c, Q): over an example's positions
+    spread = np.maximum((h1 * h1) @ _GH_W - given_mean ** 2, 0.0)
+    if lam > 0.0:
+        # Jensen over S, relative to the same quadrature at S = 1 (what `out` computed from the Gaussian)
+        b1, b2 = _expect(fn, kinks, pieces, mean[:, 0, :].reshape(-1), within.repeat(_GH_Z.size))
+        b1 = np.asarray(b1, dtype=np.float64).reshape(c, -1) @ _GH_W
+        b2 = np.asarray(b2, dtype=np.float64).reshape(c, -1) @ _GH_W
+        out = _mixture_moments(out, avg - b1, np.einsum("cqj,q,j->c", h2, w_q, _GH_W) - avg * avg, b2 - b1 * b1)
+        # Var_q of the log-energy, plus the offsets' part: each channel's offset u moves its positions'
+        # variance too, independently across channels (first order: sum_c Var_u(V_c) / energy^2)
+        pos_uj = np.maximum(h2 - h1 * h1, 0.0)  # (c, Q, J)
+        energy = positions.sum(axis=0)
+        by_offset = np.maximum((pos_uj * pos_uj) @ _GH_W - positions * positions, 0.0).sum(axis=0)
+        safe = np.where(energy > 0, energy, 1.0)
+        out.scale = _log_variance(energy, w_q) + float(w_q @ (by_offset / safe ** 2))
+    out.given = Given(lam, w_q, s_q, given_mean.T, spread.T, positions.T)
     return out
 
 
+def _mixture_moments(out: Moments, shift, var, base_var) -> Moments:
+    """`out` (f of a Gaussian) moved to f of the scale mixture (Jensen over S: a ReLU's mean falls as
+    E[sqrt(S)], its variance rises): each channel's mean by `shift`, its variance (and its element maps')
+    by var / base_var, the mixture's against the Gaussian's on the same quadrature."""
+    ratio = np.where(base_var > 0, np.maximum(var, 0.0) / np.where(base_var > 0, base_var, 1.0), 1.0)
+    if out.el_mean is not None:
+        shape = (1,) * (out.el_mean.ndim - 1) + (out.channels,)
+        res = Moments.from_elements(out.el_mean + shift.reshape(shape), out.el_var * ratio.reshape(shape))
+    else:
+        res = Moments.from_channels(out.ch_mean + shift, out.ch_var * ratio)
+    res.shared, res.corr, res.pre = out.shared, out.corr, out.pre
+    return res
+
+
+def _given_activation(fn, kinks, pieces, g: Given, out: Moments) -> Moments:
+    """f of a tensor with one value per example and channel, node by node: given q, x_c ~ N(mean, spread)."""
+    h1, h2 = _expect(fn, kinks, pieces, g.mean.reshape(-1), g.spread.reshape(-1))
+    h1 = np.asarray(h1, dtype=np.float64).reshape(g.mean.shape)
+    h2 = np.asarray(h2, dtype=np.float64).reshape(g.mean.shape)
+    return _from_given(Given(g.lam, g.w, g.s, h1, h2 - h1 * h1, np.zeros_like(h1)), out)
+
+
+def _from_given(g: Given, like: Moments) -> Moments:
+    """Per-channel moments of the mixture `g` (in place of `like`'s, which take channels independent), with
+    `g` attached."""
+    mu, var = g.channel_moments()
+    out = Moments.from_channels(mu, var)
+    out.given = g
+    return out
+
+
+def given_through_linear(pre: Moments, m_in: Moments, w2, bias=None) -> Moments:
+    """A one-tap linear map (a 1x1 convolution or Dense, kernel `w2` of shape (cin, cout)) of a tensor with
+    one value per example and channel: given the node, channels independent, mean @ W + b, spread @ W^2.
+    The pooled moments then include the correlation between channels that the latent makes."""
+    g = given_of(m_in, per_example=True)
+    if g is None or pre.ch_mean is None or w2.shape != (g.channels, pre.channels):
+        return pre
+    w2 = np.asarray(w2, dtype=np.float64)
+    mean = g.mean @ w2 + (0.0 if bias is None else np.asarray(bias, dtype=np.float64).reshape(1, -1))
+    return _from_given(Given(g.lam, g.w, g.s, mean, g.spread @ (w2 * w2), np.zeros_like(mean)), pre)
+
+
+def pooled(out: Moments, m_in: Moments) -> Moments:
+    """A global average of `m_in` (a feature map with a `Given`): an example's pooled channel means given the
+    node are its channel means; what the node does not explain (offsets and the positions' average) is
+    `out`'s channel variance less the nodes' part."""
+    g = given_of(m_in, per_example=False)
+    if g is None or out.ch_mean is None or out.channels != g.channels:
+        return out
+    explained = g.w @ (g.mean * g.mean) - (g.w @ g.mean) ** 2
+    rest = np.maximum(out.ch_var - explained, 0.0)
+    given = Given(g.lam, g.w, g.s, g.mean - (g.w @ g.mean) + out.ch_mean, np.broadcast_to(rest, g.mean.shape).copy(),
+                  np.zeros_like(g.mean))
+    return _from_given(given, out)
+
+
 def added(ms, out: Moments) -> Moments:
-    """Sum of independent inputs: the shared parts add (an input without one contributes 0)."""
+    """Sum of independent inputs: the shared parts add (an input without one contributes 0); the log-scales
+    are one latent, loaded by each input's within-energy."""
+    lams = [scale_of(m) for m in ms]
+    if any(lam > 0.0 for lam in lams):
+        energy = [max(m.within, 0.0) for m in ms]
+        if sum(energy) > 0.0:
+            # one latent xi ~ N(0, 1): the summed energy sum_i E_i e^(sqrt(lam_i) xi - lam_i / 2), its log's
+            # variance by Gauss-Hermite quadrature in xi
+            total = sum(e * np.exp(np.sqrt(lam) * _GH_Z - lam / 2.0) for e, lam in zip(energy, lams))
+            out.scale = _log_variance(total, _GH_W)
     parts = [shared_of(m) for m in ms]
     if all(p is None for p in parts) or out.ch_mean is None:
         return out
@@ -174,6 +422,12 @@ def added(ms, out: Moments) -> Moments:
 
 def through_dropout(out: Moments, m_in: Moments, keep: float, per_example: bool) -> Moments:
     """Inverted dropout with keep probability `keep`; `per_example`: one mask for all positions."""
+    carry_scale(out, m_in)
+    g = given_of(m_in, per_example=True)
+    if g is not None and out.ch_mean is not None and out.channels == g.channels:
+        # one value per example and channel, each masked alone: given the node, E[x^2] / keep
+        second = (g.spread + g.mean * g.mean) / keep
+        return _from_given(Given(g.lam, g.w, g.s, g.mean, second - g.mean * g.mean, g.within), out)
     s = shared_of(m_in)
     if s is None or out.ch_mean is None or out.channels != s.size:
         return out

@@ -63,6 +63,26 @@ def corr_of(m: Moments):
     return c
 
 
+def energy_sampling_variance(m: Moments, shape) -> float:
+    """The relative variance, over an example's own entries, of its energy (the mean square of its C x P
+    entries), given its scale: 2 sum_c s_c / (C P)^2 with s_c = sum_{p, q} corr_c(q - p)^2 over the map's pairs
+    of positions (squares of Gaussian entries: Cov(x_p^2, x_q^2) = 2 cov^2), 2 / (C P) for independent
+    positions; 0 where a dimension is unknown (`rules.shared_part.with_sampling`)."""
+    dims = tuple(shape)[1:] if shape is not None else ()
+    if not dims or any(d is None for d in dims):
+        return 0.0
+    c, spatial = int(dims[-1]), [int(d) for d in dims[:-1]]
+    p = int(np.prod(spatial)) if spatial else 1
+    corr = corr_of(m)
+    if corr is None or len(spatial) != 2 or corr.shape[0] != c:
+        return 2.0 / (c * p)
+    offsets = np.arange(-RADIUS, RADIUS + 1)
+    rows = np.maximum(spatial[0] - np.abs(offsets), 0).astype(np.float64)
+    cols = np.maximum(spatial[1] - np.abs(offsets), 0).astype(np.float64)
+    pairs = np.einsum("a,b,cab->c", rows, cols, np.square(corr))
+    return 2.0 * float(pairs.sum()) / float(c * p) ** 2
+
+
 def independent(channels: int) -> np.ndarray:
     out = np.zeros((channels, SIDE, SIDE))
     out[:, RADIUS, RADIUS] = 1.0
@@ -330,6 +350,7 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
         extra = pairs * (window_sums(u, rows, cols) / counts) / (counts ** 2)
         result = Moments.from_elements(out.el_mean, out.el_var + extra)
         result.shared = out.shared
+        result.scale = out.scale
         result.pre = None
         return result
     # 1 for independent entries
@@ -338,6 +359,7 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
     extra = u * (factor - 1.0) / (k[0] * k[1])
     result = Moments.from_channels(out.ch_mean, out.ch_var + extra)
     result.shared = out.shared
+    result.scale = out.scale
     return result
 
 
