@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules import spatial_correlation
+from autoinit_tf.rules import shared_part, spatial_correlation
 from autoinit_tf.rules.registry import BuiltinTable
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
@@ -103,6 +103,7 @@ def _zero_padding_rule(ctx):
             out.pre = _padded_pre(m, widths)
             out.shared = m.shared  # the real positions' shared part (the padding has none)
             out.scale = m.scale
+            shared_part.carry_given(out, m)
             return spatial_correlation.unchanged(out, m)
     if m.ch_mean is not None:
         return Moments.from_channel_second(k * m.ch_mean, k * m.ch_second)
@@ -161,6 +162,7 @@ def _cropping_rule(ctx):
         out.pre = (_memo_elements(pre, pre.el_mean[cut], pre.el_var[cut]), m.pre[1], m.pre[2])
     out.shared = m.shared
     out.scale = m.scale
+    shared_part.carry_given(out, m)
     return spatial_correlation.unchanged(out, m)
 
 

@@ -350,7 +350,7 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
         extra = pairs * (window_sums(u, rows, cols) / counts) / (counts ** 2)
         result = Moments.from_elements(out.el_mean, out.el_var + extra)
         result.shared = out.shared
-        result.scale = out.scale
+        result.scale, result.given = out.scale, out.given
         result.pre = None
         return result
     # 1 for independent entries
@@ -359,7 +359,7 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
     extra = u * (factor - 1.0) / (k[0] * k[1])
     result = Moments.from_channels(out.ch_mean, out.ch_var + extra)
     result.shared = out.shared
-    result.scale = out.scale
+    result.scale, result.given = out.scale, out.given
     return result
 
 
