@@ -209,4 +209,5 @@ def test_latent_shift_of_channel_means_through_conv_and_batch_norm():
     y_in = Moments.from_channels(per_example.mean(axis=0), y.reshape(-1, k).var(axis=0))
     y_in.given = out.given
     bn = shared_part.through_batch_norm(Moments.from_channels(np.zeros(k), np.ones(k)), y_in, gamma, 1e-3)
-    np.testing.assert_allclose(bn.given.deviation, out.given.deviation * gamma / np.sqrt(y_in.ch_var + 1e-3))
+    np.testing.assert_allclose(bn.given.deviation, out.given.deviation * gamma / np.sqrt(y_in.ch_var + 1e-3),
+                               atol=1e-12)
