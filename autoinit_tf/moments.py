@@ -61,7 +61,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched", "corr", "const", "visible", "ch_cov", "scale", "given")
+                 "matched", "corr", "const", "visible", "ch_cov", "scale", "given", "keep")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -102,6 +102,10 @@ class Moments:
         # activation that feeds one: the channel means and variances of an example given its log-scale, at
         # the latent's quadrature nodes (`rules.shared_part.Given`). None: not tracked.
         self.given = None
+        # The keep probability of the per-example mask an inverted dropout with one mask per example just
+        # applied (stochastic depth's drop-connect): an example's energy is 0 or 1 / keep times the
+        # average, which the sum after it mixes into the log-scale (`rules.shared_part.added`). None: no mask.
+        self.keep = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)

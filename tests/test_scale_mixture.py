@@ -211,3 +211,22 @@ def test_latent_shift_of_channel_means_through_conv_and_batch_norm():
     bn = shared_part.through_batch_norm(Moments.from_channels(np.zeros(k), np.ones(k)), y_in, gamma, 1e-3)
     np.testing.assert_allclose(bn.given.deviation, out.given.deviation * gamma / np.sqrt(y_in.ch_var + 1e-3),
                                atol=1e-12)
+
+
+def test_sum_after_a_per_example_mask():
+    """Drop-connect (inverted dropout with one mask per example, keep k) before a residual sum: the branch's
+    energy is 0 or E / k per example, which makes the sum's log-energy spread even without a gate; with a
+    log-scale on the stream as well, both mix (against 400000 sampled examples)."""
+    rng = np.random.default_rng(6)
+    for keep, lam in ((0.8, 0.0), (0.9, 0.3)):
+        stream = Moments.from_channels(np.zeros(2), np.full(2, 1.0))
+        stream.scale = lam if lam > 0 else None
+        branch = Moments.from_channels(np.zeros(2), np.full(2, 1.0 / keep))  # E[M^2] E_b = E_b / k, E_b = 1
+        branch.keep = keep
+        branch.scale = lam if lam > 0 else None
+        out = shared_part.added([stream, branch], Moments.from_channels(np.zeros(2), np.full(2, 1.0 + 1.0 / keep)))
+        xi = rng.standard_normal(400000)
+        s = np.exp(np.sqrt(lam) * xi - lam / 2)
+        mask = rng.random(400000) < keep
+        total = s + mask * s / keep ** 2  # the branch's M^2 E_b, M = 1 / k when kept, E_b = 1
+        assert out.scale == pytest.approx(np.log(total).var(), rel=0.03)

@@ -39,7 +39,9 @@ normalized to E[S] = 1):
                     is the variance over (q, u) of E_v f, and lam_out = Var_q(log sum_c Var_v f) (the
                     activation's elasticity: 1.3-1.6x per hard swish on MobileNetV3Small)
     add:            the log-scales are one latent xi: lam = Var_xi(log sum_i E_i e^(sqrt(lam_i) xi)) (E_i the
-                    inputs' within-energies; measured 0.196, first order 0.198)
+                    inputs' within-energies; measured 0.196, first order 0.198); an input behind a
+                    per-example mask (drop-connect, keep k) contributes 0 or E_i / k
+    dropout:        one mask per example is carried to the sum after it (`Moments.keep`)
     between activations: each example's channel means given xi (`Given.mean`; an activation makes their
                     shift with xi) move through convs (the kernel summed over the real taps, averaged over
                     positions), depthwise, BatchNorm (gamma / sqrt(var + eps)) and sums; the activation
@@ -60,6 +62,8 @@ layers after a gate.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -475,13 +479,25 @@ def added(ms, out: Moments) -> Moments:
     """Sum of independent inputs: the shared parts add (an input without one contributes 0); the log-scales
     are one latent, loaded by each input's within-energy."""
     lams = [scale_of(m) for m in ms]
-    if any(lam > 0.0 for lam in lams):
+    keeps = [getattr(m, "keep", None) for m in ms]
+    if any(k is not None for k in keeps) and all(k is not None for k in keeps):
+        keeps = [None] * len(ms)  # every input masked: an energy of 0 has no log; left out
+    if any(lam > 0.0 for lam in lams) or any(k is not None for k in keeps):
         energy = [max(m.within, 0.0) for m in ms]
         if sum(energy) > 0.0:
             # one latent xi ~ N(0, 1): the summed energy sum_i E_i e^(sqrt(lam_i) xi - lam_i / 2), its log's
-            # variance by Gauss-Hermite quadrature in xi
-            total = sum(e * np.exp(np.sqrt(lam) * _LATENT_Z - lam / 2.0) for e, lam in zip(energy, lams))
-            out.scale = _log_variance(total, _LATENT_W)
+            # variance by Gauss-Hermite quadrature in xi; an input behind a per-example mask of keep
+            # probability k has energy 0 (probability 1 - k) or E_i / k, every combination weighted
+            terms = [[(1.0, 1.0)] if k is None else [(1.0 - k, 0.0), (k, 1.0 / k)] for k in keeps]
+            totals, weights = [], []
+            for combo in itertools.product(*terms):
+                p = float(np.prod([c[0] for c in combo]))
+                if p <= 0.0:
+                    continue
+                totals.append(sum(c[1] * e * np.exp(np.sqrt(lam) * _LATENT_Z - lam / 2.0)
+                                  for c, e, lam in zip(combo, energy, lams)))
+                weights.append(p * _LATENT_W)
+            out.scale = _log_variance(np.concatenate(totals), np.concatenate(weights))
     maps = [given_of(m, per_example=False) for m in ms]
     nodes = {g.w.size for g in maps if g is not None}
     if len(nodes) == 1 and out.ch_mean is not None and all(m.channels == out.channels for m in ms):
@@ -508,6 +524,8 @@ def through_dropout(out: Moments, m_in: Moments, keep: float, per_example: bool)
         second = (g.spread + g.mean * g.mean) / keep
         return _from_given(Given(g.lam, g.w, g.s, g.mean, second - g.mean * g.mean, g.within), out)
     carry_given(out, m_in)
+    if per_example and 0.0 < keep < 1.0:
+        out.keep = float(keep)
     s = shared_of(m_in)
     if s is None or out.ch_mean is None or out.channels != s.size:
         return out
