@@ -387,15 +387,14 @@ def through_activation(fn, kinks, m_in: Moments, out: Moments, pieces=None) -> M
             + np.sqrt(unexplained)[:, None, None] * u_z[None, None, :])
     mean = np.broadcast_to(mean, shape)
     var = np.broadcast_to(within[:, None, None] * s_q[None, :, None], shape)
-    n = int(np.prod(shape))
-    flat_mean, flat_var = mean.reshape(-1), var.reshape(-1)
-    if lam > 0.0:  # with the Gaussian baseline below, in one call (one interpolation grid for both)
-        base = m_in.ch_mean[:, None] + np.sqrt(s)[:, None] * u_z[None, :]
-        flat_mean = np.concatenate([flat_mean, base.reshape(-1)])
-        flat_var = np.concatenate([flat_var, within.repeat(u_z.size)])
-    e1, e2 = _expect(fn, kinks, pieces, flat_mean, flat_var)
-    e1, e2 = np.asarray(e1, dtype=np.float64), np.asarray(e2, dtype=np.float64)
-    h1, h2 = e1[:n].reshape(shape), e2[:n].reshape(shape)
+    # node by node: each call's spreads differ only across channels, which keeps a smooth activation on
+    # `moments.many_expectations`' interpolated grid (all nodes at once span e^(+-4 sqrt(lam)) and fell back
+    # to one quadrature per pair)
+    h1, h2 = np.empty(shape), np.empty(shape)
+    for q in range(s_q.size):
+        e1, e2 = _expect(fn, kinks, pieces, mean[:, q, :].reshape(-1), var[:, q, :].reshape(-1))
+        h1[:, q, :] = np.asarray(e1, dtype=np.float64).reshape(c, -1)
+        h2[:, q, :] = np.asarray(e2, dtype=np.float64).reshape(c, -1)
     given_mean = h1 @ u_w  # (c, Q): an example's channel mean given the node, averaged over u
     avg = given_mean @ w_q
     out.shared = np.maximum(np.einsum("cqj,q,j->c", h1 * h1, w_q, u_w) - avg * avg, 0.0)
@@ -404,8 +403,10 @@ def through_activation(fn, kinks, m_in: Moments, out: Moments, pieces=None) -> M
     if lam > 0.0:
         # Jensen over S (and the offsets' dependence on it), against the Gaussian `out` came from: the same
         # quadrature with every example at S = 1 and all of the shared part independent offsets
-        b1 = e1[n:].reshape(c, -1) @ u_w
-        b2 = e2[n:].reshape(c, -1) @ u_w
+        base = m_in.ch_mean[:, None] + np.sqrt(s)[:, None] * u_z[None, :]
+        b1, b2 = _expect(fn, kinks, pieces, base.reshape(-1), within.repeat(u_z.size))
+        b1 = np.asarray(b1, dtype=np.float64).reshape(c, -1) @ u_w
+        b2 = np.asarray(b2, dtype=np.float64).reshape(c, -1) @ u_w
         out = _mixture_moments(out, avg - b1, np.einsum("cqj,q,j->c", h2, w_q, u_w) - avg * avg, b2 - b1 * b1)
         # Var_q of the log-energy, plus the offsets' part: each channel's offset u moves its positions'
         # variance too, independently across channels (first order: sum_c Var_u(V_c) / energy^2)
