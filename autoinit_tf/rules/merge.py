@@ -214,7 +214,7 @@ def multiply_rule(ctx):
     pooled = _constant_over_positions(ctx.input_shapes)
     if pooled is not None:
         ctx.inexact("a per-example gate (squeeze-and-excitation) scales each example's channels: the signal after "
-                    "it is a scale mixture, which the Gaussian rules do not carry", persistent=True)
+                    "it is a scale mixture, whose spread the pass estimates (one latent log-scale)", persistent=True)
         if len(ctx.inputs) == 2:
             g, x = ctx.inputs if pooled[0] else ctx.inputs[::-1]
             out = spatial_correlation.unchanged(shared_part.gate(x, g, out), x)
