@@ -1,0 +1,79 @@
+"""The per-example scale after squeeze-and-excitation gates, predicted against measured, layer by layer.
+
+For one model of `benchmarks/zoo_real.py` (random weights, 96x96 images) after the analytic wrap, per layer
+output (every layer whose name contains one of the given patterns; all layers without):
+
+  * lam: the variance over examples of the log of an example's energy (the mean square of its entries about
+    the batch's channel means), predicted (`Moments.scale`, `rules.shared_part`) and measured;
+  * var: the output's variance, predicted and measured;
+  * shared: the per-example shared part (`Moments.shared`, averaged over channels), predicted, and the
+    variance over examples of an example's channel means measured (which also holds the average of the
+    positions' fluctuations: on an H x W map about their variance / (H W), more where positions correlate).
+
+Measured on `--batches` batches of 32 fresh N(0, 1) images in training mode (BatchNormalization on batch
+statistics, as the zoo's recorder):
+
+    python benchmarks/per_example_scale.py MobileNetV3Small [--patterns expanded_conv_10,logits] [--batches 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--patterns", default="", help="comma-separated parts of layer names (default: all)")
+    parser.add_argument("--batches", type=int, default=32)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    import keras
+    import numpy as np
+
+    import autoinit_tf
+    import zoo_real
+
+    model = zoo_real.build(args.model)
+    _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    rows = {r.name: r for r in report.rows}
+    patterns = [p for p in args.patterns.split(",") if p]
+    picked, seen = [], set()
+    for layer in model.layers[1:]:
+        if patterns and not any(p in layer.name for p in patterns):
+            continue
+        out = layer.output
+        if id(out) in seen or layer.name not in rows or not rows[layer.name].outputs:
+            continue
+        seen.add(id(out))
+        picked.append((layer.name, out))
+    probe = keras.Model(model.inputs, [t for _, t in picked])
+    rng = np.random.default_rng(5)
+    shape = tuple(model.inputs[0].shape[1:])
+    batches = [[np.asarray(y) for y in keras.tree.flatten(probe(rng.standard_normal((32,) + shape).astype("float32"),
+                                                                 training=True))]
+               for _ in range(args.batches)]
+    print(f"{'layer':44s} {'lam pred':>9s} {'meas':>7s} | {'var pred':>9s} {'meas':>8s} | {'shared pred':>11s} {'meas':>8s}")
+    for i, (name, _) in enumerate(picked):
+        y = np.concatenate([b[i] for b in batches])
+        flat = y.reshape(y.shape[0], -1, y.shape[-1])
+        centred = flat - flat.mean(axis=(0, 1))
+        energy = (centred ** 2).mean(axis=(1, 2))
+        measured_lam = float(np.log(np.maximum(energy, 1e-300)).var())
+        pred = rows[name].outputs[0]
+        lam = getattr(pred, "scale", None) or 0.0
+        shared = getattr(pred, "shared", None)
+        shared = 0.0 if shared is None else float(np.mean(shared))
+        means = float(flat.mean(axis=1).var(axis=0).mean())
+        print(f"{name:44s} {lam:9.3f} {measured_lam:7.3f} | {pred.var:9.4f} {float(flat.var()):8.4f} | "
+              f"{shared:11.4f} {means:8.4f}")
+
+
+if __name__ == "__main__":
+    main()
