@@ -367,7 +367,7 @@ def through_activation(fn, kinks, m_in: Moments, out: Moments, pieces=None) -> M
         return out
     g_in = given_of(m_in, per_example=True)
     if g_in is not None:
-        return _given_activation(fn, kinks, pieces, g_in, out)
+        return _given_activation(fn, kinks, pieces, g_in)
     s = shared_of(m_in)
     lam = scale_of(m_in)
     if s is None and lam <= 0.0:
@@ -433,17 +433,17 @@ def _mixture_moments(out: Moments, shift, var, base_var) -> Moments:
     return res
 
 
-def _given_activation(fn, kinks, pieces, g: Given, out: Moments) -> Moments:
+def _given_activation(fn, kinks, pieces, g: Given) -> Moments:
     """f of a tensor with one value per example and channel, node by node: given q, x_c ~ N(mean, spread)."""
     h1, h2 = _expect(fn, kinks, pieces, g.mean.reshape(-1), g.spread.reshape(-1))
     h1 = np.asarray(h1, dtype=np.float64).reshape(g.mean.shape)
     h2 = np.asarray(h2, dtype=np.float64).reshape(g.mean.shape)
-    return _from_given(Given(g.lam, g.w, g.s, h1, h2 - h1 * h1, np.zeros_like(h1)), out)
+    return _from_given(Given(g.lam, g.w, g.s, h1, h2 - h1 * h1, np.zeros_like(h1)))
 
 
-def _from_given(g: Given, like: Moments) -> Moments:
-    """Per-channel moments of the mixture `g` (in place of `like`'s, which take channels independent), with
-    `g` attached."""
+def _from_given(g: Given) -> Moments:
+    """Per-channel moments of the mixture `g`, with `g` attached: they replace a rule's own, which take the
+    channels (or the examples' values) independent of the latent."""
     mu, var = g.channel_moments()
     out = Moments.from_channels(mu, var)
     out.given = g
@@ -459,7 +459,7 @@ def given_through_linear(pre: Moments, m_in: Moments, w2, bias=None) -> Moments:
         return pre
     w2 = np.asarray(w2, dtype=np.float64)
     mean = g.mean @ w2 + (0.0 if bias is None else np.asarray(bias, dtype=np.float64).reshape(1, -1))
-    return _from_given(Given(g.lam, g.w, g.s, mean, g.spread @ (w2 * w2), np.zeros_like(mean)), pre)
+    return _from_given(Given(g.lam, g.w, g.s, mean, g.spread @ (w2 * w2), np.zeros_like(mean)))
 
 
 def pooled(out: Moments, m_in: Moments) -> Moments:
@@ -473,7 +473,7 @@ def pooled(out: Moments, m_in: Moments) -> Moments:
     rest = np.maximum(out.ch_var - explained, 0.0)
     given = Given(g.lam, g.w, g.s, g.mean - (g.w @ g.mean) + out.ch_mean, np.broadcast_to(rest, g.mean.shape).copy(),
                   np.zeros_like(g.mean))
-    return _from_given(given, out)
+    return _from_given(given)
 
 
 def added(ms, out: Moments) -> Moments:
@@ -523,7 +523,7 @@ def through_dropout(out: Moments, m_in: Moments, keep: float, per_example: bool)
     if g is not None and out.ch_mean is not None and out.channels == g.channels:
         # one value per example and channel, each masked alone: given the node, E[x^2] / keep
         second = (g.spread + g.mean * g.mean) / keep
-        return _from_given(Given(g.lam, g.w, g.s, g.mean, second - g.mean * g.mean, g.within), out)
+        return _from_given(Given(g.lam, g.w, g.s, g.mean, second - g.mean * g.mean, g.within))
     carry_given(out, m_in)
     if per_example and 0.0 < keep < 1.0:
         out.keep = float(keep)
