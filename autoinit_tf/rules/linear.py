@@ -254,7 +254,9 @@ def _draw_kernel(ctx, variable, fan_eff, target=None):
 
 def _sampled(ctx, out):
     """`out` with the sampling variance of an example's output energy in its log-scale
-    (`shared_part.with_sampling`)."""
+    (`shared_part.with_sampling`), where one is carried (not on every layer of a network without gates)."""
+    if shared_part.scale_of(out) <= 0.0:
+        return out
     return shared_part.with_sampling(out, spatial_correlation.energy_sampling_variance(out, ctx.output_shapes[0]))
 
 

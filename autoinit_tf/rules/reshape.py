@@ -101,9 +101,7 @@ def _zero_padding_rule(ctx):
         if len(widths) == len(n_in):
             out = Moments.from_elements(np.pad(m.el_mean, widths), np.pad(m.el_var, widths))
             out.pre = _padded_pre(m, widths)
-            out.shared = m.shared  # the real positions' shared part (the padding has none)
-            out.scale = m.scale
-            shared_part.carry_given(out, m)
+            shared_part.carry_per_example(out, m)  # the real positions' (the padding has no shared part)
             return spatial_correlation.unchanged(out, m)
     if m.ch_mean is not None:
         return Moments.from_channel_second(k * m.ch_mean, k * m.ch_second)
@@ -160,9 +158,7 @@ def _cropping_rule(ctx):
     if m.pre is not None and m.pre[0].el_mean is not None and m.pre[0].el_mean.shape == m.el_mean.shape:
         pre = m.pre[0]
         out.pre = (_memo_elements(pre, pre.el_mean[cut], pre.el_var[cut]), m.pre[1], m.pre[2])
-    out.shared = m.shared
-    out.scale = m.scale
-    shared_part.carry_given(out, m)
+    shared_part.carry_per_example(out, m)
     return spatial_correlation.unchanged(out, m)
 
 

@@ -31,7 +31,7 @@ map has its own energy, e^xi times the average, with xi common to its channels. 
 fourth gate to 0.78 at the last and 1.27 at the logits. Through a non-homogeneous activation it moves each
 example's channel means (hard swish: E[f(s z)] ~ s^2 / 6), which is what the squeeze reads: there the
 per-example part of the squeeze's variance was 0.045, of which the shared part without the scale
-predicted 0.0005. With lam carried and xi taken Gaussian (8 Gauss-Hermite nodes xi_q, S_q = e^(xi_q)
+predicted 0.0005. With lam carried and xi taken Gaussian (5 Gauss-Hermite nodes xi_q, S_q = e^(xi_q)
 normalized to E[S] = 1):
 
     linear, depthwise, BatchNorm, dropout, padding: lam unchanged (every example's energy scaled alike)
@@ -151,6 +151,18 @@ def carry_given(out: Moments, m_in: Moments, deviation=None) -> Moments:
 def tracked(m: Moments) -> bool:
     """Whether `m` carries any per-example structure (shared part, scale or `Given`)."""
     return shared_of(m) is not None or scale_of(m) > 0.0 or given_of(m) is not None
+
+
+def carry_per_example(out: Moments, m_in: Moments) -> Moments:
+    """`out`, which keeps each example's positions and channels as `m_in` has them (padding, cropping, a
+    correlation-only change), with m_in's shared part, log-scale and `Given`."""
+    out.shared = m_in.shared
+    carry_scale(out, m_in)
+    g = given_of(m_in, per_example=True)
+    if g is not None:
+        out.given = g
+        return out
+    return carry_given(out, m_in)
 
 
 def carry_scale(out: Moments, m_in: Moments) -> Moments:
@@ -314,8 +326,10 @@ def _through_taps(pre: Moments, s, w, taps, expand):
         extra = extra + weight * expand(s, a * a - np.tensordot(valid, w * w, axes=1))
     out_shared = expand(s, a_mean * a_mean)
     out = _with_extra_variance(pre, extra) if np.any(extra) else pre
-    out.shared = np.maximum(out_shared, 0.0)
-    out.scale, out.given = pre.scale, pre.given
+    shared = np.maximum(out_shared, 0.0)
+    if out is not pre:
+        carry_per_example(out, pre)
+    out.shared = shared
     return out
 
 
@@ -323,8 +337,8 @@ def through_linear(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
     """`pre` (a linear layer's output from `m_in`, kernel `w3` of shape (taps, cin, cout), `taps` its
     per-position real taps) with the shared part carried and its correlated-taps variance added."""
     carry_scale(pre, m_in)
-    taps_sum = _mean_gain(w3, taps)  # (cin, cout): a per-example mean shift's gain, averaged over positions
-    carry_given(pre, m_in, lambda d: d @ taps_sum if d.shape[1] == taps_sum.shape[0] else None)
+    # a per-example mean shift's gain (cin, cout), averaged over positions; computed only when one is carried
+    carry_given(pre, m_in, lambda d: d @ _mean_gain(w3, taps) if d.shape[1] == w3.shape[1] else None)
     s = shared_of(m_in)
     if s is None or pre.ch_mean is None or w3.shape[1] != s.size or w3.shape[2] != pre.channels:
         return pre
@@ -335,9 +349,8 @@ def through_depthwise(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
     """Like `through_linear` for a depthwise kernel `w3` of shape (taps, C, depth_multiplier) (output
     channel c * dm + d reads input channel c)."""
     carry_scale(pre, m_in)
-    taps_sum = _mean_gain(w3, taps)  # (C, depth_multiplier)
-    carry_given(pre, m_in, lambda d: (d[:, :, None] * taps_sum[None]).reshape(d.shape[0], -1)
-                if d.shape[1] == taps_sum.shape[0] else None)
+    carry_given(pre, m_in, lambda d: (d[:, :, None] * _mean_gain(w3, taps)[None]).reshape(d.shape[0], -1)
+                if d.shape[1] == w3.shape[1] else None)  # the gain (C, depth_multiplier) only when carried
     s = shared_of(m_in)
     if s is None or pre.ch_mean is None or w3.shape[1] != s.size or w3.shape[1] * w3.shape[2] != pre.channels:
         return pre
@@ -347,8 +360,8 @@ def through_depthwise(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
 def through_batch_norm(out: Moments, m_in: Moments, gamma, epsilon) -> Moments:
     """Training-mode BatchNormalization on the last axis: S gamma^2 / (V + eps); the log-scale unchanged."""
     carry_scale(out, m_in)
-    gain = np.ones(m_in.channels) if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1)
-    carry_given(out, m_in, lambda d: d * (gain / np.sqrt(m_in.ch_var + float(epsilon)))[None, :])
+    carry_given(out, m_in, lambda d: d * ((1.0 if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1))
+                                          / np.sqrt(m_in.ch_var + float(epsilon)))[None, :])
     s = shared_of(m_in)
     if s is None or out.ch_mean is None or out.channels != s.size:
         return out

@@ -48,7 +48,7 @@ import numpy as np
 
 from autoinit_tf.moments import Moments, hermite_coefficients, max_order_statistic, piecewise_linear_hermite
 from autoinit_tf.rules.element_maps import window_bounds, window_sums
-from autoinit_tf.rules.shared_part import shared_of
+from autoinit_tf.rules.shared_part import carry_per_example, shared_of
 
 RADIUS = 3
 SIDE = 2 * RADIUS + 1
@@ -349,8 +349,7 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
         pairs = np.einsum("ia,jb,cab->ijc", _axis_pairs(heights), _axis_pairs(widths), off_centre)
         extra = pairs * (window_sums(u, rows, cols) / counts) / (counts ** 2)
         result = Moments.from_elements(out.el_mean, out.el_var + extra)
-        result.shared = out.shared
-        result.scale, result.given = out.scale, out.given
+        carry_per_example(result, out)
         result.pre = None
         return result
     # 1 for independent entries
@@ -358,9 +357,7 @@ def _correlated_average(out, m_in, corr, k, strides, padding):
     u = fluctuation(m_in)
     extra = u * (factor - 1.0) / (k[0] * k[1])
     result = Moments.from_channels(out.ch_mean, out.ch_var + extra)
-    result.shared = out.shared
-    result.scale, result.given = out.scale, out.given
-    return result
+    return carry_per_example(result, out)
 
 
 @functools.lru_cache(maxsize=None)
