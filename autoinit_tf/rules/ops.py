@@ -21,7 +21,7 @@ from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, m
                                          softmax_moments)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
-from autoinit_tf.rules.provenance import producer
+from autoinit_tf.rules.provenance import producer, projection_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
@@ -179,16 +179,32 @@ def _additive_mask(ctx, m: Moments, c):
     return out
 
 
-def _draw_additive_table(ctx, c):
+#: Standard deviation, relative to the signal's, of a learned table a traced layer adds to the output of its
+#: own projection (DeiT's position table, added to the patch convolution's output): a per-position bias of
+#: that output, which is the layer's own output, so drawn small enough that the sum stays on the target, at
+#: the scale the ViT and DeiT reference implementations give it (N(0, 0.02^2) against patch embeddings of
+#: unit scale). A table that is a layer's output (ViT's position Embedding, keras-hub's PositionEmbedding)
+#: is that layer's output and gets the target itself.
+POSITION_BIAS_STD = 0.02
+
+
+def _draw_additive_table(ctx, c, m_tensor):
     """A learned table a traced layer adds to the signal itself (DeiT's ``ops.add(embeddings,
     self.position_embedding)``), the same for every example (its batch axis, if any, of size 1): drawn like
     every embedding table (`rules.linear.embedding_rule`, keras-hub's PositionEmbedding), entries with
-    variance `signal_variance`, so the sum is token plus position as in BERT and GPT-2."""
+    variance `signal_variance`, so the sum is token plus position as in BERT and GPT-2; added to the output
+    of a projection (DeiT's patch convolution, `m_tensor`: `provenance.projection_behind`), a per-position
+    bias of it, with variance `POSITION_BIAS_STD`^2 times that."""
     out_shape = ctx.node.outputs[0].shape
     shape = tuple(c.shape)
     if len(shape) < len(out_shape) or (len(shape) == len(out_shape) and shape[0] == 1):
-        ctx.weight_scale = ctx.signal_variance
-        table = ctx.draw(c, ctx.signal_variance).astype(np.float64).reshape(-1, shape[-1])
+        var = ctx.signal_variance
+        if m_tensor is not None and projection_behind(m_tensor) is not None:
+            var *= POSITION_BIAS_STD**2
+            ctx.note(f"table added to a projection's output: a per-position bias, std {POSITION_BIAS_STD} of "
+                     "the signal's (the ViT / DeiT reference scale)")
+        ctx.weight_scale = var
+        table = ctx.draw(c, var).astype(np.float64).reshape(-1, shape[-1])
         # As keras-hub's PositionEmbedding (`rules.keras_hub_layers.position_embedding_rule`): per channel,
         # the table's mean and its variance over positions, which averaging over positions (attention,
         # pooling) shrinks like a fluctuation, not a fixed offset of the channel.
@@ -203,7 +219,8 @@ def add_op_rule(ctx):
         return add_moments([a, b])
     m, c = (a, b) if ma else (b, a)
     if ctx.raw_table(c):
-        table = _draw_additive_table(ctx, c)
+        tensors = ctx.node.input_tensors
+        table = _draw_additive_table(ctx, c, tensors[0] if len(tensors) == 1 else None)
         if table is not None:
             return add_moments([m, table])
     masked = _additive_mask(ctx, m, c)

@@ -9,8 +9,15 @@ from __future__ import annotations
 import keras
 from keras import tree
 from keras.src.ops import core as core_ops
+from keras.src.ops import numpy as np_ops
 
-__all__ = ["consumers", "producer", "source", "uncast"]
+__all__ = ["consumers", "producer", "projection_behind", "source", "uncast"]
+
+#: Operations that move entries without computing new ones (a projection's output seen through them is
+#: still that projection's output).
+_LAYOUT_OPS = (core_ops.Cast, np_ops.Reshape, np_ops.Transpose, np_ops.ExpandDims, np_ops.Squeeze,
+               np_ops.Concatenate, keras.layers.Reshape, keras.layers.Permute, keras.layers.Flatten,
+               keras.layers.Concatenate)
 
 
 def producer(tensor):
@@ -56,3 +63,26 @@ def source(tensor, depth=4):
             return None, None
         tensor = inner[index]
     return None, None
+
+
+def projection_behind(tensor, depth=6):
+    """The weighted projection (a Dense, EinsumDense or convolution layer) a traced tensor is the output of,
+    seen through casts, reshapes, transposes and concatenations (ViT joins its class token to the patch
+    convolution's output before adding positions); None when it is anything else (a table lookup, an
+    input, a sum)."""
+    frontier = [tensor]
+    for _ in range(depth):
+        following = []
+        for t in frontier:
+            op, node = producer(t)
+            if op is None:
+                continue
+            if isinstance(op, (keras.layers.Dense, keras.layers.EinsumDense)) or (
+                    isinstance(op, keras.layers.Layer) and hasattr(op, "kernel_size") and hasattr(op, "kernel")):
+                return op
+            if isinstance(op, _LAYOUT_OPS):
+                following.extend(node.input_tensors)
+        frontier = following
+        if not frontier:
+            return None
+    return None
