@@ -388,21 +388,36 @@ _GL_X8, _GL_W8 = np.polynomial.legendre.leggauss(8)
 _GL_X4, _GL_W4 = np.polynomial.legendre.leggauss(4)
 
 
+@functools.lru_cache(maxsize=2)
+def _shared_nodes(coarse):
+    """`_channel_nodes`' (z, w) of one channel without kinks, (panels, nodes), read-only."""
+    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
+    edges = np.asarray(_PANELS, dtype=np.float64)
+    a, b = edges[:-1], edges[1:]
+    half = 0.5 * (b - a)
+    z = half[:, None] * gl_x + (0.5 * (a + b))[:, None]
+    w = half[:, None] * gl_w * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    z.flags.writeable = False
+    w.flags.writeable = False
+    return z, w
+
+
 def _channel_nodes(means, variances, kinks, coarse):
     """(means, sds, z, w): per channel, the panels' Gauss-Legendre nodes z (C, panels, nodes) in the
     standardised variable, split at that channel's kinks, and their weights times the normal density."""
     gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
     means = np.asarray(means, dtype=np.float64).reshape(-1)
     s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
-    base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
     kinks = [k for k in kinks if k is not None and math.isfinite(k)]
-    if kinks:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
-        kz = np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
-        edges = np.sort(np.concatenate([base, kz], axis=1), axis=1)
-    else:
-        edges = base
+    if not kinks:  # the same standardised nodes for every channel: computed once, broadcast (no copy)
+        z, w = _shared_nodes(bool(coarse))
+        shape = (means.size,) + z.shape
+        return means, s, np.broadcast_to(z, shape), np.broadcast_to(w, shape)
+    base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
+    kz = np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
+    edges = np.sort(np.concatenate([base, kz], axis=1), axis=1)
     a, b = edges[:, :-1], edges[:, 1:]
     half = 0.5 * (b - a)
     z = half[..., None] * gl_x + (0.5 * (a + b))[..., None]  # (C, panels, nodes)
@@ -420,8 +435,12 @@ def channel_expectations(fn, means, variances, kinks=(), coarse=False):
     means, s, z, w = _channel_nodes(means, variances, kinks, coarse)
     x = means[:, None, None] + s[:, None, None] * z
     y = np.asarray(fn(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
-    e1 = np.sum(w * y, axis=(1, 2))
-    e2 = np.sum(w * y * y, axis=(1, 2))
+    if w.strides[0] == 0:  # shared nodes: one weight vector for every channel
+        flat, wv = y.reshape(y.shape[0], -1), w[0].reshape(-1)
+        e1, e2 = flat @ wv, (flat * flat) @ wv
+    else:
+        e1 = np.sum(w * y, axis=(1, 2))
+        e2 = np.sum(w * y * y, axis=(1, 2))
     return e1, np.maximum(e2, e1 * e1)
 
 

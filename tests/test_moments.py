@@ -509,3 +509,33 @@ def test_many_expectations_interpolates_smooth_activations(name, monkeypatch):
     w1, _ = moments.many_expectations(f, wide, np.concatenate([var, [1.0, 1.0]]))
     assert max(calls) == wide.size  # the check failed: every pair integrated
     np.testing.assert_allclose(w1[:-2], r1, atol=1e-5)
+
+
+def test_builtin_activations_are_evaluated_by_checked_numpy_twins():
+    """Keras' built-in activations are integrated through NumPy twins (no backend dispatch per quadrature
+    call): every twin passes its check against the backend here, agrees with the backend's float64
+    evaluation off the check grid, and a twin whose definition differs is refused (the backend is used)."""
+    import keras
+
+    from autoinit_tf.rules import activation as act
+
+    twins = act._numpy_twins()
+    assert {keras.activations.silu, keras.activations.gelu, keras.activations.relu} <= set(twins)
+    x = np.random.default_rng(0).normal(0.0, 4.0, 2000)
+    for fn in twins:
+        assert act.numpy_function(fn) is act._verified_twin(fn) is not None, fn.__name__
+        want = np.asarray(keras.ops.convert_to_numpy(fn(keras.ops.convert_to_tensor(x))), dtype=np.float64)
+        np.testing.assert_allclose(act.numpy_function(fn)(x), want, rtol=1e-5, atol=1e-6, err_msg=fn.__name__)
+    # a hard sigmoid of slope 0.2 (Keras 2's) in place of relu6(x + 3) / 6: refused
+    act._verified_twin.cache_clear()
+    wrong = dict(twins)
+    wrong[keras.activations.hard_sigmoid] = lambda v: np.clip(0.2 * np.asarray(v) + 0.5, 0.0, 1.0)
+    original = act._numpy_twins
+    try:
+        act._numpy_twins = lambda: wrong
+        f = act.numpy_function(keras.activations.hard_sigmoid)
+        assert act._verified_twin(keras.activations.hard_sigmoid) is None
+        np.testing.assert_allclose(f(np.array([-3.0, 0.0, 1.5, 3.0])), [0.0, 0.5, 0.75, 1.0], atol=1e-6)
+    finally:
+        act._numpy_twins = original
+        act._verified_twin.cache_clear()
