@@ -10,7 +10,8 @@ output (every layer whose name contains one of the given patterns; all layers wi
     variance over examples of an example's channel means measured (which also holds the average of the
     positions' fluctuations: on an H x W map about their variance / (H W), more where positions correlate).
 
-Measured on `--batches` batches of 32 fresh N(0, 1) images in training mode (BatchNormalization on batch
+Measured on `--batches` batches of 32 fresh images (the zoo's: pixel values as the model's preprocessing
+declares them, `inputs.probe_arrays`) in training mode (BatchNormalization on batch
 statistics, as the zoo's recorder):
 
     python benchmarks/per_example_scale.py MobileNetV3Small [--patterns expanded_conv_10,logits] [--batches 32]
@@ -39,6 +40,7 @@ def main():
 
     import autoinit_tf
     import zoo_real
+    from autoinit_tf import graph, inputs as inputs_mod
 
     model = zoo_real.build(args.model)
     _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
@@ -54,11 +56,12 @@ def main():
         seen.add(id(out))
         picked.append((layer.name, out))
     probe = keras.Model(model.inputs, [t for _, t in picked])
-    rng = np.random.default_rng(5)
-    shape = tuple(model.inputs[0].shape[1:])
-    batches = [[np.asarray(y) for y in keras.tree.flatten(probe(rng.standard_normal((32,) + shape).astype("float32"),
+    # The zoo's fresh inputs (`inputs.probe_arrays`: the pixel values the model's own preprocessing declares,
+    # what the analytic pass assumes), another seed per batch.
+    fn = graph.as_functional(model)
+    batches = [[np.asarray(y) for y in keras.tree.flatten(probe(inputs_mod.probe_arrays(fn, None, 32, seed=777 + i)[0],
                                                                  training=True))]
-               for _ in range(args.batches)]
+               for i in range(args.batches)]
     print(f"{'layer':44s} {'lam pred':>9s} {'meas':>7s} | {'var pred':>9s} {'meas':>8s} | {'shared pred':>11s} {'meas':>8s}")
     for i, (name, _) in enumerate(picked):
         y = np.concatenate([b[i] for b in batches])
