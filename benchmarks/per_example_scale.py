@@ -4,7 +4,8 @@ For one model of `benchmarks/zoo_real.py` (random weights, 96x96 images) after t
 output (every layer whose name contains one of the given patterns; all layers without):
 
   * lam: the variance over examples of the log of an example's energy (the mean square of its entries about
-    the batch's channel means), predicted (`Moments.scale`, `rules.shared_part`) and measured;
+    its own channel means: its positions' fluctuation), predicted (`Moments.scale`, `rules.shared_part`) and
+    measured; "batch": measured about the batch's channel means (the example's channel-mean deviations in);
   * var: the output's variance, predicted and measured;
   * shared: the per-example shared part (`Moments.shared`, averaged over channels), predicted, and the
     variance over examples of an example's channel means measured (which also holds the average of the
@@ -62,19 +63,25 @@ def main():
     batches = [[np.asarray(y) for y in keras.tree.flatten(probe(inputs_mod.probe_arrays(fn, None, 32, seed=777 + i)[0],
                                                                  training=True))]
                for i in range(args.batches)]
-    print(f"{'layer':44s} {'lam pred':>9s} {'meas':>7s} | {'var pred':>9s} {'meas':>8s} | {'shared pred':>11s} {'meas':>8s}")
+    print(f"{'layer':44s} {'lam pred':>9s} {'meas':>7s} {'batch':>7s} | {'var pred':>9s} {'meas':>8s} | "
+          f"{'shared pred':>11s} {'meas':>8s}")
     for i, (name, _) in enumerate(picked):
         y = np.concatenate([b[i] for b in batches])
         flat = y.reshape(y.shape[0], -1, y.shape[-1])
-        centred = flat - flat.mean(axis=(0, 1))
-        energy = (centred ** 2).mean(axis=(1, 2))
-        measured_lam = float(np.log(np.maximum(energy, 1e-300)).var())
+        # The predicted scale is that of an example's energy about its OWN channel means (its positions'
+        # fluctuation; the examples' channel-mean deviations are carried apart, `Given`): measured the same way,
+        # and about the batch's channel means (what an example's deviations add) for comparison.
+        within = ((flat - flat.mean(axis=1, keepdims=True)) ** 2).mean(axis=(1, 2))
+        # (a map of one position has no fluctuation of its own: "-")
+        measured_lam = float(np.log(within).var()) if flat.shape[1] > 1 else float("nan")
+        about_batch = ((flat - flat.mean(axis=(0, 1))) ** 2).mean(axis=(1, 2))
+        batch_lam = float(np.log(np.maximum(about_batch, 1e-300)).var())
         pred = rows[name].outputs[0]
         lam = getattr(pred, "scale", None) or 0.0
         shared = getattr(pred, "shared", None)
         shared = 0.0 if shared is None else float(np.mean(shared))
         means = float(flat.mean(axis=1).var(axis=0).mean())
-        print(f"{name:44s} {lam:9.3f} {measured_lam:7.3f} | {pred.var:9.4f} {float(flat.var()):8.4f} | "
+        print(f"{name:44s} {lam:9.3f} {'-' if measured_lam != measured_lam else f'{measured_lam:.3f}':>7s} {batch_lam:7.3f} | {pred.var:9.4f} {float(flat.var()):8.4f} | "
               f"{shared:11.4f} {means:8.4f}")
 
 
