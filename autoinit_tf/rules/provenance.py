@@ -11,6 +11,8 @@ from keras import tree
 from keras.src.ops import core as core_ops
 from keras.src.ops import numpy as np_ops
 
+from autoinit_tf.rules.registry import spec_for
+
 __all__ = ["consumers", "producer", "projection_behind", "source", "uncast"]
 
 #: Operations that move entries without computing new ones (a projection's output seen through them is
@@ -66,7 +68,8 @@ def source(tensor, depth=4):
 
 
 def projection_behind(tensor, depth=6):
-    """The weighted projection (a Dense, EinsumDense or convolution layer) a traced tensor is the output of,
+    """The weighted projection (a Dense, EinsumDense or convolution layer: any class registered with a
+    ``preactivation`` rule, `registry.LayerSpec`) a traced tensor is the output of,
     seen through casts, reshapes, transposes and concatenations (ViT joins its class token to the patch
     convolution's output before adding positions); None when it is anything else (a table lookup, an
     input, a sum)."""
@@ -77,8 +80,7 @@ def projection_behind(tensor, depth=6):
             op, node = producer(t)
             if op is None:
                 continue
-            if isinstance(op, (keras.layers.Dense, keras.layers.EinsumDense)) or (
-                    isinstance(op, keras.layers.Layer) and hasattr(op, "kernel_size") and hasattr(op, "kernel")):
+            if spec_for(op).preactivation is not None:  # a registered linear layer (its own pre-activation rule)
                 return op
             if isinstance(op, _LAYOUT_OPS):
                 following.extend(node.input_tensors)
