@@ -333,7 +333,9 @@ class Patches(L.Layer):
 
 
 def test_a_sublayer_called_on_held_constants_is_walked_too():
-    """The position table used to be read eagerly while tracing and kept (ViT: variance 4e-4 after wrap)."""
+    """The position table used to be read eagerly while tracing and kept (ViT: variance 4e-4 after wrap). A
+    table that is a sublayer's own output is a weighted layer's output: it gets the target (unlike a raw table
+    the layer adds to its projection, a per-position bias: `RawTable` below)."""
     inp = keras.Input((6, 4))
     layer = Patches(6, 8, name="patches")
     model = keras.Model(inp, layer(inp))
