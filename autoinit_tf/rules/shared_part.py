@@ -57,8 +57,11 @@ below +0.45 (log of measured / target), the logits +1.01 -> +0.47, median 0.052 
 still about half of the measured (0.38 for 0.76 at the last gate's activation): the growth opens in the
 first gated blocks, where the activations' measured elasticity (1.18-1.23 by regression on 1536 examples)
 exceeds a Gaussian's (1.16) and the examples' channel offsets follow their scale (a quarter to all of the
-shared part, by regression on the log-energy) more than carried. The default `wrap` still calibrates the
-layers after a gate.
+shared part, by regression on the log-energy) more than carried. On EfficientNetV2B0 it goes the other way:
+close at block 4a (0.068 for 0.077), 1.3-1.4x over from block 6 on (`benchmarks/per_example_scale.py`, energy
+about each example's own channel means); there a depthwise conv and the BatchNorm after it move the measured
+scale (0.95 -> 0.91 -> 0.76 in block 6b), which one scale common to all channels cannot do. The default `wrap`
+still calibrates the layers after a gate.
 """
 
 from __future__ import annotations
