@@ -418,6 +418,49 @@ def test_a_table_a_traced_layer_adds_to_its_projection_is_a_small_position_bias(
     assert y.var() == pytest.approx(1.0, rel=0.1)
 
 
+class ConvPatches(L.Layer):
+    """Like keras-hub's DeiT embeddings: a patch convolution, its output reshaped to tokens, a class token
+    concatenated in front, then a position table the layer adds itself."""
+
+    def __init__(self, width, **kw):
+        super().__init__(**kw)
+        self.width = width
+        self.patch = L.Conv2D(width, 4, strides=4, name="patch")
+
+    def build(self, shape):
+        tokens = (shape[1] // 4) * (shape[2] // 4) + 1
+        init = keras.initializers.RandomNormal(0, 0.02)
+        self.class_token = self.add_weight(shape=(1, 1, self.width), initializer="zeros", name="class_token")
+        self.position_embedding = self.add_weight(shape=(1, tokens, self.width), initializer=init,
+                                                  name="position_embedding")
+        self.built = True
+
+    def call(self, x):
+        y = self.patch(x)
+        y = keras.ops.reshape(y, (keras.ops.shape(y)[0], -1, self.width))
+        cls = keras.ops.tile(self.class_token, (keras.ops.shape(y)[0], 1, 1))
+        y = keras.ops.concatenate([cls, y], axis=1)
+        return keras.ops.add(y, self.position_embedding)
+
+
+def test_a_position_bias_is_found_behind_reshapes_and_the_class_token():
+    """DeiT's path: the table meets the convolution's output through a reshape and a concatenation with the
+    class token (`provenance.projection_behind` looks through both): drawn as the bias, and the layer's
+    output measured on target."""
+    from autoinit_tf.rules.ops import POSITION_BIAS_STD
+
+    inp = keras.Input((16, 16, 3))
+    layer = ConvPatches(8, name="emb")
+    model = keras.Model(inp, layer(inp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    assert float(layer.position_embedding.numpy().var()) == pytest.approx(POSITION_BIAS_STD**2, rel=0.35)
+    x = np.random.default_rng(4).standard_normal((2048, 16, 16, 3)).astype("float32")
+    y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)[:, 1:]  # the patch tokens
+    assert y.var() == pytest.approx(1.0, rel=0.1)
+
+
 def test_a_table_a_traced_layer_adds_to_a_lookup_is_drawn_like_an_embedding():
     """Added to a token lookup (token plus position, as BERT and GPT-2 sum them), the table is an embedding
     like the tokens': drawn with variance `signal_variance`, the add's predicted variance follows the drawn
