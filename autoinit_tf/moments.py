@@ -388,15 +388,15 @@ _GL_X8, _GL_W8 = np.polynomial.legendre.leggauss(8)
 _GL_X4, _GL_W4 = np.polynomial.legendre.leggauss(4)
 
 
+def _gl(coarse):
+    return (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
+
+
 @functools.lru_cache(maxsize=2)
 def _shared_nodes(coarse):
     """`_channel_nodes`' (z, w) of one channel without kinks, (panels, nodes), read-only."""
-    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
-    edges = np.asarray(_PANELS, dtype=np.float64)
-    a, b = edges[:-1], edges[1:]
-    half = 0.5 * (b - a)
-    z = half[:, None] * gl_x + (0.5 * (a + b))[:, None]
-    w = half[:, None] * gl_w * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    z, w = _piecewise_nodes(np.asarray(_PANELS, dtype=np.float64)[None, :], *_gl(coarse))
+    z, w = z[0], w[0]
     z.flags.writeable = False
     w.flags.writeable = False
     return z, w
@@ -405,23 +405,15 @@ def _shared_nodes(coarse):
 def _channel_nodes(means, variances, kinks, coarse):
     """(means, sds, z, w): per channel, the panels' Gauss-Legendre nodes z (C, panels, nodes) in the
     standardised variable, split at that channel's kinks, and their weights times the normal density."""
-    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
     means = np.asarray(means, dtype=np.float64).reshape(-1)
     s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
-    kinks = [k for k in kinks if k is not None and math.isfinite(k)]
-    if not kinks:  # the same standardised nodes for every channel: computed once, broadcast (no copy)
+    cuts = _kink_cuts(kinks, means, s)
+    if not cuts.shape[1]:  # the same standardised nodes for every channel: computed once, broadcast (no copy)
         z, w = _shared_nodes(bool(coarse))
         shape = (means.size,) + z.shape
         return means, s, np.broadcast_to(z, shape), np.broadcast_to(w, shape)
     base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kz = (np.asarray(kinks)[None, :] - means[:, None]) / s[:, None]
-    kz = np.clip(np.nan_to_num(kz, nan=_L, posinf=_L, neginf=-_L), -_L, _L)
-    edges = np.sort(np.concatenate([base, kz], axis=1), axis=1)
-    a, b = edges[:, :-1], edges[:, 1:]
-    half = 0.5 * (b - a)
-    z = half[..., None] * gl_x + (0.5 * (a + b))[..., None]  # (C, panels, nodes)
-    w = half[..., None] * gl_w * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    z, w = _piecewise_nodes(np.sort(np.concatenate([base, cuts], axis=1), axis=1), *_gl(coarse))
     return means, s, z, w
 
 
@@ -871,7 +863,7 @@ def max_order_expectations(fn, means, variances, k: int, kinks=(), coarse=False)
     from scipy.special import ndtr
 
     g = _identity if fn is None else fn
-    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
+    gl_x, gl_w = _gl(coarse)
     means = np.asarray(means, dtype=np.float64).reshape(-1)
     s = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0))
     base = np.broadcast_to(np.asarray(_PANELS), (means.size, len(_PANELS)))
@@ -1064,7 +1056,7 @@ def _max_per_entry(g, mu, s, ok, kinks, coarse):
     """(E[g(M)], E[g(M)^2]) per window, one Gaussian expectation per entry (see `max_expectations`)."""
     from scipy.special import ndtr
 
-    gl_x, gl_w = (_GL_X8, _GL_W8) if coarse else (_GL_X, _GL_W)
+    gl_x, gl_w = _gl(coarse)
     k = mu.shape[1]
     e1 = np.zeros(len(mu))
     e2 = np.zeros(len(mu))

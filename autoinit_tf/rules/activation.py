@@ -89,6 +89,7 @@ def _backend_function(fn):
     return f
 
 
+@functools.lru_cache(maxsize=1)
 def _numpy_twins() -> dict:
     """NumPy float64 twins of Keras' built-in activations (their default arguments), keyed by the Keras
     function: the quadratures evaluate an activation hundreds of times per network, and one backend call

@@ -268,17 +268,18 @@ def _coupled_gate(gx: Given, gg: Given, out: Moments) -> Moments:
     safe = np.where(energy > 0, energy, 1.0)
     lam += float(gx.w @ (np.sum(var_g2 * gx.within ** 2, axis=1) / safe ** 2))
     w = gx.w
-    ch_mean = w @ mean
-    ch_second = w @ (spread + within + mean * mean)
-    shared = np.maximum(w @ (spread + mean * mean) - ch_mean * ch_mean, 0.0)
+    given = Given(lam, w, gx.s, mean, spread, within, per_example=False)
+    ch_mean, ch_var = given.channel_moments()
+    shared = np.maximum(w @ (given.spread + mean * mean) - ch_mean * ch_mean, 0.0)
     if out.el_mean is None:
-        res = Moments.from_channels(ch_mean, np.maximum(ch_second - ch_mean ** 2, 0.0))
+        res = Moments.from_channels(ch_mean, ch_var)
         res.corr = out.corr
     else:
         res = out  # element maps: their per-position numbers stay; the per-example structure is set below
     res.shared = shared
     res.scale = lam
-    res.given = Given(lam, w, gx.s, mean - (w @ mean) + res.ch_mean, spread, within, per_example=False)
+    given.mean = mean - ch_mean + res.ch_mean
+    res.given = given
     return res
 
 
