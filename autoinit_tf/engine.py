@@ -34,6 +34,7 @@ from autoinit_tf.rules.context import RuleContext
 from autoinit_tf.rules.builtin import register_builtin_rules
 from autoinit_tf.rules.fallback import fallback_rule
 from autoinit_tf.rules.registry import UnsupportedLayerError
+from autoinit_tf.rules.windows import carry as carry_windows
 from autoinit_tf.variable_assign import HostAssigner
 
 logger = logging.getLogger("autoinit_tf")
@@ -269,6 +270,7 @@ class AnalyticPass:
             outs = [outs]
         outs = list(tree.flatten(outs))
         outs = [_fit_detail(m, kt) for m, kt in zip(outs, node.outputs)] if len(outs) == len(node.outputs) else outs
+        outs = carry_windows(op, inputs, outs)
         for m in outs:
             if not isinstance(m, Moments):
                 raise TypeError(f"The rule for '{op.name}' returned {m!r}; rules must return Moments.")

@@ -61,7 +61,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched", "corr", "const", "visible", "ch_cov", "scale", "given", "keep")
+                 "matched", "corr", "const", "visible", "ch_cov", "scale", "given", "keep", "window")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -106,6 +106,9 @@ class Moments:
         # applied (stochastic depth's drop-connect): an example's energy is 0 or 1 / keep times the
         # average, which the sum after it mixes into the log-scale (`rules.shared_part.added`). None: no mask.
         self.keep = None
+        # Inside window attention's window space, or on a feature map after it: which part of `between` only a
+        # window's positions share (`rules.windows.Folded` / `Unfolded`). None: all of it is the example's.
+        self.window = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)

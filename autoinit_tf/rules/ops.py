@@ -25,6 +25,7 @@ from autoinit_tf.rules.provenance import producer, projection_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
+from autoinit_tf.rules import windows
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
@@ -409,11 +410,18 @@ def _pooled_for_every_output(ctx):
 
 
 def _row_major_reshape(ctx):
-    return relayout(ctx.input, tuple(ctx.node.input_tensors[0].shape), tuple(ctx.node.outputs[0].shape))
+    out = relayout(ctx.input, tuple(ctx.node.input_tensors[0].shape), tuple(ctx.node.outputs[0].shape))
+    return windows.at_reshape(ctx, out) if isinstance(ctx.op, np_ops.Reshape) else out
 
 
-for _cls in (np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.ConvertToTensor, np_ops.Roll):
+for _cls in (np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.ConvertToTensor):
     BUILTIN.rule(_cls, _same_for_every_output)
+
+
+@BUILTIN.rule(np_ops.Roll)
+def roll_rule(ctx):
+    """Entries moved cyclically: the same moments; window-local parts move with the map (`rules.windows`)."""
+    return windows.at_roll(ctx, ctx.input)
 for _cls in (np_ops.Transpose, np_ops.GetItem, np_ops.Moveaxis, np_ops.Swapaxes, np_ops.Repeat,
              np_ops.BroadcastTo, core_ops.Unstack, core_ops.Slice):
     BUILTIN.rule(_cls, _pooled_for_every_output)
@@ -551,7 +559,7 @@ def attended_values(ctx, a: Moments, v: Moments, keys):
     else:  # a part shared by an example's positions that the moments do not show passes whole too
         ctx.inexact("attention weights times values (values' parts shared across positions not all known)")
     within = v.within
-    return Moments(v.mean, v.between + within * keys * a.second, v.between + within / keys)
+    return windows.attended(v, Moments(v.mean, v.between + within * keys * a.second, v.between + within / keys))
 
 # Comparisons and logical reductions make masks (Gemma's "no attended tokens": all(equal(mask, 0))): boolean
 # values that carry no signal scale; measured on the probe like `where`, which consumes them (no warning).
