@@ -6,6 +6,7 @@ measurement are `autoinit_tf.measure`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 
@@ -13,6 +14,7 @@ from autoinit_tf import distribute
 from autoinit_tf.calibration import AUTO_ROUNDS, TRAINING_BATCH_SIZE
 from autoinit_tf.engine import FallbackRuleWarning, PassOptions, run_analytic_pass
 from autoinit_tf.measure import calibrated_values, measure
+from autoinit_tf.moments import Moments
 from autoinit_tf.report import SignalReport
 from autoinit_tf.rewrite import rewrite
 
@@ -156,7 +158,7 @@ def wrap(
             model, "probe" if auto else calibrate, report=report if return_report else None, only=only, values=values,
             record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
             moving_statistics=True, max_rounds=AUTO_ROUNDS if auto else None,
-            training_batch_size=training_batch_size,
+            training_batch_size=training_batch_size, energy_spread=_energy_spread(report.rows, only),
         )
         engine.replace_pending(values)
         del values
@@ -169,6 +171,14 @@ def wrap(
         time.perf_counter() - t0,
     )
     return (model, report) if return_report else model
+
+
+def _energy_spread(rows, names):
+    """The largest predicted squared coefficient of variation of the examples' energies, expm1 of the
+    per-example log-scale variance (`Moments.scale`), over the rows `names` (0 where none is tracked)."""
+    lams = [float(r.outputs[0].scale) for r in rows if r.name in names and r.outputs
+            and isinstance(r.outputs[0], Moments) and r.outputs[0].scale is not None]
+    return math.expm1(max(lams)) if lams else 0.0
 
 
 def _row_under(name, paths) -> bool:

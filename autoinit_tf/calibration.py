@@ -16,7 +16,7 @@ import warnings
 from keras import ops
 from keras import tree
 
-from autoinit_tf import graph
+from autoinit_tf import declared, graph
 from autoinit_tf.inputs import auto_batch, replay_inputs
 from autoinit_tf.report import SignalReport
 from autoinit_tf.rules.builtin import register_builtin_rules
@@ -115,7 +115,8 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
 
 def calibrated_values(model, data="probe", *, report=None, input_moments=None, seed=None, signal_variance=1.0,
                       training=True, batch_size=None, targets=None, only=None, values=None, record=True,
-                      moving_statistics=False, max_rounds=None, training_batch_size=TRAINING_BATCH_SIZE):
+                      moving_statistics=False, max_rounds=None, training_batch_size=TRAINING_BATCH_SIZE,
+                      energy_spread=None):
     """`calibrate` without assigning anything: ``(report, values)`` with ``values`` the calibrated
     kernels as ``id(variable) -> value``.
 
@@ -126,6 +127,7 @@ def calibrated_values(model, data="probe", *, report=None, input_moments=None, s
     ``moving_statistics=True`` (`wrap`) also sets the moving statistics of batch-normalizing layers to
     the statistics their inputs have on the calibrated replay (`calibrate` itself leaves them alone).
     ``max_rounds``: the most probes an automatically sized probe refines over (None: `MAX_ROUNDS`).
+    ``energy_spread``: see `calibration_replay`.
     """
     if only is None and report is not None:
         only = {r.name for r in report.rows if r.weighted}
@@ -133,7 +135,7 @@ def calibrated_values(model, data="probe", *, report=None, input_moments=None, s
                                          seed=seed, signal_variance=signal_variance, training=training,
                                          batch_size=batch_size, targets=targets, values=values,
                                          moving_statistics=moving_statistics, max_rounds=max_rounds,
-                                         training_batch_size=training_batch_size)
+                                         training_batch_size=training_batch_size, energy_spread=energy_spread)
     if not record:
         return None, replay.values
     if report is None:
@@ -169,7 +171,7 @@ def assign_values(model, values):
 
 def calibration_replay(model, data, *, only, record, input_moments=None, seed=None, signal_variance=1.0,
                         training=True, batch_size=None, targets=None, values=None, moving_statistics=False,
-                        max_rounds=None, training_batch_size=TRAINING_BATCH_SIZE):
+                        max_rounds=None, training_batch_size=TRAINING_BATCH_SIZE, energy_spread=None):
     """The calibration replay of `calibrate`; ``record=False`` keeps no per-node statistics (for `wrap`
     without a report). Returns the `SignalReplay` (its ``factors``, ``rse`` and ``batch``) and the source
     ("probe" or "data").
@@ -181,6 +183,13 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     examples, refining the kernels already calibrated, while the largest activation stays within
     `GROWTH_ELEMENTS`, cut down to whole batches of `training_batch_size`. A layer still short of
     `CALIBRATION_RSE` gets a `CalibrationWarning`.
+
+    ``energy_spread``: the largest squared coefficient of variation of the examples' energies that the analytic
+    pass predicts at a layer to calibrate (``expm1(Moments.scale)``: per-example log-scales after
+    squeeze-and-excitation gates). Its relative standard error on n examples is about sqrt(spread / n); when
+    reaching `GROWTH_RSE` needs more examples than memory lets the probe grow to, the first probe is already
+    that large (the small first probe would only measure what the prediction says, at the cost of one
+    more replay).
     """
     register_builtin_rules()
     fn = graph.as_functional(model)
@@ -188,6 +197,12 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     grow = probe and batch_size is None
     if batch_size is None:
         batch_size = auto_batch(fn) if probe else None
+    if grow and energy_spread and energy_spread > 0.0:
+        cap = max(batch_size, GROWTH_ELEMENTS // max(declared.largest_activation(fn, declared.probe_length(fn)), 1))
+        if training_batch_size and cap > training_batch_size:
+            cap -= cap % int(training_batch_size)
+        if 1.1 * energy_spread / GROWTH_RSE**2 >= cap:
+            batch_size = cap
     replay = None
     values = {} if values is None else values
     for _ in range(3):  # the first round, then up to two growths (each grown probe re-estimates the RSE)

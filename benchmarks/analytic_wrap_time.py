@@ -1,7 +1,9 @@
-"""Analytic wrap time of one zoo model from a given source tree, for side-by-side comparisons of commits.
+"""Wrap time of one zoo model from a given source tree, for side-by-side comparisons of commits.
 
 One process: build the model (`benchmarks/zoo_real.py`'s builder, random weights), run `analyze` once, then
-time three `wrap(calibrate=None)` calls. Run it alternately for two checkouts of the project, e.g.
+time three `wrap(calibrate=None)` calls; with ``--default``, one analytic wrap and then three default
+`wrap` calls (``calibrate="auto"``; the first is what the zoo times). Run it alternately for two checkouts of
+the project, e.g.
 
     git worktree add /tmp/old da93531 && git worktree add /tmp/new HEAD
     for r in 1 2; do for v in old new; do python benchmarks/analytic_wrap_time.py /tmp/$v EfficientNetB0; done; done
@@ -19,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def main():
     root, name = os.path.abspath(sys.argv[1]), sys.argv[2]
+    default = "--default" in sys.argv[3:]
     sys.path.insert(0, root)
     sys.path.insert(0, os.path.join(root, "benchmarks"))
     import autoinit_tf
@@ -31,12 +34,15 @@ def main():
     model = zoo_real.build(name)
     build = time.perf_counter() - t
     autoinit_tf.analyze(model, seed=0)
+    if default:
+        autoinit_tf.wrap(model, seed=0, calibrate=None)
     wraps = []
     for _ in range(3):
         t = time.perf_counter()
-        autoinit_tf.wrap(model, seed=0, calibrate=None)
+        autoinit_tf.wrap(model, seed=0, calibrate="auto" if default else None)
         wraps.append(time.perf_counter() - t)
-    print(f"{os.path.basename(root):10s} {name:18s} build {build:.2f}  wraps " + " ".join(f"{w:.2f}" for w in wraps))
+    kind = "default wraps" if default else "wraps"
+    print(f"{os.path.basename(root):10s} {name:18s} build {build:.2f}  {kind} " + " ".join(f"{w:.2f}" for w in wraps))
 
 
 if __name__ == "__main__":

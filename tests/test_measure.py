@@ -506,3 +506,74 @@ def test_the_default_wrap_refines_over_at_most_auto_rounds_probes_and_says_what_
                                                     r"2048 examples.*calibrate=\"probe\"\) refines over up to 8"):
             _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
     assert "d2" in rep.auto_calibrated and rep.calibration_batch == 2048
+
+
+def _replay_sizes(monkeypatch):
+    """The probe size of every calibration replay that runs (recorded in order)."""
+    from autoinit_tf import signal_replay
+
+    sizes, run = [], signal_replay.SignalReplay.run
+
+    def recording(self, inputs):
+        sizes.append(int(keras.tree.flatten(inputs)[0].shape[0]))
+        return run(self, inputs)
+
+    monkeypatch.setattr(signal_replay.SignalReplay, "run", recording)
+    return sizes
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("spread,first", [(None, 1024), (0.1, 1024), (100.0, 2048)])
+def test_a_predicted_energy_spread_past_the_memory_bound_starts_the_probe_there(monkeypatch, spread, first):
+    """The first probe is the automatic one (1024 examples here) unless the predicted spread of the examples'
+    energies needs more than the memory bound allows (2048 here) for `GROWTH_RSE`: 1.1 * 0.1 / 0.015^2 = 489
+    examples do not, 1.1 * 100 / 0.015^2 do. Either way the probe ends at the bound (the cube's heavy tail)."""
+    keras.utils.set_random_seed(0)
+    model = _cubic_model()
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)
+    monkeypatch.setattr(calibration, "MAX_ROUNDS", 1)
+    sizes = _replay_sizes(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        replay, _ = calibration.calibration_replay(model, "probe", only=None, record=False, seed=0,
+                                                   energy_spread=spread)
+    assert sizes[0] == first and replay.batch == 2048
+    assert len(sizes) == (1 if first == 2048 else 2)
+
+
+@pytest.mark.core
+def test_the_default_wrap_of_a_gated_network_starts_its_probe_at_the_memory_bound(monkeypatch):
+    """After a squeeze-and-excitation gate every example has its own scale (`Moments.scale` > 0): wrap's default
+    passes the predicted spread, so the calibration does not first replay the small automatic probe (8 examples
+    of 16 x 16 x 64) that could only say the probe must grow to the memory bound."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 64))
+    h = inp
+    for b, width in enumerate((128, 8)):  # the first conv's output is the widest activation
+        h = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=f"c{b}")(h)
+        g = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
+        g = keras.layers.Conv2D(4, 1, activation="relu")(g)
+        g = keras.layers.Conv2D(width, 1, activation="sigmoid")(g)
+        h = keras.layers.Multiply()([h, g])
+    h = keras.layers.Conv2D(8, 3, padding="same", name="c2")(h)
+    model = keras.Model(inp, keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling2D()(h)))
+    report = autoinit_tf.analyze(model, seed=0)
+    names = {r.name for r in report.rows if r.name in ("c2", "head")}
+    lam = max(r.outputs[0].scale or 0.0 for r in report.rows if r.name in names)
+    need = 1.1 * math.expm1(lam) / calibration.GROWTH_RSE ** 2  # examples for GROWTH_RSE
+    bound = 8 * max(int(need // 8), 1)  # whole training batches of 8
+    assert 8 < bound <= need, "the gate's predicted spread needs more than the bound set below"
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 16 * 128 * bound)
+    sizes = _replay_sizes(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True, training_batch_size=8)
+    assert names <= set(rep.auto_calibrated), "the gate makes the layers after it estimates"
+    assert sizes[0] == bound and set(sizes) == {bound}
+    # without the prediction, the first probe is the automatic 8 examples, a replay more
+    sizes.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        calibration.calibration_replay(model, "probe", only=rep.auto_calibrated, record=False, seed=0,
+                                       training_batch_size=8)
+    assert sizes[0] == 8 and len(sizes) > 1 and sizes[1] > 8  # then a larger one
