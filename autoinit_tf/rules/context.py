@@ -132,6 +132,11 @@ class RuleContext:
             return {}
         return store.setdefault(id(op), {})
 
+    def inputs_of(self, op) -> list:
+        """The input moments of each call of `op` the walk has made so far, in order (a rule reading a pattern
+        across nodes: the tokens an attention's projections read)."""
+        return list(getattr(self._engine, "call_inputs", {}).get(id(op), []))
+
     @property
     def calls(self) -> int:
         """How many times the walk calls this op."""

@@ -25,7 +25,7 @@ from autoinit_tf.rules.provenance import producer, projection_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
-from autoinit_tf.rules import windows
+from autoinit_tf.rules import raw_attention, windows
 
 BUILTIN = BuiltinTable(__name__)  # installed by autoinit_tf.rules.builtin.register_builtin_rules
 
@@ -313,7 +313,7 @@ def matmul_rule(ctx):
     if ma and mb:
         n = ctx.node.input_tensors[0].shape[-1]
         if _from_softmax(ctx.node.input_tensors[0]) and not _from_softmax(ctx.node.input_tensors[1]):
-            return attended_values(ctx, a, b, n)  # weights @ values: each row of weights sums to 1
+            return attended_values(ctx, a, b, n, *ctx.node.input_tensors)  # weights @ values: rows sum to 1
         if n is None:
             return ctx.probe()
         if _from_softmax(ctx.node.input_tensors[1]):
@@ -544,14 +544,16 @@ def einsum_op_rule(ctx):
     contracted = [c for c in sw if c in sv and c not in out]
     if len(contracted) != 1 or sw[-1] != contracted[0]:
         return ctx.probe()
-    return attended_values(ctx, a, v, tensors[i].shape[-1])
+    return attended_values(ctx, a, v, tensors[i].shape[-1], tensors[i], tensors[1 - i])
 
 
-def attended_values(ctx, a: Moments, v: Moments, keys):
+def attended_values(ctx, a: Moments, v: Moments, keys, weights_tensor=None, values_tensor=None):
     """sum_k a_k v_k for softmax weights `a` (their own moments: a mask is in them) over `keys` values `v`
     (see `einsum_op_rule`). Marked an estimate either way: the moments cannot show a part of the values
     that an example's positions share (a per-example component), which passes whole as well; the default
-    wrap calibrates the layers after it, as it did when this was measured on the probe."""
+    wrap calibrates the layers after it, as it did when this was measured on the probe. Self-attention whose
+    projections are found behind the traced `weights_tensor` and `values_tensor` (`rules.raw_attention`) gets
+    the coupling of each key's logit with its own value, as a MultiHeadAttention layer does."""
     keys = ctx.probe_length if keys is None else int(keys)
     if v.between > ATTENDED_SHARED_LIMIT * v.var:
         ctx.inexact(f"values share {v.between / max(v.var, 1e-300):.0%} of their variance across positions "
@@ -559,7 +561,10 @@ def attended_values(ctx, a: Moments, v: Moments, keys):
     else:  # a part shared by an example's positions that the moments do not show passes whole too
         ctx.inexact("attention weights times values (values' parts shared across positions not all known)")
     within = v.within
-    return windows.attended(v, Moments(v.mean, v.between + within * keys * a.second, v.between + within / keys))
+    out = windows.attended(v, Moments(v.mean, v.between + within * keys * a.second, v.between + within / keys))
+    if weights_tensor is not None and values_tensor is not None:
+        out = raw_attention.coupled_attended(ctx, weights_tensor, values_tensor, out, a, v)
+    return out
 
 # Comparisons and logical reductions make masks (Gemma's "no attended tokens": all(equal(mask, 0))): boolean
 # values that carry no signal scale; measured on the probe like `where`, which consumes them (no warning).
