@@ -422,6 +422,8 @@ for _cls in (np_ops.Real, core_ops.Cast, core_ops.StopGradient, core_ops.Convert
 def roll_rule(ctx):
     """Entries moved cyclically: the same moments; window-local parts move with the map (`rules.windows`)."""
     return windows.at_roll(ctx, ctx.input)
+
+
 for _cls in (np_ops.Transpose, np_ops.GetItem, np_ops.Moveaxis, np_ops.Swapaxes, np_ops.Repeat,
              np_ops.BroadcastTo, core_ops.Unstack, core_ops.Slice):
     BUILTIN.rule(_cls, _pooled_for_every_output)
