@@ -198,9 +198,8 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     if batch_size is None:
         batch_size = auto_batch(fn) if probe else None
     if grow and energy_spread and energy_spread > 0.0:
-        cap = max(batch_size, GROWTH_ELEMENTS // max(declared.largest_activation(fn, declared.probe_length(fn)), 1))
-        if training_batch_size and cap > training_batch_size:
-            cap -= cap % int(training_batch_size)
+        cap = _whole_batches(max(batch_size, GROWTH_ELEMENTS // max(declared.largest_activation(
+            fn, declared.probe_length(fn)), 1)), training_batch_size)
         if 1.1 * energy_spread / GROWTH_RSE**2 >= cap:
             batch_size = cap
     replay = None
@@ -220,10 +219,7 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
             break
         cap = max(n, GROWTH_ELEMENTS // max(replay.widest, 1))
         want = min(math.ceil(1.1 * n * (worst / GROWTH_RSE) ** 2), cap) if math.isfinite(worst) else cap
-        if training_batch_size and want > training_batch_size:
-            # whole training batches: batch-statistics layers then normalize every chunk over as many
-            # examples as training will (a shorter last chunk would have noisier statistics)
-            want -= want % int(training_batch_size)
+        want = _whole_batches(want, training_batch_size)
         if want < 1.25 * n:
             break
         logger.info("autoinit: a calibrated variance is known to +-%.1f%% on %d probe examples; "
@@ -252,6 +248,14 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     replay.rounds = rounds
     warn_imprecise(replay, source, grow, limited=max_rounds is not None and max_rounds < MAX_ROUNDS)
     return replay, source
+
+
+def _whole_batches(n, training_batch_size):
+    """`n` cut down to whole training batches (when more than one): batch-statistics layers then normalize every
+    chunk over as many examples as training will (a shorter last chunk would have noisier statistics)."""
+    if training_batch_size and n > training_batch_size:
+        n -= n % int(training_batch_size)
+    return n
 
 
 def warn_imprecise(replay, source, grew, limited=False):

@@ -217,16 +217,42 @@ def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
 
 
 def _token_normalized_width(ctx):
-    """C when the keys' and values' tokens come straight from a per-token normalization over their last
-    axis of C channels (LayerNormalization, RMS norms): points on a sphere, not Gaussian vectors."""
+    """`normalized_width` of the keys' and values' tokens of an attention layer's call."""
     tensors = ctx.node.input_tensors
-    kt = tensors[1] if len(tensors) > 1 else tensors[0]
-    op, _ = producer(kt)
+    return normalized_width(tensors[1] if len(tensors) > 1 else tensors[0])
+
+
+def normalized_width(tokens):
+    """C when `tokens` come straight from a per-token normalization over their last axis of C channels
+    (LayerNormalization, RMS norms): points on a sphere, not Gaussian vectors."""
+    op, _ = producer(tokens)
     name = type(op).__name__
     if op is None or not any(k in name for k in ("LayerNorm", "RMSNorm")):
         return None
-    width = kt.shape[-1]
+    width = tokens.shape[-1]
     return int(width) if isinstance(width, int) and width > 1 else None
+
+
+def value_means(kv_input: Moments, wv, bv=None):
+    """(heads, units) means of the values projected by `wv` (C, heads, units) from tokens `kv_input`, plus `bv`."""
+    if kv_input.ch_mean is not None and kv_input.channels == wv.shape[0]:
+        mean = np.einsum("c,chu->hu", kv_input.ch_mean, wv)
+    else:
+        mean = kv_input.mean * wv.sum(axis=0)
+    return mean if bv is None else mean + np.asarray(bv, dtype=np.float64).reshape(mean.shape)
+
+
+def with_coupling(attended: Moments, d1: float, d2: float, sum_a2: float, v_within: float, logits: Moments,
+                  width) -> Moments:
+    """`attended` moved by the coupling's (mean, second-moment) shifts (`value_logit_coupling`), less the
+    sphere's share when the tokens are normalized over `width` channels (see `_coupled`)."""
+    if width is not None:
+        d2 -= sum_a2 * v_within * 4.0 * float(logits.var) / (width - 1)
+    if d1 == 0.0 and d2 == 0.0:
+        return attended
+    mean = attended.mean + d1
+    second = attended.second + d2
+    return Moments(mean, max(second - mean * mean, attended.between), attended.between)
 
 
 def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_within, head_dim, logits, sum_a2):
@@ -253,22 +279,10 @@ def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_with
         if bv is not None:
             bv = np.repeat(np.asarray(bv, dtype=np.float64).reshape(-1, wv.shape[2]), groups, axis=0)
     bq = ctx.value(q_dense.bias) if getattr(q_dense, "bias", None) is not None else None
-    if kv_input.ch_mean is not None and kv_input.channels == wv.shape[0]:
-        value_mean = np.einsum("c,chu->hu", kv_input.ch_mean, wv)
-    else:
-        value_mean = kv_input.mean * wv.sum(axis=0)
-    if bv is not None:
-        value_mean = value_mean + np.asarray(bv, dtype=np.float64).reshape(value_mean.shape)
+    value_mean = value_means(kv_input, wv, bv)
     d1, d2 = value_logit_coupling(wk, wv, wq, None if bq is None else np.asarray(bq, dtype=np.float64),
                                   kv_input, q_input, value_mean, 1.0 / np.sqrt(head_dim), logits, sum_a2)
-    width = _token_normalized_width(ctx)
-    if width is not None:
-        d2 -= sum_a2 * v_within * 4.0 * float(logits.var) / (width - 1)
-    if d1 == 0.0 and d2 == 0.0:
-        return attended
-    mean = attended.mean + d1
-    second = attended.second + d2
-    return Moments(mean, max(second - mean * mean, attended.between), attended.between)
+    return with_coupling(attended, d1, d2, sum_a2, v_within, logits, _token_normalized_width(ctx))
 
 
 def output_projection(layer):

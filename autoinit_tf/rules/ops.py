@@ -21,7 +21,7 @@ from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, m
                                          softmax_moments)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
-from autoinit_tf.rules.provenance import producer, projection_behind
+from autoinit_tf.rules.provenance import projection_behind, softmax_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
@@ -289,17 +289,7 @@ def power_rule(ctx):
 
 def _from_softmax(tensor) -> bool:
     """Whether a traced tensor is a softmax's output (through dropout and casts): attention weights."""
-    for _ in range(4):
-        op, node = producer(tensor)
-        if op is None:
-            return False
-        if isinstance(op, (nn_ops.Softmax, keras.layers.Softmax)) or (
-                isinstance(op, keras.layers.Activation) and getattr(op.activation, "__name__", "") == "softmax"):
-            return True
-        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast)) or not node.input_tensors:
-            return False
-        tensor = node.input_tensors[0]
-    return False
+    return softmax_behind(tensor) is not None
 
 
 @BUILTIN.rule(np_ops.Matmul)

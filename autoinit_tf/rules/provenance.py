@@ -9,11 +9,12 @@ from __future__ import annotations
 import keras
 from keras import tree
 from keras.src.ops import core as core_ops
+from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.rules.registry import spec_for
 
-__all__ = ["consumers", "producer", "projection_behind", "source", "uncast"]
+__all__ = ["consumers", "producer", "projection_behind", "softmax_behind", "source", "uncast"]
 
 #: Operations that move entries without computing new ones (a projection's output seen through them is
 #: still that projection's output).
@@ -31,6 +32,22 @@ def producer(tensor):
     nodes = getattr(op, "_inbound_nodes", [])
     index = history.node_index
     return (op, nodes[index]) if 0 <= index < len(nodes) else (None, None)
+
+
+def softmax_behind(tensor):
+    """The node of the softmax whose output a traced tensor is (through dropout and casts: attention weights),
+    or None."""
+    for _ in range(4):
+        op, node = producer(tensor)
+        if op is None:
+            return None
+        if isinstance(op, (nn_ops.Softmax, keras.layers.Softmax)) or (
+                isinstance(op, keras.layers.Activation) and getattr(op.activation, "__name__", "") == "softmax"):
+            return node
+        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast)) or not node.input_tensors:
+            return None
+        tensor = node.input_tensors[0]
+    return None
 
 
 def uncast(tensor):

@@ -23,12 +23,12 @@ import numbers
 import keras
 import numpy as np
 from keras.src.ops import core as core_ops
-from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules.attention import SHARED_LIMIT, value_logit_coupling
-from autoinit_tf.rules.provenance import producer
+from autoinit_tf.rules.attention import (SHARED_LIMIT, normalized_width, value_logit_coupling, value_means,
+                                         with_coupling)
+from autoinit_tf.rules.provenance import producer, softmax_behind
 
 __all__ = ["coupled_attended"]
 
@@ -175,38 +175,12 @@ def _leads_to_matmul(tensor, depth=8):
     return _leads_to_matmul(node.input_tensors[0], depth - 1)
 
 
-def _softmax_input(weights_tensor):
-    """The softmax node behind attention weights (through dropout and casts), or None."""
-    tensor = weights_tensor
-    for _ in range(4):
-        op, node = producer(tensor)
-        if op is None or not node.input_tensors:
-            return None
-        if isinstance(op, (nn_ops.Softmax, keras.layers.Softmax)):
-            return node
-        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast)):
-            return None
-        tensor = node.input_tensors[0]
-    return None
-
-
-def _normalized_width(tensor):
-    """C when tokens come straight from a per-token normalization over their last axis of C channels (as
-    `rules.attention` asks of a MultiHeadAttention's inputs)."""
-    op, _ = producer(tensor)
-    name = type(op).__name__ if op is not None else ""
-    width = tensor.shape[-1]
-    if any(k in name for k in ("LayerNorm", "RMSNorm")) and isinstance(width, int) and width > 1:
-        return int(width)
-    return None
-
-
 def coupled_attended(ctx, weights_tensor, values_tensor, attended: Moments, a: Moments, v: Moments) -> Moments:
     """`attended` (``weights @ values``) with the value-logit coupling of self-attention written in raw ops, when
     the pattern of the module docstring is found; `attended` itself otherwise."""
     if v.between > SHARED_LIMIT * v.var:
         return attended  # values shared across positions: already an estimate (`rules.attention`), calibrated
-    soft = _softmax_input(weights_tensor)
+    soft = softmax_behind(weights_tensor)
     if soft is None:
         return attended
     found = _logits_matmul(soft.input_tensors[0])
@@ -243,27 +217,15 @@ def coupled_attended(ctx, weights_tensor, values_tensor, attended: Moments, a: M
     bq = None if bias is None else np.asarray(ctx.value(bias), dtype=np.float64)[cols_q]
     bv_var = getattr(v_dense, "bias", None)
     bv = None if bv_var is None else np.asarray(ctx.value(bv_var), dtype=np.float64)[cols_v]
-    if kv_input.ch_mean is not None and kv_input.channels == wv.shape[0]:
-        value_mean = np.einsum("c,chu->hu", kv_input.ch_mean, wv)
-    else:
-        value_mean = kv_input.mean * wv.sum(axis=0)
-    if bv is not None:
-        value_mean = value_mean + bv
-    value_mean = value_mean * v_found[3]
+    value_mean = value_means(kv_input, wv, bv) * v_found[3]
     scale = logit_scale * q_found[3] * k_found[3]
     keys = values_tensor.shape[-2]
     if not isinstance(keys, int):
         return attended
     sum_a2 = keys * float(a.second)
     d1, d2 = value_logit_coupling(wk, wv * v_found[3], wq, bq, kv_input, q_input, value_mean, scale, logits, sum_a2)
-    width = _normalized_width(tokens)
-    if width is not None:
-        d2 -= sum_a2 * v.within * 4.0 * float(logits.var) / (width - 1)
-    if d1 == 0.0 and d2 == 0.0:
-        return attended
-    mean = attended.mean + d1
-    second = attended.second + d2
-    out = Moments(mean, max(second - mean * mean, attended.between), attended.between)
-    out.window = attended.window
+    out = with_coupling(attended, d1, d2, sum_a2, v.within, logits, normalized_width(tokens))
+    if out is not attended:
+        out.window = attended.window
     return out
 
