@@ -34,6 +34,7 @@ from autoinit_tf.rules.context import RuleContext
 from autoinit_tf.rules.builtin import register_builtin_rules
 from autoinit_tf.rules.fallback import fallback_rule
 from autoinit_tf.rules.registry import UnsupportedLayerError
+from autoinit_tf.rules.raw_attention import projections_read
 from autoinit_tf.rules.windows import carry as carry_windows
 from autoinit_tf.variable_assign import HostAssigner
 
@@ -87,7 +88,8 @@ class AnalyticPass:
     def __init__(self, options: PassOptions, keep_drawn=True):
         self.progress = options.progress
         # keep_drawn=False (analyze): a drawn array is dropped once its layer's last call has been
-        # visited, unless another layer of the graph holds the same variable, so analyze's memory does
+        # visited, unless another layer of the graph holds the same variable (or a raw-op attention reads it
+        # later: `raw_attention.projections_read`), so analyze's memory does
         # not grow with the model's weight bytes. wrap keeps every array for its single assignment.
         self.keep_drawn = keep_drawn
         self.owners = None  # variable path -> number of graph ops holding it (keep_drawn=False only)
@@ -163,8 +165,10 @@ class AnalyticPass:
         if not self.keep_drawn:
             self.owners = {}
             for op in graph.leaf_ops(fn, expand=self.tracer):
-                for path in {v.path for v in getattr(op, "weights", ())}:
-                    self.owners[path] = self.owners.get(path, 0) + 1
+                # a raw-op attention reads its projections' drawn kernels after their calls: another holder
+                for holder in [op] + projections_read(op):
+                    for path in {v.path for v in getattr(holder, "weights", ())}:
+                        self.owners[path] = self.owners.get(path, 0) + 1
         shared = any(c > 1 for c in self.counts.values())
         self.total = sum(self.counts.values()) * (2 if shared else 1)
         out = self._one_pass(fn, input_moments)

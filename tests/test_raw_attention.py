@@ -47,3 +47,19 @@ def test_raw_self_attention_gets_the_value_logit_coupling(split):
         logs.append(float(np.log(np.var(model.predict(xs, batch_size=512, verbose=0)))))
     assert np.mean(np.abs(logs)) < np.log(1.35), np.exp(logs)
     assert max(np.abs(logs)) < np.log(1.5), np.exp(logs)
+
+
+def test_analyze_reads_the_drawn_projections_as_wrap_does():
+    """`analyze` drops each drawn array once its layer's last call is visited; the projections a raw-op attention
+    reads later are kept, so its prediction is the one `wrap` makes (it read the build's own kernels before: a
+    different prediction for every build)."""
+    predictions = []
+    for build_seed in (1, 2):
+        keras.utils.set_random_seed(build_seed)  # different build-time kernels, the same drawn ones
+        model = _model(split=True)
+        analyzed = autoinit_tf.analyze(model, seed=0)
+        _, wrapped = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+        row = next(r.name for r in analyzed.rows if r.type == "Matmul" and r.name != "matmul")
+        assert analyzed[row].outputs[0].var == pytest.approx(wrapped[row].outputs[0].var, rel=1e-12)
+        predictions.append(analyzed[row].outputs[0].var)
+    assert predictions[0] == pytest.approx(predictions[1], rel=1e-12)

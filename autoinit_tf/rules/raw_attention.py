@@ -30,7 +30,7 @@ from autoinit_tf.rules.attention import (SHARED_LIMIT, normalized_width, value_l
                                          with_coupling)
 from autoinit_tf.rules.provenance import producer, softmax_behind
 
-__all__ = ["coupled_attended"]
+__all__ = ["coupled_attended", "projections_read"]
 
 _LAYOUT = (np_ops.Reshape, np_ops.Transpose, np_ops.GetItem, core_ops.Unstack, np_ops.Squeeze, np_ops.ExpandDims,
            core_ops.Cast)
@@ -229,3 +229,25 @@ def coupled_attended(ctx, weights_tensor, values_tensor, attended: Moments, a: M
         out.window = attended.window
     return out
 
+
+def projections_read(op):
+    """The Dense layers whose drawn kernels `coupled_attended` reads when the walk reaches `op` (a matmul or einsum
+    of attention weights and values), after those layers' own calls: a pass that drops each drawn array once its
+    layer's last call is visited (`analyze`) keeps these."""
+    if not isinstance(op, (np_ops.Matmul, np_ops.Einsum)):
+        return []
+    found = []
+    for node in getattr(op, "_inbound_nodes", []):
+        tensors = list(node.input_tensors)
+        if len(tensors) != 2:
+            continue
+        for weights, values in (tensors, tensors[::-1]):
+            soft = softmax_behind(weights)
+            logits = _logits_matmul(soft.input_tensors[0]) if soft is not None else None
+            if logits is None:
+                continue
+            for tensor in (*logits[0].input_tensors, values):
+                projection = _projection(tensor)
+                if projection is not None:
+                    found.append(projection[0])
+    return found
