@@ -814,10 +814,10 @@ def _write_then_publish(target, write, *, overwrite, what, suffix, folder=False)
     temporary is removed whatever happens."""
     parent = os.path.dirname(os.path.abspath(target))
     io_utils.clean_stale_temps(parent)
-    tmp = io_utils.temp_path(parent, suffix=suffix, folder=folder)
     try:
-        write(tmp)
-        io_utils.publish(tmp, target, overwrite=overwrite)
+        with io_utils.temporary(parent, suffix=suffix, folder=folder) as tmp:
+            write(tmp)
+            io_utils.publish(tmp, target, overwrite=overwrite)
     except FileExistsError as exc:
         raise ConversionError(
             f"The {what} '{target}' appeared while it was being written (another process?); nothing was "
@@ -827,7 +827,4 @@ def _write_then_publish(target, write, *, overwrite, what, suffix, folder=False)
         if isinstance(exc, ConversionError):
             raise
         raise ConversionError(f"Could not write the {what} '{target}': {type(exc).__name__}: {exc}") from exc
-    finally:
-        if os.path.lexists(tmp):
-            io_utils.remove(tmp)
     return target

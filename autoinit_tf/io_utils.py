@@ -10,10 +10,13 @@
   (their process is gone), the next time a run writes into that directory.
 * :data:`ABORT` is set by the command-line signal handlers (SIGINT, SIGTERM); :func:`publish`
   checks it last, so an interrupt that a backend library swallowed still stops the publication.
+* :func:`temporary` makes a temporary and owns its removal with no gap between the two: a signal that
+  arrives while the file is being created is held until the ``try`` that removes it has begun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -40,10 +43,12 @@ class Interrupted(BaseException):
 
 
 class _AbortFlag:
-    """The first signal received (None: none); set by signal handlers, read before publishing."""
+    """The first signal received (None: none); set by signal handlers, read before publishing. While
+    ``holding`` is above zero the handlers only record the signal (`temporary`)."""
 
     def __init__(self):
         self.signum = None
+        self.holding = 0
 
     def check(self):
         if self.signum is not None:
@@ -58,7 +63,8 @@ def install_signal_handlers():
 
     def handler(signum, frame):
         ABORT.signum = signum
-        raise Interrupted(signum)
+        if not ABORT.holding:
+            raise Interrupted(signum)
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,6 +101,26 @@ def temp_path(directory, suffix="", folder=False) -> str:
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # the published file gets ordinary permissions, not mkstemp's 0600
     return path
+
+
+@contextlib.contextmanager
+def temporary(directory, suffix="", folder=False):
+    """A new `temp_path`, removed when the block ends however it ends. A SIGINT / SIGTERM arriving while the
+    file is created is held (`ABORT.holding`) and raised inside the block's ``try``, so it cannot leave the
+    temporary behind (a signal right after ``mkstemp`` did, under load)."""
+    ABORT.holding += 1
+    try:
+        path = temp_path(directory, suffix=suffix, folder=folder)
+    except BaseException:
+        ABORT.holding -= 1
+        raise
+    try:
+        ABORT.holding -= 1
+        ABORT.check()
+        yield path
+    finally:
+        if os.path.lexists(path):
+            remove(path)
 
 
 def _alive(pid: int) -> bool:
@@ -200,11 +226,7 @@ def atomic_write_text(path, text: str, *, overwrite=True) -> None:
 def atomic_write_bytes(path, data: bytes, *, overwrite=True) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = temp_path(directory)
-    try:
+    with temporary(directory) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
         publish(tmp, path, overwrite=overwrite)
-    finally:
-        if os.path.lexists(tmp):
-            remove(tmp)
