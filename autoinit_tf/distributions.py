@@ -5,11 +5,19 @@ whose empirical variance targets ``var``:
 
 - ``truncated_normal``: N(0, (std / 0.87962566)^2) truncated at two of its standard deviations, which
   has variance exactly std^2 (the constant is the std of a standard normal truncated at +-2, as in
-  Keras' VarianceScaling).
+  Keras' VarianceScaling); the entries beyond the bound are redrawn.
 - ``untruncated_normal``: N(0, var).
 - ``uniform``: U(-sqrt(3 var), sqrt(3 var)).
 - ``orthogonal``: a (fan_in, fan_out) orthogonal matrix from the QR decomposition of a Gaussian matrix
   (sign-corrected), scaled so that the mean squared entry is var.
+
+Standard normals come from the Box-Muller transform of float32 uniforms (`standard_normal`): for U, V
+uniform on (0, 1], R = sqrt(-2 ln U) and T = 2 pi V, R cos T and R sin T are independent N(0, 1). In
+float32 with numpy's vectorized log, sqrt, cos and sin that is about 2.4x faster than numpy's float32
+ziggurat on this project's CI-class CPUs (3.3 against 8.0 ns per value, `benchmarks/draw_speed.py`),
+and drawing is what bounds the analytic wrap of large models (VGG16: 50 M weights). U takes the values
+k 2^-24, so |R| <= sqrt(48 ln 2) = 5.77: the untruncated normal lacks the tail beyond 5.77 standard
+deviations (probability 8e-9).
 """
 
 from __future__ import annotations
@@ -131,24 +139,52 @@ def check_representable(std: float, dtype, where: str = "") -> None:
     )
 
 
+_TWO_PI = np.float32(2.0 * np.pi)
+
+
+def standard_normal(rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
+    """Fill the 1-D float32 array `out` with independent N(0, 1) values (Box-Muller, module docstring) and
+    return it: for n values, ceil(n / 2) uniforms U then as many V from `rng`; out[:ceil(n/2)] = R cos T,
+    the rest R sin T."""
+    n = out.size
+    half = (n + 1) // 2
+    r = rng.random(half, dtype=np.float32)
+    t = rng.random(half, dtype=np.float32)
+    np.subtract(np.float32(1.0), r, out=r)  # (0, 1]: no log(0)
+    np.log(r, out=r)
+    np.multiply(r, np.float32(-2.0), out=r)
+    np.sqrt(r, out=r)
+    np.multiply(t, _TWO_PI, out=t)
+    head, tail = out[:half], out[half:]
+    np.cos(t, out=head)
+    np.multiply(head, r, out=head)
+    if tail.size:
+        np.sin(t[:tail.size], out=tail)
+        np.multiply(tail, r[:tail.size], out=tail)
+    return out
+
+
 def _fill(out: np.ndarray, std: float, distribution: str, rng: np.random.Generator) -> None:
     """Fill the 1-D float32 array `out` in place."""
     if distribution == "untruncated_normal":
-        rng.standard_normal(dtype=np.float32, out=out)
+        standard_normal(rng, out)
+        out *= np.float32(std)
     elif distribution == "truncated_normal":
-        rng.standard_normal(dtype=np.float32, out=out)
+        standard_normal(rng, out)
         # Redraw only the rejected entries, in index order (same stream as redrawing `out[bad]` over
         # the whole array, without a full pass per round).
         idx = np.flatnonzero(np.abs(out) > np.float32(2.0))
         while idx.size:
-            new = rng.standard_normal(idx.size, dtype=np.float32)
+            new = standard_normal(rng, np.empty(idx.size, dtype=np.float32))
             ok = np.abs(new) <= np.float32(2.0)
             out[idx[ok]] = new[ok]
             idx = idx[~ok]
-        out /= np.float32(_TRUNC_STD)
-    else:  # uniform
-        out[:] = rng.uniform(-np.sqrt(3.0), np.sqrt(3.0), out.size)
-    out *= np.float32(std)
+        out *= np.float32(std / _TRUNC_STD)
+    else:  # uniform on [-sqrt(3) std, sqrt(3) std)
+        rng.random(dtype=np.float32, out=out)
+        a = np.float32(np.sqrt(3.0) * std)
+        out *= np.float32(2.0) * a
+        out -= a
 
 
 def _orthogonal(shape, var, rng):
