@@ -11,13 +11,14 @@ whose empirical variance targets ``var``:
 - ``orthogonal``: a (fan_in, fan_out) orthogonal matrix from the QR decomposition of a Gaussian matrix
   (sign-corrected), scaled so that the mean squared entry is var.
 
-Standard normals come from the Box-Muller transform of float32 uniforms (`standard_normal`): for U, V
-uniform on (0, 1], R = sqrt(-2 ln U) and T = 2 pi V, R cos T and R sin T are independent N(0, 1). In
-float32 with numpy's vectorized log, sqrt, cos and sin that is about 2.4x faster than numpy's float32
-ziggurat on this project's CI-class CPUs (3.3 against 8.0 ns per value, `benchmarks/draw_speed.py`),
-and drawing is what bounds the analytic wrap of large models (VGG16: 50 M weights). U takes the values
-k 2^-24, so |R| <= sqrt(48 ln 2) = 5.77: the untruncated normal lacks the tail beyond 5.77 standard
-deviations (probability 8e-9).
+Tensors drawn in chunks (more than `CHUNK` entries) take their standard normals from the Box-Muller
+transform of float32 uniforms (`standard_normal`): for U, V uniform on (0, 1], R = sqrt(-2 ln U) and
+T = 2 pi V, R cos T and R sin T are independent N(0, 1). In float32 with numpy's vectorized log, sqrt, cos
+and sin that is about 2x faster than numpy's float32 ziggurat on this project's CI-class CPUs (4.1 against
+8.0 ns per value, `benchmarks/draw_speed.py`), and drawing is what bounds the analytic wrap of large models
+(VGG16: 50 M weights). U takes the values k 2^-24, so |R| <= sqrt(48 ln 2) = 5.77: those normals lack the
+tail beyond 5.77 standard deviations (probability 8e-9). Smaller tensors, where the draw costs little, keep
+numpy's float32 ziggurat, so their seeded draws are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def sample(shape, var: float, distribution: str, rng: np.random.Generator, *,
     check_representable(std, np.float32)
     out = aligned_empty(n)
     if n <= CHUNK:
-        _fill(out, std, distribution, rng)
+        _fill(out, std, distribution, rng, _ziggurat)
     else:
         # One 128-bit draw from `rng` seeds the chunks' children, so `rng` advances (a second large
         # draw from the same generator differs) and chunk i always gets spawn key i. Children use
@@ -90,14 +91,14 @@ def sample(shape, var: float, distribution: str, rng: np.random.Generator, *,
         entropy = [int(v) for v in rng.integers(0, 1 << 32, size=4, dtype=np.uint64)]
         children = np.random.SeedSequence(entropy).spawn(-(-n // CHUNK))
         jobs = [(out[i * CHUNK:(i + 1) * CHUNK], np.random.Generator(np.random.SFC64(ss)))
-                for i, ss in enumerate(children)]
+                for i, ss in enumerate(children)]  # each chunk by Box-Muller (module docstring)
         workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
         if workers == 1:
             for part, child in jobs:
-                _fill(part, std, distribution, child)
+                _fill(part, std, distribution, child, standard_normal)
         else:
             pool = _pool(workers)
-            for f in [pool.submit(_fill, part, std, distribution, child) for part, child in jobs]:
+            for f in [pool.submit(_fill, part, std, distribution, child, standard_normal) for part, child in jobs]:
                 f.result()
     return out.reshape(shape)
 
@@ -164,27 +165,31 @@ def standard_normal(rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fill(out: np.ndarray, std: float, distribution: str, rng: np.random.Generator) -> None:
-    """Fill the 1-D float32 array `out` in place."""
+def _ziggurat(rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
+    """numpy's float32 standard normals (ziggurat) into `out`."""
+    return rng.standard_normal(dtype=np.float32, out=out)
+
+
+def _fill(out: np.ndarray, std: float, distribution: str, rng: np.random.Generator, normal) -> None:
+    """Fill the 1-D float32 array `out` in place; `normal(rng, out)` fills standard normals."""
     if distribution == "untruncated_normal":
-        standard_normal(rng, out)
+        normal(rng, out)
         out *= np.float32(std)
     elif distribution == "truncated_normal":
-        standard_normal(rng, out)
+        normal(rng, out)
         # Redraw only the rejected entries, in index order (same stream as redrawing `out[bad]` over
         # the whole array, without a full pass per round).
         idx = np.flatnonzero(np.abs(out) > np.float32(2.0))
         while idx.size:
-            new = standard_normal(rng, np.empty(idx.size, dtype=np.float32))
+            new = normal(rng, np.empty(idx.size, dtype=np.float32))
             ok = np.abs(new) <= np.float32(2.0)
             out[idx[ok]] = new[ok]
             idx = idx[~ok]
-        out *= np.float32(std / _TRUNC_STD)
-    else:  # uniform on [-sqrt(3) std, sqrt(3) std)
-        rng.random(dtype=np.float32, out=out)
-        a = np.float32(np.sqrt(3.0) * std)
-        out *= np.float32(2.0) * a
-        out -= a
+        out /= np.float32(_TRUNC_STD)
+        out *= np.float32(std)
+    else:  # uniform
+        out[:] = rng.uniform(-np.sqrt(3.0), np.sqrt(3.0), out.size)
+        out *= np.float32(std)
 
 
 def _orthogonal(shape, var, rng):

@@ -74,7 +74,7 @@ def test_chunk_boundaries():
     for i in range(3):
         assert not np.array_equal(blocks[i], blocks[i + 1][: len(blocks[i])])
         assert np.var(blocks[i].astype(np.float64)) == pytest.approx(1.0, rel=0.01)
-    # every entry written, the tail chunk included (float32 Box-Muller draws give an exact 0 only rarely)
+    # every entry written, the tail chunk included (float32 normals give an exact 0 only rarely)
     assert np.all(np.isfinite(w)) and np.count_nonzero(w == 0.0) < 20
     assert np.max(np.abs(blocks[-1])) <= TRUNC_BOUND * (1 + 1e-6)
     # entries just either side of each boundary are not correlated copies
@@ -101,13 +101,27 @@ def test_small_draws_match_a_single_stream():
     rng = D.rng_for(5, "small")
     w = D.sample((4096,), 1.0, "truncated_normal", rng)
     ref_rng = D.rng_for(5, "small")
-    ref = _box_muller(ref_rng, 4096)
+    ref = ref_rng.standard_normal(4096, dtype=np.float32)
     bad = np.abs(ref) > 2.0
     while bad.any():
-        ref[bad] = _box_muller(ref_rng, int(bad.sum()))
+        ref[bad] = ref_rng.standard_normal(int(bad.sum()), dtype=np.float32)
         bad = np.abs(ref) > 2.0
-    ref *= np.float32(1.0 / D._TRUNC_STD)
+    ref /= np.float32(D._TRUNC_STD)
     assert np.array_equal(w, ref)
+
+
+def test_large_draws_are_box_muller_chunks():
+    # above CHUNK entries, chunk i holds Box-Muller normals from child generator i (SFC64 seeded from the
+    # parent's 128-bit draw), whatever the thread count
+    n = 2 * CHUNK + 5
+    w = D.sample((n,), 1.0, "untruncated_normal", D.rng_for(6, "large"), workers=2)
+    rng = D.rng_for(6, "large")
+    entropy = [int(v) for v in rng.integers(0, 1 << 32, size=4, dtype=np.uint64)]
+    children = np.random.SeedSequence(entropy).spawn(3)
+    for i, ss in enumerate(children):
+        part = w[i * CHUNK:(i + 1) * CHUNK]
+        ref = _box_muller(np.random.Generator(np.random.SFC64(ss)), part.size)
+        np.testing.assert_allclose(part, ref, rtol=2e-6, atol=2e-6)
 
 
 def _box_muller(rng, n):
