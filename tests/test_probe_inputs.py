@@ -160,8 +160,10 @@ def test_a_normalization_at_the_input_declares_the_data_its_statistics_came_from
     """ConvNeXt's front: a Normalization holding ImageNet's pixel statistics. A N(0, 1) probe normalizes to
     -2.1 +- 0.02 (every image the same constant): the BatchNormalization statistics `wrap` left were those
     of that regime, 2.1-3.9x the per-channel batch variance of real-scale inputs here. The declared inputs
-    are the data the statistics describe (0.72-1.33x), so inference right after `wrap` behaves like
-    training mode on them."""
+    are the data the statistics describe, so inference right after `wrap` behaves like training mode on them.
+    Per channel too: the Normalization's output is known channel by channel (each channel's own statistics
+    removed), so the conv's drawn kernel gives each channel its own variance (0.70-1.24 here) and the moving
+    variances match it (0.99-1.02x); taken as pooled, every moving variance was the pooled 1.0 (0.72-1.43x)."""
     norm = lambda x: L.Normalization(mean=IMAGENET_MEAN, variance=IMAGENET_VAR, name="norm")(x)  # noqa: E731
     model = _preprocessed_cnn(norm)
     fn = graph.as_functional(model)
@@ -178,7 +180,7 @@ def test_a_normalization_at_the_input_declares_the_data_its_statistics_came_from
     bn = model.get_layer("bn")
     conv = np.asarray(keras.Model(model.inputs, bn.input)(x), np.float64).reshape(-1, 12)
     ratio = np.asarray(bn.moving_variance) / conv.var(0)
-    assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio
+    assert np.all((ratio > 0.93) & (ratio < 1.07)), ratio
     assert conv.var() == pytest.approx(1.0, rel=0.2)
     train = np.asarray(model(x, training=True), np.float64)
     infer = np.asarray(model.predict(x, verbose=0), np.float64)

@@ -216,6 +216,14 @@ def preprocessing_normalization_rule(ctx):
     mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), dtype=np.float64).ravel()
     var = np.asarray(keras.ops.convert_to_numpy(layer.variance), dtype=np.float64).ravel()
     var = np.maximum(var, keras.backend.epsilon())
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else (layer.axis,)
+    rank = len(ctx.input_shapes[0])
+    if m.ch_mean is not None and mean.size == m.channels > 1 and [a % rank for a in axes] == [rank - 1]:
+        # Known channels normalized each by its own statistics: exact per channel (their offsets are not
+        # unknown `between` any more; a convolution after it then sees each channel's own moments)
+        if getattr(layer, "invert", False):
+            return Moments.from_channels(m.ch_mean * np.sqrt(var) + mean, m.ch_var * var)
+        return Moments.from_channels((m.ch_mean - mean) / np.sqrt(var), m.ch_var / var)
     if getattr(layer, "invert", False):
         outs_mean = m.mean * np.sqrt(var) + mean
         outs_second = m.var * var + outs_mean**2
