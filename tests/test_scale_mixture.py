@@ -57,6 +57,46 @@ def test_activation_of_a_scale_mixture(name):
     assert np.all(alone.shared < out.shared)
 
 
+@pytest.mark.parametrize("gains", ["batch_norm", "depthwise"])
+def test_channel_weights_move_the_log_scale(gains):
+    """After an activation, channels follow the latent scale differently (swish of a channel centred at -2 is
+    near x / 2 + x^2 / 4, of one at +3 near linear): a map that reweights the channels (BatchNormalization's
+    gamma / sqrt(var + eps), a depthwise kernel's energy per channel) changes the log-scale of the sum
+    Var_e(log sum_c a_c^2 Var_p f). Predicted (`shared_part.carry_given`'s per-channel profile) against 20000
+    sampled examples of 256 positions; one scale common to the channels would keep the activation's."""
+    rng = np.random.default_rng(6)
+    f = numpy_function(keras.activations.swish)
+    m = np.array([-2.0, -1.0, 0.0, 3.0])
+    shared = np.array([0.02, 0.05, 0.05, 0.02])
+    within = np.array([0.3, 1.0, 1.0, 2.0])
+    lam = 0.6
+    m_in = Moments.from_channels(m, shared + within)
+    m_in.shared = shared
+    m_in.scale = lam
+    base = autoinit_tf.rules.activation.function_moments(keras.activations.swish, Moments.from_channels(m, shared + within))
+    act = shared_part.through_activation(f, (), m_in, base)
+
+    e, p = 20000, 256
+    scale = _lognormal(rng, lam, e)
+    u = rng.normal(0.0, np.sqrt(shared), size=(e, 4))
+    y = f(m + u[:, None, :] + np.sqrt(within * scale[:, None, None]) * rng.standard_normal((e, p, 4)))
+    pos_var = y.var(axis=1)
+    assert act.scale == pytest.approx(np.log(pos_var.sum(axis=1)).var(), rel=0.08)
+    if gains == "batch_norm":
+        gamma = np.array([3.0, 1.0, 1.0, 0.3])
+        a2 = gamma**2 / (y.reshape(-1, 4).var(axis=0) + 1e-3)
+        out = shared_part.through_batch_norm(Moments.from_channels(np.zeros(4), np.ones(4)), act, gamma, 1e-3)
+    else:  # one tap per channel: the kernel's square is the channel's gain, depth multiplier 2
+        w3 = np.array([[2.0, 0.5, 1.0, 0.2], [1.0, 0.7, 0.1, 0.4]]).T[None]  # (taps, C, dm)
+        a2 = (w3[0] ** 2).reshape(-1)
+        pos_var = np.repeat(pos_var, 2, axis=1)
+        ch_var = np.repeat(act.ch_var, 2) * a2
+        out = shared_part.through_depthwise(Moments.from_channels(np.zeros(8), ch_var), act, w3)
+    measured = np.log((pos_var * a2).sum(axis=1)).var()
+    assert out.scale == pytest.approx(measured, rel=0.08)
+    assert abs(act.scale - measured) > 0.15 * measured  # the reweighting is what moved it (tolerance 0.08)
+
+
 def test_gate_on_one_latent_against_sampling():
     """y = g x with x (a feature map) and g (one value per example and channel) both given the node q of
     one latent: sample q, then x's offsets, positions and the gate from their `Given`, and compare y's

@@ -34,7 +34,11 @@ per-example part of the squeeze's variance was 0.045, of which the shared part w
 predicted 0.0005. With lam carried and xi taken Gaussian (5 Gauss-Hermite nodes xi_q, S_q = e^(xi_q)
 normalized to E[S] = 1):
 
-    linear, depthwise, BatchNorm, dropout, padding: lam unchanged (every example's energy scaled alike)
+    linear (mixing channels), dropout, padding: lam unchanged (every example's energy scaled alike)
+    depthwise, BatchNorm: each channel keeps its energy profile over the nodes (`Given.within`, set by the
+                    activation before: its channels follow the scale differently, by their offsets),
+                    rescaled to the channel's new variance: lam = Var_q(log sum_c W'_qc), plus the
+                    activation's offsets part
     activation f:   an example at node q has channel c ~ N(m_c + u, W_c S_q), u ~ N(0, S_c): the shared part
                     is the variance over (q, u) of E_v f, and lam_out = Var_q(log sum_c Var_v f) (the
                     activation's elasticity: 1.3-1.6x per hard swish on MobileNetV3Small)
@@ -57,11 +61,14 @@ below +0.45 (log of measured / target), the logits +1.01 -> +0.47, median 0.052 
 still about half of the measured (0.38 for 0.76 at the last gate's activation): the growth opens in the
 first gated blocks, where the activations' measured elasticity (1.18-1.23 by regression on 1536 examples)
 exceeds a Gaussian's (1.16) and the examples' channel offsets follow their scale (a quarter to all of the
-shared part, by regression on the log-energy) more than carried. On EfficientNetV2B0 it goes the other way:
-close at block 4a (0.068 for 0.077), 1.3-1.4x over from block 6 on (`benchmarks/per_example_scale.py`, energy
-about each example's own channel means); there a depthwise conv and the BatchNorm after it move the measured
-scale (0.95 -> 0.91 -> 0.76 in block 6b), which one scale common to all channels cannot do. The default `wrap`
-still calibrates the layers after a gate.
+shared part, by regression on the log-energy) more than carried. On EfficientNetV2B0 it went the other way:
+close at block 4a, 1.3-1.5x over from block 6 on (`benchmarks/per_example_scale.py`, energy about each
+example's own channel means), because the BatchNorm after each depthwise conv lowers the measured scale
+(0.86 -> 0.70 in block 6b) by giving every channel the same weight, where the activation before weighted the
+channels that follow the scale most. With each channel's profile carried through depthwise convs and
+BatchNorm, block 6b's BatchNorm is predicted at 0.84 (measured 0.70; 1.13 before) and its projection at 1.14
+(1.01; 1.50 before); EfficientNetB0's block 6b projection 1.23 (1.26; 1.50 for 1.21 before). The default
+`wrap` still calibrates the layers after a gate.
 """
 
 from __future__ import annotations
@@ -136,10 +143,16 @@ def given_of(m: Moments, per_example: bool | None = None):
     return g
 
 
-def carry_given(out: Moments, m_in: Moments, deviation=None) -> Moments:
+def carry_given(out: Moments, m_in: Moments, deviation=None, channel_of=None) -> Moments:
     """`out`, a map of the feature map `m_in`, with the shift of its examples' channel means with the latent:
     `deviation` maps m_in's (Q, C_in) deviations to out's (a linear layer's summed taps, BatchNorm's gain;
-    None: unchanged), re-centred on out's channel means."""
+    None: unchanged), re-centred on out's channel means.
+
+    `channel_of` (a map that keeps channels apart: depthwise, BatchNorm): the input channel each output channel
+    reads (an index array). Then the within-energy profile over the nodes (`Given.within`, set by an
+    activation: each channel's positions' variance given the node) goes on per channel, each channel's
+    profile rescaled to its new within variance (`out`'s variance less its shared part), and the log-scale
+    is recomputed from the reweighted sum (`_reweighted_scale`). Elsewhere the profile is dropped."""
     g = given_of(m_in, per_example=False)
     if g is None or out.ch_mean is None:
         return out
@@ -147,8 +160,31 @@ def carry_given(out: Moments, m_in: Moments, deviation=None) -> Moments:
     if dev is None or dev.shape != (g.w.size, out.channels):
         return out
     zeros = np.zeros_like(dev)
-    out.given = Given(g.lam, g.w, g.s, out.ch_mean[None, :] + dev, zeros, zeros, per_example=False)
+    within = zeros
+    if channel_of is not None and np.any(g.within) and len(channel_of) == out.channels:
+        within = _reweighted_scale(out, g, np.asarray(channel_of))
+    out.given = Given(g.lam, g.w, g.s, out.ch_mean[None, :] + dev, zeros, within, per_example=False)
     return out
+
+
+def _reweighted_scale(out: Moments, g: Given, channel_of):
+    """The within-energy profile (Q, C_out) of `out`, whose channel o is input channel ``channel_of[o]`` of the
+    map `g` describes, scaled: each channel keeps its profile over the nodes, with its node-average set to its
+    new within variance V_o. Sets ``out.scale`` to lam - Var_q(log sum_c W_qc) + Var_q(log sum_o W'_qo):
+    a map that changes the channels' weights changes the log-scale where the channels' energies follow the
+    latent differently (an activation's channels, by their offsets), which one scale common to all channels
+    misses (EfficientNetV2B0's block 6: the BatchNorm after a depthwise conv lowered the measured scale by
+    a fifth)."""
+    profile = g.within[:, channel_of]
+    avg = g.w @ profile
+    shared = shared_of(out)
+    target = np.maximum(out.ch_var - (0.0 if shared is None else np.minimum(shared, out.ch_var)), 0.0)
+    new = profile * np.where(avg > 0, target / np.where(avg > 0, avg, 1.0), 0.0)[None, :]
+    lam = scale_of(out)
+    if lam > 0.0:
+        before = _log_variance(g.within.sum(axis=1), g.w)
+        out.scale = max(lam - before + _log_variance(new.sum(axis=1), g.w), 0.0)
+    return new
 
 
 def tracked(m: Moments) -> bool:
@@ -353,25 +389,28 @@ def through_depthwise(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
     """Like `through_linear` for a depthwise kernel `w3` of shape (taps, C, depth_multiplier) (output
     channel c * dm + d reads input channel c)."""
     carry_scale(pre, m_in)
-    carry_given(pre, m_in, lambda d: (d[:, :, None] * _mean_gain(w3, taps)[None]).reshape(d.shape[0], -1)
-                if d.shape[1] == w3.shape[1] else None)  # the gain (C, depth_multiplier) only when carried
     s = shared_of(m_in)
-    if s is None or pre.ch_mean is None or w3.shape[1] != s.size or w3.shape[1] * w3.shape[2] != pre.channels:
-        return pre
-    return _through_taps(pre, s, np.asarray(w3, dtype=np.float64), taps, lambda s_, v: (s_[:, None] * v).reshape(-1))
+    if not (s is None or pre.ch_mean is None or w3.shape[1] != s.size or w3.shape[1] * w3.shape[2] != pre.channels):
+        pre = _through_taps(pre, s, np.asarray(w3, dtype=np.float64), taps,
+                            lambda s_, v: (s_[:, None] * v).reshape(-1))
+    # after the shared part: the within-energy profile is rescaled to the output's variance less it
+    carry_given(pre, m_in, lambda d: (d[:, :, None] * _mean_gain(w3, taps)[None]).reshape(d.shape[0], -1)
+                if d.shape[1] == w3.shape[1] else None,  # the gain (C, depth_multiplier) only when carried
+                channel_of=np.repeat(np.arange(w3.shape[1]), w3.shape[2]))
+    return pre
 
 
 def through_batch_norm(out: Moments, m_in: Moments, gamma, epsilon) -> Moments:
     """Training-mode BatchNormalization on the last axis: S gamma^2 / (V + eps); the log-scale unchanged."""
     carry_scale(out, m_in)
-    carry_given(out, m_in, lambda d: d * ((1.0 if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1))
-                                          / np.sqrt(m_in.ch_var + float(epsilon)))[None, :])
     s = shared_of(m_in)
-    if s is None or out.ch_mean is None or out.channels != s.size:
-        return out
-    g2 = 1.0 if gamma is None else np.square(np.asarray(gamma, dtype=np.float64).reshape(-1))
-    den = m_in.ch_var + float(epsilon)
-    out.shared = np.where(den > 0, s * g2 / np.where(den > 0, den, 1.0), 0.0)  # a constant channel: none
+    if not (s is None or out.ch_mean is None or out.channels != s.size):
+        g2 = 1.0 if gamma is None else np.square(np.asarray(gamma, dtype=np.float64).reshape(-1))
+        den = m_in.ch_var + float(epsilon)
+        out.shared = np.where(den > 0, s * g2 / np.where(den > 0, den, 1.0), 0.0)  # a constant channel: none
+    carry_given(out, m_in, lambda d: d * ((1.0 if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1))
+                                          / np.sqrt(m_in.ch_var + float(epsilon)))[None, :],
+                channel_of=np.arange(out.channels) if out.ch_mean is not None else None)
     return out
 
 
