@@ -201,7 +201,13 @@ def carry_per_example(out: Moments, m_in: Moments) -> Moments:
     if g is not None:
         out.given = g
         return out
-    return carry_given(out, m_in)
+    carry_given(out, m_in)
+    # the same channels, each example's energy scaled alike (padding, cropping): the channels' energy
+    # profiles as they were, for a BatchNorm after a padded depthwise conv to reweight
+    g, kept = given_of(m_in, per_example=False), given_of(out, per_example=False)
+    if g is not None and kept is not None and kept is not g and kept.within.shape == g.within.shape:
+        kept.within = g.within
+    return out
 
 
 def carry_scale(out: Moments, m_in: Moments) -> Moments:
@@ -401,7 +407,8 @@ def through_depthwise(pre: Moments, m_in: Moments, w3, taps=None) -> Moments:
 
 
 def through_batch_norm(out: Moments, m_in: Moments, gamma, epsilon) -> Moments:
-    """Training-mode BatchNormalization on the last axis: S gamma^2 / (V + eps); the log-scale unchanged."""
+    """Training-mode BatchNormalization on the last axis: S gamma^2 / (V + eps); the log-scale reweighted by
+    channel where the channels' energy profiles are carried (`carry_given`), else unchanged."""
     carry_scale(out, m_in)
     s = shared_of(m_in)
     if not (s is None or out.ch_mean is None or out.channels != s.size):
