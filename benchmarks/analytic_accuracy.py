@@ -37,7 +37,7 @@ def main():
 
     import autoinit_tf
     import zoo_real
-    from autoinit_tf import graph, inputs as inputs_mod
+    from autoinit_tf import graph
 
     if not os.path.abspath(autoinit_tf.__file__).startswith(root):
         raise SystemExit(f"imported {autoinit_tf.__file__}, not the tree at {root}")
@@ -48,14 +48,8 @@ def main():
     autoinit_tf.wrap(model, seed=0, calibrate=None)
     rec = zoo_real.Recorder(zoo_real.weighted_layers(model))
 
-    def fresh(i):
-        f = inputs_mod.probe_arrays(fn, None, 32, seed=args.seed * 100000 + 12345 + i)
-        f = f if len(f) > 1 else f[0]
-        if len(fn.inputs) > 1:
-            f = {kt.name: a for kt, a in zip(fn.inputs, f)}
-        return f
-
-    var, _ = rec.run(model, (fresh(i) for i in range(max(args.fresh // 32, 1))))
+    batches = (zoo_real.fresh_inputs(fn, 32, args.seed * 100000 + 12345 + i) for i in range(max(args.fresh // 32, 1)))
+    var, _ = rec.run(model, batches)
     logs = {k: float(np.log(v)) for k, v in var.items() if v > 0}
     a = np.abs(np.array(list(logs.values())))
     if args.layers:

@@ -253,13 +253,25 @@ def _digest(variable) -> bytes:
     return hashlib.sha1(np.ascontiguousarray(variable.numpy()).tobytes()).digest()
 
 
+def fresh_inputs(fn, batch, seed):
+    """One batch of fresh inputs for the functional view `fn` (the model's declared inputs, `inputs.probe_arrays`
+    with `seed`): an array, or a dict by input name when the model has several."""
+    from autoinit_tf import inputs as inputs_mod
+
+    fresh = inputs_mod.probe_arrays(fn, None, batch, seed=seed)
+    fresh = fresh if len(fresh) > 1 else fresh[0]
+    if len(fn.inputs) > 1:
+        fresh = {kt.name: a for kt, a in zip(fn.inputs, fresh)}
+    return fresh
+
+
 def one(name, batch, fresh_examples, max_fresh=0):
     import resource
 
     import numpy as np
 
     import autoinit_tf
-    from autoinit_tf import graph, inputs as inputs_mod
+    from autoinit_tf import graph
 
     t = time.perf_counter()
     model = build(name)
@@ -267,11 +279,7 @@ def one(name, batch, fresh_examples, max_fresh=0):
     fn = graph.as_functional(model)
 
     def fresh_batch(i):
-        fresh = inputs_mod.probe_arrays(fn, None, batch, seed=12345 + i)
-        fresh = fresh if len(fresh) > 1 else fresh[0]
-        if len(fn.inputs) > 1:
-            fresh = {kt.name: a for kt, a in zip(fn.inputs, fresh)}
-        return fresh
+        return fresh_inputs(fn, batch, 12345 + i)
 
     base = max(fresh_examples // batch, 1)
     batches = [fresh_batch(i) for i in range(base)]

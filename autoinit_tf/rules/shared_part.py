@@ -143,7 +143,7 @@ def given_of(m: Moments, per_example: bool | None = None):
     return g
 
 
-def carry_given(out: Moments, m_in: Moments, deviation=None, channel_of=None) -> Moments:
+def carry_given(out: Moments, m_in: Moments, deviation=None, channel_of=None, reweigh=True) -> Moments:
     """`out`, a map of the feature map `m_in`, with the shift of its examples' channel means with the latent:
     `deviation` maps m_in's (Q, C_in) deviations to out's (a linear layer's summed taps, BatchNorm's gain;
     None: unchanged), re-centred on out's channel means.
@@ -152,7 +152,8 @@ def carry_given(out: Moments, m_in: Moments, deviation=None, channel_of=None) ->
     reads (an index array). Then the within-energy profile over the nodes (`Given.within`, set by an
     activation: each channel's positions' variance given the node) goes on per channel, each channel's
     profile rescaled to its new within variance (`out`'s variance less its shared part), and the log-scale
-    is recomputed from the reweighted sum (`_reweighted_scale`). Elsewhere the profile is dropped."""
+    is recomputed from the reweighted sum (`_reweighted_profile`); ``reweigh=False`` (padding, cropping: every
+    example's energy scaled alike) keeps the profiles as they are. Elsewhere the profile is dropped."""
     g = given_of(m_in, per_example=False)
     if g is None or out.ch_mean is None:
         return out
@@ -162,12 +163,13 @@ def carry_given(out: Moments, m_in: Moments, deviation=None, channel_of=None) ->
     zeros = np.zeros_like(dev)
     within = zeros
     if channel_of is not None and np.any(g.within) and len(channel_of) == out.channels:
-        within = _reweighted_scale(out, g, np.asarray(channel_of))
+        channel_of = np.asarray(channel_of)
+        within = _reweighted_profile(out, g, channel_of) if reweigh else g.within[:, channel_of]
     out.given = Given(g.lam, g.w, g.s, out.ch_mean[None, :] + dev, zeros, within, per_example=False)
     return out
 
 
-def _reweighted_scale(out: Moments, g: Given, channel_of):
+def _reweighted_profile(out: Moments, g: Given, channel_of):
     """The within-energy profile (Q, C_out) of `out`, whose channel o is input channel ``channel_of[o]`` of the
     map `g` describes, scaled: each channel keeps its profile over the nodes, with its node-average set to its
     new within variance V_o. Sets ``out.scale`` to lam - Var_q(log sum_c W_qc) + Var_q(log sum_o W'_qo):
@@ -201,13 +203,10 @@ def carry_per_example(out: Moments, m_in: Moments) -> Moments:
     if g is not None:
         out.given = g
         return out
-    carry_given(out, m_in)
     # the same channels, each example's energy scaled alike (padding, cropping): the channels' energy
     # profiles as they were, for a BatchNorm after a padded depthwise conv to reweight
-    g, kept = given_of(m_in, per_example=False), given_of(out, per_example=False)
-    if g is not None and kept is not None and kept is not g and kept.within.shape == g.within.shape:
-        kept.within = g.within
-    return out
+    return carry_given(out, m_in, channel_of=None if out.ch_mean is None else np.arange(out.channels),
+                       reweigh=False)
 
 
 def carry_scale(out: Moments, m_in: Moments) -> Moments:
