@@ -31,6 +31,7 @@ import numpy as np
 
 DISTRIBUTIONS = ("truncated_normal", "untruncated_normal", "uniform", "orthogonal")
 _TRUNC_STD = 0.87962566103423978
+_BOUND = np.float32(2.0)  # truncation bound, in standard deviations of the untruncated normal
 
 
 def check_distribution(name: str) -> str:
@@ -179,10 +180,11 @@ def _fill(out: np.ndarray, std: float, distribution: str, rng: np.random.Generat
         normal(rng, out)
         # Redraw only the rejected entries, in index order (same stream as redrawing `out[bad]` over
         # the whole array, without a full pass per round).
-        idx = np.flatnonzero(np.abs(out) > np.float32(2.0))
+        # (x > 2) | (x < -2) on one-byte masks: about 1.5x faster than |x| > 2, which makes a float copy
+        idx = np.flatnonzero((out > _BOUND) | (out < -_BOUND))
         while idx.size:
             new = normal(rng, np.empty(idx.size, dtype=np.float32))
-            ok = np.abs(new) <= np.float32(2.0)
+            ok = (new <= _BOUND) & (new >= -_BOUND)
             out[idx[ok]] = new[ok]
             idx = idx[~ok]
         out /= np.float32(_TRUNC_STD)
