@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import autoinit_tf
+from over_seeds import assert_over_seeds
 
 pytestmark = pytest.mark.core
 L = keras.layers
@@ -236,20 +237,27 @@ def test_deep_plain_cnn_max_pools_see_the_position_dependent_means_of_large_maps
     border effects of padding, compounded with depth), not across examples. A Dense after Flatten reads
     each position with its own weights, so its variance over examples sums the per-element variances,
     not the per-channel spread that includes those means: with per-channel moments for maps above the
-    former 32k-element limit (64x64x32 here) the Dense ended 8% low (0.918), and VGG16's 2x2 max pools
-    over-predicted by up to 28% at 96x96. Element maps up to 1M elements keep it exact."""
+    former 32k-element limit (64x64x32 here) the Dense ended 8% low on seed 0 (0.918; 0.97 on average over
+    seeds 0-3: one draw of this small network lands +-3% around the prediction), and VGG16's 2x2 max pools
+    over-predicted by up to 28% at 96x96. With element maps up to 1M elements, over six seeds (weights and
+    images) the Dense measured 0.97-1.04 of its prediction, geometric mean 1.005; the pool's mean 0.99-1.03
+    and variance 0.97-1.04. Checked on four seeds (`over_seeds`): a bias of 4% or more on average fails."""
     from autoinit_tf.rules import element_maps
 
-    model = _plain_cnn(64)
     assert 64 * 64 * 32 <= element_maps.ELEMENT_LIMIT
-    report = autoinit_tf.wrap(model, seed=0, return_report=True, calibrate=None)[1]
-    pool, dense = report["pool64"].outputs[0], report.rows[-1].outputs[0]
-    x = np.random.default_rng(1).standard_normal((512, 64, 64, 3)).astype("float32")
-    pooled = _measure(keras.Model(model.inputs, model.get_layer("pool64").output), x)
-    y = _measure(model, x)
-    assert pooled.mean() == pytest.approx(pool.mean, rel=0.03)
-    assert pooled.var() == pytest.approx(pool.var, rel=0.05)
-    assert y.var() == pytest.approx(dense.var, rel=0.03)
+    ratios = []
+    for seed in range(4):
+        model = _plain_cnn(64)
+        report = autoinit_tf.wrap(model, seed=seed, return_report=True, calibrate=None)[1]
+        pool, dense = report["pool64"].outputs[0], report.rows[-1].outputs[0]
+        x = np.random.default_rng(seed + 1).standard_normal((512, 64, 64, 3)).astype("float32")
+        pooled = _measure(keras.Model(model.inputs, model.get_layer("pool64").output), x)
+        y = _measure(model, x)
+        ratios.append((pooled.mean() / pool.mean, pooled.var() / pool.var, y.var() / dense.var))
+    pool_mean, pool_var, dense_var = np.asarray(ratios).T
+    assert_over_seeds(pool_mean, mean=0.03, each=0.06, what="pool mean")
+    assert_over_seeds(pool_var, mean=0.04, each=0.10, what="pool variance")
+    assert_over_seeds(dense_var, mean=0.04, each=0.10, what="Dense variance")
 
 
 def test_max_pooling_after_zero_padding_of_relu_maps_integrates_the_pre_activations():
@@ -274,27 +282,38 @@ def test_relu_of_small_residual_sums_and_the_max_pool_after_them():
     here, and the 3x3 max pool after six blocks came out at 0.47x (InceptionResNetV2: 27% of its layers
     outside [0.8, 1.25]). Now ReLU integrates over the activated part's pre-activation (exact for each
     block given its input), and keeps as its memo the Gaussian whose ReLU has those moments. What is left:
-    that Gaussian's shape drifts from the real one along the chain (the mean 6% high and the variance 7%
-    low after six blocks), and the pool after six blocks is still 16% low in its second moment."""
-    inp = keras.Input((10, 10, 16))
-    x = L.Conv2D(32, 3, padding="same", activation="relu")(inp)
-    stream = []
-    for _ in range(6):
-        r = L.Conv2D(32, 1)(L.Conv2D(32, 1, activation="relu")(x))
-        x = L.Activation("relu")(L.Add()([x, L.Rescaling(0.1)(r)]))
-        stream.append(x)
-    model = keras.Model(inp, L.MaxPooling2D(3, strides=2)(x))
-    report = autoinit_tf.wrap(model, seed=0, return_report=True)[1]
-    x_in = np.random.default_rng(0).standard_normal((4000, 10, 10, 16)).astype("float32")
-    measured = keras.Model(model.inputs, stream + [model.output])(x_in, training=True)
-    for tensor, y in zip(stream + [model.output], measured):
-        pred = report[tensor._keras_history[0].name].outputs[0]
-        y = np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
-        if tensor is model.output:
-            assert (y * y).mean() == pytest.approx(pred.second, rel=0.2)
-        else:
-            assert (y * y).mean() == pytest.approx(pred.second, rel=0.02)
-            assert y.var() == pytest.approx(pred.var, rel=0.08)
+    that Gaussian's shape drifts from the real one along the chain. Over six seeds (weights and inputs) the
+    second moments stayed within 2% of the prediction at every block, while the variance drifted to
+    1.07-1.12x the prediction after six blocks (the mean correspondingly high) and the pool's second moment
+    to 1.19-1.22x. Checked on three seeds (`over_seeds`), with those drifts as the tolerances."""
+    second, variance, pooled = [], [], []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        inp = keras.Input((10, 10, 16))
+        x = L.Conv2D(32, 3, padding="same", activation="relu")(inp)
+        stream = []
+        for _ in range(6):
+            r = L.Conv2D(32, 1)(L.Conv2D(32, 1, activation="relu")(x))
+            x = L.Activation("relu")(L.Add()([x, L.Rescaling(0.1)(r)]))
+            stream.append(x)
+        model = keras.Model(inp, L.MaxPooling2D(3, strides=2)(x))
+        report = autoinit_tf.wrap(model, seed=seed, return_report=True)[1]
+        x_in = np.random.default_rng(seed).standard_normal((4000, 10, 10, 16)).astype("float32")
+        measured = keras.Model(model.inputs, stream + [model.output])(x_in, training=True)
+        ratios = []
+        for tensor, y in zip(stream + [model.output], measured):
+            pred = report[tensor._keras_history[0].name].outputs[0]
+            y = np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
+            ratios.append(((y * y).mean() / pred.second, y.var() / pred.var))
+        ratios = np.asarray(ratios)
+        second.append(ratios[:-1, 0])
+        variance.append(ratios[:-1, 1])
+        pooled.append(ratios[-1, 0])
+    second, variance = np.asarray(second), np.asarray(variance)
+    for block in range(6):
+        assert_over_seeds(second[:, block], mean=0.02, each=0.03, what=f"block {block + 1} second moment")
+        assert_over_seeds(variance[:, block], mean=0.12, each=0.15, what=f"block {block + 1} variance")
+    assert_over_seeds(pooled, mean=0.25, each=0.30, what="max pool second moment")
 
 
 def _mixed_block_model():

@@ -88,7 +88,9 @@ def test_average_pool_branch_keeps_its_correlation_through_conv_and_relu():
 def test_depthwise_kernel_correlates_its_outputs_channel_by_channel():
     """A depthwise 3x3 kernel on independent positions: neighbouring outputs share the kernel's own
     autocorrelation, so each channel's global average has variance ~ (sum of the kernel)^2 / n, not
-    sum(W^2) / n: the per-channel pooled variances follow the drawn kernels."""
+    sum(W^2) / n: the per-channel pooled variances follow the drawn kernels. Over six seeds: the
+    prediction's per-channel log error 0.14-0.22 (rms), the independent positions' 1.1-1.5 (their
+    correlation with the measurement 0.17-0.53, which depends on the draw: not what is checked)."""
     x = keras.Input((12, 12, 16))
     d = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
     g = L.GlobalAveragePooling2D(name="gap")(d)
@@ -98,7 +100,12 @@ def test_depthwise_kernel_correlates_its_outputs_channel_by_channel():
     assert measured.mean() == pytest.approx(pred.mean(), rel=0.05)
     assert np.corrcoef(pred, measured)[0, 1] > 0.95
     independent = rows["dw"].ch_var / 144  # what positions taken as independent give: sum(W^2) / n
-    assert np.corrcoef(independent, measured)[0, 1] < 0.5
+
+    def rms_log_error(p):
+        return float(np.sqrt(np.mean(np.log(p / measured) ** 2)))
+
+    assert rms_log_error(pred) < 0.3
+    assert rms_log_error(independent) > 3 * rms_log_error(pred)
 
 
 def test_max_pool_of_correlated_maps_and_the_correlation_it_passes_on():
