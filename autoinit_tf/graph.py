@@ -18,10 +18,11 @@ import inspect
 import weakref
 
 import keras
+import numpy as np
 from keras import tree
 
 __all__ = ["as_functional", "is_model", "topo_nodes", "walk", "Site", "count_calls", "leaf_ops", "GraphError",
-           "trace_call", "TraceError", "lifted_constants", "layer_tree"]
+           "trace_call", "TraceError", "lifted_constants", "lifted_value", "layer_tree"]
 
 
 def layer_tree(model, include_self=True) -> list:
@@ -361,6 +362,16 @@ def lifted_constants(view):
     return _LIFTED.get(view, ())
 
 
+_LIFTED_VALUE = "_autoinit_lifted_value"
+
+
+def lifted_value(tensor):
+    """The value (a numpy array) of a traced view's input that stands for one of its layer's constant integer
+    tensors (`lifted_constants`: ViT's position ids), or None for any other tensor."""
+    value = getattr(tensor, _LIFTED_VALUE, None)
+    return None if value is None else np.asarray(keras.ops.convert_to_numpy(value))
+
+
 def _integer_tensor_attributes(op):
     """(name, tensor) for the integer backend tensors `op` holds as attributes (position ids, indices)."""
     out = []
@@ -405,6 +416,7 @@ def _trace(node, shapes, lift):
             shape = tuple(int(d) for d in value.shape)
             dtype = keras.backend.standardize_dtype(keras.ops.convert_to_numpy(value).dtype)
             extra.append(keras.Input(shape=shape[1:], batch_size=shape[0], dtype=dtype, name=f"{op.name}_{name}"))
+            object.__setattr__(extra[-1], _LIFTED_VALUE, value)  # `lifted_value`
             object.__setattr__(op, name, extra[-1])
         try:
             with _tracing_patches(op):

@@ -61,7 +61,7 @@ class Moments:
     """
 
     __slots__ = ("mean", "var", "between", "ch_mean", "ch_var", "el_mean", "el_var", "pre", "sum_of", "shared",
-                 "matched", "corr", "const", "visible", "ch_cov", "scale", "given", "keep", "window")
+                 "matched", "corr", "const", "visible", "ch_cov", "scale", "given", "keep", "window", "pattern")
 
     def __init__(self, mean, var, between=0.0, ch_mean=None, ch_var=None, el_mean=None, el_var=None):
         # (pre-activation Moments, numpy fn, kinks) when this signal is a monotone non-decreasing
@@ -109,6 +109,11 @@ class Moments:
         # Inside window attention's window space, or on a feature map after it: which part of `between` only a
         # window's positions share (`rules.windows.Folded` / `Unfolded`). None: all of it is the example's.
         self.window = None
+        # The part of `within` that is a pattern over positions, the same for every example and summing to
+        # zero over the positions of each (a position table, less its per-channel means, which are in
+        # `between`): attention's weights, summing to one, average it away where they are uniform, so the
+        # attended values keep P (T A2 - 1) / (T - 1) of it, not P A2 (`rules.attention`). None: 0.
+        self.pattern = None
         self.el_mean = el_mean
         self.el_var = el_var
         self.ch_mean = None if ch_mean is None else np.asarray(ch_mean, dtype=np.float64).reshape(-1)

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from autoinit_tf.moments import Moments
+from autoinit_tf.rules.linear import positions_read
 from autoinit_tf.rules.registry import BuiltinTable
 
 __all__ = ["BUILTIN", "available"]
@@ -33,7 +33,7 @@ def position_embedding_rule(ctx):
     """keras-hub PositionEmbedding: the first T rows of the learned table (T the input's length, the
     probe length when unknown), the same for every example. The table is drawn like every embedding
     table (`embedding_rule`): entries with variance `signal_variance`. Per feature: mean and variance
-    over the T positions."""
+    over the T positions; the rest is a pattern over positions (`linear.positions_read`)."""
     layer = ctx.layer
     shape = ctx.input_shapes[0]
     length = shape[-2] if len(shape) >= 2 and shape[-2] is not None else min(ctx.probe_length, layer.sequence_length)
@@ -41,8 +41,7 @@ def position_embedding_rule(ctx):
     start = start if isinstance(start, (int, np.integer)) else 0
     ctx.weight_scale = ctx.signal_variance
     table = ctx.draw(layer.position_embeddings, ctx.signal_variance).astype(np.float64)
-    table = table[int(start):int(start) + int(length)]
-    return Moments.from_channels(table.mean(axis=0), table.var(axis=0))
+    return positions_read(table[int(start):int(start) + int(length)])
 
 
 def declare_all():

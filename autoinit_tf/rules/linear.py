@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras.src.ops import numpy as np_ops
 
+from autoinit_tf import graph
 from autoinit_tf.declared import integer_fill
 from autoinit_tf.moments import Moments, elementwise_moments
 from autoinit_tf.rules import element_maps, normalization, provenance, shared_part, spatial_correlation
@@ -534,7 +535,20 @@ def _looked_up(ctx, w):
     if kt is not None and integer_fill(kt.name, [ctx.op]) == ("zeros",):
         ctx.note("ids are zeros (segment ids): every position reads row 0")
         return Moments.from_channels(w[0], np.zeros(w.shape[1]))
+    ids = None if kt is None else graph.lifted_value(kt)
+    if ids is not None and ids.size > 1 and np.issubdtype(ids.dtype, np.integer) and 0 <= ids.min() \
+            and ids.max() < w.shape[0]:
+        return positions_read(w[ids.reshape(-1)])
     return Moments.from_channels(w.mean(axis=0), w.var(axis=0))
+
+
+def positions_read(rows):
+    """Moments of a table's `rows` read at fixed positions (position ids the layer holds: ViT's), the same for
+    every example: per feature, the mean and variance over the positions; the variance about those means is
+    a pattern over positions (`Moments.pattern`)."""
+    out = Moments.from_channels(rows.mean(axis=0), rows.var(axis=0))
+    out.pattern = out.within
+    return out
 
 
 def _is_reverse_call(ctx) -> bool:

@@ -165,10 +165,19 @@ def layer_normalization_rule(ctx):
     if m.ch_mean is not None and _last_axis(layer, len(ctx.input_shapes[0])):
         # Per example over the features: centre ~ the pooled mean, scale ~ the pooled deviation.
         out = _per_channel_affine(ctx, layer, m, m.mean, math.sqrt(m.var + layer.epsilon))
-        return spatial_correlation.unchanged(out, m)  # each position's own centre and scale: ~ constants
+        return spatial_correlation.unchanged(_pattern_kept(out, m), m)  # each position's centre and scale: ~ constants
     ratio = m.var / (m.var + layer.epsilon) if m.var > 0 else 0.0
     # Per-example normalization over the features keeps the channel offsets (relative to the mean).
-    return _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))
+    out = _affine_over_normalized(ctx, layer.gamma, layer.beta, ratio, m.between / (m.var + layer.epsilon))
+    return _pattern_kept(out, m)
+
+
+def _pattern_kept(out: Moments, m: Moments) -> Moments:
+    """`out` of a per-token normalization of `m`, with `m`'s pattern over positions (`Moments.pattern`) in
+    the same share of the independent variance (the normalization rescales each token as a whole)."""
+    if m.pattern is not None and m.within > 0.0:
+        out.pattern = min(m.pattern * out.within / m.within, out.within)
+    return out
 
 
 @BUILTIN.rule(keras.layers.GroupNormalization)
