@@ -26,15 +26,24 @@ def _inverted_dropout(ctx):
     if rate <= 0.0:
         return m
     keep = 1.0 - rate
+    per_example = _one_mask_per_example(ctx)
     if m.el_mean is not None:
         out = Moments.from_elements(m.el_mean, m.el_second / keep - m.el_mean**2)
     elif m.ch_mean is not None:
         out = Moments.from_channel_second(m.ch_mean, m.ch_second / keep)
     else:
-        return Moments.from_second(m.mean, m.second / keep, m.between)
-    per_example = _one_mask_per_example(ctx)
+        return _pattern_through(Moments.from_second(m.mean, m.second / keep, m.between), m, per_example)
     out = shared_part.through_dropout(out, m, keep, per_example)
-    return spatial_correlation.through_dropout(out, m, per_example)
+    return _pattern_through(spatial_correlation.through_dropout(out, m, per_example), m, per_example)
+
+
+def _pattern_through(out: Moments, m: Moments, per_example: bool) -> Moments:
+    """A pattern over positions (`Moments.pattern`) through an element-wise mask: m_j d_j / k = d_j + (m_j / k - 1) d_j,
+    the pattern itself and an independent part of variance (1 / k - 1) P, which the output's variance already
+    holds. One mask per example keeps no such split: dropped."""
+    if m.pattern is not None and not per_example:
+        out.pattern = min(m.pattern, out.within)
+    return out
 
 
 def _one_mask_per_example(ctx) -> bool:
