@@ -12,7 +12,9 @@ first, and the worst of each and of the better of the two per layer:
     python benchmarks/calibration_variance.py EfficientNetV2B0 [--examples 448]
 
 The ratio estimate needs the input's population energy, which for a calibrated input is only known to that
-input's own calibration error; this measures what such a scheme could gain, it is not what `wrap` does.
+input's own calibration error: chained from the network input, the steps' errors add up again (BENCHMARKS.md,
+"What a probe can know about a gated layer's variance"), so the per-layer figures here are upper bounds of the
+gain, not what `wrap` does.
 """
 
 import argparse
