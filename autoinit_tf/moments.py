@@ -133,6 +133,12 @@ class Moments:
         """The element-to-element part of the variance, var - between."""
         return self.var - self.between
 
+    def set_pattern(self, pattern) -> "Moments":
+        """Set `pattern` (None: leave it unset), at most the independent part `within`; returns self."""
+        if pattern is not None:
+            self.pattern = min(max(float(pattern), 0.0), self.within)
+        return self
+
     @property
     def second(self) -> float:
         """The second moment E[x^2] = var + mean^2."""

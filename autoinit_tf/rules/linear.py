@@ -547,8 +547,7 @@ def positions_read(rows):
     every example: per feature, the mean and variance over the positions; the variance about those means is
     a pattern over positions (`Moments.pattern`)."""
     out = Moments.from_channels(rows.mean(axis=0), rows.var(axis=0))
-    out.pattern = out.within
-    return out
+    return out.set_pattern(out.within)
 
 
 def _is_reverse_call(ctx) -> bool:

@@ -37,18 +37,15 @@ def same_channels(ms):
 
 
 def add_moments(ms):
+    # patterns over positions (position tables) add, as the independent parts do
     patterns = [m.pattern for m in ms if m.pattern is not None]
+    pattern = sum(patterns) if patterns else None
     if same_shape(ms):
-        out = Moments.from_elements(sum(m.el_mean for m in ms), sum(m.el_var for m in ms))
+        out = Moments.from_elements(sum(m.el_mean for m in ms), sum(m.el_var for m in ms)).set_pattern(pattern)
     elif same_channels(ms):
-        out = Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms))
+        out = Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms)).set_pattern(pattern)
     else:
-        out = Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms))
-        if patterns:
-            out.pattern = min(sum(patterns), out.within)
-        return out
-    if patterns:  # patterns over positions (position tables) add, as the independent parts do
-        out.pattern = min(sum(patterns), out.within)
+        return Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms)).set_pattern(pattern)
     activated = [m for m in ms if m.pre is not None]
     if len(ms) > 1 and len(activated) == 1:
         # f(P) + R, remembered for an activation after the sum where f(P) dominates it (Inception-ResNet's
@@ -181,11 +178,7 @@ def _is_last(axis, ndim):
 
 @BUILTIN.rule(L.Add)
 def add_rule(ctx):
-    summed = add_moments(ctx.inputs)
-    out = spatial_correlation.added(ctx.inputs, shared_part.added(ctx.inputs, summed))
-    if summed.pattern is not None and out.pattern is None:
-        out.pattern = min(summed.pattern, out.within)
-    return out
+    return spatial_correlation.added(ctx.inputs, shared_part.added(ctx.inputs, add_moments(ctx.inputs)))
 
 
 @BUILTIN.rule(L.Subtract)

@@ -175,9 +175,7 @@ def layer_normalization_rule(ctx):
 def _pattern_kept(out: Moments, m: Moments) -> Moments:
     """`out` of a per-token normalization of `m`, with `m`'s pattern over positions (`Moments.pattern`) in
     the same share of the independent variance (the normalization rescales each token as a whole)."""
-    if m.pattern is not None and m.within > 0.0:
-        out.pattern = min(m.pattern * out.within / m.within, out.within)
-    return out
+    return out.set_pattern(m.pattern * out.within / m.within if m.pattern is not None and m.within > 0.0 else None)
 
 
 @BUILTIN.rule(keras.layers.GroupNormalization)

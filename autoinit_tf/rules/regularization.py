@@ -41,9 +41,7 @@ def _pattern_through(out: Moments, m: Moments, per_example: bool) -> Moments:
     """A pattern over positions (`Moments.pattern`) through an element-wise mask: m_j d_j / k = d_j + (m_j / k - 1) d_j,
     the pattern itself and an independent part of variance (1 / k - 1) P, which the output's variance already
     holds. One mask per example keeps no such split: dropped."""
-    if m.pattern is not None and not per_example:
-        out.pattern = min(m.pattern, out.within)
-    return out
+    return out if per_example else out.set_pattern(m.pattern)
 
 
 def _one_mask_per_example(ctx) -> bool:
