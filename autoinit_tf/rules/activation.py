@@ -321,6 +321,26 @@ def softmax_moments(m: Moments, size) -> Moments:
     return Moments(mean, max(e2 - mean * mean, 0.0))
 
 
+def softmax_tilted_square(m: Moments, size) -> float:
+    """E[a_i^2 (z_i - mean)^2] of a softmax entry a_i over `size` i.i.d. N(m) logits z: with R the sum of the
+    other entries' exponentials (Fenton-Wilkinson log-normal, independent of z_i), a_i = sigmoid(z_i - log R),
+    integrated over (z_i, log R) by a 24 x 24-point Gauss-Hermite rule. The weights' squares favour large
+    logits: against E[a_i^2] var(z), over 36 keys of logit variance 1 this is 3.9x (sampled 3.87); the
+    large-size limit, where R is a constant, is 1 + 4 var(z)."""
+    k, d = _against_the_rest(m, size, "softmax_tilted_square")
+    if d is None:
+        return float(m.var)
+    x, w = _HERMITE_24
+    sd_z, sd_r = math.sqrt(max(float(m.var), 0.0)), math.sqrt(max(d.var - float(m.var), 0.0))
+    diff = d.mean + sd_z * x[:, None] - sd_r * x[None, :]  # z_i - log R at the nodes
+    a2 = _sigmoid(diff) ** 2
+    return float(w @ (a2 * (sd_z * x[:, None]) ** 2) @ w)
+
+
+#: Probabilists' Gauss-Hermite nodes and weights normalized to sum to one (expectations over N(0, 1)).
+_HERMITE_24 = (lambda xw: (xw[0], xw[1] / xw[1].sum()))(np.polynomial.hermite_e.hermegauss(24))
+
+
 def log_softmax_moments(m: Moments, size) -> Moments:
     """Moments of log-softmax entries over `size` i.i.d. N(m) logits."""
     _, d = _against_the_rest(m, size, "log_softmax_moments")

@@ -30,7 +30,8 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules.activation import masked_softmax_moments, softmax_moments, uniform_row_weights
+from autoinit_tf.rules.activation import (masked_softmax_moments, softmax_moments, softmax_tilted_square,
+                                          uniform_row_weights)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.provenance import producer
 from autoinit_tf.rules.registry import BuiltinTable
@@ -69,6 +70,15 @@ def _square_sum(logits: Moments, keys: int, mask=None) -> float:
     return rows.shape[1] * masked_softmax_moments(logits, rows).second
 
 
+def _tilted_square_sum(logits: Moments, keys: int, mask=None) -> float:
+    """E[sum_k a_k^2 (l_k - m)^2] of a query's softmax weights over `keys` (`mask` as in `_square_sum`: the
+    average over queries of their own visible keys)."""
+    rows = np.ones((1, keys), dtype=bool) if mask is None else mask
+    n, _ = uniform_row_weights(rows)
+    counts, freq = np.unique(n, return_counts=True)
+    return float(sum(f * c * softmax_tilted_square(logits, int(c)) for c, f in zip(counts, freq)) / n.size)
+
+
 def _attended(v_total, v_within, v_between, sum_a2: float, keys: int, dropout: float, mask=None, pattern=0.0):
     """The attended values. Query i averages its own n_i keys (`mask`: queries x keys, True where a query
     sees a key, a causal mask; None: every query sees all `keys`): the output variance is
@@ -82,23 +92,30 @@ def _attended(v_total, v_within, v_between, sum_a2: float, keys: int, dropout: f
     (A2 = E[sum_k a_k^2], keys exchangeable), so E[(sum_j a_j d_j)^2] = P (T A2 - 1) / (T - 1) for
     sum_j d_j = 0: the uniform part of the weights averages the pattern away, where an independent part
     keeps W / T of itself (a LayerNorm + MultiHeadAttention over 37 tokens, half of their variance a
-    position table: 0.77-0.87 of the P A2 prediction measured). Only without a mask or dropout (weights
-    summing to one over the same T keys)."""
+    position table: 0.77-0.87 of the P A2 prediction measured). The derivation needs only that each query's
+    weights sum to one over whichever keys it sees: under a mask (causal or padding; the table sums to zero
+    over all T positions) it holds per query, and being linear in A2, with A2 averaged over the queries.
+    Attention dropout (keep k, independent masks m_j) leaves E[a_j m_j a_k m_k] / k^2 = E[a_j a_k] for j != k
+    and divides the diagonal by k: P (A2 / k - (1 - A2) / (T - 1)). The part shared by all query positions,
+    sum_k c_k d_k with c_k = mean_i A_ik, is a per-unit offset: P (T sum_k c_k^2 - 1) / (T - 1) (zero without
+    a mask)."""
     rows = np.ones((1, keys), dtype=bool) if mask is None else mask
+    a2 = float(sum_a2)
     if dropout > 0:
-        sum_a2 /= 1.0 - dropout
-    if dropout > 0 or not rows.all() or keys < 2:
-        pattern = 0.0
-    pattern = min(max(float(pattern), 0.0), v_within)
+        sum_a2 = a2 / (1.0 - dropout)
+    pattern = min(max(float(pattern), 0.0), v_within) if keys >= 2 else 0.0
     _, weights = uniform_row_weights(rows)
+    c2 = float(np.sum(weights.mean(axis=0) ** 2))
     free = v_within - pattern
-    shared = free * float(np.sum(weights.mean(axis=0) ** 2))
-    averaged = pattern * max(keys * sum_a2 - 1.0, 0.0) / (keys - 1.0) if pattern > 0.0 else 0.0
-    return Moments(v_total.mean, v_between + free * sum_a2 + averaged, v_between + shared)
+    averaged = shared = 0.0
+    if pattern > 0.0:
+        averaged = pattern * max(sum_a2 - (1.0 - a2) / (keys - 1.0), 0.0)
+        shared = pattern * max(keys * c2 - 1.0, 0.0) / (keys - 1.0)
+    return Moments(v_total.mean, v_between + free * sum_a2 + averaged, v_between + free * c2 + shared)
 
 
 def value_logit_coupling(wk, wv, wq, bq, key_input: Moments, query_input: Moments, value_mean, scale, logits: Moments,
-                         sum_a2: float):
+                         sum_a2: float, keep: float = 1.0, tilted: float | None = None):
     """(mean shift, second-moment shift) of the attended values, averaged over units, from the coupling of
     each key's logit with its own value when keys and values are made from the same tokens.
 
@@ -114,6 +131,11 @@ def value_logit_coupling(wk, wv, wq, bq, key_input: Moments, query_input: Moment
     c_u = s (C_kv^T q)_u, C_kv = W_k^T diag(var(x)) W_v per head (the drawn kernels). Independent keys and
     values (the old rule) miss this: a keras MultiHeadAttention over 36 tokens of width 32 measured 1.38x
     its prediction.
+
+    Attention dropout (`keep` = k: weights a_j m_j / k, independent masks) leaves the mean shift and the
+    cross terms of S^2 as they were and divides its diagonal by k: E[S^2] gains (1 / k - 1) E[sum_j a_j^2
+    (l_j - m)^2] (`tilted`, `_tilted_square_sum`; the weights' squares favour large logits: A2 v (1 + 4 v)
+    for many keys), and r's share is A2 / k.
 
     `wk` (C, H, d), `wv` (C, H, dv), `wq` (Cq, H, d) kernels, `bq` (H, d) or None; returns (0, 0) where
     the moments do not carry per-channel variances of the right widths."""
@@ -134,6 +156,8 @@ def value_logit_coupling(wk, wv, wq, bq, key_input: Moments, query_input: Moment
     a3 = min(float(np.exp(min(sigma2, 50.0))) * sum_a2 * sum_a2, sum_a2**1.5)
     e_s = sigma2 * one_minus
     e_s2 = sigma2 * (e_s * (1.0 - 2.0 * sum_a2) + sum_a2 + 2.0 * sigma2 * (sum_a2 - a3))
+    if keep < 1.0:
+        e_s2 += (1.0 / keep - 1.0) * (sum_a2 * sigma2 * (1.0 + 4.0 * sigma2) if tilted is None else tilted)
     d1, d2 = [], []
     for h in range(heads):
         c_kv = wk[:, h, :].T @ (var_x[:, None] * wv[:, h, :])  # (d, dv)
@@ -144,7 +168,7 @@ def value_logit_coupling(wk, wv, wq, bq, key_input: Moments, query_input: Moment
         second_c = scale * scale * np.einsum("du,de,eu->u", c_kv, q_second, c_kv)  # E_q[c_u^2]
         mu_v = value_mean[h] if np.ndim(value_mean) else np.full(c_kv.shape[1], float(value_mean))
         d1.append(mean_c * one_minus)
-        d2.append(second_c * (e_s2 / sigma2**2 - sum_a2 / sigma2) + 2.0 * mu_v * mean_c * one_minus)
+        d2.append(second_c * (e_s2 / sigma2**2 - sum_a2 / (keep * sigma2)) + 2.0 * mu_v * mean_c * one_minus)
     return float(np.mean(d1)), float(np.mean(d2))
 
 
@@ -230,8 +254,10 @@ def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
     sum_a2 = _square_sum(logits, keys, mask)
     pattern = value_pattern(value, v_within)
     attended = _attended(v_total, v_within, v_between, sum_a2, keys, dropout, mask, pattern)
-    if key is value and dropout == 0.0:
-        attended = _coupled(ctx, attended, q_dense, k_dense, v_dense, key, query, v_within, head_dim, logits, sum_a2)
+    if key is value:
+        tilted = _tilted_square_sum(logits, keys, mask) if dropout > 0.0 else None
+        attended = _coupled(ctx, attended, q_dense, k_dense, v_dense, key, query, v_within, head_dim, logits, sum_a2,
+                            1.0 - dropout, tilted)
     out, _, _, var = _project(ctx, o_dense, attended, 2, ctx.signal_variance)
     ctx.weight_scale = var
     n = len(ctx.node.outputs)
@@ -279,7 +305,8 @@ def with_coupling(attended: Moments, d1: float, d2: float, sum_a2: float, v_with
     return Moments(mean, max(second - mean * mean, attended.between), attended.between)
 
 
-def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_within, head_dim, logits, sum_a2):
+def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_within, head_dim, logits, sum_a2,
+             keep=1.0, tilted=None):
     """`attended` with the coupling of each key's logit and its own value (`value_logit_coupling`), for
     keys and values projected from the same tokens (self-attention).
 
@@ -305,8 +332,9 @@ def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_with
     bq = ctx.value(q_dense.bias) if getattr(q_dense, "bias", None) is not None else None
     value_mean = value_means(kv_input, wv, bv)
     d1, d2 = value_logit_coupling(wk, wv, wq, None if bq is None else np.asarray(bq, dtype=np.float64),
-                                  kv_input, q_input, value_mean, 1.0 / np.sqrt(head_dim), logits, sum_a2)
-    return with_coupling(attended, d1, d2, sum_a2, v_within, logits, _token_normalized_width(ctx))
+                                  kv_input, q_input, value_mean, 1.0 / np.sqrt(head_dim), logits, sum_a2, keep,
+                                  tilted)
+    return with_coupling(attended, d1, d2, sum_a2 / keep, v_within, logits, _token_normalized_width(ctx))
 
 
 def output_projection(layer):
