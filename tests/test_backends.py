@@ -1,58 +1,22 @@
-"""The same walker/rule tests under KERAS_BACKEND=jax and =torch, and wrap inside a tf.distribute strategy."""
+"""The same walker/rule tests under KERAS_BACKEND=jax, and wrap inside a tf.distribute strategy. The other
+backend reruns are files of their own (`test_backends_*.py`), so that the suite's two workers share them; all
+are marked ``heavy`` and scheduled first (`conftest.py`)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from backend_rerun import rerun_core, run_python
 
-
-def _run(code_or_args, env_extra, timeout=900):
-    env = dict(os.environ, **env_extra)
-    env.pop("PYTEST_ADDOPTS", None)
-    args = code_or_args if isinstance(code_or_args, list) else [sys.executable, "-c", code_or_args]
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _rerun_core(backend, module, files, extra=(), timeout=900):
-    """Run the core tests of `files` in a subprocess with KERAS_BACKEND=`backend`; assert they pass."""
-    pytest.importorskip(module)
-    if os.environ.get("KERAS_BACKEND") == backend:
-        pytest.skip(f"already running on {backend}")
-    proc = _run([sys.executable, "-m", "pytest", "-q", "-m", "core and not slow", "-p", "no:cacheprovider",
-                 *extra, *files], {"KERAS_BACKEND": backend}, timeout=timeout)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in tail
+pytestmark = pytest.mark.heavy
 
 
 def test_core_tests_pass_on_jax_backend():
-    _rerun_core("jax", "jax", ["tests/test_moments.py", "tests/test_rules_monte_carlo.py", "tests/test_wrap.py",
-                                "tests/test_tracing.py", "tests/test_probe_inputs.py",
-                                "tests/test_reversible_embedding.py", "tests/test_spatial_correlation.py",
-                                "tests/test_attention_masks.py", "tests/test_attention_coupling.py"],
-                extra=["-x"])
-
-
-def test_layers_measure_and_rewrite_pass_on_jax_backend():
-    import glob
-
-    files = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(HERE, "test_layer_*.py")))
-    files += ["tests/test_measure.py", "tests/test_report_measure.py", "tests/test_rewrite.py",
-              "tests/test_stability.py"]
-    _rerun_core("jax", "jax", files, timeout=1500)
-
-
-def test_wrap_measure_calibrate_and_stability_pass_on_torch_backend():
-    # The whole core suite passed on torch 2.13 (CPU) by hand (393 tests, 4.5 min); CI reruns the engine,
-    # measurement/calibration and stability tests, tracing inside subclassed layers, plus one paper layer's.
-    _rerun_core("torch", "torch", ["tests/test_wrap.py", "tests/test_measure.py", "tests/test_stability.py",
-                                   "tests/test_report_measure.py", "tests/test_layer_logit_gates.py",
-                                   "tests/test_tracing.py", "tests/test_reversible_embedding.py"], timeout=1500)
+    rerun_core("jax", "jax", ["tests/test_moments.py", "tests/test_rules_monte_carlo.py", "tests/test_wrap.py",
+                               "tests/test_tracing.py", "tests/test_probe_inputs.py",
+                               "tests/test_reversible_embedding.py", "tests/test_spatial_correlation.py",
+                               "tests/test_attention_masks.py", "tests/test_attention_coupling.py"],
+               extra=["-x"])
 
 
 def test_wrap_inside_mirrored_strategy_then_fit():
@@ -76,6 +40,6 @@ def test_wrap_inside_mirrored_strategy_then_fit():
         assert np.isfinite(h.history["loss"]).all()
         print("OK", strategy.num_replicas_in_sync)
     """)
-    proc = _run(code, {"KERAS_BACKEND": "tensorflow"}, timeout=300)
+    proc = run_python(code, {"KERAS_BACKEND": "tensorflow"}, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "OK 2" in proc.stdout
