@@ -68,7 +68,7 @@ def test_coupling_under_attention_dropout_against_sampled_gaussian_tokens(tokens
         args = (wk, wv, wq, None, unit, unit, np.zeros((heads, d)), 1 / np.sqrt(d), logits, sum_a2)
         excess[keep] = coupled - independent
         predicted[keep] = value_logit_coupling(*args, keep=keep, tilted=_tilted_square_sum(logits, tokens))[1]
-        crude = value_logit_coupling(*args, keep=keep)[1]
+        crude = value_logit_coupling(*args, keep=keep, tilted=sum_a2 * logit_var * (1.0 + 4.0 * logit_var))[1]
     assert predicted[0.5] == pytest.approx(excess[0.5], rel=0.06)
     growth = excess[0.5] - excess[1.0]
     assert growth > 0.1 * excess[1.0]

@@ -134,7 +134,7 @@ def value_logit_coupling(wk, wv, wq, bq, key_input: Moments, query_input: Moment
 
     Attention dropout (`keep` = k: weights a_j m_j / k, independent masks) leaves the mean shift and the
     cross terms of S^2 as they were and divides its diagonal by k: E[S^2] gains (1 / k - 1) E[sum_j a_j^2
-    (l_j - m)^2] (`tilted`, `_tilted_square_sum`; the weights' squares favour large logits: A2 v (1 + 4 v)
+    (l_j - m)^2] (`tilted`, from `_tilted_square_sum`; the weights' squares favour large logits: A2 v (1 + 4 v)
     for many keys), and r's share is A2 / k.
 
     `wk` (C, H, d), `wv` (C, H, dv), `wq` (Cq, H, d) kernels, `bq` (H, d) or None; returns (0, 0) where
@@ -157,7 +157,9 @@ def value_logit_coupling(wk, wv, wq, bq, key_input: Moments, query_input: Moment
     e_s = sigma2 * one_minus
     e_s2 = sigma2 * (e_s * (1.0 - 2.0 * sum_a2) + sum_a2 + 2.0 * sigma2 * (sum_a2 - a3))
     if keep < 1.0:
-        e_s2 += (1.0 / keep - 1.0) * (sum_a2 * sigma2 * (1.0 + 4.0 * sigma2) if tilted is None else tilted)
+        if tilted is None:
+            raise ValueError("value_logit_coupling with keep < 1 needs `tilted` (_tilted_square_sum).")
+        e_s2 += (1.0 / keep - 1.0) * tilted
     d1, d2 = [], []
     for h in range(heads):
         c_kv = wk[:, h, :].T @ (var_x[:, None] * wv[:, h, :])  # (d, dv)
