@@ -16,15 +16,6 @@ def pytest_configure(config):
     warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
 
 
-def pytest_collection_modifyitems(config, items):
-    """The files marked ``heavy`` (a few tests of minutes each: subsets rerun under other backends) first, the
-    rest in collection order: with ``--dist loadfile`` the two workers start on the longest files and share the
-    rest as they free up, instead of one worker ending the run alone on a late long file (the suite's setup.cfg
-    turns off pytest-xdist's reordering by test count, which put these files last). A stable sort, the same on
-    every worker, as xdist requires."""
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
-
-
 @pytest.fixture(autouse=True)
 def _rule_registry_left_as_found():
     """The rule registry is process-wide and xdist runs many test files in one process: a test that

@@ -1,14 +1,12 @@
 """The same walker/rule tests under KERAS_BACKEND=jax, and wrap inside a tf.distribute strategy. The other
-backend reruns are files of their own (`test_backends_*.py`), so that the suite's two workers share them; all
-are marked ``heavy`` and scheduled first (`conftest.py`)."""
+backend reruns are files of their own (`test_backends_*.py`): each takes minutes, and with `--dist loadfile`
+a file is one unit of work, so in one file they ran one after another on one worker."""
 
 import textwrap
 
 import pytest
 
 from backend_rerun import rerun_core, run_python
-
-pytestmark = pytest.mark.heavy
 
 
 def test_core_tests_pass_on_jax_backend():

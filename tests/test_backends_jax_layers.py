@@ -3,11 +3,7 @@
 import glob
 import os
 
-import pytest
-
 from backend_rerun import HERE, ROOT, rerun_core
-
-pytestmark = pytest.mark.heavy
 
 
 def test_layers_measure_and_rewrite_pass_on_jax_backend():

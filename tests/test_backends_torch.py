@@ -1,10 +1,6 @@
 """The engine's tests under KERAS_BACKEND=torch (see `test_backends.py`)."""
 
-import pytest
-
 from backend_rerun import rerun_core
-
-pytestmark = pytest.mark.heavy
 
 
 def test_wrap_measure_calibrate_and_stability_pass_on_torch_backend():

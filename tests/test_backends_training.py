@@ -1,10 +1,6 @@
 """The training-side techniques' tests under KERAS_BACKEND=jax and =torch (see `test_backends.py`)."""
 
-import pytest
-
 from backend_rerun import rerun_core
-
-pytestmark = pytest.mark.heavy
 
 TRAINING = ["tests/test_gradinit.py", "tests/test_revisited_bn.py", "tests/test_transfer.py", "tests/test_powergrad.py",
             "tests/test_pure_noise.py", "tests/test_byol.py", "tests/test_quantize.py",

@@ -12,7 +12,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.heavy
 def test_gpu_check_smoke_on_jax_without_tensorflow(tmp_path):
     pytest.importorskip("jax")
     out = tmp_path / "gpu_check.json"

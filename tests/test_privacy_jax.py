@@ -171,7 +171,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.heavy
 def test_make_private_on_jax_backend():
     pytest.importorskip("jax")
     env = dict(os.environ, KERAS_BACKEND="jax")
