@@ -492,12 +492,25 @@ def masked_softmax_moments(m: Moments, rows) -> Moments:
     size - n_i zeros per row. Mean 1 / size; second moment the rows' average of n_i E[a^2 | n_i] / size (a
     causal mask over 64 keys: 4.7x what every row seeing every key gives)."""
     size = rows.shape[1]
-    n, means = uniform_row_weights(rows)
-    counts, freq = np.unique(n, return_counts=True)
-    second = sum(f * c * softmax_moments(m, int(c)).second for c, f in zip(counts, freq)) / (n.size * size)
+    _, means = uniform_row_weights(rows)
+    second = row_sum_average(rows, lambda c: softmax_moments(m, c).second) / size
     # each entry's mean is fixed by its position (1 / n_i where seen, 0 where masked): that spread is
     # `between`, which a layer reading the weights directly sees as offsets
     return Moments.from_second(1.0 / size, second, float(np.mean(means * means)) - 1.0 / size ** 2)
+
+
+def masked_softmax_tilted_square(m: Moments, rows) -> float:
+    """E[sum_k a_k^2 (z_k - mean)^2] over a row's visible entries (`softmax_tilted_square`), averaged over the
+    rows of the boolean mask `rows` as in `masked_softmax_moments`."""
+    return row_sum_average(rows, lambda c: softmax_tilted_square(m, c))
+
+
+def row_sum_average(rows, per_entry) -> float:
+    """The rows' average of n_i per_entry(n_i), n_i a row's visible entries (`uniform_row_weights`): a sum over a
+    row's entries of a quantity that depends only on how many it sees, each count evaluated once."""
+    n, _ = uniform_row_weights(rows)
+    counts, freq = np.unique(n, return_counts=True)
+    return float(sum(f * c * per_entry(int(c)) for c, f in zip(counts, freq)) / n.size)
 
 
 def uniform_row_weights(rows):

@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from autoinit_tf.moments import Moments
-from autoinit_tf.rules.activation import (masked_softmax_moments, softmax_moments, softmax_tilted_square,
+from autoinit_tf.rules.activation import (masked_softmax_moments, masked_softmax_tilted_square, softmax_moments,
                                           uniform_row_weights)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.provenance import producer
@@ -73,10 +73,7 @@ def _square_sum(logits: Moments, keys: int, mask=None) -> float:
 def _tilted_square_sum(logits: Moments, keys: int, mask=None) -> float:
     """E[sum_k a_k^2 (l_k - m)^2] of a query's softmax weights over `keys` (`mask` as in `_square_sum`: the
     average over queries of their own visible keys)."""
-    rows = np.ones((1, keys), dtype=bool) if mask is None else mask
-    n, _ = uniform_row_weights(rows)
-    counts, freq = np.unique(n, return_counts=True)
-    return float(sum(f * c * softmax_tilted_square(logits, int(c)) for c, f in zip(counts, freq)) / n.size)
+    return masked_softmax_tilted_square(logits, np.ones((1, keys), dtype=bool) if mask is None else mask)
 
 
 def _attended(v_total, v_within, v_between, sum_a2: float, keys: int, dropout: float, mask=None, pattern=0.0):

@@ -41,11 +41,12 @@ def add_moments(ms):
     patterns = [m.pattern for m in ms if m.pattern is not None]
     pattern = sum(patterns) if patterns else None
     if same_shape(ms):
-        out = Moments.from_elements(sum(m.el_mean for m in ms), sum(m.el_var for m in ms)).set_pattern(pattern)
+        out = Moments.from_elements(sum(m.el_mean for m in ms), sum(m.el_var for m in ms))
     elif same_channels(ms):
-        out = Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms)).set_pattern(pattern)
+        out = Moments.from_channels(sum(m.ch_mean for m in ms), sum(m.ch_var for m in ms))
     else:
         return Moments(sum(m.mean for m in ms), sum(m.var for m in ms), sum(m.between for m in ms)).set_pattern(pattern)
+    out.set_pattern(pattern)
     activated = [m for m in ms if m.pre is not None]
     if len(ms) > 1 and len(activated) == 1:
         # f(P) + R, remembered for an activation after the sum where f(P) dominates it (Inception-ResNet's
