@@ -785,6 +785,77 @@ def _piecewise_polynomial_block(pieces, mu, s):
 _SUM_PANELS = (-7.0, -4.0, -2.5, -1.25, 0.0, 1.25, 2.5, 4.0, 7.0)
 
 
+def bivariate_normal_cdf(x, y, rho):
+    """Pr(X <= x, Y <= y) for standard normals with correlation rho in (-1, 1), elementwise, by Owen's T:
+
+        Phi2(x, y; rho) = (Phi(x) + Phi(y)) / 2 - T(x, (y - rho x) / (x s)) - T(y, (x - rho y) / (y s)) - beta,
+
+    s = sqrt(1 - rho^2), beta = 1/2 where x y < 0 or (x y = 0 and x + y < 0), else 0; T(0, a) =
+    arctan(a) / (2 pi), so a zero x takes a = +-inf by the sign of y - rho x; and Phi2(0, 0; rho) =
+    1/4 + arcsin(rho) / (2 pi) (Owen 1956, "Tables for computing bivariate normal probabilities")."""
+    from scipy.special import ndtr, owens_t
+
+    x, y, rho = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (x, y, rho)))
+    s = np.sqrt(np.maximum(1.0 - rho * rho, 0.0))
+    return _owen_bvn(x, y, rho, (y - rho * x) / np.where(s > 0, s, 1.0), (x - rho * y) / np.where(s > 0, s, 1.0),
+                     ndtr, owens_t)
+
+
+def _owen_bvn(x, y, rho, ky, kx, ndtr, owens_t):
+    """Owen's formula for Phi2(x, y; rho) given ky = (y - rho x) / s and kx = (x - rho y) / s (computed by the
+    caller where it has a stabler form)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ax = np.where(x != 0, ky / x, np.copysign(np.inf, ky))
+        ay = np.where(y != 0, kx / y, np.copysign(np.inf, kx))
+    ax = np.where(np.isnan(ax), 0.0, ax)
+    ay = np.where(np.isnan(ay), 0.0, ay)
+    xy = x * y
+    beta = np.where((xy < 0) | ((xy == 0) & (x + y < 0)), 0.5, 0.0)
+    out = 0.5 * (ndtr(x) + ndtr(y)) - owens_t(x, ax) - owens_t(y, ay) - beta
+    both = (x == 0) & (y == 0)
+    if np.any(both):
+        out = np.where(both, 0.25 + np.arcsin(np.clip(rho, -1.0, 1.0)) / (2.0 * math.pi), out)
+    return np.clip(out, 0.0, 1.0)
+
+
+def relu_of_relu_sum_expectations(pm, ps, rm, rs):
+    """E[relu(relu(P) + R)^k], k = 1, 2, for P ~ N(pm, ps^2), R ~ N(rm, rs^2) independent, ps, rs > 0,
+    elementwise, in closed form. Below zero P contributes Pr(P < 0) E[relu(R)^k]; above, relu(P) + R = Y with
+    Y = P + R, and (Y, P) is bivariate normal with sd_Y = sqrt(ps^2 + rs^2) and correlation rho = ps / sd_Y,
+    so the rest is a truncated bivariate normal moment over {Y > 0, P > 0} (Rosenbaum 1961): with
+    h = -mean_Y / sd_Y, k = -pm / ps, h' = (h - rho k) / s = -rm / rs, k' = (k - rho h) / s,
+    s = sqrt(1 - rho^2) = rs / sd_Y and L = Phi2(-h, -k; rho),
+
+        E[Z 1] = phi(h) Q(k') + rho phi(k) Q(h'),
+        E[Z^2 1] = L + h phi(h) Q(k') + rho^2 k phi(k) Q(h') + rho s phi(k) phi(h'),
+
+    Z = (Y - mean_Y) / sd_Y, Q the upper tail; then E[Y^k 1] follows from Y = mean_Y + sd_Y Z."""
+    from scipy.special import ndtr, owens_t
+
+    pm, ps, rm, rs = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (pm, ps, rm, rs)))
+    ym = pm + rm
+    ys = np.sqrt(ps * ps + rs * rs)
+    rho = ps / ys
+    s = rs / ys
+    h, k = -ym / ys, -pm / ps
+    hp = -rm / rs
+    kp = (ps * ps * rm - rs * rs * pm) / (ps * rs * ys)
+    root = math.sqrt(2.0 * math.pi)
+    phi_h, phi_k, phi_hp = (np.exp(-0.5 * v * v) / root for v in (h, k, hp))
+    q_kp, q_hp = ndtr(-kp), ndtr(-hp)
+    mass = _owen_bvn(-h, -k, rho, -kp, -hp, ndtr, owens_t)
+    ez1 = phi_h * q_kp + rho * phi_k * q_hp
+    ez2 = mass + h * phi_h * q_kp + rho * rho * k * phi_k * q_hp + rho * s * phi_k * phi_hp
+    e1 = ym * mass + ys * ez1
+    e2 = ym * ym * mass + 2.0 * ym * ys * ez1 + ys * ys * ez2
+    below = ndtr(k)  # Pr(P < 0)
+    a = rm / rs
+    phi_a, cdf_a = np.exp(-0.5 * a * a) / root, ndtr(a)
+    e1 = e1 + below * (rm * cdf_a + rs * phi_a)
+    e2 = e2 + below * ((rm * rm + rs * rs) * cdf_a + rm * rs * phi_a)
+    return e1, np.maximum(e2, e1 * e1)
+
+
 def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
     """E[relu(Y)] and E[relu(Y)^2] for Y = fn(P) + R, P ~ N(p_mean, p_var) and R ~ N(r_mean, r_var)
     independent, every row at once (rows deduplicated by `distinct_rows`).
@@ -797,19 +868,44 @@ def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
     Where fn is constant c below its first kink k (ReLU: 0), that part is closed form,
     Pr(P < k) E[relu(c + R)^p], and only [k, 7 sd] is integrated. The residual blocks of Inception-ResNet,
     relu(relu(P) + 0.1 R): the sum is far from Gaussian (a point mass at 0 barely moved), and the Gaussian
-    rule lost 10-14% of the second moment per block.
+    rule lost 10-14% of the second moment per block. When fn is the ReLU itself (those blocks, ResNet's
+    relu(relu(BN) + shortcut)) and both parts have spread, the whole is closed form
+    (`relu_of_relu_sum_expectations`, a truncated bivariate normal): exact, and ~3x faster.
     """
-    from scipy.special import ndtr
-
     p_mean, p_var, r_mean, r_var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p_mean, p_var, r_mean, r_var))
     first, inverse = distinct_rows(p_mean, p_var, r_mean, r_var)
     pm, ps, rm = p_mean[first], np.sqrt(np.maximum(p_var[first], 0.0)), r_mean[first]
     rs = np.sqrt(np.maximum(r_var[first], 0.0))
+    flat, kinks = flat_below_first_kink(fn, kinks)
+    if _is_relu(fn, flat, kinks):
+        e1, e2 = np.zeros(len(pm)), np.zeros(len(pm))
+        live = (ps > 0) & (rs > 0)
+        e1[live], e2[live] = relu_of_relu_sum_expectations(pm[live], ps[live], rm[live], rs[live])
+        if not np.all(live):
+            rest = ~live
+            e1[rest], e2[rest] = _relu_of_sum_by_quadrature(fn, flat, kinks, pm[rest], ps[rest], rm[rest], rs[rest])
+    else:
+        e1, e2 = _relu_of_sum_by_quadrature(fn, flat, kinks, pm, ps, rm, rs)
+    return e1[inverse], e2[inverse]
+
+
+def _is_relu(fn, flat, kinks):
+    """Whether `fn` (already split by `flat_below_first_kink`) is the ReLU: zero below 0, the identity above."""
+    if flat != (0.0, 0.0) or kinks:
+        return False
+    probe = np.array([1e-300, 1e-9, 0.5, 1.0, 3.0, 1e6])
+    return bool(np.array_equal(np.asarray(fn(probe), dtype=np.float64).reshape(-1), probe))
+
+
+def _relu_of_sum_by_quadrature(fn, flat, kinks, pm, ps, rm, rs):
+    """`relu_of_sum_expectations` on distinct rows (pm, ps, rm, rs: means and standard deviations), by
+    piecewise Gauss-Legendre over P; `flat`, `kinks` from `flat_below_first_kink`."""
+    from scipy.special import ndtr
+
     safe = np.where(ps > 0, ps, 1.0)
     e1 = np.zeros(len(pm))
     e2 = np.zeros(len(pm))
     start = np.full(len(pm), -_SUM_PANELS[-1])
-    flat, kinks = flat_below_first_kink(fn, kinks)
     if flat is not None:
         k0, c = flat
         zk = np.where(ps > 0, np.clip((k0 - pm) / safe, -_SUM_PANELS[-1], _SUM_PANELS[-1]),
@@ -827,7 +923,7 @@ def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
         r1, r2 = relu_gaussian_expectations(m, rs[rows, None, None])
         e1[rows] += np.einsum("ijk,ijk->i", w, r1)
         e2[rows] += np.einsum("ijk,ijk->i", w, r2)
-    return e1[inverse], np.maximum(e2, e1 * e1)[inverse]
+    return e1, np.maximum(e2, e1 * e1)
 
 
 def _panels_from(start, panels, extra_cuts):

@@ -227,6 +227,49 @@ def test_relu_of_an_activation_plus_a_gaussian_against_scipy(case):
     assert e2[0] == pytest.approx(ref(2), rel=1e-3)
 
 
+def test_bivariate_normal_cdf_against_scipy():
+    """Owen's T form of Phi2 against scipy's multivariate normal CDF, zeros and signs of both arguments."""
+    from autoinit_tf.moments import bivariate_normal_cdf
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=60) * 2.0, rng.normal(size=60) * 2.0
+    rho = rng.uniform(-0.999, 0.999, size=60)
+    x[:12] = 0.0
+    y[6:18] = 0.0
+    got = bivariate_normal_cdf(x, y, rho)
+    ref = [stats.multivariate_normal([0.0, 0.0], [[1.0, r], [r, 1.0]]).cdf([a, b]) for a, b, r in zip(x, y, rho)]
+    np.testing.assert_allclose(got, ref, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", [(0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 0.01), (0.3, 1.44, -0.5, 0.01),
+                                  (-1.0, 0.25, 2.0, 9.0), (1.5, 0.09, 0.0, 0.49), (-3.0, 1.0, -2.0, 0.04),
+                                  (2.0, 1.0, -8.0, 1e-6)])
+def test_relu_of_relu_plus_a_gaussian_closed_form_against_a_double_integral(case):
+    """relu(relu(P) + R) in closed form (a truncated bivariate normal) against scipy's 2-D quadrature of
+    the integrand over (P, R), to 1e-8 relative: zero means (Phi2(0, 0)), narrow R (rho near 1), tails."""
+    from autoinit_tf.moments import relu_of_relu_sum_expectations, relu_of_sum_expectations
+
+    pm, pv, rm, rv = case
+    ps, rs = math.sqrt(pv), math.sqrt(rv)
+
+    def ref(k):  # R's Gaussian integrated in closed form per P would reuse the formula under test: 2-D quad
+        def inner(p):
+            f = lambda r: max(max(p, 0.0) + r, 0.0) ** k * stats.norm.pdf(r, rm, rs)
+            lo = -max(p, 0.0)  # the kink in r
+            pts = [lo] if rm - 12 * rs < lo < rm + 12 * rs else None
+            return integrate.quad(f, rm - 12 * rs, rm + 12 * rs, points=pts, limit=200, epsabs=1e-14,
+                                  epsrel=1e-11)[0] * stats.norm.pdf(p, pm, ps)
+        return integrate.quad(inner, pm - 12 * ps, pm + 12 * ps, points=[0.0] if abs(pm) < 12 * ps else None,
+                              limit=200, epsabs=1e-14, epsrel=1e-11)[0]
+
+    e1, e2 = relu_of_relu_sum_expectations(np.array([pm]), np.array([ps]), np.array([rm]), np.array([rs]))
+    assert e1[0] == pytest.approx(ref(1), rel=1e-8, abs=1e-13)
+    assert e2[0] == pytest.approx(ref(2), rel=1e-8, abs=1e-13)
+    # and relu_of_sum_expectations takes this path for the ReLU
+    f1, f2 = relu_of_sum_expectations(lambda v: np.maximum(v, 0.0), (0.0,), [pm], [pv], [rm], [rv])
+    assert (f1[0], f2[0]) == (e1[0], e2[0])
+
+
 # Activations for the residual-sum and max-pool integrals: (vectorised fn, scalar fn, kinks). "floor" is
 # the constant -0.5 below its kink (the closed-form part with a nonzero constant), "relu6" flat below its
 # first kink with a second one above, "elu" and "leaky" never flat (the whole line is integrated).
