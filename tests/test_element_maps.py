@@ -36,3 +36,22 @@ def test_correlate_maps_matches_the_backend_convolution(shape, taps, strides, pa
     got = correlate_maps(x, w, strides=strides, padding=padding, dilation=dilation)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.core
+def test_dense_maps_against_a_float64_reference():
+    """Element maps through a position-wise Dense in float32 (blocks of the squared kernel: 2048 inputs give
+    512 units per block, 1100 units three blocks) against mean @ W + b and var @ W^2 in float64."""
+    from autoinit_tf.moments import Moments
+    from autoinit_tf.rules.element_maps import dense_maps
+
+    rng = np.random.default_rng(3)
+    mean = rng.standard_normal((3, 4, 2048))
+    var = rng.uniform(0.1, 2.0, (3, 4, 2048))
+    w = (rng.standard_normal((2048, 1100)) / 45.0).astype("float32")
+    b = rng.standard_normal(1100)
+    out = dense_maps(Moments.from_elements(mean, var), (None, 3, 4, 2048), w, b)
+    w64 = w.astype(np.float64)
+    np.testing.assert_allclose(out.el_mean, mean @ w64 + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.el_var, var @ (w64 * w64), rtol=1e-5)
+    assert out.el_mean.shape == (3, 4, 1100) and out.el_var.dtype == np.float64

@@ -159,22 +159,27 @@ def _filtered_maps(op, layer, m: Moments, in_shape, kernel, bias):
 
 
 def dense_maps(m: Moments, in_shape, kernel, bias):
+    """Output element maps of a Dense (or a 1x1 pointwise stage) applied at every position, or None:
+    mean_out = mean_in @ W + b, var_out = var_in @ (W * W), in float32 as `correlate_maps` (Xception's
+    728 x 728 pointwise kernels: 0.8 ms against 5.5 ms in float64, most of it copying the kernel)."""
     maps = element_maps(m, in_shape[1:])
     if maps is None:
         return None
     mean, var = maps
-    kernel = np.asarray(kernel)
+    kernel = np.asarray(kernel, dtype=np.float32)
     units = kernel.shape[-1]
-    out_mean = np.empty(mean.shape[:-1] + (units,))
-    out_var = np.empty(mean.shape[:-1] + (units,))
-    step = max(1, (1 << 19) // max(kernel.shape[0], 1))  # float64 blocks of at most 4 MiB
+    lead = mean.shape[:-1]
+    mean32 = np.asarray(mean, dtype=np.float32).reshape(-1, kernel.shape[0])
+    var32 = np.asarray(var, dtype=np.float32).reshape(-1, kernel.shape[0])
+    out_mean = (mean32 @ kernel).astype(np.float64).reshape(lead + (units,))
+    out_var = np.empty((var32.shape[0], units))
+    step = max(1, (1 << 20) // max(kernel.shape[0], 1))  # squared kernel in float32 blocks of at most 4 MiB
     for j0 in range(0, units, step):
-        w = np.asarray(kernel[:, j0:j0 + step], dtype=np.float64)
-        out_mean[..., j0:j0 + step] = mean @ w
-        out_var[..., j0:j0 + step] = var @ (w * w)
+        w = kernel[:, j0:j0 + step]
+        out_var[:, j0:j0 + step] = var32 @ (w * w)
     if bias is not None:
         out_mean = out_mean + np.asarray(bias, dtype=np.float64)
-    return Moments.from_elements(out_mean, out_var)
+    return Moments.from_elements(out_mean, out_var.reshape(lead + (units,)))
 
 
 def window_bounds(n, k, stride, padding):

@@ -376,7 +376,7 @@ def _separable_pre(ctx):
     pk = layer.pointwise_kernel
     cmid = int(pk.shape[-2])
     var = ctx.signal_variance / (cmid * mid.second)
-    p = ctx.draw(pk, var).astype(np.float64).reshape(cmid, -1)
+    p = ctx.draw(pk, var).reshape(cmid, -1)  # float32, as drawn: each use below converts what it needs
     ctx.weight_scale = var
     dk = ctx.value(layer.depthwise_kernel).astype(np.float64)
     taps, cin, dm = int(np.prod(dk.shape[:-2])), dk.shape[-2], dk.shape[-1]
