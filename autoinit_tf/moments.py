@@ -1081,7 +1081,16 @@ def _max_common_grid(g, mu, s, ok, kinks):
     """(E[g(M)], E[g(M)^2]) per window, f_M integrated on one grid per window (see `max_expectations`).
 
     Where g is the constant v below its first kink k (ReLU: 0), that part is v^p F_M(k), with
-    F_M(k) = prod_j Phi_j(k), and only [k, hi] is integrated."""
+    F_M(k) = prod_j Phi_j(k), and only [k, hi] is integrated.
+
+    Where g is the identity, or max(x, k) (ReLU, k = 0), the moments are integrated by parts against the
+    CDF alone: for any a >= k,
+
+        E[g(M)^p] = g(a)^p + integral_k^inf p x^(p-1) (1{x >= a} - F_M(x)) dx
+
+    (any a: below k, g(a) = k and the indicator is 1 over the whole range). a = c, a panel edge, where the
+    integrand jumps by p c^(p-1): k CDFs per node and no
+    densities (Xception's and VGG16's pools ~2x faster; the same nodes, a smoother integrand)."""
     from scipy.special import ndtr
 
     full = bool(ok.all())
@@ -1095,10 +1104,11 @@ def _max_common_grid(g, mu, s, ok, kinks):
     e2 = np.zeros(len(mu))
     start = lo
     flat, kinks = flat_below_first_kink(g, kinks)
+    by_parts = _identity_above_kink(g, flat, kinks)
     if flat is not None:
         k0, v = flat
         start = np.clip(k0, lo, hi)
-        if v != 0.0:
+        if v != 0.0 and not by_parts:
             below = np.prod(masked(ndtr((start[:, None] - mu) / safe), 1.0), axis=1)
             e1 += v * below
             e2 += v * v * below
@@ -1108,6 +1118,7 @@ def _max_common_grid(g, mu, s, ok, kinks):
     start = np.maximum(start, cut)
     # The fixed panels, in units of `big` around `c`; a row's interval starts at (start - c) / big.
     rel = (start - c) / big
+    ref = c  # by parts: the reference point a
     kinks = np.asarray(kinks, dtype=np.float64)
     for rows, edges in _panels_from(rel, np.asarray(_GRID_PANELS), lambda r: (kinks[None, :] - c[r, None]) / big[r, None]):
         edges = c[rows, None] + big[rows, None] * np.minimum(edges, _GRID_PANELS[-1])
@@ -1116,8 +1127,17 @@ def _max_common_grid(g, mu, s, ok, kinks):
         half = 0.5 * (b - a)
         x = (half[..., None] * _GL_X8 + (0.5 * (a + b))[..., None]).reshape(len(rows), -1)
         w = (half[..., None] * _GL_W8).reshape(len(rows), -1)
-        # f_M = sum_i pdf_i prod_{j != i} cdf_j, with running products from the left and the right.
         zs = [(x - mu[rows, i, None]) / safe[rows, i, None] for i in range(mu.shape[1])]
+        if by_parts:
+            cdf_m = np.ones_like(x)
+            for i, z in enumerate(zs):
+                f = ndtr(z)
+                cdf_m *= f if full else np.where(ok[rows, i, None], f, 1.0)
+            wt = w * ((x >= ref[rows, None]) - cdf_m)
+            e1[rows] += wt.sum(axis=1)
+            e2[rows] += 2.0 * np.einsum("ij,ij->i", wt, x)
+            continue
+        # f_M = sum_i pdf_i prod_{j != i} cdf_j, with running products from the left and the right.
         cdf = [ndtr(z) for z in zs]
         pdf = [np.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * safe[rows, i, None]) for i, z in enumerate(zs)]
         if not full:
@@ -1139,7 +1159,25 @@ def _max_common_grid(g, mu, s, ok, kinks):
         wd = w * density
         e1[rows] += np.einsum("ij,ij->i", wd, y)
         e2[rows] += np.einsum("ij,ij->i", wd * y, y)
+    if by_parts:
+        g_ref = np.asarray(g(ref), dtype=np.float64)
+        e1 += g_ref
+        e2 += g_ref * g_ref
     return e1, e2
+
+
+def _identity_above_kink(g, flat, kinks):
+    """Whether g (split by `flat_below_first_kink`) is the identity, or max(x, k) (the ReLU for k = 0)."""
+    if kinks:
+        return False
+    if flat is None:
+        probe = np.array([-1e6, -3.0, -0.5, 0.0, 1e-9, 0.5, 2.0, 1e6])
+    else:
+        k0, v = flat
+        if v != k0:
+            return False
+        probe = k0 + np.array([1e-9, 0.5, 1.0, 3.0, 1e6]) * max(1.0, abs(k0))
+    return bool(np.array_equal(np.asarray(g(probe), dtype=np.float64).reshape(-1), probe))
 
 
 #: `_max_common_grid` drops the panels below the highest panel edge where the CDF of the maximum is below

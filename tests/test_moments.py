@@ -582,3 +582,28 @@ def test_builtin_activations_are_evaluated_by_checked_numpy_twins():
     finally:
         act._numpy_twins = original
         act._verified_twin.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["identity", "relu", "floor"])
+def test_max_on_the_common_grid_by_parts_with_masks_and_far_means(name):
+    """The common grid integrates g(M) for g the identity or max(x, k) by parts against the CDF of M alone.
+    Against the per-entry path (a different quadrature, 1e-7): windows with excluded entries, means far
+    below the kink (E = g(k)^p), far above it, and spreads within 2x (so the coarse path takes the grid)."""
+    vec = None if name == "identity" else PIECEWISE[name][0]
+    kinks = () if name == "identity" else PIECEWISE[name][2]
+    rng = np.random.default_rng(5)
+    mu = rng.normal(size=(40, 9))
+    var = rng.uniform(0.5, 1.5, size=(40, 9)) ** 2
+    mu[0] -= 60.0
+    mu[1] += 40.0
+    mu[2] *= 0.01
+    valid = np.ones((40, 9), dtype=bool)
+    valid[3:20, 6:] = False
+    valid[20:25, 1:] = False  # one entry left
+    e1, e2 = max_expectations(vec, mu, var, kinks, valid=valid, coarse=True)
+    r1, r2 = max_expectations(vec, mu, var, kinks, valid=valid, coarse=False)
+    np.testing.assert_allclose(e1, r1, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(e2, r2, rtol=1e-5, atol=1e-7)
+    if name != "identity":
+        k0 = kinks[0]
+        assert (e1[0], e2[0]) == pytest.approx((k0, k0 * k0), abs=1e-12)
