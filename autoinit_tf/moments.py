@@ -853,6 +853,7 @@ def relu_of_relu_sum_expectations(pm, ps, rm, rs):
     phi_a, cdf_a = np.exp(-0.5 * a * a) / root, ndtr(a)
     e1 = e1 + below * (rm * cdf_a + rs * phi_a)
     e2 = e2 + below * ((rm * rm + rs * rs) * cdf_a + rm * rs * phi_a)
+    e1 = np.maximum(e1, 0.0)  # far in the negative tail the terms cancel to ~1e-16 of the scale, either sign
     return e1, np.maximum(e2, e1 * e1)
 
 
