@@ -15,6 +15,13 @@ the same mean and variance (Fenton-Wilkinson; exact for K = 2),
     M = (K-1) e^{mu + v/2},  V = (K-1) (e^v - 1) e^{2 mu + v},
 
 so p_i = sigmoid(D) with D ~ N(mu - mu_S, v + s_S^2): a one-dimensional integral.
+
+Logits with per-class means (`Moments.ch_mean`: a classifier's Dense, whose drawn kernel gives each class its
+own offset from the mean of the features before it) are not i.i.d.: class c's logit is N(m_c, v_c), and its
+S_c sums the other classes' log-normals, M_c = sum_{j != c} e^{m_j + v_j/2}, V_c = sum_{j != c} (e^{v_j} - 1)
+e^{2 m_j + v_j}, each class its own one-dimensional integral (`softmax_per_class_moments`). A 10-class VGG16
+head after the analytic wrap (offsets 99% of the logits' variance): softmax variance measured 0.0206, i.i.d.
+rule 0.0100, per class 0.0206.
 """
 
 from __future__ import annotations
@@ -235,10 +242,10 @@ def activation_moments(fn, m: Moments, kinks=None, size=None) -> Moments:
     name = activation_name(fn)
     if name == "linear":
         return m
-    if name == "softmax":
-        return softmax_moments(m, size)
+    if name == "softmax":  # Keras' activations take the last axis
+        return softmax_per_class_moments(m) if per_class(m, size) else softmax_moments(m, size)
     if name == "log_softmax":
-        return log_softmax_moments(m, size)
+        return log_softmax_per_class_moments(m) if per_class(m, size) else log_softmax_moments(m, size)
     if name in VECTOR_ACTIVATIONS:
         raise NotImplementedError(f"No closed-form rule for the vector activation {name!r}.")
     kinks = kinks_of(fn) if kinks is None else tuple(kinks)
@@ -319,6 +326,60 @@ def softmax_moments(m: Moments, size) -> Moments:
     _, e2 = gaussian_expectations(_sigmoid, d.mean, d.var)
     mean = 1.0 / k
     return Moments(mean, max(e2 - mean * mean, 0.0))
+
+
+def per_class(m: Moments, size) -> bool:
+    """Whether `m` carries per-class means over a softmax axis of `size` (the last axis) entries, the same for
+    every row (no per-position maps, no mask: `Moments.visible`)."""
+    return (m.ch_mean is not None and size is not None and m.channels == int(size) and int(size) > 1
+            and (m.el_mean is None or np.ndim(m.el_mean) <= 1) and getattr(m, "visible", None) is None)
+
+
+def _against_the_rest_per_class(m: Moments):
+    """(mean, var) per class c of d_c = z_c - log(sum_{j != c} exp z_j) for independent z_c ~ N(m.ch_mean[c],
+    m.ch_var[c]) (Fenton-Wilkinson per class, the sums in log space: a dominant class leaves the others'
+    sum as a small difference)."""
+    from scipy.special import logsumexp
+
+    mc = np.asarray(m.ch_mean, dtype=np.float64)
+    vc = np.maximum(np.asarray(m.ch_var, dtype=np.float64), 0.0)
+    first = mc + 0.5 * vc  # log e^{m + v/2}
+    with np.errstate(divide="ignore"):
+        second = 2.0 * mc + vc + np.log(np.expm1(vc))  # log (e^v - 1) e^{2m + v}; -inf where v = 0
+    log_m = _log_sum_but_own(first, logsumexp)
+    log_v = _log_sum_but_own(second, logsumexp)
+    s2 = np.logaddexp(0.0, log_v - 2.0 * log_m)  # log(1 + V / M^2)
+    return mc - (log_m - 0.5 * s2), vc + s2
+
+
+def _log_sum_but_own(terms, logsumexp):
+    """log(sum_{j != c} e^{terms_j}) for every c, from the log of the whole sum."""
+    total = logsumexp(terms)
+    if not np.isfinite(total):
+        return np.full(terms.shape, -np.inf)
+    own = np.minimum(np.exp(terms - total), 1.0 - 1e-16)
+    return total + np.log1p(-own)
+
+
+def softmax_per_class_moments(m: Moments) -> Moments:
+    """Softmax entries over the last axis for logits with per-class means (module docstring): per class,
+    E[sigmoid(d_c)] and E[sigmoid(d_c)^2] by 24-point Gauss-Hermite, d_c ~ N from `_against_the_rest_per_class`."""
+    dm, dv = _against_the_rest_per_class(m)
+    x, w = _HERMITE_24
+    p = _sigmoid(dm[:, None] + np.sqrt(dv)[:, None] * x[None, :])
+    e1 = p @ w
+    e2 = (p * p) @ w
+    e1 = e1 / e1.sum()  # the entries sum to one (Fenton-Wilkinson leaves ~1e-5)
+    return Moments.from_channels(e1, np.maximum(e2 - e1 * e1, 0.0))
+
+
+def log_softmax_per_class_moments(m: Moments) -> Moments:
+    """Log-softmax entries over the last axis for logits with per-class means: log sigmoid(d_c) per class."""
+    dm, dv = _against_the_rest_per_class(m)
+    x, w = _HERMITE_24
+    y = _log_sigmoid(dm[:, None] + np.sqrt(dv)[:, None] * x[None, :])
+    e1 = y @ w
+    return Moments.from_channels(e1, np.maximum((y * y) @ w - e1 * e1, 0.0))
 
 
 def softmax_tilted_square(m: Moments, size) -> float:
@@ -470,15 +531,18 @@ def prelu_rule(ctx):
 def softmax_layer_rule(ctx):
     """An unknown softmax axis (attention over a sequence of unknown length) has the probe length."""
     size = axis_size(ctx.input_shapes[0], ctx.layer.axis)
-    if ctx.input.var > 4.0:  # see rules.ops.SOFTMAX_EXACT_VARIANCE
-        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
-    size = size or ctx.probe_length
+    axis = ctx.layer.axis
+    last = axis in (-1, len(ctx.input_shapes[0]) - 1)
     mask = ctx.kwargs.get("mask") if ctx.kwargs else None
     if mask is None and len(ctx.args) > 1:
         mask = ctx.args[1]
+    if mask is None and last and per_class(ctx.input, size):
+        return softmax_per_class_moments(ctx.input)
+    if ctx.input.var > 4.0:  # see rules.ops.SOFTMAX_EXACT_VARIANCE
+        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
+    size = size or ctx.probe_length
     const = getattr(mask, "const", None) if isinstance(mask, Moments) else None
-    axis = ctx.layer.axis
-    if const is not None and axis in (-1, len(ctx.input_shapes[0]) - 1) and np.shape(const)[-1] == size:
+    if const is not None and last and np.shape(const)[-1] == size:
         rows = np.asarray(const).reshape(-1, size) != 0
         if not rows.all():
             ctx.inexact(MASKED_WEIGHTS)

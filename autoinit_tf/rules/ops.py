@@ -17,8 +17,9 @@ from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, mix
-from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, masked_softmax_moments, numpy_function,
-                                         softmax_moments)
+from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, log_softmax_per_class_moments,
+                                         masked_softmax_moments, numpy_function, per_class, softmax_moments,
+                                         softmax_per_class_moments)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
 from autoinit_tf.rules.provenance import projection_behind, softmax_behind
@@ -365,13 +366,16 @@ SOFTMAX_EXACT_VARIANCE = 4.0
 @BUILTIN.rule(nn_ops.Softmax)
 def softmax_op_rule(ctx):
     """Softmax of i.i.d. logits; logits with a known additive mask (`Moments.visible`) over each row's
-    visible entries (`masked_softmax_moments`)."""
-    if ctx.input.var > SOFTMAX_EXACT_VARIANCE:
-        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
+    visible entries (`masked_softmax_moments`); logits with per-class means over the last axis class by class
+    (`softmax_per_class_moments`)."""
     n = _reduced_count(ctx, ctx.op.axis)
-    visible = getattr(ctx.input, "visible", None)
     axis = ctx.op.axis
     last = axis in (-1, len(ctx.node.input_tensors[0].shape) - 1)
+    if last and per_class(ctx.input, n):
+        return softmax_per_class_moments(ctx.input)
+    if ctx.input.var > SOFTMAX_EXACT_VARIANCE:
+        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
+    visible = getattr(ctx.input, "visible", None)
     if n and visible is not None and last and visible.shape[-1] == n:
         ctx.inexact(MASKED_WEIGHTS)
         return masked_softmax_moments(ctx.input, visible)
@@ -381,6 +385,8 @@ def softmax_op_rule(ctx):
 @BUILTIN.rule(nn_ops.LogSoftmax)
 def log_softmax_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
+    if ctx.op.axis in (-1, len(ctx.node.input_tensors[0].shape) - 1) and per_class(ctx.input, n):
+        return log_softmax_per_class_moments(ctx.input)
     return log_softmax_moments(ctx.input, n) if n else ctx.probe()
 
 
