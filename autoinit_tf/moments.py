@@ -878,7 +878,7 @@ def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
     pm, ps, rm = p_mean[first], np.sqrt(np.maximum(p_var[first], 0.0)), r_mean[first]
     rs = np.sqrt(np.maximum(r_var[first], 0.0))
     flat, kinks = flat_below_first_kink(fn, kinks)
-    if _is_relu(fn, flat, kinks):
+    if flat == (0.0, 0.0) and _identity_above_kink(fn, flat, kinks):  # the ReLU
         e1, e2 = np.zeros(len(pm)), np.zeros(len(pm))
         live = (ps > 0) & (rs > 0)
         e1[live], e2[live] = relu_of_relu_sum_expectations(pm[live], ps[live], rm[live], rs[live])
@@ -888,14 +888,6 @@ def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
     else:
         e1, e2 = _relu_of_sum_by_quadrature(fn, flat, kinks, pm, ps, rm, rs)
     return e1[inverse], e2[inverse]
-
-
-def _is_relu(fn, flat, kinks):
-    """Whether `fn` (already split by `flat_below_first_kink`) is the ReLU: zero below 0, the identity above."""
-    if flat != (0.0, 0.0) or kinks:
-        return False
-    probe = np.array([1e-300, 1e-9, 0.5, 1.0, 3.0, 1e6])
-    return bool(np.array_equal(np.asarray(fn(probe), dtype=np.float64).reshape(-1), probe))
 
 
 def _relu_of_sum_by_quadrature(fn, flat, kinks, pm, ps, rm, rs):
@@ -1085,13 +1077,12 @@ def _max_common_grid(g, mu, s, ok, kinks):
     F_M(k) = prod_j Phi_j(k), and only [k, hi] is integrated.
 
     Where g is the identity, or max(x, k) (ReLU, k = 0), the moments are integrated by parts against the
-    CDF alone: for any a >= k,
+    CDF alone: for any a (below k, g(a) = k and the indicator is 1 over the whole range),
 
-        E[g(M)^p] = g(a)^p + integral_k^inf p x^(p-1) (1{x >= a} - F_M(x)) dx
+        E[g(M)^p] = g(a)^p + integral_k^inf p x^(p-1) (1{x >= a} - F_M(x)) dx,
 
-    (any a: below k, g(a) = k and the indicator is 1 over the whole range). a = c, a panel edge, where the
-    integrand jumps by p c^(p-1): k CDFs per node and no
-    densities (Xception's and VGG16's pools ~2x faster; the same nodes, a smoother integrand)."""
+    here with a = c, a panel edge, where the integrand jumps by p c^(p-1): k CDFs per node and no densities
+    (Xception's pools 0.39 -> 0.28 s under the profiler; the same nodes, a smoother integrand)."""
     from scipy.special import ndtr
 
     full = bool(ok.all())
@@ -1119,7 +1110,6 @@ def _max_common_grid(g, mu, s, ok, kinks):
     start = np.maximum(start, cut)
     # The fixed panels, in units of `big` around `c`; a row's interval starts at (start - c) / big.
     rel = (start - c) / big
-    ref = c  # by parts: the reference point a
     kinks = np.asarray(kinks, dtype=np.float64)
     for rows, edges in _panels_from(rel, np.asarray(_GRID_PANELS), lambda r: (kinks[None, :] - c[r, None]) / big[r, None]):
         edges = c[rows, None] + big[rows, None] * np.minimum(edges, _GRID_PANELS[-1])
@@ -1134,7 +1124,7 @@ def _max_common_grid(g, mu, s, ok, kinks):
             for i, z in enumerate(zs):
                 f = ndtr(z)
                 cdf_m *= f if full else np.where(ok[rows, i, None], f, 1.0)
-            wt = w * ((x >= ref[rows, None]) - cdf_m)
+            wt = w * ((x >= c[rows, None]) - cdf_m)
             e1[rows] += wt.sum(axis=1)
             e2[rows] += 2.0 * np.einsum("ij,ij->i", wt, x)
             continue
@@ -1161,9 +1151,9 @@ def _max_common_grid(g, mu, s, ok, kinks):
         e1[rows] += np.einsum("ij,ij->i", wd, y)
         e2[rows] += np.einsum("ij,ij->i", wd * y, y)
     if by_parts:
-        g_ref = np.asarray(g(ref), dtype=np.float64)
-        e1 += g_ref
-        e2 += g_ref * g_ref
+        g_c = np.asarray(g(c), dtype=np.float64)
+        e1 += g_c
+        e2 += g_c * g_c
     return e1, e2
 
 
