@@ -871,7 +871,8 @@ def relu_of_sum_expectations(fn, kinks, p_mean, p_var, r_mean, r_var):
     relu(relu(P) + 0.1 R): the sum is far from Gaussian (a point mass at 0 barely moved), and the Gaussian
     rule lost 10-14% of the second moment per block. When fn is the ReLU itself (those blocks, ResNet's
     relu(relu(BN) + shortcut)) and both parts have spread, the whole is closed form
-    (`relu_of_relu_sum_expectations`, a truncated bivariate normal): exact, and ~3x faster.
+    (`relu_of_relu_sum_expectations`, a truncated bivariate normal): exact, and InceptionResNetV2's analytic
+    wrap 2.6-3.0 s -> 2.0 s.
     """
     p_mean, p_var, r_mean, r_var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p_mean, p_var, r_mean, r_var))
     first, inverse = distinct_rows(p_mean, p_var, r_mean, r_var)
