@@ -67,3 +67,30 @@ def test_classifier_head_output_variance_after_the_analytic_wrap():
     y = keras.ops.convert_to_numpy(model.predict(x, batch_size=4096, verbose=0))
     assert predicted.var == pytest.approx(float(np.var(y)), rel=0.05)
     assert predicted.mean == pytest.approx(float(np.mean(y)), rel=0.01, abs=1e-6)
+
+
+def test_per_class_softmax_node_by_node_with_a_latent_scale():
+    """Logits carrying a `shared_part.Given` (a head after squeeze-and-excitation gates): given the latent's node
+    q, class c ~ N(mean[q, c], spread[q, c]) independently, q drawn with the nodes' weights. Against 200 000
+    logit vectors sampled that way (2%); the classes' common shift with q, which a softmax does not see, makes
+    the flat per-class rule (the mixture's per-class moments, classes independent) 45x too high here."""
+    from autoinit_tf.rules.shared_part import Given, scale_nodes
+
+    lam = 1.5
+    w, s = scale_nodes(lam)
+    rng = np.random.default_rng(2)
+    base = rng.normal(0.0, 0.4, 10)
+    mean = base[None, :] * s[:, None] ** 0.5 + 1.5 * np.log(s)[:, None]  # classes shift together with the node
+    spread = 0.03 * s[:, None] * rng.uniform(0.5, 1.5, (1, 10))  # at most ~0.6: where Fenton-Wilkinson holds
+    g = Given(lam, w, s, mean, spread, np.zeros_like(spread), per_example=True)
+    mu, var = g.channel_moments()
+    m = Moments.from_channels(mu, var)
+    m.given = g
+    got = softmax_per_class_moments(m)
+    q = rng.choice(len(w), size=200_000, p=w / w.sum())
+    z = mean[q] + np.sqrt(spread[q]) * rng.standard_normal((q.size, 10))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    assert got.var == pytest.approx(float(p.var()), rel=0.02)
+    flat = softmax_per_class_moments(Moments.from_channels(mu, var))
+    assert flat.var > 5.0 * float(p.var())
