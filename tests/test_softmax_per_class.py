@@ -94,3 +94,13 @@ def test_per_class_softmax_node_by_node_with_a_latent_scale():
     assert got.var == pytest.approx(float(p.var()), rel=0.02)
     flat = softmax_per_class_moments(Moments.from_channels(mu, var))
     assert flat.var > 5.0 * float(p.var())
+
+
+def test_widely_spread_per_class_logits_are_marked_inexact():
+    """The per-class offsets are exact, the Fenton-Wilkinson sums are not for a wide within-class spread: a
+    softmax of logits of within-class variance ~9 marks the layer after it for the default wrap's calibration."""
+    inp = keras.Input((16,))
+    logits = keras.ops.multiply(L.Dense(10, name="logits")(inp), 3.0)
+    model = keras.Model(inp, L.Dense(8, name="proj")(keras.ops.softmax(logits, axis=-1)))
+    _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert "within-class variance" in rep.auto_calibrated.get("proj", "")

@@ -549,6 +549,9 @@ def softmax_layer_rule(ctx):
     if mask is None and len(ctx.args) > 1:
         mask = ctx.args[1]
     if mask is None and last and per_class(ctx.input, size):
+        spread = float(np.mean(ctx.input.ch_var))
+        if spread > 4.0:  # Fenton-Wilkinson's sum, as below
+            ctx.inexact(f"softmax of logits with within-class variance {spread:.3g}")
         return softmax_per_class_moments(ctx.input)
     if ctx.input.var > 4.0:  # see rules.ops.SOFTMAX_EXACT_VARIANCE
         ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")

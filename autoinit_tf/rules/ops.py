@@ -372,6 +372,9 @@ def softmax_op_rule(ctx):
     axis = ctx.op.axis
     last = axis in (-1, len(ctx.node.input_tensors[0].shape) - 1)
     if last and per_class(ctx.input, n):
+        spread = float(np.mean(ctx.input.ch_var))
+        if spread > SOFTMAX_EXACT_VARIANCE:  # the per-class offsets are exact, the Fenton-Wilkinson sums are not
+            ctx.inexact(f"softmax of logits with within-class variance {spread:.3g}")
         return softmax_per_class_moments(ctx.input)
     if ctx.input.var > SOFTMAX_EXACT_VARIANCE:
         ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
