@@ -793,17 +793,16 @@ def bivariate_normal_cdf(x, y, rho):
     s = sqrt(1 - rho^2), beta = 1/2 where x y < 0 or (x y = 0 and x + y < 0), else 0; T(0, a) =
     arctan(a) / (2 pi), so a zero x takes a = +-inf by the sign of y - rho x; and Phi2(0, 0; rho) =
     1/4 + arcsin(rho) / (2 pi) (Owen 1956, "Tables for computing bivariate normal probabilities")."""
-    from scipy.special import ndtr, owens_t
-
     x, y, rho = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (x, y, rho)))
     s = np.sqrt(np.maximum(1.0 - rho * rho, 0.0))
-    return _owen_bvn(x, y, rho, (y - rho * x) / np.where(s > 0, s, 1.0), (x - rho * y) / np.where(s > 0, s, 1.0),
-                     ndtr, owens_t)
+    return _owen_bvn(x, y, rho, (y - rho * x) / np.where(s > 0, s, 1.0), (x - rho * y) / np.where(s > 0, s, 1.0))
 
 
-def _owen_bvn(x, y, rho, ky, kx, ndtr, owens_t):
+def _owen_bvn(x, y, rho, ky, kx):
     """Owen's formula for Phi2(x, y; rho) given ky = (y - rho x) / s and kx = (x - rho y) / s (computed by the
     caller where it has a stabler form)."""
+    from scipy.special import ndtr, owens_t
+
     with np.errstate(divide="ignore", invalid="ignore"):
         ax = np.where(x != 0, ky / x, np.copysign(np.inf, ky))
         ay = np.where(y != 0, kx / y, np.copysign(np.inf, kx))
@@ -830,7 +829,7 @@ def relu_of_relu_sum_expectations(pm, ps, rm, rs):
         E[Z^2 1] = L + h phi(h) Q(k') + rho^2 k phi(k) Q(h') + rho s phi(k) phi(h'),
 
     Z = (Y - mean_Y) / sd_Y, Q the upper tail; then E[Y^k 1] follows from Y = mean_Y + sd_Y Z."""
-    from scipy.special import ndtr, owens_t
+    from scipy.special import ndtr
 
     pm, ps, rm, rs = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (pm, ps, rm, rs)))
     ym = pm + rm
@@ -843,7 +842,7 @@ def relu_of_relu_sum_expectations(pm, ps, rm, rs):
     root = math.sqrt(2.0 * math.pi)
     phi_h, phi_k, phi_hp = (np.exp(-0.5 * v * v) / root for v in (h, k, hp))
     q_kp, q_hp = ndtr(-kp), ndtr(-hp)
-    mass = _owen_bvn(-h, -k, rho, -kp, -hp, ndtr, owens_t)
+    mass = _owen_bvn(-h, -k, rho, -kp, -hp)
     ez1 = phi_h * q_kp + rho * phi_k * q_hp
     ez2 = mass + h * phi_h * q_kp + rho * rho * k * phi_k * q_hp + rho * s * phi_k * phi_hp
     e1 = ym * mass + ys * ez1

@@ -328,6 +328,24 @@ def softmax_moments(m: Moments, size) -> Moments:
     return Moments(mean, max(e2 - mean * mean, 0.0))
 
 
+#: Above this logit variance the log-normal (Fenton-Wilkinson) softmax is a rough estimate, and large
+#: spreads usually come from structure the pooled moments do not carry (attention masks of -100, relative
+#: position biases): the call is marked inexact (calibrate="auto" corrects what follows).
+SOFTMAX_EXACT_VARIANCE = 4.0
+
+
+def mark_wide_logits(ctx, m: Moments, classwise: bool) -> None:
+    """Mark a softmax call inexact where its logits are too spread for the Fenton-Wilkinson sums: the whole
+    variance for i.i.d. logits, the within-class variance where the per-class offsets are carried exactly
+    (`classwise`, `softmax_per_class_moments`)."""
+    if classwise:
+        spread = float(np.mean(m.ch_var))
+        if spread > SOFTMAX_EXACT_VARIANCE:
+            ctx.inexact(f"softmax of logits with within-class variance {spread:.3g}")
+    elif m.var > SOFTMAX_EXACT_VARIANCE:
+        ctx.inexact(f"softmax of logits with variance {m.var:.3g} (masks or biases not modelled)")
+
+
 def per_class(m: Moments, size) -> bool:
     """Whether `m` carries per-class means over a softmax axis of `size` (the last axis) entries, the same for
     every row (no per-position maps, no mask: `Moments.visible`)."""
@@ -339,21 +357,21 @@ def _against_the_rest_per_class(mc, vc):
     """(mean, var) per class c of d_c = z_c - log(sum_{j != c} exp z_j) for independent z_c ~ N(mc[c], vc[c])
     (Fenton-Wilkinson per class, the sums in log space: a dominant class leaves the others' sum as a small
     difference)."""
-    from scipy.special import logsumexp
-
     mc = np.asarray(mc, dtype=np.float64)
     vc = np.maximum(np.asarray(vc, dtype=np.float64), 0.0)
     first = mc + 0.5 * vc  # log e^{m + v/2}
     with np.errstate(divide="ignore"):
         second = 2.0 * mc + vc + np.log(np.expm1(vc))  # log (e^v - 1) e^{2m + v}; -inf where v = 0
-    log_m = _log_sum_but_own(first, logsumexp)
-    log_v = _log_sum_but_own(second, logsumexp)
+    log_m = _log_sum_but_own(first)
+    log_v = _log_sum_but_own(second)
     s2 = np.logaddexp(0.0, log_v - 2.0 * log_m)  # log(1 + V / M^2)
     return mc - (log_m - 0.5 * s2), vc + s2
 
 
-def _log_sum_but_own(terms, logsumexp):
+def _log_sum_but_own(terms):
     """log(sum_{j != c} e^{terms_j}) for every c, from the log of the whole sum."""
+    from scipy.special import logsumexp
+
     total = logsumexp(terms)
     if not np.isfinite(total):
         return np.full(terms.shape, -np.inf)
@@ -548,13 +566,10 @@ def softmax_layer_rule(ctx):
     mask = ctx.kwargs.get("mask") if ctx.kwargs else None
     if mask is None and len(ctx.args) > 1:
         mask = ctx.args[1]
-    if mask is None and last and per_class(ctx.input, size):
-        spread = float(np.mean(ctx.input.ch_var))
-        if spread > 4.0:  # Fenton-Wilkinson's sum, as below
-            ctx.inexact(f"softmax of logits with within-class variance {spread:.3g}")
+    classwise = mask is None and last and per_class(ctx.input, size)
+    mark_wide_logits(ctx, ctx.input, classwise)
+    if classwise:
         return softmax_per_class_moments(ctx.input)
-    if ctx.input.var > 4.0:  # see rules.ops.SOFTMAX_EXACT_VARIANCE
-        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
     size = size or ctx.probe_length
     const = getattr(mask, "const", None) if isinstance(mask, Moments) else None
     if const is not None and last and np.shape(const)[-1] == size:

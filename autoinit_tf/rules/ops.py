@@ -18,8 +18,8 @@ from keras.src.ops import numpy as np_ops
 
 from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, mix
 from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, log_softmax_per_class_moments,
-                                         masked_softmax_moments, numpy_function, per_class, softmax_moments,
-                                         softmax_per_class_moments)
+                                         mark_wide_logits, masked_softmax_moments, numpy_function, per_class,
+                                         softmax_moments, softmax_per_class_moments)
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
 from autoinit_tf.rules.provenance import projection_behind, softmax_behind
@@ -357,12 +357,6 @@ def max_op_rule(ctx):
     return max_of_gaussians(n, ctx.input)
 
 
-#: Above this logit variance the log-normal (Fenton-Wilkinson) softmax is a rough estimate, and large
-#: spreads usually come from structure the pooled moments do not carry (attention masks of -100, relative
-#: position biases): the call is marked inexact (calibrate="auto" corrects what follows).
-SOFTMAX_EXACT_VARIANCE = 4.0
-
-
 @BUILTIN.rule(nn_ops.Softmax)
 def softmax_op_rule(ctx):
     """Softmax of i.i.d. logits; logits with a known additive mask (`Moments.visible`) over each row's
@@ -371,13 +365,10 @@ def softmax_op_rule(ctx):
     n = _reduced_count(ctx, ctx.op.axis)
     axis = ctx.op.axis
     last = axis in (-1, len(ctx.node.input_tensors[0].shape) - 1)
-    if last and per_class(ctx.input, n):
-        spread = float(np.mean(ctx.input.ch_var))
-        if spread > SOFTMAX_EXACT_VARIANCE:  # the per-class offsets are exact, the Fenton-Wilkinson sums are not
-            ctx.inexact(f"softmax of logits with within-class variance {spread:.3g}")
+    classwise = last and per_class(ctx.input, n)
+    mark_wide_logits(ctx, ctx.input, classwise)
+    if classwise:
         return softmax_per_class_moments(ctx.input)
-    if ctx.input.var > SOFTMAX_EXACT_VARIANCE:
-        ctx.inexact(f"softmax of logits with variance {ctx.input.var:.3g} (masks or biases not modelled)")
     visible = getattr(ctx.input, "visible", None)
     if n and visible is not None and last and visible.shape[-1] == n:
         ctx.inexact(MASKED_WEIGHTS)
