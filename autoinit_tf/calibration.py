@@ -204,11 +204,15 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
             batch_size = cap
     replay = None
     values = {} if values is None else values
+    rounds_allowed = MAX_ROUNDS if max_rounds is None else max_rounds
     for _ in range(3):  # the first round, then up to two growths (each grown probe re-estimates the RSE)
         inputs, source = replay_inputs(fn, data, batch_size, seed, input_moments)
         n = int(tree.flatten(inputs)[0].shape[0])
+        # Only the last replay's per-node statistics reach the report: a probe the predicted spread says
+        # more rounds will follow is not recorded (a third to half of a replay's time is the statistics).
+        followed = grow and rounds_allowed >= 2 and _predicted_rse(energy_spread, n) > CALIBRATION_RSE
         replay = SignalReplay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
-                         only=None if only is None else set(only), record=record,
+                         only=None if only is None else set(only), record=record and not followed,
                          prior=None if replay is None else replay.factors, values=values,
                          moving_statistics=moving_statistics, statistics_batch=training_batch_size)
         replay.run(inputs)
@@ -227,16 +231,18 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         batch_size = want
     worst = max(replay.rse.values(), default=0.0)
     rounds = 1
-    if grow and worst > CALIBRATION_RSE and math.isfinite(worst):
+    unrecorded = record and not replay.record  # the prediction said more rounds; the report needs one recorded
+    if unrecorded or (grow and worst > CALIBRATION_RSE and math.isfinite(worst)):
         # The probe is as large as memory allows: accumulate precision over fresh probes instead.
-        wanted = min(MAX_ROUNDS if max_rounds is None else max_rounds, math.ceil((worst / GROWTH_RSE) ** 2))
+        wanted = min(rounds_allowed, math.ceil((worst / GROWTH_RSE) ** 2)) if math.isfinite(worst) else rounds_allowed
+        wanted = max(wanted, 2) if unrecorded else wanted
         first = replay
         base = 0 if seed is None else int(seed)
         for k in range(2, wanted + 1):
             inputs, _ = replay_inputs(fn, data, batch_size, base * 1009 + k, input_moments)
             replay = SignalReplay(fn, training=training, calibrate=True, targets=targets,
                                   signal_variance=signal_variance, only=None if only is None else set(only),
-                                  record=record, prior=replay.factors, values=values,
+                                  record=record and k == wanted, prior=replay.factors, values=values,
                                   moving_statistics=moving_statistics, step=1.0 / k,
                                   statistics_batch=training_batch_size)
             replay.run(inputs)
@@ -248,6 +254,15 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     replay.rounds = rounds
     warn_imprecise(replay, source, grow, limited=max_rounds is not None and max_rounds < MAX_ROUNDS)
     return replay, source
+
+
+def _predicted_rse(energy_spread, n) -> float:
+    """The relative standard error of a variance over `n` examples whose energies have the predicted squared
+    coefficient of variation `energy_spread` (`calibration_replay`): sqrt(spread / n); 0 where none is
+    predicted."""
+    if not energy_spread or energy_spread <= 0.0 or not n:
+        return 0.0
+    return math.sqrt(energy_spread / n)
 
 
 def _whole_batches(n, training_batch_size):

@@ -541,6 +541,64 @@ def test_a_predicted_energy_spread_past_the_memory_bound_starts_the_probe_there(
     assert len(sizes) == (1 if first == 2048 else 2)
 
 
+def _replay_records(monkeypatch):
+    """(probe size, whether it records per-node statistics) of every calibration replay that runs."""
+    from autoinit_tf import signal_replay
+
+    runs, run = [], signal_replay.SignalReplay.run
+
+    def recording(self, inputs):
+        runs.append((int(keras.tree.flatten(inputs)[0].shape[0]), self.record))
+        return run(self, inputs)
+
+    monkeypatch.setattr(signal_replay.SignalReplay, "run", recording)
+    return runs
+
+
+@pytest.mark.core
+def test_only_the_last_calibration_probe_records_its_statistics(monkeypatch):
+    """Only the last replay's per-node statistics reach the report: where the predicted spread says more
+    probes will follow, the earlier ones record nothing. Recording changes no calibrated value, and the
+    report's rows are those of the last probe (every node, measured)."""
+    keras.utils.set_random_seed(0)
+    model = _cubic_model()
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)
+    monkeypatch.setattr(calibration, "MAX_ROUNDS", 3)
+    runs = _replay_records(monkeypatch)
+    got = {}
+    for record in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            got[record], _ = calibration.calibration_replay(model, "probe", only=None, record=record, seed=0,
+                                                            energy_spread=100.0)
+    recorded, plain = runs[:len(runs) // 2], runs[len(runs) // 2:]
+    assert recorded == [(2048, False), (2048, False), (2048, True)]  # sqrt(100 / 2048) > CALIBRATION_RSE
+    assert plain == [(2048, False)] * 3
+    assert got[True].factors == got[False].factors and got[True].rse == got[False].rse
+    rows = got[True].rows
+    assert [r.name for r in rows if r.weighted] == ["d1", "d2"] and len(rows) > 2
+    assert all(r.outputs and math.isfinite(r.outputs[0].var) for r in rows)
+
+
+@pytest.mark.core
+def test_a_probe_predicted_to_be_followed_but_precise_enough_gets_one_recorded_round(monkeypatch):
+    """A predicted spread that the first probe proves wrong (a linear model: its variances are known to far
+    better than `CALIBRATION_RSE`) leaves that probe unrecorded; one more round, recorded, gives the report
+    its rows (and refines the factors)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,))
+    model = keras.Model(inp, keras.layers.Dense(8, name="d2")(keras.layers.Dense(16, name="d1")(inp)))
+    monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)
+    runs = _replay_records(monkeypatch)
+    replay, _ = calibration.calibration_replay(model, "probe", only=None, record=True, seed=0, energy_spread=100.0)
+    assert [r for _, r in runs] == [False, True] and replay.rounds == 2
+    assert [r.name for r in replay.rows if r.weighted] == ["d1", "d2"]
+    # without a prediction every probe records, as before (whether another follows is known only after it)
+    runs.clear()
+    replay, _ = calibration.calibration_replay(model, "probe", only=None, record=True, seed=0)
+    assert runs and all(r for _, r in runs) and replay.rounds == 1
+
+
 @pytest.mark.core
 def test_the_default_wrap_of_a_gated_network_starts_its_probe_at_the_memory_bound(monkeypatch):
     """After a squeeze-and-excitation gate every example has its own scale (`Moments.scale` > 0): wrap's default
