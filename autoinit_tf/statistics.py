@@ -115,8 +115,9 @@ def finite_moments(mean, var):
 
 
 def example_moments(u):
-    """Per-example mean and mean square of `u` over all its non-batch axes (float64 numpy vectors),
-    reduced in batch slices of at most ~2**20 elements, so no full-size temporary is made."""
+    """Per-example mean and mean square of `u` over all its non-batch axes (float64 numpy vectors), with no
+    full-size temporary: small tensors in numpy, float32/64 ones by a mean and a batched dot product, others
+    in batch slices of at most ~2**20 elements."""
     n = int(u.shape[0])
     per = 1
     for d in u.shape[1:]:
@@ -125,7 +126,14 @@ def example_moments(u):
     if not axes or n * per <= _NUMPY_MAX:  # small: one host copy, reduced in numpy (fewer dispatches)
         a = host_array(u).reshape(n, -1)
         return a.mean(axis=1, dtype=np.float64), np.mean(np.square(a, dtype=np.float64), axis=1)
-    step = max(1, _NUMPY_MAX // max(per, 1))
+    if str(u.dtype) in ("float32", "float64"):
+        # One reduction each, no temporary: the mean square per example is a batched dot product of each
+        # example's row with itself (a batched matrix product on every backend).
+        rows = ops.reshape(u, (n, per))
+        both = ops.stack([ops.mean(rows, axis=1), ops.einsum("ij,ij->i", rows, rows) / per])
+        both = np.asarray(ops.convert_to_numpy(both), dtype=np.float64)
+        return both[0], both[1]
+    step = max(1, _NUMPY_MAX // max(per, 1))  # half precision: squares in slices, reduced in their own dtype
     m1, m2 = [], []
     for i in range(0, n, step):
         part = u[i:i + step]

@@ -406,6 +406,19 @@ def test_relative_standard_error_predicts_the_spread_of_variance_estimates():
     np.testing.assert_allclose(m2, np.mean(x[0] ** 2, axis=1), rtol=1e-5)
 
 
+@pytest.mark.core
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_per_example_moments_of_large_tensors_match_numpy(dtype, rtol):
+    """Past the numpy size (2**20 elements): float32 by a mean and a batched dot product, half precision in
+    batch slices; both against float64 numpy."""
+    rng = np.random.default_rng(1)
+    x = (np.exp(0.5 * rng.standard_normal((40, 1, 1, 1))) * rng.standard_normal((40, 64, 64, 16)) + 0.2)
+    m1, m2 = statistics.example_moments(keras.ops.convert_to_tensor(x.astype(dtype)))
+    flat = x.astype(dtype).astype(np.float64).reshape(40, -1)
+    np.testing.assert_allclose(m1, flat.mean(axis=1), rtol=rtol, atol=rtol * 1e-1)
+    np.testing.assert_allclose(m2, np.mean(flat ** 2, axis=1), rtol=rtol)
+
+
 def _cubic_model():
     # d1 -> cube -> d2: d2's input is heavy-tailed, so a 1024-example probe knows its variance to ~7%.
     inp = keras.Input((16,))
