@@ -214,7 +214,8 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         replay = SignalReplay(fn, training=training, calibrate=True, targets=targets, signal_variance=signal_variance,
                          only=None if only is None else set(only), record=record and not followed,
                          prior=None if replay is None else replay.factors, values=values,
-                         moving_statistics=moving_statistics, statistics_batch=training_batch_size)
+                         moving_statistics=moving_statistics, statistics_batch=training_batch_size,
+                         rng_seed=_round_seed(seed, 1))
         replay.run(inputs)
         replay.batch = n
         del inputs
@@ -244,7 +245,7 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
                                   signal_variance=signal_variance, only=None if only is None else set(only),
                                   record=record and k == wanted, prior=replay.factors, values=values,
                                   moving_statistics=moving_statistics, step=1.0 / k,
-                                  statistics_batch=training_batch_size)
+                                  statistics_batch=training_batch_size, rng_seed=_round_seed(seed, k))
             replay.run(inputs)
             del inputs
             rounds = k
@@ -254,6 +255,12 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
     replay.rounds = rounds
     warn_imprecise(replay, source, grow, limited=max_rounds is not None and max_rounds < MAX_ROUNDS)
     return replay, source
+
+
+def _round_seed(seed, k) -> int:
+    """The seed of round `k`'s random layers (dropout masks): fixed by wrap's seed (None counts as 0), another
+    for each round, as the probes are."""
+    return (0 if seed is None else int(seed)) * 1009 + k
 
 
 def _predicted_rse(energy_spread, n) -> float:

@@ -62,7 +62,7 @@ def measure(model, x=None, *, training=True, batch_size=256, seed=None, input_mo
     register_builtin_rules()
     fn = graph.as_functional(model)
     inputs, _ = replay_inputs(fn, x, batch_size, seed, input_moments)
-    replay = SignalReplay(fn, training=training)
+    replay = SignalReplay(fn, training=training, rng_seed=0 if seed is None else int(seed))
     replay.run(inputs)
     return SignalReport(model.name, replay.rows, assigned=[], source="measured")
 

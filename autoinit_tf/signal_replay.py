@@ -168,8 +168,13 @@ class SignalReplay:
 
     def __init__(self, fn, *, training, calibrate=False, targets=None, signal_variance=1.0, only=None,
                  record=True, prior=None, values=None, moving_statistics=False, step=1.0,
-                 statistics_batch=None):
+                 statistics_batch=None, rng_seed=0):
         self.fn = fn
+        # Dropout and other random layers draw from their seed generators' states, which a replay hands in
+        # (and never advances): those states are Keras' per-process defaults unless the user seeded Keras, so
+        # they are replaced by states derived from `rng_seed` (`seed_states`), never assigned: the same
+        # masks in every process for the same seed. None: the layers' own states.
+        self.rng_states = {} if rng_seed is None else seed_states(fn, rng_seed)
         # Layers that normalize by batch statistics (the registry's ``mixes_examples``, BatchNormalization)
         # run in training mode on consecutive chunks of this many examples, as training will run them: with
         # heavy-tailed per-example energies (squeeze-and-excitation gates) what a layer downstream of them
@@ -263,7 +268,7 @@ class SignalReplay:
                 if self._in_chunks(op, args):
                     outs = self._chunked_call(op, args, kwargs, moments)
                 else:
-                    outs = call_with(op, args, kwargs, self.training, self.values)
+                    outs = call_with(op, args, kwargs, self.training, self._overrides())
             if act is not None:
                 pre_stats = tensor_stats(outs) if record else None
                 outs = act(outs)
@@ -321,7 +326,7 @@ class SignalReplay:
         outs = []
         for a, b in self._chunks(n):
             outs.append(call_with(op, (args[0][a:b],) + tuple(cut(v, a, b) for v in args[1:]),
-                                  {k: cut(v, a, b) for k, v in kwargs.items()}, self.training, self.values))
+                                  {k: cut(v, a, b) for k, v in kwargs.items()}, self.training, self._overrides()))
         if isinstance(outs[0], (list, tuple)):
             return type(outs[0])(ops.concatenate([o[i] for o in outs], axis=0) for i in range(len(outs[0])))
         return ops.concatenate(outs, axis=0)
@@ -339,8 +344,8 @@ class SignalReplay:
         if not moments:
             return xs, None, None
         axes = tuple(i + 1 for i in range(rank) if i != axis)
-        mean = ops.mean(xs, axis=axes, keepdims=True)
-        return xs, mean, ops.mean(ops.square(xs - mean), axis=axes, keepdims=True)
+        mean, var = ops.moments(xs, axes, keepdims=True)  # mean of squared differences, one fused pass for them
+        return xs, mean, var
 
     def _chunked_batch_norm(self, op, x, moments=None):
         """Keras' BatchNormalization in training mode with each chunk's own statistics, all full chunks in one
@@ -368,7 +373,7 @@ class SignalReplay:
             parts.append(ops.cast(ops.reshape(y, (int(xs.shape[0]) * int(xs.shape[1]),) + tuple(x.shape[1:])), dtype))
         full = 0 if xs is None else int(xs.shape[0]) * int(xs.shape[1])
         if full < n:
-            parts.append(call_with(op, (x[full:],), {}, self.training, self.values))
+            parts.append(call_with(op, (x[full:],), {}, self.training, self._overrides()))
         return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
 
     def _measure_moving_statistics(self, op, args, kwargs):
@@ -386,11 +391,9 @@ class SignalReplay:
         rank = len(x.shape)
         axis = int(axis if not isinstance(axis, (list, tuple)) else axis[-1]) % rank
         axes = tuple(i for i in range(rank) if i != axis)
-        shape = [-1 if i == axis else 1 for i in range(rank)]
 
         def whole(t):
-            m = ops.mean(t, axis=axes)
-            return m, ops.mean(ops.square(t - ops.reshape(m, shape)), axis=axes)
+            return ops.moments(t, axes)
 
         chunked = None
         if self._in_chunks(op, (x,)) and axis != 0:
@@ -417,8 +420,11 @@ class SignalReplay:
     def _set(self, variable, value):
         self.values[id(variable)] = value
 
-    def _overrides(self, extra):
-        return {**self.values, **extra}
+    def _overrides(self, extra=None):
+        """What the layers compute with: the values the replay stands for, the seed states, `extra`."""
+        if not self.rng_states and not extra:
+            return self.values
+        return {**self.values, **self.rng_states, **(extra or {})}
 
     def _wants(self, op, name):
         if id(op) in self.calibrated_ops:
@@ -472,7 +478,7 @@ class SignalReplay:
                 factors.extend(float(v) for v in s)
         else:
             problems.append("no sequence input found")
-        outs = call_with(op, args, kwargs, self.training, self.values)
+        outs = call_with(op, args, kwargs, self.training, self._overrides())
         pre_stats = tensor_stats(gate_inputs(x, cells, self.value)) if (self.record and x is not None) else None
         if factors:
             self.factors[name] = combine_factors(self.prior.get(name), tuple(factors))
@@ -500,7 +506,7 @@ class SignalReplay:
                 c = tree.flatten(call_with(op, first_args, first_kwargs, self.training,
                                        self._overrides({id(kernel): ops.zeros_like(kernel.value)})))[0]
             else:
-                full = call_with(op, args, kwargs, self.training, self.values)
+                full = call_with(op, args, kwargs, self.training, self._overrides())
                 if has_bias:
                     # A registered custom layer: its constant part may depend on the input, so split
                     # y = u + c with a second full call at zero kernel.
@@ -540,6 +546,20 @@ class SignalReplay:
         del pre
         outs = tree.pack_sequence_as(struct, [out0] + rest) if struct is not None else out0
         return outs, pre_stats, note
+
+
+def seed_states(fn, seed) -> dict:
+    """``id(state variable) -> state`` for every seed generator of `fn`'s layers (Keras' ``SeedGenerator``:
+    a ``seed_generator_state`` variable holding ``[seed, counter]``): each its own seed, derived from
+    `seed` and its place in the model's variables."""
+    out = {}
+    k = 0
+    for v in fn.non_trainable_variables:
+        if v.path.rsplit("/", 1)[-1].startswith("seed_generator_state") and tuple(v.shape) == (2,):
+            derived = (int(seed) * 1_000_003 + 7919 * k + 1) % 2_147_483_629
+            out[id(v)] = np.array([derived, 0]).astype(numpy_dtype(v))
+            k += 1
+    return out
 
 
 def per_example_elements(kt) -> int:

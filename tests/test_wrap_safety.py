@@ -63,6 +63,31 @@ def test_failure_in_the_middle_of_the_calibration_replay_changes_nothing(monkeyp
     _assert_unchanged(model, before)
 
 
+def _dropout_model(dropout_seed):
+    keras.utils.set_random_seed(0)  # the same weights for every call; the dropout seed is the layer's own
+    inp = keras.Input((64,))
+    h = keras.layers.Dense(64, activation="relu", name="d1")(inp)
+    h = keras.layers.Dropout(0.5, seed=dropout_seed)(h)
+    return keras.Model(inp, keras.layers.Dense(4, name="head")(h))
+
+
+def test_calibration_masks_follow_wraps_seed_not_the_dropout_layers_state():
+    """The calibration replay runs in training mode, so dropout draws masks from the seed generator states it
+    hands the layers. Those are replaced by states derived from wrap's seed: the head's calibrated kernel is
+    the same whatever the dropout layer's own seed (Keras' per-process default without one), different for
+    another wrap seed, and the layer's seed state is never assigned."""
+    kernels = {}
+    for dropout_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        model = _dropout_model(dropout_seed)
+        state = next(v for v in model.non_trainable_variables if "seed_generator_state" in v.path)
+        before = np.array(state.numpy())
+        autoinit_tf.wrap(model, seed=seed, calibrate="probe")
+        np.testing.assert_array_equal(state.numpy(), before)
+        kernels[dropout_seed, seed] = model.get_layer("head").kernel.numpy()
+    np.testing.assert_array_equal(kernels[1, 0], kernels[2, 0])
+    assert not np.array_equal(kernels[1, 0], kernels[1, 5])
+
+
 def test_calibrated_wrap_still_hits_the_target():
     model = _eight_inputs()
     autoinit_tf.wrap(model, calibrate="probe", seed=0)
