@@ -82,7 +82,9 @@ def wrap(
             to compute the input moments from instead.
         signal_variance: the target variance of every weighted layer's pre-activation output.
         distribution: ``truncated_normal`` | ``untruncated_normal`` | ``uniform`` | ``orthogonal``.
-        seed: an int makes the weights depend only on the seed and each layer's place in the graph.
+        seed: an int makes the weights depend only on the seed and each layer's place in the graph (the
+            calibration's probes and the masks of dropout and other random layers in its replay too, whatever
+            seed those layers were given: the same weights in every process).
         strict: raise `UnsupportedLayerError` for a layer without a rule instead of warning.
         rules: ``{LayerClass: rule}`` overriding the registry for this call.
         include_frozen: also re-initialize layers with ``trainable=False``.

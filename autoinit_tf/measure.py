@@ -49,7 +49,8 @@ def measure(model, x=None, *, training=True, batch_size=256, seed=None, input_mo
         training: run layers in training mode (BatchNormalization uses batch statistics, Dropout is
             active with a fixed, throw-away RNG state).
         batch_size: the probe's batch size; `x` is cut to this many examples.
-        seed: the probe's seed (None means 0: the probe is deterministic).
+        seed: the probe's seed, and of the masks of dropout and other random layers in training mode
+            (None means 0: the measurement is deterministic; the layers' own seed states are not advanced).
         input_moments: ``(mean, var)`` of the probe (per input or for all). Default: what the model's
             preprocessing declares (`declared.input_moments`), else ``(0, 1)``.
 
