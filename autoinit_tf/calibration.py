@@ -238,9 +238,8 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
         wanted = min(rounds_allowed, math.ceil((worst / GROWTH_RSE) ** 2)) if math.isfinite(worst) else rounds_allowed
         wanted = max(wanted, 2) if unrecorded else wanted
         first = replay
-        base = 0 if seed is None else int(seed)
         for k in range(2, wanted + 1):
-            inputs, _ = replay_inputs(fn, data, batch_size, base * 1009 + k, input_moments)
+            inputs, _ = replay_inputs(fn, data, batch_size, _round_seed(seed, k), input_moments)
             replay = SignalReplay(fn, training=training, calibrate=True, targets=targets,
                                   signal_variance=signal_variance, only=None if only is None else set(only),
                                   record=record and k == wanted, prior=replay.factors, values=values,
@@ -258,8 +257,8 @@ def calibration_replay(model, data, *, only, record, input_moments=None, seed=No
 
 
 def _round_seed(seed, k) -> int:
-    """The seed of round `k`'s random layers (dropout masks): fixed by wrap's seed (None counts as 0), another
-    for each round, as the probes are."""
+    """The seed of round `k` (k >= 2: its probe; every round: its random layers' masks), fixed by wrap's seed
+    (None counts as 0), another for each round."""
     return (0 if seed is None else int(seed)) * 1009 + k
 
 

@@ -22,6 +22,7 @@ What calibration rescales in a layer is the ``kernel`` field of its record in th
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 
 import keras
 import numpy as np
@@ -190,6 +191,8 @@ class SignalReplay:
         # arrays, then the calibrated kernels): calibration writes here and never assigns, so a
         # failure anywhere leaves every variable as it was.
         self.values = {} if values is None else values
+        # what the layers compute with: the values above (updated as kernels are calibrated), then the seed states
+        self.computed = ChainMap(self.values, self.rng_states)
         self.training = training
         self.calibrate = calibrate
         self.targets = targets or {}
@@ -421,10 +424,8 @@ class SignalReplay:
         self.values[id(variable)] = value
 
     def _overrides(self, extra=None):
-        """What the layers compute with: the values the replay stands for, the seed states, `extra`."""
-        if not self.rng_states and not extra:
-            return self.values
-        return {**self.values, **self.rng_states, **(extra or {})}
+        """What the layers compute with (`computed`), `extra` first."""
+        return self.computed.new_child(extra) if extra else self.computed
 
     def _wants(self, op, name):
         if id(op) in self.calibrated_ops:
