@@ -33,6 +33,7 @@ def _sampled_attention(x, wq, wk, wv, keep=1.0):
 
 
 @pytest.mark.parametrize("tokens, width, heads", [(36, 32, 2), (64, 64, 2), (16, 32, 4)])
+@pytest.mark.backend_free
 def test_coupling_against_sampled_gaussian_tokens(tokens, width, heads):
     rng = np.random.default_rng(0)
     d = width // heads
@@ -51,6 +52,7 @@ def test_coupling_against_sampled_gaussian_tokens(tokens, width, heads):
 
 
 @pytest.mark.parametrize("tokens, width, heads", [(36, 32, 2), (64, 64, 2)])
+@pytest.mark.backend_free
 def test_coupling_under_attention_dropout_against_sampled_gaussian_tokens(tokens, width, heads):
     """Dropout on the weights (keep k = 0.5) divides the diagonal of S^2 by k: E[S^2] gains
     (1 / k - 1) E[sum_j a_j^2 (l_j - m)^2]. The coupling's growth from k = 1 to 0.5 against the sampled one

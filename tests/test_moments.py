@@ -119,6 +119,7 @@ def test_user_activation_without_kinks_is_still_accurate():
 
 
 @pytest.mark.parametrize("k", [2, 4, 9, 25])
+@pytest.mark.backend_free
 def test_max_of_gaussians_against_quadrature(k):
     m = Moments(0.7, 2.0)
     s = math.sqrt(2.0)
@@ -131,6 +132,7 @@ def test_max_of_gaussians_against_quadrature(k):
 
 
 @pytest.mark.parametrize("k,mean,var", [(2, 0.0, 1.0), (10, 0.3, 0.5), (100, 0.0, 2.0), (1000, 0.0, 1.0)])
+@pytest.mark.backend_free
 def test_softmax_moments_against_monte_carlo(k, mean, var):
     rng = np.random.default_rng(0)
     x = rng.normal(mean, math.sqrt(var), size=(max(200_000 // k, 400), k))
@@ -142,6 +144,7 @@ def test_softmax_moments_against_monte_carlo(k, mean, var):
     assert got.var == pytest.approx(p.var(), rel=0.03, abs=se)
 
 
+@pytest.mark.backend_free
 def test_softmax_two_classes_is_exact_sigmoid():
     got = softmax_moments(Moments(0.2, 1.5), 2)
     ref = quad_moments(lambda d: 1.0 / (1.0 + math.exp(-d)), 0.0, 3.0)
@@ -159,6 +162,7 @@ def test_between_channel_part_matches_two_level_monte_carlo():
     assert got.between == pytest.approx(y.mean(axis=0).var(), rel=0.05)
 
 
+@pytest.mark.backend_free
 def test_mix_keeps_component_offsets():
     m = mix([(1.0, Moments(0.0, 1.0)), (3.0, Moments(2.0, 1.0))])
     assert m.mean == pytest.approx(1.5)
@@ -166,17 +170,20 @@ def test_mix_keeps_component_offsets():
     assert m.between == pytest.approx(0.75)
 
 
+@pytest.mark.backend_free
 def test_quantiles_match_reference_values():
     q = standard_normal_quantiles(256)
     assert q.mean() == pytest.approx(0.0, abs=1e-12)
     assert q.var() == pytest.approx(0.995, abs=1e-3)
 
 
+@pytest.mark.backend_free
 def test_moments_rejects_negative_variance():
     with pytest.raises(ValueError):
         Moments(0.0, -1.0)
 
 
+@pytest.mark.backend_free
 def test_relu_channel_closed_form_matches_quadrature():
     from autoinit_tf.rules.activation import relu_channel_moments
 
@@ -187,6 +194,7 @@ def test_relu_channel_closed_form_matches_quadrature():
     np.testing.assert_allclose(closed.ch_var, quad.ch_var, atol=1e-12)
 
 
+@pytest.mark.backend_free
 def test_relu_element_maps_closed_form_matches_quadrature():
     from autoinit_tf.rules.activation import relu_channel_moments
 
@@ -204,6 +212,7 @@ def test_relu_element_maps_closed_form_matches_quadrature():
 
 @pytest.mark.parametrize("case", [(0.0, 1.0, 0.0, 0.01), (0.3, 0.5, -0.2, 0.04), (-1.0, 2.0, 0.5, 1.0),
                                   (0.5, 1.0, 0.1, 0.0), (1.0, 0.0, 0.0, 0.3)])
+@pytest.mark.backend_free
 def test_relu_of_an_activation_plus_a_gaussian_against_scipy(case):
     from autoinit_tf.moments import relu_of_sum_expectations
 
@@ -227,6 +236,7 @@ def test_relu_of_an_activation_plus_a_gaussian_against_scipy(case):
     assert e2[0] == pytest.approx(ref(2), rel=1e-3)
 
 
+@pytest.mark.backend_free
 def test_bivariate_normal_cdf_against_scipy():
     """Owen's T form of Phi2 against scipy's multivariate normal CDF, zeros and signs of both arguments."""
     from autoinit_tf.moments import bivariate_normal_cdf
@@ -244,6 +254,7 @@ def test_bivariate_normal_cdf_against_scipy():
 @pytest.mark.parametrize("case", [(0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 0.01), (0.3, 1.44, -0.5, 0.01),
                                   (-1.0, 0.25, 2.0, 9.0), (1.5, 0.09, 0.0, 0.49), (-3.0, 1.0, -2.0, 0.04),
                                   (2.0, 1.0, -8.0, 1e-6), (0.0063, 263.4, -6.658, 1.95e-5)])
+@pytest.mark.backend_free
 def test_relu_of_relu_plus_a_gaussian_closed_form_against_a_double_integral(case):
     """relu(relu(P) + R) in closed form (a truncated bivariate normal) against scipy's 2-D quadrature of
     the integrand over (P, R), to 1e-8 relative: zero means (Phi2(0, 0)), narrow R (rho near 1), tails. The
@@ -283,6 +294,7 @@ PIECEWISE = {
 }
 
 
+@pytest.mark.backend_free
 def test_flat_below_first_kink():
     from autoinit_tf.moments import flat_below_first_kink
 
@@ -298,6 +310,7 @@ def test_flat_below_first_kink():
 @pytest.mark.parametrize("name", sorted(PIECEWISE))
 @pytest.mark.parametrize("case", [(0.0, 1.0, 0.0, 0.01), (0.3, 0.5, -0.2, 0.04), (-1.0, 2.0, 0.5, 1.0),
                                   (4.0, 9.0, -1.0, 0.25), (-3.0, 1.0, 0.2, 0.1)])
+@pytest.mark.backend_free
 def test_activation_plus_a_gaussian_then_relu_for_other_activations(name, case):
     """relu(fn(P) + R) for activations flat below their first kink (closed-form part, nonzero constant,
     second kink) and never flat (whole line), against scipy quad of the truncated-normal moments.
@@ -328,6 +341,7 @@ def test_activation_plus_a_gaussian_then_relu_for_other_activations(name, case):
 
 @pytest.mark.parametrize("name", sorted(PIECEWISE))
 @pytest.mark.parametrize("case", [5, 6, 7])
+@pytest.mark.backend_free
 def test_max_on_the_common_grid_for_other_activations(name, case):
     """The common-grid max (coarse windows with spreads within 2x) of g(max) for g flat below a kink
     (closed-form part v^p F_M(k)) or not, against scipy quad of the density of the max."""
@@ -341,6 +355,7 @@ def test_max_on_the_common_grid_for_other_activations(name, case):
     assert e1[1] == e1[0]
 
 
+@pytest.mark.backend_free
 def test_relu_matched_pre_reproduces_the_moments():
     from autoinit_tf.rules.activation import relu_channel_moments, relu_matched_pre
 
@@ -351,6 +366,7 @@ def test_relu_matched_pre_reproduces_the_moments():
     np.testing.assert_allclose(back.ch_second, target.ch_second, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.backend_free
 def test_distinct_rows_groups_rows_equal_to_float32_rounding():
     from autoinit_tf.moments import distinct_rows
 
@@ -431,6 +447,7 @@ def test_max_of_independent_gaussians_against_scipy_quad(fn_name, case):
         assert e2[0] == pytest.approx(r2, rel=tol, abs=tol)
 
 
+@pytest.mark.backend_free
 def test_max_of_independent_gaussians_monte_carlo_and_masks():
     rng = np.random.default_rng(0)
     mu = np.array([[0.5, -0.3, 1.2], [0.0, 0.0, 0.0]])
@@ -586,6 +603,7 @@ def test_builtin_activations_are_evaluated_by_checked_numpy_twins():
 
 
 @pytest.mark.parametrize("name", ["identity", "relu", "floor"])
+@pytest.mark.backend_free
 def test_max_on_the_common_grid_by_parts_with_masks_and_far_means(name):
     """The common grid integrates g(M) for g the identity or max(x, k) by parts against the CDF of M alone.
     Against the per-entry path (a different quadrature, 1e-7): windows with excluded entries, means far

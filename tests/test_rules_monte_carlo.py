@@ -451,6 +451,7 @@ def test_shared_part_of_a_per_example_gate_survives_global_pooling():
     assert pre_pool.var / 36 < 0.5 * y.var()
 
 
+@pytest.mark.backend_free
 def test_shared_part_rules_against_numpy():
     """Gate, linear (taps sharing S), depthwise, BatchNorm, activation and pooling formulas of
     `rules.shared_part` against direct NumPy / Monte Carlo computations of the same quantities."""
@@ -536,6 +537,7 @@ def test_strided_separable_conv_on_a_small_padded_map_reads_its_positions():
     assert y.var() == pytest.approx(pred.var, rel=0.05)
 
 
+@pytest.mark.backend_free
 def test_separable_output_equals_the_composed_kernel():
     """`separable_output` (two (taps x C) @ (C x K) products) against `linear_output` on the composed kernel
     W[t, c, k] = D[t, c] P[c, k], with padding's position classes, per-channel input moments and a bias."""

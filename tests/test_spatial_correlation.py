@@ -33,6 +33,7 @@ def _mehler(coef, var, rho):
     return float(np.sum(coef ** 2 * rho ** n) + (var - np.sum(coef ** 2)) * rho ** (coef.size + 1))
 
 
+@pytest.mark.backend_free
 def test_mehler_coefficients_give_the_arc_cosine_kernel_of_relu():
     coef, var = hermite_coefficients(lambda x: np.maximum(x, 0.0), [0.0], [1.0], (0.0,), 8)
     for rho in (-0.6, 0.2, 0.5, 0.9):
@@ -41,6 +42,7 @@ def test_mehler_coefficients_give_the_arc_cosine_kernel_of_relu():
 
 
 @pytest.mark.parametrize("f", [np.tanh, lambda x: x / (1 + np.exp(-x))], ids=["tanh", "swish"])
+@pytest.mark.backend_free
 def test_mehler_coefficients_of_smooth_activations_against_bivariate_quadrature(f):
     mean, var = 0.3, 1.7
     coef, v = hermite_coefficients(f, [mean], [var], (), 8)
@@ -49,6 +51,7 @@ def test_mehler_coefficients_of_smooth_activations_against_bivariate_quadrature(
                                                             rel=2e-3, abs=1e-6)
 
 
+@pytest.mark.backend_free
 def test_max_of_overlapping_windows_against_sampling():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300_000, 3, 5))
@@ -150,6 +153,7 @@ def test_conv_after_an_average_pool_branch_is_on_target_after_wrap():
 
 @pytest.mark.parametrize("kernel,strides,dilation", [((3, 3), (1, 1), (1, 1)), ((5, 5), (2, 2), (1, 1)),
                                                      ((3, 3), (1, 1), (2, 2)), ((3, 5), (1, 2), (1, 1))])
+@pytest.mark.backend_free
 def test_depthwise_correlation_against_the_sum_over_tap_pairs(kernel, strides, dilation):
     """cov_out(d) = sum_{t, t'} W_t W_t' cov_in(s d + dilation (t' - t)), summed pair by pair here."""
     from autoinit_tf.moments import Moments
@@ -185,6 +189,7 @@ def test_depthwise_correlation_against_the_sum_over_tap_pairs(kernel, strides, d
 
 
 @pytest.mark.parametrize("name", ["relu", "relu6", "leaky_relu", "hard_sigmoid", "hard_shrink"])
+@pytest.mark.backend_free
 def test_closed_form_hermite_coefficients_of_piecewise_linear_activations(name):
     from autoinit_tf.moments import hermite_coefficients_exact, piecewise_linear_hermite
     from autoinit_tf.rules.activation import PIECEWISE_POLYNOMIAL
