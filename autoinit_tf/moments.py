@@ -32,6 +32,7 @@ __all__ = [
     "relu_of_sum_expectations",
     "distinct_rows",
     "hermite_coefficients",
+    "centred_square_hermite",
     "piecewise_linear_hermite",
     "mix",
     "standard_normal_quantiles",
@@ -539,6 +540,31 @@ def hermite_coefficients_exact(fn, means, variances, kinks=(), order=8):
         coef[:, n - 1] = np.sum(w * y * h, axis=(1, 2)) / math.sqrt(factorial)
         h_prev, h = h, z * h - n * h_prev
     return coef, var
+
+
+def centred_square_hermite(fn, means, variances, kinks=(), order=8):
+    """(coef, var_g, var_f) for g_c = (fn(X_c) - mu_c)^2, X_c ~ N(means[c], variances[c]), mu_c = E fn(X_c):
+    g's normalised Hermite coefficients (C, order) on the channel's Gaussian (as `hermite_coefficients`),
+    Var g_c and Var fn(X_c), from one evaluation of fn at the coarse nodes (~1e-6); channels with the same
+    (mean, variance) integrated once (BatchNormalization makes most channels alike)."""
+    means = np.asarray(means, dtype=np.float64).reshape(-1)
+    variances = np.maximum(np.asarray(variances, dtype=np.float64).reshape(-1), 0.0)
+    pairs, inverse = np.unique(np.stack([means, variances], axis=1), axis=0, return_inverse=True)
+    m, s, z, w = _channel_nodes(pairs[:, 0], pairs[:, 1], kinks, coarse=True)
+    y = np.asarray(fn((m[:, None, None] + s[:, None, None] * z).reshape(-1)), dtype=np.float64).reshape(z.shape)
+    mu = np.sum(w * y, axis=(1, 2))
+    g = (y - mu[:, None, None]) ** 2
+    var_f = np.sum(w * g, axis=(1, 2))
+    var_g = np.maximum(np.sum(w * g * g, axis=(1, 2)) - var_f * var_f, 0.0)
+    coef = np.empty((pairs.shape[0], order))
+    h_prev, h = np.ones_like(z), z
+    factorial = 1.0
+    for n in range(1, order + 1):
+        factorial *= n
+        coef[:, n - 1] = np.sum(w * g * h, axis=(1, 2)) / math.sqrt(factorial)
+        h_prev, h = h, z * h - n * h_prev
+    inverse = inverse.reshape(-1)
+    return coef[inverse], var_g[inverse], var_f[inverse]
 
 
 #: Above this many distinct (mean, variance) pairs, `many_expectations` interpolates a smooth activation's

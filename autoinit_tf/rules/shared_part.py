@@ -41,7 +41,10 @@ normalized to E[S] = 1):
                     activation's offsets part
     activation f:   an example at node q has channel c ~ N(m_c + u, W_c S_q), u ~ N(0, S_c): the shared part
                     is the variance over (q, u) of E_v f, and lam_out = Var_q(log sum_c Var_v f) (the
-                    activation's elasticity: 1.3-1.6x per hard swish on MobileNetV3Small)
+                    activation's elasticity: 1.3-1.6x per hard swish on MobileNetV3Small); on element maps
+                    with correlated positions, plus its own sampling: the spread of an example's energy of
+                    f(y) over its entries less the Gaussian y's the linear layer added
+                    (`rules.spatial_correlation.activation_sampling_variance`: 2.2x a Gaussian's for a ReLU)
     add:            the log-scales are one latent xi: lam = Var_xi(log sum_i E_i e^(sqrt(lam_i) xi)) (E_i the
                     inputs' within-energies; measured 0.196, first order 0.198); an input behind a
                     per-example mask (drop-connect, keep k) contributes 0 or E_i / k

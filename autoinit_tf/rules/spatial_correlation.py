@@ -46,9 +46,10 @@ import math
 
 import numpy as np
 
-from autoinit_tf.moments import Moments, hermite_coefficients, max_order_statistic, piecewise_linear_hermite
+from autoinit_tf.moments import (Moments, centred_square_hermite, hermite_coefficients, max_order_statistic,
+                                piecewise_linear_hermite)
 from autoinit_tf.rules.element_maps import window_bounds, window_sums
-from autoinit_tf.rules.shared_part import carry_per_example, shared_of
+from autoinit_tf.rules.shared_part import carry_per_example, scale_of, shared_of
 
 RADIUS = 3
 SIDE = 2 * RADIUS + 1
@@ -81,6 +82,42 @@ def energy_sampling_variance(m: Moments, shape) -> float:
     cols = np.maximum(spatial[1] - np.abs(offsets), 0).astype(np.float64)
     pairs = np.einsum("a,b,cab->c", rows, cols, np.square(corr))
     return 2.0 * float(pairs.sum()) / float(c * p) ** 2
+
+
+def activation_sampling_variance(fn, kinks, mean, var, corr, spatial) -> float:
+    """The relative variance, over an example's own entries, of the energy of z = fn(y) about its channel
+    means (sum_c sum_p (z_cp - mu_c)^2), for Gaussian y with the channels' `mean`, `var` and correlation by
+    offset `corr` (C, SIDE, SIDE) on a map of `spatial` (H, W) positions: with g_c = (fn - mu_c)^2 and a_n
+    its normalised Hermite coefficients on channel c's Gaussian (Mehler: Cov(g(y_p), g(y_q)) =
+    sum_n a_n^2 corr(q - p)^n),
+
+        sum_c sum_{p, q} Cov(g_c(y_p), g_c(y_q)) / (P sum_c Var fn(y_c))^2
+
+    which for the identity is `energy_sampling_variance` (a_2^2 = 2 var^2) and for a ReLU of a centred
+    Gaussian 2.2x it (Var((z - mu)^2) / Var(z)^2 = 4.41 against 2): the activation's own contribution to
+    the spread of the examples' energies."""
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    var = np.asarray(var, dtype=np.float64).reshape(-1)
+    c = mean.size
+    if corr is None or corr.shape != (c, SIDE, SIDE) or len(spatial) != 2:
+        return 0.0
+    coef, var_g, var_f = centred_square_hermite(fn, mean, var, kinks, _ORDER)
+    energy = float(var_f.sum())
+    if energy <= 0.0:
+        return 0.0
+    sq = coef * coef
+    rest = np.maximum(var_g - sq.sum(axis=1), 0.0)
+    cov = np.zeros_like(corr)
+    power = np.ones_like(corr)
+    for n in range(_ORDER):
+        power = power * corr
+        cov += sq[:, n, None, None] * power
+    cov += rest[:, None, None] * power * corr
+    offsets = np.arange(-RADIUS, RADIUS + 1)
+    rows = np.maximum(int(spatial[0]) - np.abs(offsets), 0).astype(np.float64)
+    cols = np.maximum(int(spatial[1]) - np.abs(offsets), 0).astype(np.float64)
+    pairs = float(np.einsum("a,b,cab->", rows, cols, cov))
+    return max(pairs, 0.0) / (float(np.prod(spatial)) * energy) ** 2
 
 
 def independent(channels: int) -> np.ndarray:
@@ -230,7 +267,32 @@ def through_activation(fn, kinks, m_in: Moments, out: Moments, pieces=None) -> M
         power = power * corr
         cov += sq[:, n, None, None] * power
     cov += rest[:, None, None] * power * corr
-    return _with(out, _normalised(cov))
+    return _with_activation_sampling(_with(out, _normalised(cov)), fn, kinks, m_in, mean, var, corr)
+
+
+def _with_activation_sampling(out: Moments, fn, kinks, m_in: Moments, mean, var, corr) -> Moments:
+    """`out` = fn(m_in) with the activation's own part of the spread of the examples' energies in its
+    log-scale, where one is carried (`Moments.scale`, after a gate) and the map's positions are known
+    (element maps): the linear layer before added the sampling variance of its Gaussian output (S_y,
+    `rules.shared_part.with_sampling`), which the activation carried with its elasticity e^2 (the ratio of
+    the log-scales out / in); the energy of fn(y) has `activation_sampling_variance` (S_f) instead, so
+
+        lam_out += S_f - e^2 S_y
+
+    (a ReLU of centred Gaussians: S_f = 2.2 S_y; hard swish 2.8 S_y: the examples' energies spread faster
+    through a gated network than the Gaussian sampling alone says)."""
+    lam_in, lam_out = scale_of(m_in), scale_of(out)
+    if lam_in <= 0.0 or m_in.el_mean is None or m_in.el_mean.ndim != 3:
+        return out
+    spatial = m_in.el_mean.shape[:2]
+    s_f = activation_sampling_variance(fn, kinks, mean, var, corr, spatial)
+    s_y = activation_sampling_variance(_identity, (), mean, var, corr, spatial)
+    out.scale = max(lam_out + s_f - (lam_out / lam_in) * s_y, 0.0)
+    return out
+
+
+def _identity(x):
+    return np.asarray(x, dtype=np.float64)
 
 
 def unchanged(out: Moments, m_in: Moments) -> Moments:
