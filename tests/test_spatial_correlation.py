@@ -179,6 +179,7 @@ def test_activation_sampling_variance_against_sampled_maps(name):
         counts = np.outer(np.maximum(h - np.abs(d), 0), np.maximum(w - np.abs(d), 0))
         closed = 2.0 * float((var ** 2).sum()) * float((counts * corr[0] ** 2).sum()) / (h * w * var.sum()) ** 2
         assert got == pytest.approx(closed, rel=1e-6)
+        assert spatial_correlation.gaussian_sampling_variance(var, corr, (h, w)) == pytest.approx(closed, rel=1e-12)
     if name == "relu":  # the activation's own spread: more than the Gaussian's it came from
         gaussian = spatial_correlation.activation_sampling_variance(lambda x: x, (), means, var, corr, (h, w))
         assert got > 1.3 * gaussian

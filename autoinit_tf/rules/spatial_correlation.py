@@ -93,7 +93,7 @@ def activation_sampling_variance(fn, kinks, mean, var, corr, spatial) -> float:
 
         sum_c sum_{p, q} Cov(g_c(y_p), g_c(y_q)) / (P sum_c Var fn(y_c))^2
 
-    which for the identity is `energy_sampling_variance` (a_2^2 = 2 var^2) and for a ReLU of a centred
+    which for the identity is `gaussian_sampling_variance` (a_2^2 = 2 var^2) and for a ReLU of a centred
     Gaussian 2.2x it (Var((z - mu)^2) / Var(z)^2 = 4.41 against 2): the activation's own contribution to
     the spread of the examples' energies."""
     mean = np.asarray(mean, dtype=np.float64).reshape(-1)
@@ -105,19 +105,31 @@ def activation_sampling_variance(fn, kinks, mean, var, corr, spatial) -> float:
     energy = float(var_f.sum())
     if energy <= 0.0:
         return 0.0
-    sq = coef * coef
-    rest = np.maximum(var_g - sq.sum(axis=1), 0.0)
+    pairs = float(np.einsum("ab,cab->", _pair_counts(*spatial), _mehler_covariance(coef * coef, var_g, corr)))
+    return max(pairs, 0.0) / (float(np.prod(spatial)) * energy) ** 2
+
+
+def gaussian_sampling_variance(var, corr, spatial) -> float:
+    """`activation_sampling_variance` of the identity in closed form ((y - m)^2 has a_2^2 = 2 var^2 alone):
+    2 sum_c var_c^2 sum_{p, q} corr_c(q - p)^2 / (P sum_c var_c)^2; `energy_sampling_variance` weighs the
+    channels alike."""
+    var = np.asarray(var, dtype=np.float64).reshape(-1)
+    if corr is None or corr.shape != (var.size, SIDE, SIDE) or len(spatial) != 2 or var.sum() <= 0.0:
+        return 0.0
+    pairs = np.einsum("ab,cab->c", _pair_counts(*spatial), corr * corr)
+    return 2.0 * float((var * var) @ pairs) / (float(np.prod(spatial)) * float(var.sum())) ** 2
+
+
+def _mehler_covariance(sq, var_f, corr) -> np.ndarray:
+    """Per channel and offset, Cov(f(y_p), f(y_q)) = sum_{n <= 8} a_n^2 corr^n + (Var f - sum a_n^2) corr^9, with
+    `sq` the squared normalised Hermite coefficients (C, 8) of f on each channel's Gaussian."""
+    rest = np.maximum(var_f - sq.sum(axis=1), 0.0)
     cov = np.zeros_like(corr)
     power = np.ones_like(corr)
     for n in range(_ORDER):
         power = power * corr
         cov += sq[:, n, None, None] * power
-    cov += rest[:, None, None] * power * corr
-    offsets = np.arange(-RADIUS, RADIUS + 1)
-    rows = np.maximum(int(spatial[0]) - np.abs(offsets), 0).astype(np.float64)
-    cols = np.maximum(int(spatial[1]) - np.abs(offsets), 0).astype(np.float64)
-    pairs = float(np.einsum("a,b,cab->", rows, cols, cov))
-    return max(pairs, 0.0) / (float(np.prod(spatial)) * energy) ** 2
+    return cov + rest[:, None, None] * power * corr
 
 
 def independent(channels: int) -> np.ndarray:
@@ -259,14 +271,7 @@ def through_activation(fn, kinks, m_in: Moments, out: Moments, pieces=None) -> M
     mean, var = _gaussian_of(m_in)
     closed = None if pieces is None else piecewise_linear_hermite(pieces, mean, var, _ORDER)
     coef, var_f = closed if closed is not None else hermite_coefficients(fn, mean, var, kinks, _ORDER)
-    sq = coef * coef
-    rest = np.maximum(var_f - sq.sum(axis=1), 0.0)
-    cov = np.zeros_like(corr)
-    power = np.ones_like(corr)
-    for n in range(_ORDER):
-        power = power * corr
-        cov += sq[:, n, None, None] * power
-    cov += rest[:, None, None] * power * corr
+    cov = _mehler_covariance(coef * coef, var_f, corr)
     return _with_activation_sampling(_with(out, _normalised(cov)), fn, kinks, m_in, mean, var, corr)
 
 
@@ -286,13 +291,9 @@ def _with_activation_sampling(out: Moments, fn, kinks, m_in: Moments, mean, var,
         return out
     spatial = m_in.el_mean.shape[:2]
     s_f = activation_sampling_variance(fn, kinks, mean, var, corr, spatial)
-    s_y = activation_sampling_variance(_identity, (), mean, var, corr, spatial)
+    s_y = gaussian_sampling_variance(var, corr, spatial)
     out.scale = max(lam_out + s_f - (lam_out / lam_in) * s_y, 0.0)
     return out
-
-
-def _identity(x):
-    return np.asarray(x, dtype=np.float64)
 
 
 def unchanged(out: Moments, m_in: Moments) -> Moments:
