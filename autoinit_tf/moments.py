@@ -532,14 +532,20 @@ def hermite_coefficients_exact(fn, means, variances, kinks=(), order=8):
     y = np.asarray(fn((means[:, None, None] + s[:, None, None] * z).reshape(-1)), dtype=np.float64).reshape(z.shape)
     e1 = np.sum(w * y, axis=(1, 2))
     var = np.maximum(np.sum(w * y * y, axis=(1, 2)) - e1 * e1, 0.0)
-    coef = np.empty((means.size, order))
+    return _hermite_projections(y, z, w, order), var
+
+
+def _hermite_projections(y, z, w, order):
+    """(rows, order): sum over the nodes of w y He_n(z) / sqrt(n!), n = 1..order (probabilists' Hermite
+    polynomials by their recurrence), for values `y` at standardised nodes `z` with weights `w` (rows, ...)."""
+    coef = np.empty((y.shape[0], order))
     h_prev, h = np.ones_like(z), z
     factorial = 1.0
     for n in range(1, order + 1):
         factorial *= n
         coef[:, n - 1] = np.sum(w * y * h, axis=(1, 2)) / math.sqrt(factorial)
         h_prev, h = h, z * h - n * h_prev
-    return coef, var
+    return coef
 
 
 def centred_square_hermite(fn, means, variances, kinks=(), order=8):
@@ -556,13 +562,7 @@ def centred_square_hermite(fn, means, variances, kinks=(), order=8):
     g = (y - mu[:, None, None]) ** 2
     var_f = np.sum(w * g, axis=(1, 2))
     var_g = np.maximum(np.sum(w * g * g, axis=(1, 2)) - var_f * var_f, 0.0)
-    coef = np.empty((pairs.shape[0], order))
-    h_prev, h = np.ones_like(z), z
-    factorial = 1.0
-    for n in range(1, order + 1):
-        factorial *= n
-        coef[:, n - 1] = np.sum(w * g * h, axis=(1, 2)) / math.sqrt(factorial)
-        h_prev, h = h, z * h - n * h_prev
+    coef = _hermite_projections(g, z, w, order)
     inverse = inverse.reshape(-1)
     return coef[inverse], var_g[inverse], var_f[inverse]
 
