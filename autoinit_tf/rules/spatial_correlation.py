@@ -77,10 +77,7 @@ def energy_sampling_variance(m: Moments, shape) -> float:
     corr = corr_of(m)
     if corr is None or len(spatial) != 2 or corr.shape[0] != c:
         return 2.0 / (c * p)
-    offsets = np.arange(-RADIUS, RADIUS + 1)
-    rows = np.maximum(spatial[0] - np.abs(offsets), 0).astype(np.float64)
-    cols = np.maximum(spatial[1] - np.abs(offsets), 0).astype(np.float64)
-    pairs = np.einsum("a,b,cab->c", rows, cols, np.square(corr))
+    pairs = np.einsum("ab,cab->c", _pair_counts(*spatial), np.square(corr))
     return 2.0 * float(pairs.sum()) / float(c * p) ** 2
 
 
