@@ -572,6 +572,31 @@ def test_many_expectations_interpolates_smooth_activations(name, monkeypatch):
     np.testing.assert_allclose(w1[:-2], r1, atol=1e-5)
 
 
+@pytest.mark.backend_free
+def test_chebyshev_interpolation_reproduces_polynomials_on_and_off_its_nodes():
+    """`moments._interpolate_2d` (the grid of `many_expectations`) reproduces a polynomial of degree below its
+    grid's size in each coordinate to rounding, at points off the nodes, exactly on them (the terms' division
+    by zero replaced by the node's own value) and on a degenerate axis (every spread equal)."""
+    from autoinit_tf import moments
+
+    def poly(m, s):
+        return 0.3 - 1.7 * m + 0.25 * m**3 - 0.01 * m**7 + s * (2.0 - 0.5 * m * m) + 0.4 * s**5
+
+    rng = np.random.default_rng(5)
+    gm = moments._chebyshev_points(-3.0, 4.0, 32)
+    gs = moments._chebyshev_points(0.2, 1.8, 16)
+    mm, ss = np.meshgrid(gm, gs, indexing="ij")
+    table = poly(mm, ss)
+    m = np.concatenate([rng.uniform(-3.0, 4.0, 3000), gm[[0, 7, 31]], [gm[4]]])
+    s = np.concatenate([rng.uniform(0.2, 1.8, 3000), [0.9, gs[3], 1.1], [gs[15]]])
+    got, got2 = moments._interpolate_2d(table, 2.0 * table, gm, gs, m, s)
+    np.testing.assert_allclose(got, poly(m, s), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(got2, 2.0 * poly(m, s), rtol=0, atol=2e-10)
+    flat = np.full(16, 0.7)  # a degenerate spread axis: the first node's column
+    one, _ = moments._interpolate_2d(table, table, gm, flat, m[:50], np.full(50, 0.7))
+    np.testing.assert_allclose(one, poly(m[:50], gs[0]), rtol=0, atol=1e-10)
+
+
 def test_builtin_activations_are_evaluated_by_checked_numpy_twins():
     """Keras' built-in activations are integrated through NumPy twins (no backend dispatch per quadrature
     call): every twin passes its check against the backend here, agrees with the backend's float64
