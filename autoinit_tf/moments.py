@@ -440,15 +440,26 @@ def channel_expectations(fn, means, variances, kinks=(), coarse=False):
     ~1e-6 instead of ~1e-12), for per-element maps with many thousands of entries.
     """
     means, s, z, w = _channel_nodes(means, variances, kinks, coarse)
+    if w.strides[0] == 0:  # shared nodes: one weight vector for every channel
+        zv, wv = z[0].reshape(-1), w[0].reshape(-1)
+        e1, e2 = np.empty(means.size), np.empty(means.size)
+        step = max(1, _EXPECTATION_BLOCK // zv.size)
+        for i in range(0, means.size, step):  # blocks that stay in cache (one large block: 30% slower)
+            x = np.multiply.outer(s[i:i + step], zv)
+            x += means[i:i + step, None]
+            y = np.asarray(fn(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
+            e1[i:i + step] = y @ wv
+            e2[i:i + step] = (y * y) @ wv
+        return e1, np.maximum(e2, e1 * e1)
     x = means[:, None, None] + s[:, None, None] * z
     y = np.asarray(fn(x.reshape(-1)), dtype=np.float64).reshape(x.shape)
-    if w.strides[0] == 0:  # shared nodes: one weight vector for every channel
-        flat, wv = y.reshape(y.shape[0], -1), w[0].reshape(-1)
-        e1, e2 = flat @ wv, (flat * flat) @ wv
-    else:
-        e1 = np.sum(w * y, axis=(1, 2))
-        e2 = np.sum(w * y * y, axis=(1, 2))
+    e1 = np.sum(w * y, axis=(1, 2))
+    e2 = np.sum(w * y * y, axis=(1, 2))
     return e1, np.maximum(e2, e1 * e1)
+
+
+#: `channel_expectations` evaluates fn on blocks of at most this many nodes (512 KiB of float64).
+_EXPECTATION_BLOCK = 1 << 16
 
 
 def hermite_coefficients(fn, means, variances, kinks=(), order=8):

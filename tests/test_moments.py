@@ -573,6 +573,31 @@ def test_many_expectations_interpolates_smooth_activations(name, monkeypatch):
 
 
 @pytest.mark.backend_free
+@pytest.mark.parametrize("coarse", [False, True])
+def test_channel_expectations_match_quadrature_across_blocks(coarse):
+    """`moments.channel_expectations` (the per-channel Gaussian expectations every smooth activation goes
+    through, evaluated in blocks of `_EXPECTATION_BLOCK` nodes) against scipy's adaptive quadrature, on
+    channels spread over several blocks (the first, one on each block edge, the last), with and without a kink
+    (separate panels per channel)."""
+    from autoinit_tf import moments
+
+    rng = np.random.default_rng(11)
+    n = 3000
+    mu = rng.uniform(-3.0, 3.0, n)
+    var = rng.uniform(0.01, 4.0, n)
+    per_block = moments._EXPECTATION_BLOCK // (8 if coarse else 24) // (len(moments._PANELS) - 1)
+    assert n > 2 * per_block  # several blocks
+    for fn, kinks in ((lambda x: x / (1.0 + np.exp(-x)), ()), (lambda x: np.where(x > 0.5, x, 0.1 * x), (0.5,))):
+        e1, e2 = moments.channel_expectations(fn, mu, var, kinks, coarse=coarse)
+        for i in (0, per_block - 1, per_block, 2 * per_block, n - 1):
+            s = math.sqrt(var[i])
+            for p, got in ((1, e1[i]), (2, e2[i])):
+                ref = integrate.quad(lambda v: float(fn(np.array([v]))[0]) ** p * stats.norm.pdf(v, mu[i], s),
+                                     mu[i] - 12 * s, mu[i] + 12 * s, points=[0.5] if kinks else None, limit=200)[0]
+                assert got == pytest.approx(ref, rel=2e-5 if coarse else 1e-9, abs=1e-9)
+
+
+@pytest.mark.backend_free
 def test_chebyshev_interpolation_reproduces_polynomials_on_and_off_its_nodes():
     """`moments._interpolate_2d` (the grid of `many_expectations`) reproduces a polynomial of degree below its
     grid's size in each coordinate to rounding, at points off the nodes, exactly on them (the terms' division
