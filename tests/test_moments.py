@@ -622,6 +622,26 @@ def test_chebyshev_interpolation_reproduces_polynomials_on_and_off_its_nodes():
     np.testing.assert_allclose(one, poly(m[:50], gs[0]), rtol=0, atol=1e-10)
 
 
+@pytest.mark.backend_free
+def test_swish_twin_matches_the_logistic_form():
+    """The swish twin (x (1 + tanh(x / 2)) / 2, for speed) against x * scipy's expit: absolute error below
+    5e-16 max(1, |x|) everywhere, relative error below 1e-12 for x > -10, and its Gaussian moments equal."""
+    from scipy.special import expit
+
+    from autoinit_tf import moments
+    from autoinit_tf.rules.activation import _silu
+
+    x = np.concatenate([np.linspace(-800.0, 800.0, 400001), np.random.default_rng(2).normal(0.0, 5.0, 100000)])
+    ref = x * expit(x)
+    got = _silu(x)
+    assert np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(x))) < 5e-16
+    near = x > -10.0
+    assert np.max(np.abs(got - ref)[near] / np.maximum(np.abs(ref[near]), 1e-300)) < 1e-12
+    mu, var = np.linspace(-4.0, 4.0, 41), np.linspace(0.05, 3.0, 41)
+    for a, b in zip(moments.channel_expectations(_silu, mu, var), moments.channel_expectations(lambda v: v * expit(v), mu, var)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_builtin_activations_are_evaluated_by_checked_numpy_twins():
     """Keras' built-in activations are integrated through NumPy twins (no backend dispatch per quadrature
     call): every twin passes its check against the backend here, agrees with the backend's float64
