@@ -243,8 +243,9 @@ def through_depthwise(out: Moments, m_in: Moments, kernel, strides, dilation, in
     sy, sx = int(strides[0]), int(strides[1])
     win = np.lib.stride_tricks.sliding_window_view(big, ((2 * kh - 2) * dy + 1, (2 * kw - 2) * dx + 1), axis=(1, 2))
     start_y, start_x = pad - (kh - 1) * dy, pad - (kw - 1) * dx
-    d = np.arange(-RADIUS, RADIUS + 1)
-    win = win[:, (start_y + sy * d)[:, None], (start_x + sx * d)[None, :]][..., ::dy, ::dx]  # (C, S, S, 2kh-1, 2kw-1)
+    # the strided offsets s d, d in [-R, R], by slicing: a view of the padded covariance, no copy of the windows
+    win = win[:, start_y - sy * RADIUS:start_y + sy * RADIUS + 1:sy,
+              start_x - sx * RADIUS:start_x + sx * RADIUS + 1:sx, ::dy, ::dx]  # (C, S, S, 2kh-1, 2kw-1)
     acc = np.einsum("cyxab,abcd->cdyx", win, auto)
     return _with(out, _normalised(acc.reshape(c * dm, SIDE, SIDE)))
 
