@@ -1040,11 +1040,21 @@ def _window_rows(means, variances, valid):
     return mu[first], np.sqrt(var[first]), ok[first], inverse
 
 
-def _on_common_grid(s, ok):
-    """Windows whose valid entries all have spreads within 2x of each other (and none zero)."""
+def _on_common_grid(s, ok, constants=False):
+    """Windows whose valid entries all have spreads within 2x of each other (and none zero); with
+    `constants` (g integrated against the CDF alone, `_identity_above_kink`), zero-spread entries (constants:
+    a zero padding's border) are allowed beside at least one entry with a spread, the others' spreads
+    within 2x of each other."""
     big = np.max(np.where(ok, s, 0.0), axis=1)
-    small = np.min(np.where(ok, s, np.inf), axis=1)
-    return (small > 0) & (small >= 0.5 * big)
+    small = np.min(np.where(ok & (s > 0) if constants else ok, s, np.inf), axis=1)
+    return (small > 0) & np.isfinite(small) & (small >= 0.5 * big)
+
+
+def _cdf_by_parts(g, kinks) -> bool:
+    """Whether `_max_common_grid` integrates g(M) against the CDF alone (g the identity or a ReLU-like
+    max(x, k)): then windows with constant entries stay on the common grid (a step of the CDF, no density)."""
+    flat, rest = flat_below_first_kink(g, kinks)
+    return _identity_above_kink(g, flat, rest)
 
 
 def max_expectations_cost(means, variances, kinks=(), coarse=False, valid=None) -> int:
@@ -1056,11 +1066,11 @@ def max_expectations_cost(means, variances, kinks=(), coarse=False, valid=None) 
     return _max_cost(mu, s, ok, kinks, coarse)
 
 
-def _max_cost(mu, s, ok, kinks, coarse) -> int:
-    """`max_expectations_cost` of distinct windows (`_window_rows`)."""
+def _max_cost(mu, s, ok, kinks, coarse, constants=False) -> int:
+    """`max_expectations_cost` of distinct windows (`_window_rows`); `constants`: see `_on_common_grid`."""
     k = mu.shape[-1]
     q = len(_GL_X8) if coarse else len(_GL_X)
-    grid = _on_common_grid(s, ok) if coarse else np.zeros(len(mu), dtype=bool)
+    grid = _on_common_grid(s, ok, constants) if coarse else np.zeros(len(mu), dtype=bool)
     cost = int(grid.sum()) * k * (len(_GRID_PANELS) - 1 + len(tuple(kinks))) * q
     rest = s[~grid]
     if len(rest):
@@ -1086,7 +1096,10 @@ def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False, m
     the first). On a common grid (`coarse` windows whose spreads are within 2x, the usual windows of an
     element map; relative error ~1e-5): f_M itself is integrated once per window by 8-point
     Gauss-Legendre on panels c + S * `_GRID_PANELS` (c the largest mean, S the largest spread; clipped to
-    where the density lives) split at the kinks of g, k CDFs and densities per node instead of k x k.
+    where the density lives) split at the kinks of g, k CDFs and densities per node instead of k x k. Where
+    g is the identity or a ReLU (integrated against the CDF alone) windows with constant entries (a zero
+    padding's border) stay on the grid too: a constant's CDF is the step 1[x >= mu_j], and M >= the largest
+    constant, where the integration starts.
     Windows equal to `DISTINCT_BITS` (`distinct_rows`) are integrated once. Returns arrays of shape
     ``means.shape[:-1]``, or None when that would take more than `max_evaluations` CDF evaluations
     (`max_expectations_cost`).
@@ -1096,11 +1109,12 @@ def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False, m
     out_shape = means.shape[:-1]
     mu, s, ok, inverse = _window_rows(means, variances, valid)
     kinks = tuple(kinks)
-    if max_evaluations is not None and _max_cost(mu, s, ok, kinks, coarse) > max_evaluations:
+    constants = coarse and _cdf_by_parts(g, kinks)
+    if max_evaluations is not None and _max_cost(mu, s, ok, kinks, coarse, constants) > max_evaluations:
         return None
     e1 = np.zeros(len(mu))
     e2 = np.zeros(len(mu))
-    grid = _on_common_grid(s, ok) if coarse else np.zeros(len(mu), dtype=bool)
+    grid = _on_common_grid(s, ok, constants) if coarse else np.zeros(len(mu), dtype=bool)
     if grid.any():
         e1[grid], e2[grid] = _max_common_grid(g, mu[grid], s[grid], ok[grid], kinks)
     if not grid.all():
@@ -1131,12 +1145,21 @@ def _max_common_grid(g, mu, s, ok, kinks):
     big = np.max(masked(s, 0.0), axis=1)
     lo = np.max(masked(mu - 8.0 * s, -np.inf), axis=1)  # below lo, some Phi_j < Phi(-8): f_M ~ 0
     hi = c + 8.0 * big
+    flat, kinks = flat_below_first_kink(g, kinks)
+    by_parts = _identity_above_kink(g, flat, kinks)
+    steps = ok & (s <= 0.0)  # constant entries (`_on_common_grid` with constants)
+    if steps.any():
+        if not by_parts:
+            raise ValueError("constant entries on the common grid need g integrated by parts (`_cdf_by_parts`)")
+        # M >= every constant, and lo >= each of them: from lo on their steps are 1, so F_M is the random
+        # entries' product alone
+        ok = ok & ~steps
+        full = bool(ok.all())
+        masked = (lambda a, fill: a) if full else (lambda a, fill: np.where(ok, a, fill))
     safe = masked(s, 1.0)
     e1 = np.zeros(len(mu))
     e2 = np.zeros(len(mu))
     start = lo
-    flat, kinks = flat_below_first_kink(g, kinks)
-    by_parts = _identity_above_kink(g, flat, kinks)
     if flat is not None:
         k0, v = flat
         start = np.clip(k0, lo, hi)

@@ -447,6 +447,48 @@ def test_max_of_independent_gaussians_against_scipy_quad(fn_name, case):
         assert e2[0] == pytest.approx(r2, rel=tol, abs=tol)
 
 
+CONSTANT_CASES = [  # windows with constant entries (variance 0: a zero padding's border), spreads within 2x
+    ([0.0, 0.3, -0.2, 0.5], [0.0, 1.0, 0.8, 1.5]),
+    ([0.0, 0.0, 0.4, 0.1], [0.0, 0.0, 0.25, 0.4]),
+    ([1.5, -2.0, 0.2, 0.0], [0.0, 1.0, 0.6, 0.0]),   # a constant above the random entries' means
+    ([0.0, 0.0, 0.0, -3.0], [0.0, 0.0, 1.0, 2.0]),
+]
+
+
+@pytest.mark.parametrize("fn_name", ["identity", "relu", "tanh"])
+@pytest.mark.parametrize("case", range(len(CONSTANT_CASES)))
+def test_max_with_constant_entries_against_scipy_quad(fn_name, case):
+    """E[f(max)] of windows mixing constants and Gaussians: M >= C (the largest constant) with the point mass
+    f(C)^p prod_j Phi_j(C) there, and the random entries' density above it (scipy). The identity and the ReLU
+    stay on the coarse common grid (integrated against the CDF, the constants' steps 1 from C on); tanh takes
+    the per-entry path."""
+    from autoinit_tf import moments
+
+    mu, var = CONSTANT_CASES[case]
+    const = [m for m, v in zip(mu, var) if v == 0.0]
+    rand = [(m, math.sqrt(v)) for m, v in zip(mu, var) if v > 0.0]
+    top = max(const)
+    g, kinks = SCALAR[fn_name], ACTIVATION_KINKS.get(fn_name, ())
+    fn = None if fn_name == "identity" else numpy_function(keras.activations.get(fn_name))
+
+    def dens(x):
+        return sum(stats.norm.pdf(x, m, sd) * math.prod(stats.norm.cdf(x, m2, s2) for k, (m2, s2) in enumerate(rand) if k != i)
+                   for i, (m, sd) in enumerate(rand))
+
+    mass = math.prod(stats.norm.cdf(top, m, sd) for m, sd in rand)
+    hi = max(m for m, _ in rand) + 12 * max(sd for _, sd in rand)
+    pts = sorted(p for p in set(kinks) | {m for m, _ in rand} if top < p < hi)
+    refs = [g(top) ** p * mass + integrate.quad(lambda x: g(x) ** p * dens(x), top, hi, points=pts or None,
+                                                limit=500, epsabs=1e-13, epsrel=1e-12)[0] for p in (1, 2)]
+    mu_a, var_a = np.array([mu]), np.array([var])
+    on_grid = bool(moments._on_common_grid(np.sqrt(var_a), np.ones_like(var_a, dtype=bool), constants=True)[0])
+    assert on_grid and moments._cdf_by_parts(moments._identity if fn is None else fn, kinks) == (fn_name != "tanh")
+    for coarse, tol in ((False, 1e-7), (True, 1e-5)):
+        e1, e2 = max_expectations(fn, mu_a, var_a, kinks, coarse=coarse)
+        assert e1[0] == pytest.approx(refs[0], rel=tol, abs=tol)
+        assert e2[0] == pytest.approx(refs[1], rel=tol, abs=tol)
+
+
 @pytest.mark.backend_free
 def test_max_of_independent_gaussians_monte_carlo_and_masks():
     rng = np.random.default_rng(0)
