@@ -640,6 +640,24 @@ def test_channel_expectations_match_quadrature_across_blocks(coarse):
 
 
 @pytest.mark.backend_free
+def test_moments_from_elements_per_channel_and_pooled():
+    """`Moments.from_elements`: per channel, the mean of the element means and of var + mean^2 over positions
+    (negative variances clipped to 0), pooled over channels, against a direct NumPy computation."""
+    rng = np.random.default_rng(4)
+    mean = rng.normal(0.2, 1.0, (5, 7, 6))
+    var = rng.uniform(-0.1, 2.0, (5, 7, 6))
+    m = Moments.from_elements(mean, var)
+    v = np.maximum(var, 0.0)
+    ch_mean = mean.reshape(-1, 6).mean(axis=0)
+    ch_second = (v + mean**2).reshape(-1, 6).mean(axis=0)
+    np.testing.assert_allclose(m.ch_mean, ch_mean, rtol=1e-13)
+    np.testing.assert_allclose(m.ch_var, ch_second - ch_mean**2, rtol=1e-12)
+    assert m.mean == pytest.approx(mean.mean(), rel=1e-12)
+    assert m.var == pytest.approx((v + mean**2).mean() - mean.mean() ** 2, rel=1e-12)
+    np.testing.assert_array_equal(m.el_var, v)
+
+
+@pytest.mark.backend_free
 def test_chebyshev_interpolation_reproduces_polynomials_on_and_off_its_nodes():
     """`moments._interpolate_2d` (the grid of `many_expectations`) reproduces a polynomial of degree below its
     grid's size in each coordinate to rounding, at points off the nodes, exactly on them (the terms' division
