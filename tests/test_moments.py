@@ -658,6 +658,26 @@ def test_moments_from_elements_per_channel_and_pooled():
 
 
 @pytest.mark.backend_free
+def test_separable_output_equals_the_composed_kernel():
+    """`rules.linear.separable_output` (two products in the float32 pointwise kernel's precision, P^2 in
+    column blocks) against `linear_output` of the composed kernel W[t, c, k] = D[t, c] P[c, k] in float64
+    (what a separable convolution is), with two position classes and a bias; more units than one block."""
+    from autoinit_tf.rules.linear import linear_output, separable_output
+
+    rng = np.random.default_rng(8)
+    cin, cout = 600, 2000  # 1 << 20 // 600 = 1747 columns per block: two blocks
+    m = Moments.from_channels(rng.normal(0.3, 1.0, cin), rng.uniform(0.2, 2.0, cin))
+    d = rng.normal(size=(9, cin))
+    p = (rng.normal(size=(cin, cout)) * 0.04).astype(np.float32)
+    taps = [(0.75, np.ones(9)), (0.25, np.r_[np.zeros(3), np.ones(6)])]
+    bias = rng.normal(0.0, 0.1, cout)
+    got = separable_output(m, d, p, taps, bias)
+    ref, _, _ = linear_output(m, d[:, :, None] * p.astype(np.float64)[None], taps, bias)
+    np.testing.assert_allclose(got.ch_mean, ref.ch_mean, rtol=0, atol=2e-6 * np.abs(ref.ch_mean).max())
+    np.testing.assert_allclose(got.ch_var, ref.ch_var, rtol=2e-6)
+
+
+@pytest.mark.backend_free
 def test_chebyshev_interpolation_reproduces_polynomials_on_and_off_its_nodes():
     """`moments._interpolate_2d` (the grid of `many_expectations`) reproduces a polynomial of degree below its
     grid's size in each coordinate to rounding, at points off the nodes, exactly on them (the terms' division
