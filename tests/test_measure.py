@@ -481,10 +481,15 @@ def test_a_grown_probe_is_whole_training_batches(monkeypatch, training_batch):
 @pytest.mark.core
 def test_rounds_on_fresh_probes_accumulate_precision_past_the_memory_bound(monkeypatch):
     """Statistics accumulate over several probes (each round moves the factors by the k-th root of its
-    own estimate), so precision is not bounded by one batch's memory (here 2048 examples)."""
+    own estimate), so precision is not bounded by one batch's memory (here 2048 examples): over 24 models and
+    seeds, the realized error of the heavy-tailed layer (its variance measured on 131072 fresh examples) with up
+    to 8 rounds is, in root mean square, well under one round's (expected 1/sqrt(rounds used), ~0.5 here; 0.75
+    leaves a margin of about two standard errors of the ratio of two 24-sample RMS), and within 2x of what
+    the calibration itself claims (`calibration_error`). (The earlier form, two seeds, passed or failed with
+    the random streams: its ratio of two-sample sums has a spread of about 50%.)"""
     monkeypatch.setattr(calibration, "GROWTH_ELEMENTS", 16 * 2048)
-    errors = {1: [], 8: []}
-    for seed in (1, 2):
+    errors, claimed = {1: [], 8: []}, {1: [], 8: []}
+    for seed in range(1, 25):
         for rounds in (1, 8):
             monkeypatch.setattr(calibration, "MAX_ROUNDS", rounds)
             keras.utils.set_random_seed(seed)
@@ -494,8 +499,15 @@ def test_rounds_on_fresh_probes_accumulate_precision_past_the_memory_bound(monke
                 _, rep = autoinit_tf.wrap(model, seed=seed, calibrate="probe", return_report=True)
             assert rep.calibration_batch == 2048
             again = measure(model, batch_size=1 << 17, seed=77)
-            errors[rounds].append(abs(math.log(again["d2"].outputs[0].var)))
-    assert max(errors[8]) < 0.04 and sum(errors[8]) < 0.6 * sum(errors[1])
+            errors[rounds].append(math.log(again["d2"].outputs[0].var))
+            claimed[rounds].append(rep.calibration_error["d2"])
+
+    def rms(v):
+        return math.sqrt(sum(x * x for x in v) / len(v))
+
+    assert rms(errors[8]) < 0.75 * rms(errors[1])
+    assert rms(errors[8]) < 2.0 * rms(claimed[8])
+    assert rms(claimed[8]) < 0.6 * rms(claimed[1])
 
 
 class _OpaqueCube(keras.layers.Layer):
