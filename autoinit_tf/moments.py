@@ -1052,11 +1052,17 @@ def _on_common_grid(s, ok, constants=False):
     return (small > 0) & np.isfinite(small) & (small >= 0.5 * big)
 
 
+def _grid_split(g, kinks):
+    """(flat, other kinks, by_parts) for `_max_common_grid`: g's constant part below its first kink
+    (`flat_below_first_kink`) and whether g(M) is integrated against the CDF alone (`_identity_above_kink`)."""
+    flat, rest = flat_below_first_kink(g, kinks)
+    return flat, rest, _identity_above_kink(g, flat, rest)
+
+
 def _cdf_by_parts(g, kinks) -> bool:
     """Whether `_max_common_grid` integrates g(M) against the CDF alone (g the identity or a ReLU-like
     max(x, k)): then windows with constant entries stay on the common grid (a step of the CDF, no density)."""
-    flat, rest = flat_below_first_kink(g, kinks)
-    return _identity_above_kink(g, flat, rest)
+    return _grid_split(g, kinks)[2]
 
 
 def max_expectations_cost(means, variances, kinks=(), coarse=False, valid=None) -> int:
@@ -1111,14 +1117,15 @@ def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False, m
     out_shape = means.shape[:-1]
     mu, s, ok, inverse = _window_rows(means, variances, valid)
     kinks = tuple(kinks)
-    constants = coarse and _cdf_by_parts(g, kinks)
+    split = _grid_split(g, kinks) if coarse else None  # decided once, for the cost and the grid alike
+    constants = split is not None and split[2]
     if max_evaluations is not None and _max_cost(mu, s, ok, kinks, coarse, constants) > max_evaluations:
         return None
     e1 = np.zeros(len(mu))
     e2 = np.zeros(len(mu))
     grid = _on_common_grid(s, ok, constants) if coarse else np.zeros(len(mu), dtype=bool)
     if grid.any():
-        e1[grid], e2[grid] = _max_common_grid(g, mu[grid], s[grid], ok[grid], kinks)
+        e1[grid], e2[grid] = _max_common_grid(g, mu[grid], s[grid], ok[grid], split)
     if not grid.all():
         rest = ~grid
         e1[rest], e2[rest] = _max_per_entry(g, mu[rest], s[rest], ok[rest], kinks, coarse)
@@ -1126,8 +1133,9 @@ def max_expectations(fn, means, variances, kinks=(), valid=None, coarse=False, m
     return e1, np.maximum(e2, e1 * e1)
 
 
-def _max_common_grid(g, mu, s, ok, kinks):
-    """(E[g(M)], E[g(M)^2]) per window, f_M integrated on one grid per window (see `max_expectations`).
+def _max_common_grid(g, mu, s, ok, split):
+    """(E[g(M)], E[g(M)^2]) per window, f_M integrated on one grid per window (see `max_expectations`);
+    `split`: `_grid_split` of g and its kinks.
 
     Where g is the constant v below its first kink k (ReLU: 0), that part is v^p F_M(k), with
     F_M(k) = prod_j Phi_j(k), and only [k, hi] is integrated.
@@ -1147,12 +1155,9 @@ def _max_common_grid(g, mu, s, ok, kinks):
     big = np.max(masked(s, 0.0), axis=1)
     lo = np.max(masked(mu - 8.0 * s, -np.inf), axis=1)  # below lo, some Phi_j < Phi(-8): f_M ~ 0
     hi = c + 8.0 * big
-    flat, kinks = flat_below_first_kink(g, kinks)
-    by_parts = _identity_above_kink(g, flat, kinks)
-    steps = ok & (s <= 0.0)  # constant entries (`_on_common_grid` with constants)
+    flat, kinks, by_parts = split
+    steps = ok & (s <= 0.0)  # constant entries: only where by_parts (the same `split` chose the windows)
     if steps.any():
-        if not by_parts:
-            raise ValueError("constant entries on the common grid need g integrated by parts (`_cdf_by_parts`)")
         # M >= every constant, and lo >= each of them: from lo on their steps are 1, so F_M is the random
         # entries' product alone
         ok = ok & ~steps

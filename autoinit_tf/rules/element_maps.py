@@ -172,14 +172,22 @@ def dense_maps(m: Moments, in_shape, kernel, bias):
     mean32 = np.asarray(mean, dtype=np.float32).reshape(-1, kernel.shape[0])
     var32 = np.asarray(var, dtype=np.float32).reshape(-1, kernel.shape[0])
     out_mean = (mean32 @ kernel).astype(np.float64).reshape(lead + (units,))
-    out_var = np.empty((var32.shape[0], units))
-    step = max(1, (1 << 20) // max(kernel.shape[0], 1))  # squared kernel in float32 blocks of at most 4 MiB
-    for j0 in range(0, units, step):
-        w = kernel[:, j0:j0 + step]
-        out_var[:, j0:j0 + step] = var32 @ (w * w)
+    out_var = squared_kernel_product(var32, kernel)
     if bias is not None:
         out_mean = out_mean + np.asarray(bias, dtype=np.float64)
     return Moments.from_elements(out_mean, out_var.reshape(lead + (units,)))
+
+
+def squared_kernel_product(a, kernel) -> np.ndarray:
+    """a @ (kernel * kernel) as float64, a and the kernel's square in the kernel's own precision, the square
+    taken in column blocks of at most 2^20 entries (4 MiB of float32): no kernel-sized float64 copy or square
+    (a variance through a linear map, var_in @ W^2)."""
+    out = np.empty((a.shape[0], kernel.shape[1]))
+    step = max(1, (1 << 20) // max(kernel.shape[0], 1))
+    for j0 in range(0, kernel.shape[1], step):
+        w = kernel[:, j0:j0 + step]
+        out[:, j0:j0 + step] = a @ (w * w)
+    return out
 
 
 def window_bounds(n, k, stride, padding):
