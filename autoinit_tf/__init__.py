@@ -11,7 +11,8 @@ from autoinit_tf.autoinit import FallbackRuleWarning, analyze, compare, wrap  # 
 from autoinit_tf.compat import AutoInit  # noqa: F401
 from autoinit_tf.moments import Moments  # noqa: F401
 from autoinit_tf.report import NodeRow, SignalReport  # noqa: F401
-from autoinit_tf.rules import RuleContext, UnsupportedLayerError, register_rule, unregister_rule  # noqa: F401
+from autoinit_tf.rules import (ProbeFailedError, RuleContext, UnsupportedLayerError, register_rule,  # noqa: F401
+                               unregister_rule)
 from autoinit_tf.rules.activation import register_activation_kinks  # noqa: F401
 from autoinit_tf.rewrite import SwapRule, list_recipes, plan_swaps, rewrite  # noqa: F401,E402
 from autoinit_tf.measure import CalibrationWarning, calibrate, measure  # noqa: F401

@@ -54,7 +54,12 @@ def call_stateless(op, args, kwargs, training, value=current_value):
     """Run `op` on real tensors; layers through ``stateless_call`` (state updates are discarded)."""
     if not isinstance(op, keras.layers.Layer):
         return op(*args, **kwargs)
-    if training is not None and accepts_training(op):
+    if not accepts_training(op):
+        # As Layer.__call__ does: a ``training`` the caller passed (DINOv2's embeddings call their Conv2D
+        # with training=training) is dropped for a call that takes none (stateless_call would pass it on).
+        if "training" in kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+    elif training is not None:
         # As keras.Model.__call__(training=...) does: the call's mode overrides the recorded one.
         kwargs = dict(kwargs, training=training)
     tv = [value(v) for v in op.trainable_variables]

@@ -269,12 +269,20 @@ def _tracing_patches(op):
     on symbolic tensors, and raises). An EinsumDense's spec takes its output shape from the einsum of
     the actual input shape, not from its ``output_shape`` argument, whose None entries (keras-hub's
     ``(None, heads, head_dim)``) would make the sequence length unknown at concrete shapes and bake it
-    into a later ``ops.reshape(x, ops.shape(x))`` (Gemma's attention). Removed afterwards."""
+    into a later ``ops.reshape(x, ops.shape(x))`` (Gemma's attention). A sublayer whose spec comes from
+    a ``compute_output_shape`` written outside Keras gets the structure its ``call`` really returns where
+    the two disagree (`_spec_checked_by_call`: ESM's rotary layer returns ``(q, k)`` but inherits one
+    shape). Removed afterwards."""
     patched = []
     flatten = getattr(op, "_flatten_layers", None)
     for layer in (flatten(include_self=False, recursive=True) if flatten else ()):
         if isinstance(layer, keras.layers.EinsumDense) and "compute_output_spec" not in vars(layer):
             object.__setattr__(layer, "compute_output_spec", functools.partial(_einsum_dense_spec, layer))
+            patched.append(layer)
+            continue
+        if (type(layer).compute_output_spec is keras.layers.Layer.compute_output_spec
+                and "compute_output_spec" not in vars(layer) and _shape_declared_outside_keras(layer)):
+            object.__setattr__(layer, "compute_output_spec", functools.partial(_spec_checked_by_call, layer))
             patched.append(layer)
             continue
         spec = getattr(type(layer), "compute_output_spec", None)
@@ -303,6 +311,31 @@ def _tracing_patches(op):
         layer_module.Node = keras_node
         for layer in patched:
             object.__delattr__(layer, "compute_output_spec")
+
+
+def _shape_declared_outside_keras(layer) -> bool:
+    """Whether `layer`'s ``compute_output_shape`` comes from a class outside Keras itself (keras-hub, user code)."""
+    fn = getattr(type(layer), "compute_output_shape", None)
+    if fn is None or fn is keras.layers.Layer.compute_output_shape:
+        return False
+    return not str(getattr(fn, "__module__", "")).startswith("keras.")
+
+
+def _spec_checked_by_call(layer, *args, **kwargs):
+    """The output spec of a sublayer call while tracing: Keras' spec from the layer's declared
+    ``compute_output_shape``, unless its structure differs from what ``call`` returns when run on symbolic
+    tensors (an inherited ``compute_output_shape`` that does not fit the subclass's ``call``); then the
+    call's. Where the call cannot run symbolically, the declared spec."""
+    from keras.src.ops.operation import Operation
+
+    declared = keras.layers.Layer.compute_output_spec(layer, *args, **kwargs)
+    try:
+        actual = Operation.compute_output_spec(layer, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - the declared spec stands
+        return declared
+    if len(tree.flatten(actual)) != len(tree.flatten(declared)):
+        return actual
+    return declared
 
 
 def _einsum_dense_spec(layer, inputs, *args, **kwargs):

@@ -5,6 +5,7 @@ installs the built-in rules, and every pass calls it first.
 """
 
 from autoinit_tf.rules.context import RuleContext  # noqa: F401
+from autoinit_tf.rules.fallback import ProbeFailedError  # noqa: F401
 from autoinit_tf.rules.registry import (  # noqa: F401
     LayerSpec,
     UnsupportedLayerError,

@@ -18,6 +18,11 @@ from autoinit_tf.declared import integer_fill, probe_elements
 from autoinit_tf.execute import call_stateless, probe_array, probe_shape
 from autoinit_tf.moments import Moments
 
+class ProbeFailedError(RuntimeError):
+    """A layer measured on a probe (no rule, not traceable) could not run on the probe its inputs' declared
+    shapes give: the message names the layer, the shapes, the error, and how to give it a rule."""
+
+
 PROBE_ELEMENTS = 1 << 15  # per input tensor, about
 MAX_PROBE_BATCH = 256
 
@@ -57,7 +62,19 @@ def run_on_probe(ctx, training=True, use_pending=True, seed=0):
             return keras.ops.convert_to_tensor(ctx.value(v), dtype=v.dtype)
         return v.value
 
-    outs = call_stateless(op, args, kwargs, training, value)
+    try:
+        outs = call_stateless(op, args, kwargs, training, value)
+    except Exception as exc:  # noqa: BLE001 - said with the layer's name and the remedy
+        cls = type(op)
+        shapes = ", ".join(str(tuple(p.shape)) for p in probes.values() if hasattr(p, "shape"))
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise ProbeFailedError(
+            f"Layer '{op.name}' ({cls.__module__}.{cls.__qualname__}) has no rule, so it is measured on a probe "
+            f"shaped as its inputs declare ({shapes}), but calling it on that probe failed: {type(exc).__name__}: "
+            f"{first} A layer whose declared shapes differ from those it runs at (keras-hub's XLNet declares its "
+            f"relative position encoding (None, 1, hidden)) cannot be probed. Register a rule with "
+            f"autoinit_tf.register_rule({cls.__name__}, rule) or pass rules={{{cls.__name__}: rule}} to wrap() (see "
+            "the README, 'Writing a rule for a custom layer'). No weight was changed.") from exc
     outs = tree.flatten(outs)
     if cache is not None and len(outs) == len(node.outputs):
         for kt, o in zip(node.outputs, outs):

@@ -78,7 +78,12 @@ for _cls in _KINKS:
 @BUILTIN.rule(np_ops.Clip)
 def clip_rule(ctx):
     op = ctx.op
-    lo, hi = ctx.args[1], ctx.args[2]
+    args, kwargs = list(ctx.args), ctx.kwargs or {}
+    if hasattr(op, "x_min"):  # Keras >= 3.x: Clip(x_min, x_max) holds its bounds, the node has x alone
+        lo, hi = op.x_min, op.x_max
+    else:  # the bounds as call arguments, positional or by keyword
+        lo = args[1] if len(args) > 1 else kwargs.get("x_min")
+        hi = args[2] if len(args) > 2 else kwargs.get("x_max")
     if isinstance(lo, Moments) or isinstance(hi, Moments):
         return ctx.probe()
     lo, hi = float(np.asarray(lo)), float(np.asarray(hi))

@@ -1,0 +1,122 @@
+"""What a sweep of keras-hub's other backbones (`benchmarks/hub_sweep.py`) found, as minimal models: an op
+whose bounds it holds itself (``ops.clip`` in GPT-OSS), a ``training`` keyword passed to a sublayer whose
+call takes none (DINOv2's patch convolution), a sublayer whose declared output shape misses the tuple its
+call returns (ESM's rotary layer), and a layer that cannot run on the probe its declared shapes give (XLNet)."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+import autoinit_tf
+from autoinit_tf import FallbackRuleWarning, ProbeFailedError
+from autoinit_tf.execute import call_stateless
+
+
+def _clipped_normal_moments(lo, hi):
+    """E[clip(Z)], Var clip(Z) for Z ~ N(0, 1), by scipy quadrature (independent of the rule's panels)."""
+    def clip(z):
+        return min(max(z, lo), hi)
+
+    def moment(p):
+        pieces = [(-np.inf, lo), (lo, hi), (hi, np.inf)]
+        return sum(integrate.quad(lambda z: clip(z) ** p * stats.norm.pdf(z), a, b, epsabs=1e-13)[0] for a, b in pieces)
+
+    m1, m2 = moment(1), moment(2)
+    return m1, m2 - m1 * m1
+
+
+def test_clip_reads_the_bounds_the_op_holds():
+    """GPT-OSS crashed in the clip rule (IndexError): Keras' Clip op holds x_min / x_max itself and its node
+    has x alone. Standard normal inputs clipped to [-0.5, 1]: the predicted mean and variance are the clipped
+    normal's (quadrature), and the Dense after it lands on target on fresh inputs."""
+    x = keras.Input((64,))
+    y = keras.layers.Dense(8)(keras.ops.clip(x, -0.5, 1.0))
+    model = keras.Model(x, y)
+    _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    row = next(r for r in report.rows if "clip" in r.name)
+    mean, var = _clipped_normal_moments(-0.5, 1.0)
+    assert row.outputs[0].mean == pytest.approx(mean, rel=1e-6)
+    assert row.outputs[0].var == pytest.approx(var, rel=1e-6)
+    out = model.predict(np.random.default_rng(1).standard_normal((20000, 64)).astype("float32"), verbose=0)
+    assert float(np.var(out)) == pytest.approx(float(report.output.var), rel=0.05)
+
+
+def test_a_training_keyword_is_dropped_for_a_call_that_takes_none():
+    """DINOv2's embeddings call their Conv2D with ``training=training``; Layer.__call__ drops it for a call
+    without the argument but stateless_call passes it on (TypeError in the default wrap's replay)."""
+    conv = keras.layers.Conv2D(3, 2)
+    x = np.random.default_rng(0).standard_normal((2, 5, 5, 4)).astype("float32")
+    conv.build(x.shape)
+    for training in (None, True, False):
+        got = call_stateless(conv, [x], {"training": True}, training)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(conv(x)))
+
+
+class PairScale(keras.layers.Layer):
+    """Returns a pair but declares one shape (as keras-hub's ESM rotary layer inherits RotaryEmbedding's)."""
+
+    def call(self, a, b):
+        return a * 2.0, b * 0.5
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class PairBlock(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.left, self.right, self.out = keras.layers.Dense(32), keras.layers.Dense(32), keras.layers.Dense(16)
+        self.pair = PairScale()
+
+    def call(self, x):
+        a, b = self.pair(self.left(x), self.right(x))
+        return self.out(a + b)
+
+
+def test_a_sublayer_whose_declared_shape_misses_its_tuple_output_is_walked_inside():
+    """ESM2's attention fell back ('Iterating over a symbolic KerasTensor'): its rotary sublayer returns
+    (q, k) but its inherited compute_output_shape gives one shape. While tracing, the structure the call
+    returns wins: the block is walked inside, its three Dense kernels drawn, and the predicted output
+    variance is the measured one."""
+    x = keras.Input((24,))
+    model = keras.Model(x, PairBlock()(x))
+    before = {v.path: np.array(v.numpy()) for v in model.weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    assert not report.fallbacks
+    kernels = [v for v in model.weights if v.path.endswith("kernel")]
+    assert len(kernels) == 3 and all(not np.array_equal(before[v.path], v.numpy()) for v in kernels)
+    out = model.predict(np.random.default_rng(2).standard_normal((20000, 24)).astype("float32"), verbose=0)
+    assert float(np.var(out)) == pytest.approx(float(report.output.var), rel=0.06)
+
+
+class RunsAtSevenOnly(keras.layers.Layer):
+    """Cannot be traced (reads its input as NumPy) and fails on the probe's length (32), as XLNet's attention
+    fails on the (None, 1, hidden) its relative encoding declares."""
+
+    def build(self, input_shape):
+        self.dense = keras.layers.Dense(8)
+        self.dense.build(input_shape)
+
+    def call(self, x):
+        if keras.ops.convert_to_numpy(x).shape[1] != 7:
+            raise RuntimeError("runs at length 7 only")
+        return self.dense(x)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (8,)
+
+
+def test_a_layer_that_fails_on_its_probe_is_named_and_nothing_changes():
+    x = keras.Input((None, 8))
+    model = keras.Model(x, keras.layers.Dense(4)(RunsAtSevenOnly(name="seven_only")(keras.layers.Dense(8)(x))))
+    before = [np.array(v.numpy()) for v in model.weights]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackRuleWarning)
+        with pytest.raises(ProbeFailedError, match=r"seven_only.*RunsAtSevenOnly.*runs at length 7 only.*register_rule"):
+            autoinit_tf.wrap(model, seed=0, calibrate=None)
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.weights))
