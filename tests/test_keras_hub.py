@@ -229,3 +229,71 @@ def test_projections_after_the_rms_norms_on_target_after_the_analytic_wrap(name)
     for layer in layer0:
         y = np.concatenate(seen[id(layer)])
         assert 0.96 <= float(np.var(y)) <= 1.04, (layer.path, float(np.var(y)))
+
+
+def _weighted_layers(model):
+    """Every layer in the tree owning a weight of two or more dimensions (kernels and tables) whose output
+    is its pre-activation (no fused activation: a Dense with GELU is checked through the layer after it)."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if any(len(v.shape) >= 2 for v in list(layer._trainable_variables) + list(layer._non_trainable_variables))
+            and getattr(layer, "activation", None) in (None, keras.activations.linear)]
+
+
+def _variances_on_fresh_tokens(model, seeds=(101, 102)):
+    layers = _weighted_layers(model)
+    seen = _outputs_on_fresh_tokens(model, layers, seeds)
+    return {layer.path: float(np.var(np.concatenate([a.reshape(-1) for a in seen[id(layer)]])))
+            for layer in layers if id(layer) in seen}
+
+
+def test_deberta_v3_attention_and_relative_embedding_have_rules():
+    """Was: DeBERTa-v3's DisentangledSelfAttention (``tf.gather`` on TensorFlow: no trace) and its
+    RelativeEmbedding fell back and kept keras-hub's init: 26% of the kernels untouched, attention outputs
+    at variance e^-11.7. Now both have rules: every kernel drawn, every weighted layer within [0.67, 1.5] after
+    the analytic wrap and within [0.8, 1.25] after the default one (which calibrates the attention: its
+    value-logit coupling is approximated)."""
+    from autoinit_tf import FallbackRuleWarning
+
+    keras.backend.clear_session()
+    model = keras_hub.models.DebertaV3Backbone(num_heads=2, max_sequence_length=64, bucket_size=16, **SIZE)
+    before = {v.path: np.array(v.numpy()) for v in model.weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    assert not rep.fallbacks
+    kernels = [v for v in model.weights if len(v.shape) >= 2 and not v.path.endswith("bias")]
+    assert all(not np.array_equal(before[v.path], v.numpy()) for v in kernels)
+    got = _variances_on_fresh_tokens(model)
+    assert any("rel_embedding" in k for k in got) and any("self_attention_layer/attention_output" in k for k in got)
+    assert all(0.67 < v < 1.5 for v in got.values()), got
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert any("self_attention_layer" in name for name in rep.auto_calibrated)
+    got = _variances_on_fresh_tokens(model)
+    assert all(0.8 < v < 1.25 for v in got.values()), got
+
+
+@pytest.mark.parametrize("name", ["esm2", "dinov2", "gpt_oss"])
+def test_other_backbones_wrap_by_default(name):
+    """Were: ESM2's attention fell back (its rotary sublayer declares one shape, returns two), DINOv2's default
+    wrap raised (a ``training`` keyword passed on to its Conv2D), GPT-OSS raised in the clip rule. Each now
+    wraps by default; ESM2's attention is walked inside and every kernel of it is drawn."""
+    keras.backend.clear_session()
+    m = keras_hub.models
+    if name == "esm2":
+        model = m.ESM2Backbone(num_heads=2, **SIZE)
+    elif name == "dinov2":
+        model = m.DINOV2Backbone(patch_size=14, num_layers=2, hidden_dim=64, num_heads=2, intermediate_dim=128,
+                                 image_shape=(70, 70, 3))
+    else:
+        model = m.GptOssBackbone(num_query_heads=2, num_key_value_heads=1, num_experts=4, **SIZE)
+    before = {v.path: np.array(v.numpy()) for v in model.weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
+    assert np.isfinite(float(rep.output.var))
+    if name == "esm2":
+        assert not rep.fallbacks
+        attention = [v for v in model.weights if "attention_layer" in v.path and v.path.endswith("kernel")]
+        assert len(attention) == 8 and all(not np.array_equal(before[v.path], v.numpy()) for v in attention)

@@ -233,8 +233,17 @@ def known_mask(ctx, queries: int, keys: int):
     return mask
 
 
-def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
-    query, key, value, value_shape = _qkv_inputs(ctx)
+def heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim, qkv=None, tokens=None, logits_of=None,
+               coupling_dim=None, out_contracted=2):
+    """The rule of a multi-head attention with query, key, value and output projections (EinsumDense
+    layers whose kernels contract the token axis first, the output one the (heads, head_dim) axes) and logits
+    q.k / sqrt(head_dim). ``qkv``: (query, key, value, value_shape) when the call's arguments are not
+    MultiHeadAttention's ``(query, value, key=None)``; ``tokens``: the symbolic tensor of the keys' tokens
+    (default: the call's second tensor, else its first); ``logits_of(q, k)``: the logits' Moments from the
+    projected queries' and keys' (default: those of q.k / sqrt(head_dim)); ``coupling_dim``: the head width
+    whose 1 / sqrt scales a key's own part of its logit (default `head_dim`); ``out_contracted``: the output
+    kernel's contracted axes."""
+    query, key, value, value_shape = _qkv_inputs(ctx) if qkv is None else qkv
     keys = _seq_len(value_shape, ctx.probe_length)
     query_shape = ctx.node.arguments.args[0].shape if ctx.node.arguments.args else ctx.node.arguments.kwargs["query"].shape
     mask = known_mask(ctx, _seq_len(query_shape, ctx.probe_length), keys)
@@ -246,18 +255,20 @@ def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
     if v_between > SHARED_LIMIT * v_total.var:
         ctx.inexact(f"values share {v_between / v_total.var:.0%} of their variance across positions "
                     "(per-unit offsets and per-example parts are not told apart)", persistent=True)
-    logit_mean = head_dim * q.mean * k.mean / np.sqrt(head_dim)
-    logit_var = (q.second * k.second - q.mean**2 * k.mean**2)
-    logits = Moments(logit_mean, logit_var)
+    if logits_of is None:
+        logits = Moments(head_dim * q.mean * k.mean / np.sqrt(head_dim), q.second * k.second - q.mean**2 * k.mean**2)
+    else:
+        logits = logits_of(q, k)
     dropout = float(getattr(ctx.layer, "dropout", 0.0))
     sum_a2 = _square_sum(logits, keys, mask)
     pattern = value_pattern(value, v_within)
     attended = _attended(v_total, v_within, v_between, sum_a2, keys, dropout, mask, pattern)
     if key is value:
         tilted = _tilted_square_sum(logits, keys, mask) if dropout > 0.0 else None
-        attended = _coupled(ctx, attended, q_dense, k_dense, v_dense, key, query, v_within, head_dim, logits, sum_a2,
-                            1.0 - dropout, tilted)
-    out, _, _, var = _project(ctx, o_dense, attended, 2, ctx.signal_variance)
+        attended = _coupled(ctx, attended, q_dense, k_dense, v_dense, key, query, v_within,
+                            head_dim if coupling_dim is None else coupling_dim, logits, sum_a2, 1.0 - dropout, tilted,
+                            tokens=tokens)
+    out, _, _, var = _project(ctx, o_dense, attended, out_contracted, ctx.signal_variance)
     ctx.weight_scale = var
     n = len(ctx.node.outputs)
     if n > 1:  # return_attention_scores=True
@@ -265,10 +276,13 @@ def _heads_rule(ctx, q_dense, k_dense, v_dense, o_dense, head_dim):
     return out
 
 
-def _token_normalized_width(ctx):
-    """`normalized_width` of the keys' and values' tokens of an attention layer's call."""
-    tensors = ctx.node.input_tensors
-    return normalized_width(tensors[1] if len(tensors) > 1 else tensors[0])
+def _token_normalized_width(ctx, tokens=None):
+    """`normalized_width` of the keys' and values' tokens of an attention layer's call (`tokens`, default
+    the call's second tensor, else its first)."""
+    if tokens is None:
+        tensors = ctx.node.input_tensors
+        tokens = tensors[1] if len(tensors) > 1 else tensors[0]
+    return normalized_width(tokens)
 
 
 def normalized_width(tokens):
@@ -305,7 +319,7 @@ def with_coupling(attended: Moments, d1: float, d2: float, sum_a2: float, v_with
 
 
 def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_within, head_dim, logits, sum_a2,
-             keep=1.0, tilted=None):
+             keep=1.0, tilted=None, tokens=None):
     """`attended` with the coupling of each key's logit and its own value (`value_logit_coupling`), for
     keys and values projected from the same tokens (self-attention).
 
@@ -333,7 +347,7 @@ def _coupled(ctx, attended, q_dense, k_dense, v_dense, kv_input, q_input, v_with
     d1, d2 = value_logit_coupling(wk, wv, wq, None if bq is None else np.asarray(bq, dtype=np.float64),
                                   kv_input, q_input, value_mean, 1.0 / np.sqrt(head_dim), logits, sum_a2, keep,
                                   tilted)
-    return with_coupling(attended, d1, d2, sum_a2 / keep, v_within, logits, _token_normalized_width(ctx))
+    return with_coupling(attended, d1, d2, sum_a2 / keep, v_within, logits, _token_normalized_width(ctx, tokens))
 
 
 def output_projection(layer):
@@ -360,8 +374,8 @@ def input_projections(layer, args, kwargs):
 @BUILTIN.rule(keras.layers.MultiHeadAttention, kernel=output_projection, bias_split=True, inner=input_projections)
 def multi_head_attention_rule(ctx):
     layer = ctx.layer
-    return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
-                       layer._key_dim)
+    return heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
+                      layer._key_dim)
 
 
 _GQA = getattr(keras.layers, "GroupQueryAttention", None) or getattr(keras.layers, "GroupedQueryAttention", None)
@@ -370,8 +384,8 @@ if _GQA is not None:
     @BUILTIN.rule(_GQA, kernel=output_projection, inner=input_projections)
     def grouped_query_attention_rule(ctx):
         layer = ctx.layer
-        return _heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
-                           layer.head_dim)
+        return heads_rule(ctx, layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense,
+                          layer.head_dim)
 
 
 @BUILTIN.rule(keras.layers.Attention)
