@@ -209,8 +209,9 @@ class AnalyticPass:
                 if "bias" in v.path.rsplit("/", 1)[-1]:
                     out[v.path] = f"a bias read by {where}: existing biases are kept"
                 else:
-                    out[v.path] = (f"used by {where}, not by a layer with a rule (a table only a raw add draws: "
-                                   "this one is read another way, or computed on while tracing)")
+                    out[v.path] = (f"used by {where}, not by a layer with a rule (a raw add or an einsum with the "
+                                   "signal draws such a weight: this one is read another way, or computed on while "
+                                   "tracing)")
             elif op is None:
                 out[v.path] = "not used by the model's forward pass (its layer or call is never reached)"
             elif id(op) in self.fallback_ops:

@@ -120,3 +120,44 @@ def test_a_layer_that_fails_on_its_probe_is_named_and_nothing_changes():
         with pytest.raises(ProbeFailedError, match=r"seven_only.*RunsAtSevenOnly.*runs at length 7 only.*register_rule"):
             autoinit_tf.wrap(model, seed=0, calibrate=None)
     assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.weights))
+
+
+class Experts(keras.layers.Layer):
+    """Mixture-of-experts feed-forward with its kernels as raw weights, as keras-hub's Mixtral, Qwen-MoE and
+    GPT-OSS hold them: ``einsum("th,ehm->etm", x, w_in)``, ReLU, ``einsum("etm,emh->eth", h, w_out)``."""
+
+    def __init__(self, experts=4, hidden=24, width=48, **kwargs):
+        super().__init__(**kwargs)
+        self.experts, self.hidden, self.width = experts, hidden, width
+
+    def build(self, input_shape):
+        self.w_in = self.add_weight(shape=(self.experts, self.hidden, self.width), initializer="glorot_uniform")
+        self.w_out = self.add_weight(shape=(self.experts, self.width, self.hidden), initializer="glorot_uniform")
+
+    def call(self, x):
+        h = keras.ops.relu(keras.ops.einsum("th,ehm->etm", x, self.w_in))
+        return keras.ops.einsum("etm,emh->eth", h, self.w_out)
+
+    def compute_output_shape(self, input_shape):
+        return (self.experts, input_shape[0], self.hidden)
+
+
+def test_expert_kernels_read_by_raw_einsums_are_drawn():
+    """Was: Mixtral's, Qwen-MoE's and GPT-OSS's expert kernels (56-78% of the kernels) were kept at keras-hub's
+    init, warned about as read by raw ops, expert outputs at variance e^-4.9 to e^-13. Now an einsum of the
+    signal with such a weight is a linear map drawn as AutoInit draws a Dense kernel: both expert kernels
+    change, nothing is left untouched, and the predicted output variance is the measured one."""
+    x = keras.Input((24,))
+    y = Experts(name="experts")(keras.layers.Dense(24)(x))
+    model = keras.Model(x, y)
+    before = {v.path: np.array(v.numpy()) for v in model.weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackRuleWarning)
+        _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    assert not report.untouched
+    for name in ("w_in", "w_out"):
+        v = getattr(model.get_layer("experts"), name)
+        assert not np.array_equal(before[v.path], v.numpy())
+    out = model.predict(np.random.default_rng(3).standard_normal((8192, 24)).astype("float32"), verbose=0)
+    assert float(np.var(out)) == pytest.approx(float(report.output.var), rel=0.06)
+    assert float(report.output.var) == pytest.approx(1.0, rel=0.05)

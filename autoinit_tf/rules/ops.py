@@ -523,10 +523,16 @@ def einsum_op_rule(ctx):
     is in them); of it B + W / T is common to all query positions (`attended_values`: an estimate for the
     default wrap; persistent where values share more than `ATTENDED_SHARED_LIMIT` of their variance, as in
     `rules.attention`). Any other einsum is measured on the probe."""
-    args = [a for a in ctx.args[1:] if isinstance(a, Moments)] if isinstance(ctx.args[0], str) else \
-        [a for a in ctx.args if isinstance(a, Moments)]
+    operands = list(ctx.args[1:]) if isinstance(ctx.args[0], str) else list(ctx.args)
+    args = [a for a in operands if isinstance(a, Moments)]
     tensors = ctx.node.input_tensors
     subscripts = getattr(ctx.op, "subscripts", None)
+    if len(operands) == 2 and len(args) == 1 and isinstance(subscripts, str) and "..." not in subscripts:
+        weight = next(o for o in operands if not isinstance(o, Moments))
+        if ctx.raw_table(weight):
+            out = raw_weight_einsum(ctx, subscripts, operands.index(weight), args[0], weight)
+            if out is not None:
+                return out
     if len(args) != 2 or len(tensors) != 2 or not isinstance(subscripts, str) or "->" not in subscripts \
             or "..." in subscripts:
         return ctx.probe()
@@ -542,6 +548,54 @@ def einsum_op_rule(ctx):
     if len(contracted) != 1 or sw[-1] != contracted[0]:
         return ctx.probe()
     return attended_values(ctx, a, v, tensors[i].shape[-1], tensors[i], tensors[1 - i])
+
+
+def raw_weight_einsum(ctx, subscripts: str, weight_index: int, x: Moments, weight):
+    """An einsum of the signal with a layer's own weight that no layer rule draws (`RuleContext.raw_table`):
+    a linear map, drawn as AutoInit draws a Dense kernel. Mixture-of-experts layers hold their experts' kernels
+    so (keras-hub's Mixtral, Qwen-MoE, GPT-OSS: ``einsum("th,ehm->etm", x, self.gate_kernel)``). With F the
+    product of the contracted axes' sizes, the weight gets variance ``signal_variance / (F E[x^2])``; the output
+    unit j (the weight's other axes) then has mean sum_c mu_c w_cj and variance sum_c v_c w_cj^2 from the drawn
+    weight (exact for independent input channels), and the output channel (the last output axis) mixes the
+    units that share it (one per expert); the drawn weight is then rescaled so that this draw's output
+    variance is the target (`linear.exact_for_draw`). Axes the signal and the weight share without contracting (the
+    experts of ``einsum("eti,eih->eth", h, self.down_kernel)``) read the signal's pooled moments. None when
+    the subscripts are not of that form (the caller measures the op on the probe)."""
+    lhs, out = subscripts.replace(" ", "").split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        return None
+    sw, sx = parts[weight_index], parts[1 - weight_index]
+    contracted = [c for c in sw if c in sx and c not in out]
+    others = [c for c in sw if c not in contracted]
+    shape = tuple(int(d) for d in weight.shape)
+    if not contracted or not others or len(set(sw)) != len(sw) or len(shape) != len(sw) or out[-1] != others[-1] \
+            or x.second <= 0.0:
+        return None
+    dims = dict(zip(sw, shape))
+    fan_in = int(np.prod([dims[c] for c in contracted]))
+    var = ctx.signal_variance / (fan_in * x.second)
+    ctx.weight_scale = var
+    w = ctx.draw(weight, var)
+    w = np.transpose(w, [sw.index(c) for c in contracted + others]).reshape(fan_in, -1).astype(np.float64)
+    if contracted == [sx[-1]] and x.ch_mean is not None and x.channels == fan_in:
+        mu, v = np.asarray(x.ch_mean, dtype=np.float64), np.asarray(x.ch_var, dtype=np.float64)
+    else:  # the contracted axes are not (only) the signal's channels: its pooled moments
+        mu, v = np.full(fan_in, float(x.mean)), np.full(fan_in, float(x.var))
+    unit_mean = mu @ w
+    unit_second = v @ (w * w) + unit_mean**2
+    channels = dims[out[-1]]
+    result = Moments.from_channel_second(unit_mean.reshape(-1, channels).mean(axis=0),
+                                         unit_second.reshape(-1, channels).mean(axis=0))
+    # As `linear.exact_for_draw` for a Dense kernel: the output is linear in the weight, so scaling the drawn
+    # weight by sqrt(target / Var) puts this draw's predicted variance on the target exactly.
+    if ctx.exact_draw and ctx.fit_inputs is ctx.inputs and ctx.drew(weight) and result.var > 0.0 \
+            and np.isfinite(result.var):
+        s = float(np.sqrt(ctx.signal_variance / result.var))
+        ctx.rescale(weight, s)
+        ctx.weight_scale = var * s * s
+        result = result.scaled(s)
+    return result
 
 
 def attended_values(ctx, a: Moments, v: Moments, keys, weights_tensor=None, values_tensor=None):
