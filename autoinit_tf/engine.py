@@ -114,6 +114,7 @@ class AnalyticPass:
         self.counts = {}
         self.ordinals = {}
         self.op_state = {}  # id(op) -> dict a rule keeps across the walks of this pass (`RuleContext.state`)
+        self.concrete_shapes = {}  # id(tensor) -> shape at the probe's size (`graph.concrete_shapes`)
 
     # -- weight bookkeeping ----------------------------------------------------------------------
     def _outside_only(self, variable) -> bool:
@@ -158,6 +159,8 @@ class AnalyticPass:
         # Layers without a rule are walked inside when their call traces (`tracing`).
         self.tracer = tracing.CallTracer(self.rules, length=getattr(self, "probe_length", None), moments=True)
         owned = self.tracer.settle(fn)
+        # Unknown spatial / time sizes of float inputs (keras-hub's (None, None, 3) images) at the probe's size
+        self.concrete_shapes = graph.concrete_shapes(fn, getattr(self, "probe_length", None) or declared.DEFAULT_PROBE_LENGTH)
         self.counts = graph.count_calls(fn, expand=self.tracer)
         # path -> traced op whose raw ops use that matrix (no layer of the walk owns it): kept as it is
         self.raw_weights = {path: op for op, view in self.tracer.traced_ops()

@@ -219,6 +219,47 @@ def _walk(fn, input_values, path, state):
     return tree.pack_sequence_as(fn._outputs_struct, [values[id(kt)] for kt in fn.outputs])
 
 
+def concrete_shapes(fn, length):
+    """``{id(tensor): shape}`` for the tensors of `fn` (nested models included) whose declared shape has an
+    unknown non-batch dimension, at the shapes they take when every unknown dimension of a float input is
+    `length` (the probe's: `execute.probe_shape`), or {} when no float input has one. keras-hub's vision
+    backbones declare images of shape (None, None, 3): a rule that reads the spatial size (global average
+    pooling: the number of positions averaged) reads it here, at the size the probe and calibration run at.
+    The shapes come from each op's ``compute_output_spec`` on symbolic tensors; where that fails, the
+    declared shapes stand from there on."""
+    def unknown(kt):
+        return any(d is None for d in tuple(kt.shape)[1:])
+
+    if not any(unknown(kt) and "float" in str(kt.dtype) for kt in fn.inputs):
+        return {}
+    shapes = {}
+
+    def concrete(kt):
+        shape = tuple(kt.shape)
+        if "float" not in str(kt.dtype):
+            return kt
+        return keras.KerasTensor((None,) + tuple(length if d is None else d for d in shape[1:]), dtype=kt.dtype)
+
+    def visit(node, args, kwargs, site):
+        try:
+            outs = node.operation.compute_output_spec(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the declared shapes stand
+            return list(node.outputs)
+        flat = [o for o in tree.flatten(outs) if o is not None]
+        if len(flat) != len(node.outputs) or not all(isinstance(o, keras.KerasTensor) for o in flat):
+            return list(node.outputs)
+        for kt, o in zip(node.outputs, flat):
+            if unknown(kt) and len(o.shape) == len(kt.shape):
+                shapes[id(kt)] = tuple(o.shape)
+        return flat
+
+    try:
+        walk(fn, [concrete(kt) for kt in fn.inputs], visit)
+    except Exception:  # noqa: BLE001 - shapes are a refinement: without them the declared shapes stand
+        return shapes
+    return shapes
+
+
 def count_calls(fn, path=(), counts=None, expand=None):
     """{id(op): number of calls} for every non-model op reachable in `fn` (nested models included, and
     the inside of the calls `expand` traces instead of the traced layers)."""

@@ -161,3 +161,49 @@ def test_expert_kernels_read_by_raw_einsums_are_drawn():
     out = model.predict(np.random.default_rng(3).standard_normal((8192, 24)).astype("float32"), verbose=0)
     assert float(np.var(out)) == pytest.approx(float(report.output.var), rel=0.06)
     assert float(report.output.var) == pytest.approx(1.0, rel=0.05)
+
+
+def _predicted_and_measured(model, shape, n=4096, seed=0):
+    _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    z = np.random.default_rng(seed).standard_normal((n,) + tuple(shape)).astype("float32")
+    return float(report.output.var), float(np.var(model.predict(z, verbose=0)))
+
+
+@pytest.mark.parametrize("case", ["grouped_strided", "grouped_5x5", "depthwise_small_map", "conv_small_map"])
+def test_zero_padding_then_a_valid_convolution_reads_the_border(case):
+    """The zeros a ZeroPadding puts on a small map's border are read in position-dependent numbers by the
+    windows of a valid convolution after it. Were: a grouped Conv2D (keras-hub's MobileNetV3 depthwise
+    stages, ``groups=channels``) had no element maps (1.34x, 1.66x measured against predicted); a padding
+    of an input with per-channel moments only used the pooled fraction of real entries (1.97x on a 4x4 map
+    padded by 2, 1.43x for a stride-2 conv on a 6x6 map padded by 1)."""
+    L = keras.layers
+    if case == "grouped_strided":
+        shape, build = (8, 8, 8), lambda x: L.Conv2D(8, 3, strides=2, groups=8)(L.ZeroPadding2D(1)(x))
+    elif case == "grouped_5x5":
+        shape, build = (8, 8, 8), lambda x: L.Conv2D(8, 5, groups=8)(L.ZeroPadding2D(2)(L.ReLU()(L.Conv2D(8, 1)(x))))
+    elif case == "depthwise_small_map":
+        shape, build = (4, 4, 8), lambda x: L.DepthwiseConv2D(5)(L.ZeroPadding2D(2)(x))
+    else:
+        shape, build = (6, 6, 8), lambda x: L.Conv2D(8, 3, strides=2)(L.ZeroPadding2D(1)(x))
+    x = keras.Input(shape)
+    predicted, measured = _predicted_and_measured(keras.Model(x, build(x)), shape)
+    assert measured == pytest.approx(predicted, rel=0.03)
+
+
+def test_global_average_of_images_of_unknown_size():
+    """keras-hub's vision backbones declare images (None, None, 3). Global average pooling read the unknown
+    size as one position and passed the whole variance through (hub EfficientNet's first squeeze-and-excite:
+    pooled variance predicted 0.31, measured 0.0005; its expand conv at e^-2.7 after wrap). Unknown sizes are
+    now the probe's (`graph.concrete_shapes`), where calibration and the probe run: the Dense after the
+    pooling lands where predicted on images of that size."""
+    from autoinit_tf import declared
+
+    L = keras.layers
+    x = keras.Input((None, None, 3))
+    h = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same")(x)))
+    model = keras.Model(x, L.Dense(8)(L.GlobalAveragePooling2D()(h)))
+    size = declared.DEFAULT_PROBE_LENGTH
+    _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    z = np.random.default_rng(4).standard_normal((512, size, size, 3)).astype("float32")
+    measured = float(np.var(keras.ops.convert_to_numpy(model(z, training=True))))
+    assert measured == pytest.approx(float(report.output.var), rel=0.1)

@@ -75,17 +75,23 @@ class RuleContext:
         initialization, beta set to 0), or None to keep gamma and beta."""
         return getattr(self._engine, "bn_gamma", None)
 
+    def _shape(self, tensor):
+        """The tensor's static shape, its unknown non-batch sizes at the probe's where the pass knows them
+        (`graph.concrete_shapes`: images declared (None, None, 3))."""
+        known = getattr(self._engine, "concrete_shapes", None)
+        return known.get(id(tensor), tuple(tensor.shape)) if known else tuple(tensor.shape)
+
     @property
     def input_shapes(self):
         if self._input_shapes is not None:
             return self._input_shapes
-        return [tuple(t.shape) for t in self.node.input_tensors]
+        return [self._shape(t) for t in self.node.input_tensors]
 
     @property
     def output_shapes(self):
         if self._output_shapes is not None:
             return self._output_shapes
-        return [tuple(t.shape) for t in self.node.outputs]
+        return [self._shape(t) for t in self.node.outputs]
 
     def sub(self, op, inputs=None, input_shapes=None, output_shapes=None, share_notes=True):
         """A context for an inner layer (of a wrapper) sharing this pass; notes flow back here unless

@@ -60,9 +60,12 @@ def conv_maps(layer, m: Moments, in_shape, kernel, bias):
 
     1-D and 2-D convolutions of maps up to `NUMPY_CONV_ELEMENTS` run in NumPy (`correlate_maps`): handing
     the kernel and its square to the backend copies both into fresh backend tensors (ResNet50V2's first
-    wrap: 0.26 s of 1.2 in those copies); per conv 1.5-20x faster on ResNet-sized maps and kernels."""
+    wrap: 0.26 s of 1.2 in those copies); per conv 1.5-20x faster on ResNet-sized maps and kernels.
+    Grouped convolutions (``groups > 1``: keras-hub's MobileNetV3 writes its depthwise stages as
+    ``Conv2D(groups=channels)``) go to the backend's convolution, which groups the input channels by the
+    kernel's (without maps, a strided one after a ZeroPadding on a small map was 1.3-1.7x off)."""
     if getattr(layer, "groups", 1) != 1:
-        return None
+        return _filtered_maps(keras.ops.conv, layer, m, in_shape, kernel, bias)
     dims = tuple(in_shape[1:])
     numpy_sized = len(dims) in (2, 3) and None not in dims and int(np.prod(dims)) <= NUMPY_CONV_ELEMENTS
     return _filtered_maps(None if numpy_sized else keras.ops.conv, layer, m, in_shape, kernel, bias)
