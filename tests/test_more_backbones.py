@@ -207,3 +207,55 @@ def test_global_average_of_images_of_unknown_size():
     z = np.random.default_rng(4).standard_normal((512, size, size, 3)).astype("float32")
     measured = float(np.var(keras.ops.convert_to_numpy(model(z, training=True))))
     assert measured == pytest.approx(float(report.output.var), rel=0.1)
+
+
+class RawSqueezeExcite(keras.layers.Layer):
+    """keras-hub MobileNetV3's squeeze-and-excitation, written with raw ops: ``ops.mean`` over the spatial
+    axes and ``inputs * gate``."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.reduce = keras.layers.Conv2D(channels // 4, 1, activation="relu")
+        self.expand = keras.layers.Conv2D(channels, 1, activation="hard_sigmoid")
+
+    def call(self, x):
+        return x * self.expand(self.reduce(keras.ops.mean(x, axis=(1, 2), keepdims=True)))
+
+
+def _se_model(raw):
+    L = keras.layers
+    x = keras.Input((8, 8, 16))
+    h = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same")(x)))
+    if raw:
+        h = RawSqueezeExcite(16, name="se")(h)
+    else:
+        g = L.Reshape((1, 1, 16))(L.GlobalAveragePooling2D()(h))
+        g = L.Conv2D(16, 1, activation="hard_sigmoid")(L.Conv2D(4, 1, activation="relu")(g))
+        h = L.Multiply()([h, g])
+    return keras.Model(x, L.Conv2D(16, 1, name="after")(h))
+
+
+def test_raw_spatial_mean_and_gate_are_a_squeeze_and_excitation():
+    """Was: a raw ``ops.mean`` over the spatial axes shrank only the within part by the count (no positions'
+    correlation, no shared part), and a raw ``x * gate`` was not seen as a per-example gate, so the default
+    wrap calibrated nothing after it (keras-hub MobileNetV3: auto 0, SE expand convs 1.5x off). Now the raw
+    mean is a global average pooling (the same prediction as the layer's) and the product marks the layers
+    after it for calibration."""
+    rows = {}
+    for raw in (False, True):
+        keras.backend.clear_session()
+        model = _se_model(raw)
+        _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+        pooled = next(r for r in report.rows if r.type in ("Mean", "GlobalAveragePooling2D"))
+        rows[raw] = pooled.outputs[0]
+        if raw:
+            z = np.random.default_rng(6).standard_normal((2048, 8, 8, 16)).astype("float32")
+            h = keras.Model(model.inputs, model.get_layer("se").input)(z, training=True)
+            measured = float(np.var(np.mean(keras.ops.convert_to_numpy(h), axis=(1, 2))))
+            assert measured == pytest.approx(rows[raw].var, rel=0.1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, report = autoinit_tf.wrap(model, seed=0, return_report=True)
+            assert "after" in report.auto_calibrated
+    assert rows[True].mean == pytest.approx(rows[False].mean, rel=1e-9)
+    assert rows[True].var == pytest.approx(rows[False].var, rel=1e-9)

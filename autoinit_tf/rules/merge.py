@@ -214,13 +214,19 @@ def _constant_over_positions(shapes):
 
 @BUILTIN.rule(L.Multiply)
 def multiply_rule(ctx):
-    out = multiply_moments(ctx.inputs)
-    pooled = _constant_over_positions(ctx.input_shapes)
+    return multiply_signals(ctx, ctx.inputs, ctx.input_shapes)
+
+
+def multiply_signals(ctx, inputs, shapes):
+    """The product of signals (a Multiply layer, or ``x * gate`` as a raw op: keras-hub's MobileNetV3
+    squeeze-and-excitation); a factor constant over positions is a per-example gate (see `multiply_rule`)."""
+    out = multiply_moments(inputs)
+    pooled = _constant_over_positions(shapes)
     if pooled is not None:
         ctx.inexact("a per-example gate (squeeze-and-excitation) scales each example's channels: the signal after "
                     "it is a scale mixture, whose spread the pass estimates (one latent log-scale)", persistent=True)
-        if len(ctx.inputs) == 2:
-            g, x = ctx.inputs if pooled[0] else ctx.inputs[::-1]
+        if len(inputs) == 2:
+            g, x = inputs if pooled[0] else inputs[::-1]
             out = spatial_correlation.unchanged(shared_part.gate(x, g, out), x)
     return out
 

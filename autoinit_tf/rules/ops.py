@@ -21,7 +21,8 @@ from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, l
                                          mark_wide_logits, masked_softmax_moments, numpy_function, per_class,
                                          softmax_moments, softmax_per_class_moments)
 from autoinit_tf.rules.linear import linear_output
-from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_moments
+from autoinit_tf.rules.pooling import global_average
+from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_signals
 from autoinit_tf.rules.provenance import projection_behind, softmax_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
@@ -258,7 +259,7 @@ def multiply_op_rule(ctx):
         hit = rms_normalized(ctx.node)  # x * rsqrt(mean(x^2) + eps): one normalization, not two factors
         if hit is not None:
             return rms_normalized_moments(ctx.args[hit[0]], hit[1])
-        return multiply_moments([a, b])
+        return multiply_signals(ctx, [a, b], ctx.input_shapes)
     m, c = (a, b) if ma else (b, a)
     c1, c2 = _constant_stats(ctx, c)
     if c2 - c1 * c1 <= 1e-15 * max(c2, 1.0):
@@ -327,7 +328,7 @@ def matmul_rule(ctx):
 
 
 def _reduced_count(ctx, axis):
-    shape = ctx.node.input_tensors[0].shape
+    shape = ctx.input_shapes[0]
     axes = range(len(shape)) if axis is None else (axis if isinstance(axis, (list, tuple)) else (axis,))
     axes = [a for a in axes if not (axis is None and a == 0)]
     dims = [shape[a] for a in axes]
@@ -336,8 +337,25 @@ def _reduced_count(ctx, axis):
     return int(np.prod(dims)) if dims else 1
 
 
+def _spatial_mean_rank(ctx, axis):
+    """The number of spatial axes when `axis` is exactly the spatial axes of a channels-last feature map
+    (``ops.mean(x, axis=(1, 2), keepdims=True)``: keras-hub's squeeze-and-excitation), else None."""
+    shape = ctx.input_shapes[0]
+    if axis is None or len(shape) < 3:
+        return None
+    axes = sorted(a % len(shape) for a in (axis if isinstance(axis, (list, tuple)) else (axis,)))
+    rank = len(shape) - 2
+    return rank if rank <= 3 and axes == list(range(1, rank + 1)) else None
+
+
 @BUILTIN.rule(np_ops.Mean)
 def mean_op_rule(ctx):
+    """A mean over a feature map's spatial axes is a global average pooling (`pooling.global_average`:
+    per channel, the positions' correlation and the per-example shared part); any other mean of n entries
+    shrinks the within part by n."""
+    rank = _spatial_mean_rank(ctx, ctx.op.axis)
+    if rank is not None and ctx.input.ch_mean is not None:
+        return global_average(ctx, rank)
     n = _reduced_count(ctx, ctx.op.axis)
     if n is None:
         return ctx.probe()

@@ -200,7 +200,10 @@ def max_pooling_rule(ctx):
                                         ctx.input_shapes[0])
 
 
-def _global_average(ctx, rank):
+def global_average(ctx, rank):
+    """Global average pooling over the `rank` spatial axes of a channels-last map (the layer, or a raw mean
+    over those axes): per channel, what the positions share passes whole (element maps, the positions'
+    correlation, the per-example shared part)."""
     out = None
     if ctx.input.el_mean is not None and getattr(ctx.layer, "data_format", "channels_last") == "channels_last":
         out = element_maps.global_average_maps(ctx.input, ctx.input_shapes[0])
@@ -225,7 +228,7 @@ for _cls in (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D):
 for _cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D):
     BUILTIN.rule(_cls, max_pooling_rule)
 for _rank, _cls in ((1, L.GlobalAveragePooling1D), (2, L.GlobalAveragePooling2D), (3, L.GlobalAveragePooling3D)):
-    BUILTIN.rule(_cls, lambda ctx, r=_rank: _global_average(ctx, r))
+    BUILTIN.rule(_cls, lambda ctx, r=_rank: global_average(ctx, r))
 for _rank, _cls in ((1, L.GlobalMaxPooling1D), (2, L.GlobalMaxPooling2D), (3, L.GlobalMaxPooling3D)):
     BUILTIN.rule(_cls, lambda ctx, r=_rank: _max_of(
         ctx.input, lambda m, fn=None, kinks=(): _maximum(m, _global_sizes(ctx, r), fn, kinks), ctx))
