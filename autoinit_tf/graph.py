@@ -346,12 +346,41 @@ def _tracing_patches(op):
 
     keras_node = layer_module.Node
     layer_module.Node = _node_without_none(keras_node)
+    arithmetic = _variable_arithmetic_deferring()
     try:
         yield
     finally:
         layer_module.Node = keras_node
+        for name, method in arithmetic.items():
+            setattr(_KERAS_VARIABLE, name, method)
         for layer in patched:
             object.__delattr__(layer, "compute_output_spec")
+
+
+from keras.src.backend.common.variables import Variable as _KERAS_VARIABLE  # noqa: E402
+
+_VARIABLE_OPERATORS = ("__add__", "__sub__", "__mul__", "__truediv__", "__floordiv__", "__mod__", "__pow__",
+                       "__matmul__")
+
+
+def _variable_arithmetic_deferring():
+    """While tracing, ``variable * symbolic`` (keras-hub's T5LayerNorm: ``self.weight * hidden_states``) defers to
+    the symbolic tensor's reflected operator, a keras.ops call (Keras' Variable computes on its value with the
+    backend, which cannot take a KerasTensor). Returns the original methods, for restoring."""
+    saved = {}
+    for name in _VARIABLE_OPERATORS:
+        original = _KERAS_VARIABLE.__dict__.get(name)
+        if original is None:
+            continue
+        saved[name] = original
+
+        def deferring(self, other, _original=original):
+            if isinstance(other, keras.KerasTensor):
+                return NotImplemented
+            return _original(self, other)
+
+        setattr(_KERAS_VARIABLE, name, deferring)
+    return saved
 
 
 def _shape_declared_outside_keras(layer) -> bool:

@@ -259,3 +259,32 @@ def test_raw_spatial_mean_and_gate_are_a_squeeze_and_excitation():
             assert "after" in report.auto_calibrated
     assert rows[True].mean == pytest.approx(rows[False].mean, rel=1e-9)
     assert rows[True].var == pytest.approx(rows[False].var, rel=1e-9)
+
+
+class WeightTimesSignal(keras.layers.Layer):
+    """``self.weight * x`` with the variable on the left, as keras-hub's T5LayerNorm writes its scale."""
+
+    def build(self, input_shape):
+        self.weight = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+        self.dense = keras.layers.Dense(16)
+        self.dense.build(input_shape)
+
+    def call(self, x):
+        return self.dense(self.weight * x)
+
+
+def test_variable_times_symbolic_tensor_is_traced():
+    """T5's layer norms fell back ('A KerasTensor cannot be used as input to a TensorFlow function'): Keras'
+    Variable computes ``variable * x`` on its value with the backend. While tracing it defers to the symbolic
+    tensor's reflected operator (a keras.ops multiply): the layer is walked inside, its Dense drawn, and the
+    prediction is the measured variance."""
+    x = keras.Input((24,))
+    model = keras.Model(x, WeightTimesSignal(name="scaled")(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackRuleWarning)
+        _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    assert not report.fallbacks
+    assert any(r.name.endswith("dense") and r.weighted for r in report.rows)
+    out = model.predict(np.random.default_rng(7).standard_normal((8192, 24)).astype("float32"), verbose=0)
+    assert float(np.var(out)) == pytest.approx(float(report.output.var), rel=0.05)
+    assert (keras.Variable(np.ones(3, dtype="float32")) * 2.0).shape == (3,)  # restored after tracing
