@@ -457,7 +457,28 @@ def trace_call(node, shapes=None):
                 lifted = None
             if lifted is not None and len(_sublayers_not_called(node.operation, lifted)) < len(missing):
                 view = lifted
+    _VIEWS[node] = view
+    for i, kt in enumerate(list(view.inputs)[:len(node.arguments.keras_tensors)]):
+        _OUTER[id(kt)] = (kt, weakref.ref(node), i)
     return view
+
+
+_VIEWS = weakref.WeakKeyDictionary()  # node -> the view `trace_call` last made of that call
+_OUTER = {}  # id(view input) -> (that input, weakref to the traced call's node, its argument index)
+
+
+def outer_tensor(tensor):
+    """For an input of a traced view (`trace_call`), the tensor the traced call received there; else None."""
+    entry = _OUTER.get(id(tensor))
+    if entry is None or entry[0] is not tensor:
+        return None
+    node = entry[1]()
+    return None if node is None else list(node.arguments.keras_tensors)[entry[2]]
+
+
+def traced_view(node):
+    """The functional view `trace_call` made of this call (the last one), or None when it was never traced."""
+    return _VIEWS.get(node)
 
 
 def lifted_constants(view):

@@ -297,3 +297,29 @@ def test_other_backbones_wrap_by_default(name):
         assert not rep.fallbacks
         attention = [v for v in model.weights if "attention_layer" in v.path and v.path.endswith("kernel")]
         assert len(attention) == 8 and all(not np.array_equal(before[v.path], v.numpy()) for v in attention)
+
+
+@pytest.mark.parametrize("name", ["dinov2", "vitdet"])
+def test_position_tables_added_to_a_wrapped_patch_projection_are_per_position_biases(name):
+    """A learned position table added to a patch convolution's output is a per-position bias of it (std 0.02
+    of the signal, as DeiT's). Was: DINOv2 wraps its convolution in a layer of its own and ViTDet adds the
+    table in another layer than the convolution's, so the table was drawn as an embedding and the sum came
+    out 1.95-2x (DINOv2's ``embeddings``, ViTDet's ``add_positional_embedding``). Now the projection is
+    found through traced blocks in both directions, and those outputs are on target after the analytic wrap."""
+    keras.backend.clear_session()
+    m = keras_hub.models
+    if name == "dinov2":
+        model = m.DINOV2Backbone(patch_size=14, num_layers=2, hidden_dim=64, num_heads=2, intermediate_dim=128,
+                                 image_shape=(70, 70, 3))
+        target = "embeddings"
+    else:
+        model = m.ViTDetBackbone(hidden_size=64, num_layers=2, intermediate_dim=128, num_heads=2,
+                                 global_attention_layer_indices=[1], image_shape=(64, 64, 3), patch_size=16,
+                                 window_size=2)
+        target = "add_positional_embedding"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        autoinit_tf.wrap(model, seed=0, calibrate=None)
+    got = _variances_on_fresh_tokens(model)
+    assert 0.8 < got[target] < 1.25, got
+    assert all(0.5 < v < 2.0 for v in got.values()), got

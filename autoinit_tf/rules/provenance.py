@@ -12,6 +12,7 @@ from keras.src.ops import core as core_ops
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as np_ops
 
+from autoinit_tf import graph
 from autoinit_tf.rules.registry import spec_for
 
 __all__ = ["consumers", "producer", "projection_behind", "softmax_behind", "source", "uncast"]
@@ -84,12 +85,13 @@ def source(tensor, depth=4):
     return None, None
 
 
-def projection_behind(tensor, depth=6):
+def projection_behind(tensor, depth=8):
     """The weighted projection (a Dense, EinsumDense or convolution layer: any class registered with a
     ``preactivation`` rule, `registry.LayerSpec`) a traced tensor is the output of,
     seen through casts, reshapes, transposes and concatenations (ViT joins its class token to the patch
-    convolution's output before adding positions); None when it is anything else (a table lookup, an
-    input, a sum)."""
+    convolution's output before adding positions), into traced blocks (DINOv2's patch embedding layer
+    wraps its convolution) and out of them (ViTDet adds its positions in a layer of its own, to what its
+    patch embedding layer returned); None when it is anything else (a table lookup, an input, a sum)."""
     frontier = [tensor]
     for _ in range(depth):
         following = []
@@ -99,8 +101,19 @@ def projection_behind(tensor, depth=6):
                 continue
             if spec_for(op).preactivation is not None:  # a registered linear layer (its own pre-activation rule)
                 return op
+            if isinstance(op, keras.layers.InputLayer):  # a traced view's input: what the call received there
+                outer = graph.outer_tensor(t)
+                if outer is not None:
+                    following.append(outer)
+                continue
             if isinstance(op, _LAYOUT_OPS):
                 following.extend(node.input_tensors)
+                continue
+            view = graph.traced_view(node)  # a traced block (DINOv2's patch embedding): its output inside
+            index = getattr(getattr(t, "_keras_history", None), "tensor_index", None)
+            outs = tree.flatten(view.outputs) if view is not None else []
+            if index is not None and index < len(outs):
+                following.append(outs[index])
         frontier = following
         if not frontier:
             return None
