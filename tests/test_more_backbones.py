@@ -288,3 +288,30 @@ def test_variable_times_symbolic_tensor_is_traced():
     out = model.predict(np.random.default_rng(7).standard_normal((8192, 24)).astype("float32"), verbose=0)
     assert float(np.var(out)) == pytest.approx(float(report.output.var), rel=0.05)
     assert (keras.Variable(np.ones(3, dtype="float32")) * 2.0).shape == (3,)  # restored after tracing
+
+
+def test_attention_scores_masked_by_where_with_a_sink_column():
+    """keras-hub's GPT-OSS masks its scores with ``where(mask, scores, -1e9)``, joins a sink column, subtracts
+    the row max and drops the sink after the softmax. Were: the where mixed the -1e9 fill into the logits'
+    moments (variance 2.5e17), the softmax came out one-hot, and the output projection landed at 0.01 of its
+    target (GPT-OSS: e^-4.75). Now the fill is a mask (`Moments.visible`, as an additive mask), the sink
+    column a visible key, the row-max shift a shift, and the slice of the weights still attention weights."""
+    from keras import ops
+
+    T, C = 32, 32
+    x = keras.Input((T, C), name="tokens")
+    mask = keras.Input((T,), dtype="int32", name="padding_mask")
+    h = keras.layers.LayerNormalization()(x)
+    q, k, v = (keras.layers.Dense(C, name=n)(h) for n in ("q", "k", "v"))
+    logits = ops.einsum("bqc,bkc->bqk", q, k) / np.sqrt(C)
+    cond = ops.logical_and(ops.greater(mask[:, None, :], 0), ops.cast(ops.tril(ops.ones((T, T))), "bool")[None])
+    joined = ops.concatenate([ops.where(cond, logits, -1e9), ops.zeros((1, T, 1)) + 0.0 * logits[..., :1]], axis=-1)
+    joined = joined - ops.stop_gradient(ops.max(joined, axis=-1, keepdims=True))
+    weights = ops.softmax(joined, axis=-1)[..., :-1]
+    model = keras.Model([x, mask], keras.layers.Dense(C, name="proj")(ops.einsum("bqk,bkc->bqc", weights, v)))
+    _, report = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    where = next(r for r in report.rows if r.type == "Where")
+    assert where.outputs[0].var < 10.0
+    z = np.random.default_rng(8).standard_normal((2048, T, C)).astype("float32")
+    y = model.predict({"tokens": z, "padding_mask": np.ones((2048, T), "int32")}, verbose=0)
+    assert float(np.var(y)) == pytest.approx(float(report.output.var), rel=0.15)

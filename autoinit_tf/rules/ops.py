@@ -23,7 +23,7 @@ from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, l
 from autoinit_tf.rules.linear import linear_output
 from autoinit_tf.rules.pooling import global_average
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_signals
-from autoinit_tf.rules.provenance import projection_behind, softmax_behind
+from autoinit_tf.rules.provenance import producer, projection_behind, softmax_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
@@ -241,10 +241,36 @@ def add_op_rule(ctx):
     return Moments(m.mean + c1, m.var + cvar, m.between + cvar)
 
 
+def _is_own_row_max(tensor, of) -> bool:
+    """Whether `tensor` is ``max(of, axis=-1, keepdims=True)`` (through stop_gradient and casts): the shift a
+    softmax is stabilized by (``x - stop_gradient(max(x))``, keras-hub's GPT-OSS attention)."""
+    for _ in range(4):
+        op, node = producer(tensor)
+        if op is None or not node.input_tensors:
+            return False
+        if isinstance(op, (core_ops.StopGradient, core_ops.Cast)):
+            tensor = node.input_tensors[0]
+            continue
+        axis = getattr(op, "axis", None)
+        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+        rank = len(of.shape)
+        return (isinstance(op, np_ops.Max) and bool(getattr(op, "keepdims", False)) and axis in (-1, rank - 1)
+                and node.input_tensors[0] is of)
+    return False
+
+
 @BUILTIN.rule(np_ops.Subtract)
 def subtract_op_rule(ctx):
     a, b, ma, mb = _binary(ctx)
     if ma and mb:
+        tensors = ctx.node.input_tensors
+        if len(tensors) == 2 and _is_own_row_max(tensors[1], tensors[0]):
+            # x - max over x's own last axis: every entry of a row moves by the same amount, so the spread
+            # within the row (what a softmax after it reads) is x's; not the variance of two independent terms
+            out = a.scaled(1.0, -b.mean)
+            if getattr(a, "visible", None) is not None:
+                out.visible = a.visible
+            return out
         return Moments(a.mean - b.mean, a.var + b.var)
     c1, c2 = _constant_stats(ctx, b if ma else a)
     m = a if ma else b
@@ -493,7 +519,16 @@ def concatenate_op_rule(ctx):
     axis = ctx.op.axis
     sizes = [kt.shape[axis] for kt in ctx.node.input_tensors]
     ndim = len(ctx.node.input_tensors[0].shape)
-    return concat_moments(ctx.inputs, sizes, axis == -1 or axis == ndim - 1)
+    last = axis == -1 or axis == ndim - 1
+    out = concat_moments(ctx.inputs, sizes, last)
+    masks = [getattr(m, "visible", None) for m in ctx.inputs]
+    if last and len(ctx.inputs) == len(sizes) and sum(v is not None for v in masks) == 1 \
+            and all(isinstance(n, int) for n in sizes):
+        # masked logits joined by always-visible columns (GPT-OSS's attention sinks): the mask, those columns seen
+        rows = next(v for v in masks if v is not None).shape[0]
+        out.visible = np.concatenate([v if v is not None else np.ones((rows, n), dtype=bool)
+                                      for v, n in zip(masks, sizes)], axis=1)
+    return out
 
 
 @BUILTIN.rule(np_ops.Stack)
@@ -508,6 +543,31 @@ def _probe_rule(ctx):
 BUILTIN.rule(nn_ops.DotProductAttention, _probe_rule)
 
 
+def _where_mask(ctx, cond, x1, x2):
+    """``where(mask, logits, -1e9)`` (or the fill first): logits masked as an additive mask masks them
+    (`_additive_mask`): the signal's moments, with `Moments.visible` the rows of the last axis where the
+    logits stand, for the softmax after it; None when neither branch is such a fill (keras-hub's GPT-OSS
+    masks its attention scores so: taken as a mixture with the fill, its logits had variance 2.5e17)."""
+    signal_first = isinstance(x1, Moments) and not isinstance(x2, Moments)
+    if not signal_first and not (isinstance(x2, Moments) and not isinstance(x1, Moments)):
+        return None
+    m, fill = (x1, x2) if signal_first else (x2, x1)
+    arr = _constant_array(ctx, fill)
+    if arr.size == 0 or float(arr.max()) > MASK_LOGIT:
+        return None
+    out_shape = tuple(ctx.node.outputs[0].shape)
+    size = out_shape[-1] if out_shape else None
+    if size is None or cond.ndim < 1 or cond.shape[-1] not in (1, size):
+        return None
+    shown = cond if signal_first else ~cond
+    shown = np.broadcast_to(shown, shown.shape[:-1] + (size,)).reshape(-1, size)
+    if not shown.any():
+        return None
+    out = m.scaled(1.0)
+    out.visible = shown
+    return out
+
+
 @BUILTIN.rule(np_ops.Where)
 def where_op_rule(ctx):
     """``where(condition, x1, x2)`` with a known condition (`Moments.const`: Gemma zeroes the outputs of
@@ -518,6 +578,9 @@ def where_op_rule(ctx):
     const = getattr(cond, "const", None) if isinstance(cond, Moments) else None
     if const is None or len(args) != 3:
         return ctx.probe()
+    masked = _where_mask(ctx, np.asarray(const) != 0, args[1], args[2])
+    if masked is not None:
+        return masked
     frac = float(np.mean(np.asarray(const) != 0))
     parts = [a if isinstance(a, Moments) else Moments.constant(_constant_array(ctx, a)) for a in args[1:]]
     if frac == 1.0:

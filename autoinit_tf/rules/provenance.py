@@ -45,9 +45,9 @@ def softmax_behind(tensor):
         if isinstance(op, (nn_ops.Softmax, keras.layers.Softmax)) or (
                 isinstance(op, keras.layers.Activation) and getattr(op.activation, "__name__", "") == "softmax"):
             return node
-        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast)) or not node.input_tensors:
+        if not isinstance(op, (keras.layers.Dropout, core_ops.Cast, np_ops.GetItem)) or not node.input_tensors:
             return None
-        tensor = node.input_tensors[0]
+        tensor = node.input_tensors[0]  # through dropout, casts and slices (GPT-OSS drops its sink column)
     return None
 
 
