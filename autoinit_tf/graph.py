@@ -459,21 +459,19 @@ def trace_call(node, shapes=None):
                 view = lifted
     _VIEWS[node] = view
     for i, kt in enumerate(list(view.inputs)[:len(node.arguments.keras_tensors)]):
-        _OUTER[id(kt)] = (kt, weakref.ref(node), i)
+        object.__setattr__(kt, _OUTER, (weakref.ref(node), i))  # `outer_tensor`; lives as long as the view
     return view
 
 
 _VIEWS = weakref.WeakKeyDictionary()  # node -> the view `trace_call` last made of that call
-_OUTER = {}  # id(view input) -> (that input, weakref to the traced call's node, its argument index)
+_OUTER = "_autoinit_outer"  # attribute of a view input: (weakref to the traced call's node, argument index)
 
 
 def outer_tensor(tensor):
     """For an input of a traced view (`trace_call`), the tensor the traced call received there; else None."""
-    entry = _OUTER.get(id(tensor))
-    if entry is None or entry[0] is not tensor:
-        return None
-    node = entry[1]()
-    return None if node is None else list(node.arguments.keras_tensors)[entry[2]]
+    entry = getattr(tensor, _OUTER, None)
+    node = entry[0]() if entry is not None else None
+    return None if node is None else list(node.arguments.keras_tensors)[entry[1]]
 
 
 def traced_view(node):
