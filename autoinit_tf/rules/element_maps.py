@@ -62,9 +62,21 @@ def conv_maps(layer, m: Moments, in_shape, kernel, bias):
     the kernel and its square to the backend copies both into fresh backend tensors (ResNet50V2's first
     wrap: 0.26 s of 1.2 in those copies); per conv 1.5-20x faster on ResNet-sized maps and kernels.
     Grouped convolutions (``groups > 1``: keras-hub's MobileNetV3 writes its depthwise stages as
-    ``Conv2D(groups=channels)``) go to the backend's convolution, which groups the input channels by the
-    kernel's (without maps, a strided one after a ZeroPadding on a small map was 1.3-1.7x off)."""
-    if getattr(layer, "groups", 1) != 1:
+    ``Conv2D(groups=channels)``) of an input that has element maps go to the backend's depthwise convolution
+    (one input channel per group) or grouped convolution (without maps, a strided one after a ZeroPadding on
+    a small map was 1.3-1.7x off)."""
+    groups = int(getattr(layer, "groups", 1) or 1)
+    if groups != 1:
+        if m.el_mean is None:
+            # per-channel input: the per-channel path's tap fractions already place a 'same' padding's border
+            # (ConvNeXt's 7x7 stages; maps from per-channel moments cost its wrap 1.7x for the same numbers)
+            return None
+        k = np.asarray(kernel)
+        if k.shape[-2] == 1 and k.shape[-1] % groups == 0:
+            # one input channel per group (ConvNeXt's 7x7 stages): a depthwise convolution, kernel (taps, C, dm);
+            # the backend's grouped convolution of the same maps cost ConvNeXtTiny's wrap 3x
+            dk = k.reshape(k.shape[:-2] + (groups, k.shape[-1] // groups))
+            return _filtered_maps(keras.ops.depthwise_conv, layer, m, in_shape, dk, bias)
         return _filtered_maps(keras.ops.conv, layer, m, in_shape, kernel, bias)
     dims = tuple(in_shape[1:])
     numpy_sized = len(dims) in (2, 3) and None not in dims and int(np.prod(dims)) <= NUMPY_CONV_ELEMENTS
