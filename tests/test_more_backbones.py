@@ -305,7 +305,7 @@ def test_attention_scores_masked_by_where_with_a_sink_column():
     q, k, v = (keras.layers.Dense(C, name=n)(h) for n in ("q", "k", "v"))
     logits = ops.einsum("bqc,bkc->bqk", q, k) / np.sqrt(C)
     cond = ops.logical_and(ops.greater(mask[:, None, :], 0), ops.cast(ops.tril(ops.ones((T, T))), "bool")[None])
-    joined = ops.concatenate([ops.where(cond, logits, -1e9), ops.zeros((1, T, 1)) + 0.0 * logits[..., :1]], axis=-1)
+    joined = ops.concatenate([ops.where(cond, logits, -1e9), ops.zeros_like(logits[..., :1])], axis=-1)
     joined = joined - ops.stop_gradient(ops.max(joined, axis=-1, keepdims=True))
     weights = ops.softmax(joined, axis=-1)[..., :-1]
     model = keras.Model([x, mask], keras.layers.Dense(C, name="proj")(ops.einsum("bqk,bkc->bqc", weights, v)))
