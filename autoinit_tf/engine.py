@@ -160,7 +160,7 @@ class AnalyticPass:
         self.tracer = tracing.CallTracer(self.rules, length=getattr(self, "probe_length", None), moments=True)
         owned = self.tracer.settle(fn)
         # Unknown spatial / time sizes of float inputs (keras-hub's (None, None, 3) images) at the probe's size
-        self.concrete_shapes = graph.concrete_shapes(fn, getattr(self, "probe_length", None) or declared.DEFAULT_PROBE_LENGTH)
+        self.concrete_shapes = graph.concrete_shapes(fn, self.tracer.length)
         self.counts = graph.count_calls(fn, expand=self.tracer)
         # path -> traced op whose raw ops use that matrix (no layer of the walk owns it): kept as it is
         self.raw_weights = {path: op for op, view in self.tracer.traced_ops()

@@ -491,6 +491,13 @@ def exact_for_draw(ctx, pre: Moments) -> Moments:
     kernel, bias = kern
     if bias is not None and np.any(ctx.value(bias) != 0):
         return pre
+    return rescale_to_target(ctx, kernel, pre)
+
+
+def rescale_to_target(ctx, weight, pre: Moments) -> Moments:
+    """Scale the drawn `weight`, of which the output `pre` is linear, by s = sqrt(`signal_variance` / Var(pre)):
+    the predicted variance is then the target for this draw (`exact_for_draw`; `rules.ops.raw_weight_einsum`).
+    Returns the moments scaled by s (unchanged where Var(pre) is not a positive finite number)."""
     var = pre.var
     target = ctx.signal_variance
     if not (math.isfinite(var) and var > 0.0 and target > 0.0):
@@ -498,7 +505,7 @@ def exact_for_draw(ctx, pre: Moments) -> Moments:
     s = math.sqrt(target / var)
     if abs(s - 1.0) < 1e-9:
         return pre
-    ctx.rescale(kernel, s)
+    ctx.rescale(weight, s)
     if ctx.weight_scale is not None:
         ctx.weight_scale = ctx.weight_scale * s * s
     return pre.scaled(s)

@@ -20,7 +20,7 @@ from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, 
 from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, log_softmax_per_class_moments,
                                          mark_wide_logits, masked_softmax_moments, numpy_function, per_class,
                                          softmax_moments, softmax_per_class_moments)
-from autoinit_tf.rules.linear import linear_output
+from autoinit_tf.rules.linear import linear_output, rescale_to_target
 from autoinit_tf.rules.pooling import global_average
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_signals
 from autoinit_tf.rules.provenance import producer, projection_behind, softmax_behind
@@ -668,14 +668,9 @@ def raw_weight_einsum(ctx, subscripts: str, weight_index: int, x: Moments, weigh
     channels = dims[out[-1]]
     result = Moments.from_channel_second(unit_mean.reshape(-1, channels).mean(axis=0),
                                          unit_second.reshape(-1, channels).mean(axis=0))
-    # As `linear.exact_for_draw` for a Dense kernel: the output is linear in the weight, so scaling the drawn
-    # weight by sqrt(target / Var) puts this draw's predicted variance on the target exactly.
-    if ctx.exact_draw and ctx.fit_inputs is ctx.inputs and ctx.drew(weight) and result.var > 0.0 \
-            and np.isfinite(result.var):
-        s = float(np.sqrt(ctx.signal_variance / result.var))
-        ctx.rescale(weight, s)
-        ctx.weight_scale = var * s * s
-        result = result.scaled(s)
+    # As `linear.exact_for_draw` for a Dense kernel: the output is linear in the weight
+    if ctx.exact_draw and ctx.fit_inputs is ctx.inputs and ctx.drew(weight):
+        result = rescale_to_target(ctx, weight, result)
     return result
 
 
