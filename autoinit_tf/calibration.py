@@ -96,7 +96,8 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
         batch_size: the probe's batch size (None: about 2**17 input elements, between 8 and 1024, grown
             where a calibrated variance is known to worse than `CALIBRATION_RSE`, see
             `calibration_replay`) or the number of examples of `data` used.
-        targets: optional ``{row name: target variance}`` overriding `signal_variance` per layer.
+        targets: optional ``{row name: target variance}`` overriding `signal_variance` per layer (the
+            rows of `report` that carry their own ``target`` keep it unless named here).
         only: optional set of row names to calibrate (default: the weighted rows of `report`, or every
             calibratable layer when there is no report).
         training_batch_size: the batch size you will train with: in training mode, BatchNormalization
@@ -131,6 +132,8 @@ def calibrated_values(model, data="probe", *, report=None, input_moments=None, s
     """
     if only is None and report is not None:
         only = {r.name for r in report.rows if r.weighted}
+    if report is not None:  # the analytic pass's own per-row aims (a position table's bias scale)
+        targets = {**{r.name: r.target for r in report.rows if r.target is not None}, **(targets or {})}
     replay, source = calibration_replay(model, data, only=only, record=record, input_moments=input_moments,
                                          seed=seed, signal_variance=signal_variance, training=training,
                                          batch_size=batch_size, targets=targets, values=values,

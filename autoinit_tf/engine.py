@@ -306,6 +306,7 @@ class AnalyticPass:
                 inputs=_without_element_maps(inputs),
                 outputs=_without_element_maps(outs),
                 weight_scale=ctx.weight_scale,
+                target=ctx.target,
                 rule=rule_name,
                 notes=ctx.notes,
                 weighted=weighted,

@@ -32,6 +32,10 @@ class NodeRow:
             ``{"mean_sq": average squared channel mean, "var": average channel variance}``
             (channels = last axis).
         preactivation: measured moments before a fused activation (``Dense(..., activation=...)``).
+        target: the variance this node's output is aimed at where it is not the pass's signal variance
+            (a position table added to a projection's output is a per-position bias of it, drawn at
+            ``provenance.POSITION_BIAS_STD``^2 of the signal's); None: the signal variance. Calibration
+            aims at it too.
     """
 
     name: str
@@ -45,6 +49,7 @@ class NodeRow:
     weighted: bool = False
     channel: list | None = None
     preactivation: Moments | None = None
+    target: float | None = None
 
     def to_dict(self) -> dict:
         def mm(ms):
@@ -62,6 +67,7 @@ class NodeRow:
             "preactivation": None if self.preactivation is None else {
                 "mean": self.preactivation.mean, "var": self.preactivation.var},
             "rule": self.rule,
+            "target": self.target,
             "notes": list(self.notes),
         }
 

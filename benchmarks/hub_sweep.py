@@ -5,7 +5,8 @@ what a user reaching for another keras-hub family meets.
 Per model it prints one JSON line: build / analytic / default wrap times (s); reinit, the fraction of
 weighted-layer kernels the analytic wrap re-initialized (`zoo_real.weighted_layers`, kernels and tables of two
 or more dimensions, biases excluded) and the first kept ones; the layers left to the probe fallback; per mode
-the three weighted layers furthest from the target (|log var| of the pre-activation output, `zoo_real.Recorder`,
+the three weighted layers furthest from the target (|log var| of the pre-activation output, `zoo_real.Recorder`;
+the target is 1 except where the layer's report row names its own, `zoo_real.relative_to_targets`,
 on 128 fresh examples in batches of 32: `zoo_real.fresh_inputs`), the median |log var|, and for the default
 wrap how many layers it calibrated (``auto``); an error, if any, with its traceback's end.
 
@@ -109,7 +110,9 @@ def one(name):
             res["fallbacks"] = sorted({r.name for r in rep.fallbacks})[:6]
         else:
             res["auto"] = len(rep.auto_calibrated)
+        targets = {r.name: float(r.target) for r in rep.rows if r.target is not None}
         got, final = rec.run(model, batches)
+        got = zoo_real.relative_to_targets(got, targets)
         logs = {k: float(np.log(max(v, 1e-30))) for k, v in got.items()}
         worst = sorted(logs.items(), key=lambda kv: -abs(kv[1]))[:3]
         res[mode + "_worst"] = [(k, round(v, 3)) for k, v in worst]

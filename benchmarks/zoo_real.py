@@ -15,7 +15,9 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
   * worst / median |log var| over weighted layers, per mode: a recorder on the ``call`` of every weighted
     layer in the tree records its pre-activation output variance on FRESH inputs (another seed than
     any probe; images N(0, 1), token ids uniform over the vocabulary, masks ones) in training mode; the
-    target is `signal_variance` = 1;
+    target is `signal_variance` = 1, except for a layer whose report row names a target of its own (a
+    position table added to a projection's output, ViT's position Embedding: a per-position bias at std
+    0.02 of the signal's, `NodeRow.target`), measured against that (``targets``: how many);
   * the fraction of weighted layers within [0.5, 2] (analytic) and [0.8, 1.25] (default) of the target;
   * final: |log(predicted / measured)| of the model's (first) output variance after the analytic wrap;
   * default and probe: also the standard error (relative, +-rse) of the worst layer's measured variance on
@@ -246,6 +248,12 @@ class Recorder:
         return var, max(final[2] / final[0] - (final[1] / final[0]) ** 2, 0.0)
 
 
+def relative_to_targets(got, targets):
+    """Each layer's measured variance over its target: 1 (`signal_variance`), or the target the analytic
+    report's row of that layer (the same path) names (`NodeRow.target`)."""
+    return {k: v / targets.get(k, 1.0) for k, v in got.items()}
+
+
 def _digest(variable) -> bytes:
     """A hash of a variable's value (to tell whether wrap changed it without keeping a copy)."""
     import hashlib
@@ -312,6 +320,8 @@ def one(name, batch, fresh_examples, max_fresh=0):
             _, rep = autoinit_tf.wrap(model, seed=0, calibrate=cal, return_report=True)
             out[f"{mode}_s"] = time.perf_counter() - t
             if mode == "analytic":
+                targets = {r.name: float(r.target) for r in rep.rows if r.target is not None}
+                out["targets"] = len(targets)
                 kept = [p for p, d in before.items() if d == _digest(kernels[p])]
                 total = sum(int(np.prod(v.shape)) for v in kernels.values())
                 out["reinit"] = 1.0 - sum(int(np.prod(kernels[p].shape)) for p in kept) / max(total, 1)
@@ -328,6 +338,7 @@ def one(name, batch, fresh_examples, max_fresh=0):
             for i, v in enumerate(model.weights):
                 v.assign(np.load(os.path.join(tmp, f"{mode}_{i}.npy")))
             got, final = rec.run(model, batches)
+            got = relative_to_targets(got, targets)
             out[f"{mode}_final"] = abs(float(np.log(max(predicted[mode], 1e-30) / max(final, 1e-30))))
             logs = np.abs(np.log(np.maximum(np.array(list(got.values()) or [1.0]), 1e-30)))
             out[f"{mode}_worst"] = float(logs.max())
@@ -356,6 +367,7 @@ def one(name, batch, fresh_examples, max_fresh=0):
                     rec.add(model, (fresh_batch(j) for j in range(i, i + base)))
                     i += base
                     got, _ = rec.result()
+                    got = relative_to_targets(got, targets)
                 logs = {k: abs(float(np.log(max(v, 1e-30)))) for k, v in got.items()}
                 worst_key = max(logs, key=logs.get, default=None)
                 out[f"{mode}_ext"] = {"n": rec.n_examples, "worst": logs.get(worst_key, 0.0),
@@ -434,6 +446,8 @@ def main():
             print(f"{'':24s} more fresh examples: " + "; ".join(
                 f"{mode} n={e['n']} worst {e['worst']:.3f} +-{e['rse']:.3f} out {e['out']} undecided {e['undecided']} "
                 f"(wrap's own claim +-{r.get(mode + '_claimed_rse', 0.0):.3f})" for mode, e in ext), flush=True)
+        if r.get("targets"):
+            print(f"{'':24s} layers measured against their report row's own target: {r['targets']}", flush=True)
 
 
 if __name__ == "__main__":

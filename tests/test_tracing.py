@@ -333,12 +333,15 @@ class Patches(L.Layer):
 
 
 def test_a_sublayer_called_on_held_constants_is_walked_too():
-    """The position table used to be read eagerly while tracing and kept (ViT: variance 4e-4 after wrap). A
-    table that is a sublayer's own output is a weighted layer's output: it gets the target (unlike a raw table
-    the layer adds to its projection, a per-position bias: `RawTable` below)."""
+    """The position table used to be read eagerly while tracing and kept at keras-hub's init (ViT). It is
+    walked and drawn: a sublayer's table added to the layer's projection is a per-position bias of it, as a
+    raw table is (`RawTable` below; `LookedUpPositions` measures the policy), so the sum is on the target."""
+    from autoinit_tf.rules.provenance import POSITION_BIAS_STD
+
     inp = keras.Input((6, 4))
     layer = Patches(6, 8, name="patches")
     model = keras.Model(inp, layer(inp))
+    before = layer.pos.embeddings.numpy().copy()
     node = next(n for n in graph.topo_nodes(model) if n.operation is layer)
     view = graph.trace_call(node)
     assert len(graph.lifted_constants(view)) == 1 and len(view.inputs) == 2
@@ -346,10 +349,13 @@ def test_a_sublayer_called_on_held_constants_is_walked_too():
         warnings.simplefilter("error", FallbackRuleWarning)
         _, rep = autoinit_tf.wrap(model, seed=0, return_report=True)
     assert {"patches/proj", "patches/pos"} <= {r.name for r in rep.rows if r.weighted}
-    assert float(np.var(layer.pos.embeddings.numpy())) == pytest.approx(1.0, rel=0.3)
+    drawn = layer.pos.embeddings.numpy()
+    assert not np.array_equal(drawn, before) and rep["patches/pos"].target == pytest.approx(POSITION_BIAS_STD**2)
+    assert float(np.var(drawn)) == pytest.approx(POSITION_BIAS_STD**2, rel=0.35)
     x = np.random.default_rng(5).standard_normal((2048, 6, 4)).astype("float32")
     y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)
     assert y.var() == pytest.approx(rep.rows[-1].outputs[0].var, rel=0.1)
+    assert y.var() == pytest.approx(1.0, rel=0.1)
     measured = autoinit_tf.measure(model, x)
     assert measured["patches/pos"].outputs[0].var == pytest.approx(rep["patches/pos"].outputs[0].var, rel=0.05)
 
@@ -416,6 +422,68 @@ def test_a_table_a_traced_layer_adds_to_its_projection_is_a_small_position_bias(
     assert add_row.weighted and any("per-position bias" in n for n in add_row.notes)
     assert y.var() == pytest.approx(add_row.outputs[0].var, rel=0.05)
     assert y.var() == pytest.approx(1.0, rel=0.1)
+
+
+class LookedUpPositions(L.Layer):
+    """Like keras-hub's ViT patching layer: a patch convolution, a class token joined in front, plus a
+    position `Embedding` sublayer read at ids the layer holds (``position_embedding(self.position_ids)``).
+    ``tokens=True``: the positions are added to a token lookup (BERT-like) instead."""
+
+    def __init__(self, width, tokens=False, **kw):
+        super().__init__(**kw)
+        self.width, self.tokens = width, tokens
+        self.proj = L.Embedding(50, width, name="tokens") if tokens else L.Conv2D(width, 4, strides=4, name="patches")
+        self.positions = L.Embedding(17, width, name="positions",
+                                     embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02))
+
+    def build(self, shape):
+        self.class_token = self.add_weight(shape=(1, 1, self.width), initializer="random_normal", name="cls")
+        self.position_ids = keras.ops.expand_dims(keras.ops.arange(16 if self.tokens else 17), 0)
+        self.built = True
+
+    def call(self, x):
+        y = self.proj(x)
+        if not self.tokens:
+            y = keras.ops.reshape(y, (keras.ops.shape(y)[0], -1, self.width))
+            cls = keras.ops.tile(self.class_token, (keras.ops.shape(y)[0], 1, 1))
+            y = keras.ops.concatenate([cls, y], axis=1)
+        return keras.ops.add(y, self.positions(self.position_ids))
+
+
+def test_a_position_embedding_added_to_a_projection_is_a_small_bias_with_its_own_target():
+    """keras-hub ViT's position `Embedding` (a sublayer read at ids its layer holds) added to the patch
+    convolution: drawn as a per-position bias (std `POSITION_BIAS_STD` = 0.02 of the signal's, the scale
+    keras-hub's ViT gives it), as DeiT's raw table is, so the patching layer's output is on the target (it
+    was the patches plus a table at the signal's variance, 1.96x); the Embedding's row names that variance
+    as its own target, and `calibrate="probe"` aims it there instead of pushing it up to 1. Measured on
+    real inputs; added to a token lookup (BERT-like) the table stays a signal at the target."""
+    from autoinit_tf.rules.provenance import POSITION_BIAS_STD
+
+    inp = keras.Input((16, 16, 3))
+    layer = LookedUpPositions(8, name="vit")
+    model = keras.Model(inp, layer(inp))
+    x = np.random.default_rng(3).standard_normal((2048, 16, 16, 3)).astype("float32")
+    for calibrate in (None, "probe"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, rep = autoinit_tf.wrap(model, seed=0, calibrate=calibrate, return_report=True)
+        table = layer.positions.embeddings.numpy().astype(np.float64)
+        assert table.var() == pytest.approx(POSITION_BIAS_STD**2, rel=0.35)
+        row = rep["vit/positions"]
+        assert row.target == pytest.approx(POSITION_BIAS_STD**2)
+        assert any("per-position bias" in n for n in row.notes)
+        assert row.to_dict()["target"] == row.target
+        y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)[:, 1:]  # the class token aside
+        assert y.var() == pytest.approx(1.0, rel=0.1)
+        assert rep["vit/add"].outputs[0].var == pytest.approx(1.0, rel=0.1)
+
+    ids = keras.Input((16,), dtype="int32")
+    lookup = LookedUpPositions(8, tokens=True, name="bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(keras.Model(ids, lookup(ids)), seed=0, calibrate=None, return_report=True)
+    assert float(lookup.positions.embeddings.numpy().var()) == pytest.approx(1.0, rel=0.35)
+    assert rep["bert/positions"].target is None
 
 
 class ConvPatches(L.Layer):

@@ -49,6 +49,9 @@ class RuleContext:
         self._engine = engine
         self.notes: list[str] = []
         self.weight_scale = None
+        # the variance this node's output is aimed at where it is not `signal_variance` (a position table
+        # added to a projection: a per-position bias of it, `provenance.POSITION_BIAS_STD`)
+        self.target = None
         self._drawn: dict[str, np.ndarray] = {}  # variable path -> the array `draw` made (owned here)
 
     # -- read-only facts -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 
 from autoinit_tf.moments import Moments
 from autoinit_tf.rules.attention import heads_rule, output_projection
-from autoinit_tf.rules.linear import linear_output, positions_read
+from autoinit_tf.rules.linear import linear_output, position_bias_scale, positions_read
 from autoinit_tf.rules.registry import BuiltinTable
 
 __all__ = ["BUILTIN", "available"]
@@ -36,15 +36,17 @@ def available() -> bool:
 def position_embedding_rule(ctx):
     """keras-hub PositionEmbedding: the first T rows of the learned table (T the input's length, the
     probe length when unknown), the same for every example. The table is drawn like every embedding
-    table (`embedding_rule`): entries with variance `signal_variance`. Per feature: mean and variance
-    over the T positions; the rest is a pattern over positions (`linear.positions_read`)."""
+    table (`embedding_rule`): entries with variance `signal_variance`, or a per-position bias where its output
+    is added to a projection's (`linear.position_bias_scale`). Per feature: mean and variance over the T
+    positions; the rest is a pattern over positions (`linear.positions_read`)."""
     layer = ctx.layer
     shape = ctx.input_shapes[0]
     length = shape[-2] if len(shape) >= 2 and shape[-2] is not None else min(ctx.probe_length, layer.sequence_length)
     start = (ctx.kwargs or {}).get("start_index", 0)
     start = start if isinstance(start, (int, np.integer)) else 0
-    ctx.weight_scale = ctx.signal_variance
-    table = ctx.draw(layer.position_embeddings, ctx.signal_variance).astype(np.float64)
+    var = ctx.signal_variance * position_bias_scale(ctx)
+    ctx.weight_scale = var
+    table = ctx.draw(layer.position_embeddings, var).astype(np.float64)
     return positions_read(table[int(start):int(start) + int(length)])
 
 

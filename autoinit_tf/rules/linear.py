@@ -532,12 +532,38 @@ for _cls, _pre, _kernel in [
 
 @BUILTIN.rule(keras.layers.Embedding, kernel=kernel_and_bias("embeddings", bias="__no_bias__"))
 def embedding_rule(ctx):
-    """The output entries are table entries: drawn with variance `signal_variance`, mean 0."""
+    """The output entries are table entries: drawn with variance `signal_variance`, mean 0; a position
+    table (fixed ids the layer's caller holds) added to a projection's output is a per-position bias of
+    it (`position_bias_scale`)."""
     layer = ctx.layer
     table = layer.embeddings
-    ctx.weight_scale = ctx.signal_variance
-    w = ctx.draw(table, ctx.signal_variance).astype(np.float64)
+    var = ctx.signal_variance * position_bias_scale(ctx)
+    ctx.weight_scale = var
+    w = ctx.draw(table, var).astype(np.float64)
     return _looked_up(ctx, w)
+
+
+def position_bias_scale(ctx) -> float:
+    """1, or `provenance.POSITION_BIAS_STD`^2 where this node is a position table (its rows read at ids fixed
+    by the calling layer, keras-hub's ViT: ``position_embedding(self.position_ids)``; or keras-hub's
+    PositionEmbedding) whose output is added to the output of a weighted projection (ViT's patch
+    convolution): a per-position bias of that projection's output, drawn at the scale keras-hub's ViT and
+    the ViT / DeiT references give it, so the sum stays on the target, as for DeiT's raw table
+    (`rules.ops`). The node's row then carries that variance as its own ``target``, which calibration aims
+    at too."""
+    node = ctx.node
+    if node is None or not node.outputs or not provenance.added_to_projection(node.outputs[0]):
+        return 1.0
+    if isinstance(ctx.op, keras.layers.Embedding):
+        kt = node.input_tensors[0] if node.input_tensors else None
+        ids = None if kt is None else graph.lifted_value(kt)
+        if ids is None:  # ids from the data (tokens): a signal of its own
+            return 1.0
+    scale = provenance.POSITION_BIAS_STD ** 2
+    ctx.target = ctx.signal_variance * scale
+    ctx.note(f"position table added to a projection's output: a per-position bias, std "
+             f"{provenance.POSITION_BIAS_STD} of the signal's (keras-hub's ViT and the ViT / DeiT reference scale)")
+    return scale
 
 
 def _looked_up(ctx, w):

@@ -23,7 +23,7 @@ from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, l
 from autoinit_tf.rules.linear import linear_output, rescale_to_target
 from autoinit_tf.rules.pooling import global_average
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_signals
-from autoinit_tf.rules.provenance import producer, projection_behind, softmax_behind
+from autoinit_tf.rules.provenance import POSITION_BIAS_STD, producer, projection_behind, softmax_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
@@ -185,15 +185,6 @@ def _additive_mask(ctx, m: Moments, c):
     out = m.scaled(1.0, c1) if cvar == 0.0 else Moments(m.mean + c1, m.var + cvar, m.between + cvar)
     out.visible = visible.reshape(-1, arr.shape[-1])
     return out
-
-
-#: Standard deviation, relative to the signal's, of a learned table a traced layer adds to the output of its
-#: own projection (DeiT's position table, added to the patch convolution's output): a per-position bias of
-#: that output, which is the layer's own output, so drawn small enough that the sum stays on the target, at
-#: the scale the ViT and DeiT reference implementations give it (N(0, 0.02^2) against patch embeddings of
-#: unit scale). A table that is a layer's output (ViT's position Embedding, keras-hub's PositionEmbedding)
-#: is that layer's output and gets the target itself.
-POSITION_BIAS_STD = 0.02
 
 
 def _draw_additive_table(ctx, c, m_tensor):

@@ -24,6 +24,15 @@ _LAYOUT_OPS = (core_ops.Cast, np_ops.Reshape, np_ops.Transpose, np_ops.ExpandDim
                keras.layers.Concatenate)
 
 
+#: Standard deviation, relative to the signal's, of a learned position table added to the output of a weighted
+#: projection (ViT's and DeiT's patch convolution): a per-position bias of that output, which is itself the
+#: signal, so drawn small enough that the sum stays on the target, at the scale the ViT and DeiT reference
+#: implementations and keras-hub's ViT give it (N(0, 0.02^2) against patch embeddings of unit scale). A
+#: table added to anything else (BERT's and GPT-2's token embeddings) is a signal of its own and is drawn
+#: at the target.
+POSITION_BIAS_STD = 0.02
+
+
 def producer(tensor):
     """(operation, its node) that produced a traced tensor, or (None, None)."""
     history = getattr(tensor, "_keras_history", None)
@@ -67,6 +76,29 @@ def consumers(tensor):
     if op is None:
         return []
     return [n for n in getattr(op, "_outbound_nodes", []) if any(t is tensor for t in n.input_tensors)]
+
+
+def added_to_projection(tensor, depth=4) -> bool:
+    """Whether a traced tensor (a position table looked up inside a layer: ViT's position `Embedding`) is
+    added, through layout ops, to the output of a weighted projection (`projection_behind`: ViT's patch
+    convolution with its class token joined): a per-position bias of that projection's output."""
+    frontier = [tensor]
+    for _ in range(depth):
+        following = []
+        for t in frontier:
+            for node in consumers(t):
+                op = node.operation
+                if isinstance(op, (np_ops.Add, keras.layers.Add)):
+                    others = [x for x in node.input_tensors if x is not t]
+                    if any(projection_behind(x) is not None for x in others):
+                        return True
+                elif isinstance(op, (core_ops.Cast, np_ops.Reshape, np_ops.ExpandDims, np_ops.Squeeze,
+                                     keras.layers.Reshape)):
+                    following.extend(node.outputs)
+        frontier = following
+        if not frontier:
+            return False
+    return False
 
 
 def source(tensor, depth=4):
