@@ -88,7 +88,9 @@ def calibrate(model, data="probe", *, report=None, input_moments=None, seed=None
             (LSUV-style; an array, list/dict of arrays, or a dataset whose first batch is used).
         report: the analytic `SignalReport` of this model: only its weighted rows are calibrated, and it
             gets the scale factors (``report.calibration`` and a note per row) and the realized moments
-            (``row.measured``). None: every calibratable layer, and a measured report is returned.
+            (``row.measured``); a row's own ``target`` (a position table the analytic pass draws as a small
+            per-position bias, `NodeRow.target`) is where that layer is aimed. None: every calibratable layer,
+            each aimed at `signal_variance` (such a table included), and a measured report is returned.
         input_moments, seed: the probe's moments and seed (None: what the model's preprocessing
             declares, `declared.input_moments`, else ``(0, 1)``; and 0).
         signal_variance: the target pre-activation variance.
