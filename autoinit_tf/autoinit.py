@@ -159,7 +159,7 @@ def wrap(
         report, values = calibrated_values(
             model, "probe" if auto else calibrate, report=report if return_report else None, only=only, values=values,
             record=return_report, input_moments=resolved, seed=seed, signal_variance=signal_variance,
-            targets={r.name: r.target for r in report.rows if r.target is not None},
+            targets=report.targets(),
             moving_statistics=True, max_rounds=AUTO_ROUNDS if auto else None,
             training_batch_size=training_batch_size, energy_spread=_energy_spread(report.rows, only),
         )

@@ -135,7 +135,7 @@ def calibrated_values(model, data="probe", *, report=None, input_moments=None, s
     if only is None and report is not None:
         only = {r.name for r in report.rows if r.weighted}
     if report is not None:  # the analytic pass's own per-row aims (a position table's bias scale)
-        targets = {**{r.name: r.target for r in report.rows if r.target is not None}, **(targets or {})}
+        targets = {**report.targets(), **(targets or {})}
     replay, source = calibration_replay(model, data, only=only, record=record, input_moments=input_moments,
                                          seed=seed, signal_variance=signal_variance, training=training,
                                          batch_size=batch_size, targets=targets, values=values,

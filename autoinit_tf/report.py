@@ -113,6 +113,11 @@ class SignalReport:
     def __len__(self):
         return len(self.rows)
 
+    def targets(self) -> dict:
+        """``{row name: target variance}`` of the rows aimed elsewhere than the signal variance
+        (`NodeRow.target`: a position table drawn as a per-position bias), for calibration."""
+        return {r.name: r.target for r in self.rows if r.target is not None}
+
     def __iter__(self):
         return iter(self.rows)
 

@@ -110,7 +110,7 @@ def one(name):
             res["fallbacks"] = sorted({r.name for r in rep.fallbacks})[:6]
         else:
             res["auto"] = len(rep.auto_calibrated)
-        targets = {r.name: float(r.target) for r in rep.rows if r.target is not None}
+        targets = rep.targets()
         got, final = rec.run(model, batches)
         got = zoo_real.relative_to_targets(got, targets)
         logs = {k: float(np.log(max(v, 1e-30))) for k, v in got.items()}

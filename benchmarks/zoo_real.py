@@ -320,7 +320,7 @@ def one(name, batch, fresh_examples, max_fresh=0):
             _, rep = autoinit_tf.wrap(model, seed=0, calibrate=cal, return_report=True)
             out[f"{mode}_s"] = time.perf_counter() - t
             if mode == "analytic":
-                targets = {r.name: float(r.target) for r in rep.rows if r.target is not None}
+                targets = rep.targets()
                 out["targets"] = len(targets)
                 kept = [p for p, d in before.items() if d == _digest(kernels[p])]
                 total = sum(int(np.prod(v.shape)) for v in kernels.values())

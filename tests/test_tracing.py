@@ -472,7 +472,7 @@ def test_a_position_embedding_added_to_a_projection_is_a_small_bias_with_its_own
         row = rep["vit/positions"]
         assert row.target == pytest.approx(POSITION_BIAS_STD**2)
         assert any("per-position bias" in n for n in row.notes)
-        assert row.to_dict()["target"] == row.target
+        assert row.to_dict()["target"] == row.target and rep.targets() == {"vit/positions": row.target}
         y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)[:, 1:]  # the class token aside
         assert y.var() == pytest.approx(1.0, rel=0.1)
         assert rep["vit/add"].outputs[0].var == pytest.approx(1.0, rel=0.1)
