@@ -195,8 +195,9 @@ class AnalyticPass:
         return out
 
     def untouched(self) -> dict:
-        """``{path: reason}`` for every weight of two or more dimensions (kernels, tables) of the
-        model that this pass leaves as it was, each with the reason (wrap's report: ``untouched``)."""
+        """``{path: reason}`` for every floating-point weight of two or more dimensions (kernels, tables) of
+        the model that this pass leaves as it was, each with the reason (wrap's report: ``untouched``);
+        integer variables (position ids kept as a weight) are indices, not weights to initialize."""
         owned = {}
         for op in graph.leaf_ops(self.fn, expand=self.tracer):
             for v in getattr(op, "weights", ()):
@@ -204,7 +205,7 @@ class AnalyticPass:
         raw = self.raw_weights
         out = {}
         for v in self.fn.weights:
-            if len(v.shape) < 2 or v.path in self.drawn_paths or v.path in out:
+            if len(v.shape) < 2 or "float" not in str(v.dtype) or v.path in self.drawn_paths or v.path in out:
                 continue
             op = owned.get(v.path)
             if v.path in raw:

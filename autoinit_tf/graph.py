@@ -495,10 +495,18 @@ def lifted_value(tensor):
 
 
 def _integer_tensor_attributes(op):
-    """(name, tensor) for the integer backend tensors `op` holds as attributes (position ids, indices)."""
+    """(name, tensor) for the integer backend tensors `op` holds as attributes (position ids, indices), and
+    for its non-trainable integer variables (keras-hub's CLIP keeps its position ids as one), as a tensor of
+    their current value."""
     out = []
     for name, value in vars(op).items():
-        if isinstance(value, (keras.Variable, keras.KerasTensor)) or not keras.ops.is_tensor(value):
+        if isinstance(value, keras.KerasTensor):
+            continue
+        if isinstance(value, keras.Variable):
+            if value.trainable or "int" not in str(value.dtype):
+                continue
+            value = keras.ops.convert_to_tensor(value.value)
+        elif not keras.ops.is_tensor(value):
             continue
         if "int" in str(getattr(value, "dtype", "")) and len(tuple(getattr(value, "shape", ()))) >= 1:
             out.append((name, value))
@@ -525,7 +533,7 @@ def _sublayers_not_called(op, view):
 def _trace(node, shapes, lift):
     op = node.operation
     tensors = list(node.arguments.keras_tensors)
-    saved = {name: value for name, value in lift}
+    saved = {name: vars(op)[name] for name, _ in lift}  # the attributes themselves (a variable, not its value)
     try:
         fresh = []
         for i, kt in enumerate(tensors):

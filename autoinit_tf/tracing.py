@@ -161,9 +161,10 @@ def weights_read_outside(op, view):
 
 
 def unowned_matrices(op, view, owned):
-    """Weights of `op` with two or more dimensions that no layer of the walk owns (`owned`: their
-    paths): they enter the traced graph as constants of raw ops (``x @ self.kernel``), so no rule
-    re-initializes them."""
+    """Floating-point weights of `op` with two or more dimensions that no layer of the walk owns (`owned`:
+    their paths): they enter the traced graph as constants of raw ops (``x @ self.kernel``), so no rule
+    re-initializes them. Integer variables (position ids a layer keeps as a weight: keras-hub's CLIP) are
+    indices, not weights to initialize."""
     inner = {v.path for inner_op in graph.leaf_ops(view) for v in getattr(inner_op, "weights", ())}
     return [v.path for v in getattr(op, "weights", ())
-            if len(v.shape) >= 2 and v.path not in inner and v.path not in owned]
+            if len(v.shape) >= 2 and "float" in str(v.dtype) and v.path not in inner and v.path not in owned]

@@ -486,6 +486,41 @@ def test_a_position_embedding_added_to_a_projection_is_a_small_bias_with_its_own
     assert rep["bert/positions"].target is None
 
 
+class VariableIds(LookedUpPositions):
+    """`LookedUpPositions` with its position ids kept as a non-trainable integer variable, as keras-hub's
+    CLIP vision embedding keeps them (zeros until a preset fills them; arange here)."""
+
+    def build(self, shape):
+        super().build(shape)
+        ids = np.arange(17)[None]
+        self.position_ids = self.add_weight(shape=(1, 17), initializer=keras.initializers.Constant(ids),
+                                            dtype="int32", trainable=False, name="position_ids")
+
+
+def test_position_ids_held_as_an_integer_variable_are_lifted_too():
+    """Ids the layer keeps as a non-trainable integer variable used to make the position Embedding's call run
+    eagerly while tracing: its table was kept at Keras' init and named in `report.untouched` (and so were the
+    ids). Now the variable's value is lifted like a constant tensor's: the table is drawn as the per-position
+    bias, the sum measured on target, the ids left alone and not reported as an untouched weight."""
+    from autoinit_tf.rules.provenance import POSITION_BIAS_STD
+
+    inp = keras.Input((16, 16, 3))
+    layer = VariableIds(8, name="clip")
+    model = keras.Model(inp, layer(inp))
+    before = layer.positions.embeddings.numpy().copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(model, seed=0, calibrate=None, return_report=True)
+    table = layer.positions.embeddings.numpy().astype(np.float64)
+    assert not np.array_equal(table, before) and rep["clip/positions"].target == pytest.approx(POSITION_BIAS_STD**2)
+    assert table.var() == pytest.approx(POSITION_BIAS_STD**2, rel=0.35)
+    assert np.array_equal(layer.position_ids.numpy(), np.arange(17)[None])
+    assert not any("positions" in p or "position_ids" in p for p in rep.untouched)
+    x = np.random.default_rng(4).standard_normal((2048, 16, 16, 3)).astype("float32")
+    y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)[:, 1:]
+    assert y.var() == pytest.approx(1.0, rel=0.1)
+
+
 class ConvPatches(L.Layer):
     """Like keras-hub's DeiT embeddings: a patch convolution, its output reshaped to tokens, a class token
     concatenated in front, then a position table the layer adds itself."""
