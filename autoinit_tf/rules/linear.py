@@ -495,11 +495,12 @@ def exact_for_draw(ctx, pre: Moments) -> Moments:
 
 
 def rescale_to_target(ctx, weight, pre: Moments) -> Moments:
-    """Scale the drawn `weight`, of which the output `pre` is linear, by s = sqrt(`signal_variance` / Var(pre)):
-    the predicted variance is then the target for this draw (`exact_for_draw`; `rules.ops.raw_weight_einsum`).
+    """Scale the drawn `weight`, of which the output `pre` is linear, by s = sqrt(target / Var(pre)), the target
+    being `signal_variance` or the node's own (`RuleContext.target`): the predicted variance is then the
+    target for this draw (`exact_for_draw`; `rules.ops.raw_weight_einsum`; position tables read at fixed ids).
     Returns the moments scaled by s (unchanged where Var(pre) is not a positive finite number)."""
     var = pre.var
-    target = ctx.signal_variance
+    target = ctx.signal_variance if ctx.target is None else ctx.target
     if not (math.isfinite(var) and var > 0.0 and target > 0.0):
         return pre
     s = math.sqrt(target / var)
@@ -540,7 +541,16 @@ def embedding_rule(ctx):
     var = ctx.signal_variance * position_bias_scale(ctx)
     ctx.weight_scale = var
     w = ctx.draw(table, var).astype(np.float64)
-    return _looked_up(ctx, w)
+    out = _looked_up(ctx, w)
+    kt = ctx.node.input_tensors[0] if ctx.node is not None and ctx.node.input_tensors else None
+    if (kt is not None and graph.lifted_value(kt) is not None and ctx.exact_draw and ctx.drew(table)
+            and ctx.fit_inputs is ctx.inputs):
+        # rows read at ids the layer holds (ViT's, CLIP's positions): the output is those drawn rows, the
+        # same for every example, so the table is rescaled for the rows it reads to have the target
+        # variance exactly, as a drawn kernel is (`exact_for_draw`)
+        if rescale_to_target(ctx, table, out) is not out:
+            out = _looked_up(ctx, np.asarray(ctx.value(table), dtype=np.float64))
+    return out
 
 
 def position_bias_scale(ctx) -> float:
