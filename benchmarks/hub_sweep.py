@@ -3,8 +3,8 @@ analytically and by default, in its own subprocess. Beyond the 29 models of `zoo
 what a user reaching for another keras-hub family meets.
 
 Per model it prints one JSON line: build / analytic / default wrap times (s); reinit, the fraction of
-weighted-layer kernels the analytic wrap re-initialized (`zoo_real.weighted_layers`, kernels and tables of two
-or more dimensions, biases excluded) and the first kept ones; the layers left to the probe fallback; per mode
+weighted-layer kernels the analytic wrap re-initialized (`zoo_real.weighted_layers`, floating-point kernels
+and tables of two or more dimensions, biases excluded) and the first kept ones; the layers left to the probe fallback; per mode
 the three weighted layers furthest from the target (|log var| of the pre-activation output, `zoo_real.Recorder`;
 the target is 1 except where the layer's report row names its own, `zoo_real.relative_to_targets`,
 on 128 fresh examples in batches of 32: `zoo_real.fresh_inputs`), the median |log var|, and for the default
@@ -65,13 +65,14 @@ def build(name):
      "DenseNetBackbone": lambda: m.DenseNetBackbone(stackwise_num_repeats=[2, 2], image_shape=img),
      "VGGBackbone": lambda: m.VGGBackbone(stackwise_num_repeats=[2, 2], stackwise_num_filters=[16, 32], image_shape=img),
      "XceptionBackbone": lambda: m.XceptionBackbone(stackwise_conv_filters=[[32, 64], [128, 128], [256, 256]], stackwise_pooling=[False, True, False], image_shape=img),
+     "CLIPVisionEncoder": lambda: m.CLIPVisionEncoder(patch_size=16, hidden_dim=64, num_layers=2, num_heads=2, intermediate_dim=128, image_shape=(64, 64, 3)),
      "ViTDetBackbone": lambda: m.ViTDetBackbone(hidden_size=64, num_layers=2, intermediate_dim=128, num_heads=2, global_attention_layer_indices=[1], image_shape=(64, 64, 3), patch_size=16, window_size=2),
      "SegFormerBackbone": lambda: m.SegFormerBackbone(image_encoder=m.MiTBackbone(image_shape=img, layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2], layerwise_sr_ratios=[4, 2], max_drop_path_rate=0.0, hidden_dims=[16, 32], layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2]), projection_filters=32),
      "MobileNetBackbone": lambda: m.MobileNetBackbone(stackwise_expansion=[[1], [4, 6]], stackwise_num_blocks=[1, 2], stackwise_num_filters=[[16], [24, 40]], stackwise_kernel_size=[[3], [3, 5]], stackwise_num_strides=[[2], [2, 2]], stackwise_se_ratio=[[0.25], [None, 0.25]], stackwise_activation=[["relu"], ["relu", "hard_swish"]], stackwise_padding=[[1], [1, 2]], output_num_filters=128, depthwise_filters=8, depthwise_stride=2, depthwise_residual=False, last_layer_filter=64, image_shape=img),
      "EfficientNetBackbone": lambda: m.EfficientNetBackbone(stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 2], stackwise_input_filters=[32, 16], stackwise_output_filters=[16, 24], stackwise_expansion_ratios=[1, 6], stackwise_squeeze_and_excite_ratios=[0.25, 0.25], stackwise_strides=[1, 2], stackwise_block_types=["v1", "v1"], width_coefficient=1.0, depth_coefficient=1.0),  # images (None, None, 3)
     }
     return B[name]()
-NAMES = ["AlbertBackbone","BartBackbone","BloomBackbone","DebertaV3Backbone","DistilBertBackbone","ESM2Backbone","ElectraBackbone","FNetBackbone","FalconBackbone","GPTNeoXBackbone","Llama3Backbone","MistralBackbone","MixtralBackbone","OPTBackbone","Phi3Backbone","QwenBackbone","Qwen2Backbone","Qwen3Backbone","QwenMoeBackbone","Qwen3MoeBackbone","RobertaBackbone","XLMRobertaBackbone","XLNetBackbone","RoformerV2Backbone","T5Backbone","WhisperBackbone","GptOssBackbone","DINOV2Backbone","DenseNetBackbone","VGGBackbone","XceptionBackbone","ViTDetBackbone","SegFormerBackbone","MobileNetBackbone","EfficientNetBackbone"]
+NAMES = ["AlbertBackbone","BartBackbone","BloomBackbone","DebertaV3Backbone","DistilBertBackbone","ESM2Backbone","ElectraBackbone","FNetBackbone","FalconBackbone","GPTNeoXBackbone","Llama3Backbone","MistralBackbone","MixtralBackbone","OPTBackbone","Phi3Backbone","QwenBackbone","Qwen2Backbone","Qwen3Backbone","QwenMoeBackbone","Qwen3MoeBackbone","RobertaBackbone","XLMRobertaBackbone","XLNetBackbone","RoformerV2Backbone","T5Backbone","WhisperBackbone","GptOssBackbone","DINOV2Backbone","DenseNetBackbone","VGGBackbone","XceptionBackbone","CLIPVisionEncoder","ViTDetBackbone","SegFormerBackbone","MobileNetBackbone","EfficientNetBackbone"]
 
 def one(name):
     """Build, wrap (analytic, then default) and measure one model; a dict of the figures."""
@@ -85,7 +86,7 @@ def one(name):
         res["build_error"] = f"{type(e).__name__}: {str(e)[:200]}"; return res
     res["build_s"] = time.perf_counter() - t
     layers = zoo_real.weighted_layers(model)
-    kernels = {v.path: v for l in layers for v in l.weights if len(v.shape) >= 2 and "bias" not in v.path.rsplit("/",1)[-1]}
+    kernels = {v.path: v for l in layers for v in l.weights if len(v.shape) >= 2 and "float" in str(v.dtype) and "bias" not in v.path.rsplit("/",1)[-1]}
     before = {p: zoo_real._digest(v) for p, v in kernels.items()}
     rec = zoo_real.Recorder(layers)
     fn = graph.as_functional(model)

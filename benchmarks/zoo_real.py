@@ -9,8 +9,8 @@ vocabulary 1000) and goes through analyze, ``wrap(calibrate=None)`` (analytic), 
     ``return_report=True`` (its calibration also measures every node for the report: the columns after it);
   * reinit: the fraction of weighted-layer parameters the analytic wrap re-initialized (weighted layers
     anywhere in the layer tree, inside keras-hub blocks too; tied or unused tables count as kept). Kernels
-    and tables only: weights of two or more dimensions whose name does not say ``bias`` (biases are kept
-    by policy, and a bias shaped (heads, head_dim) or a relative-position bias table is a bias too);
+    and tables only: floating-point weights of two or more dimensions whose name does not say ``bias``
+    (integer variables are ids, not weights; biases are kept by policy, and a bias shaped (heads, head_dim) or a relative-position bias table is a bias too);
   * fb: layers left to the probe fallback, auto: layers ``calibrate="auto"`` calibrated;
   * worst / median |log var| over weighted layers, per mode: a recorder on the ``call`` of every weighted
     layer in the tree records its pre-activation output variance on FRESH inputs (another seed than
@@ -304,7 +304,7 @@ def one(name, batch, fresh_examples, max_fresh=0):
         out["analyze_s"] = time.perf_counter() - t
         out["fallbacks"] = len({r.name for r in rep.fallbacks})
         kernels = {v.path: v for layer in layers for v in layer.weights
-                   if len(v.shape) >= 2 and "bias" not in v.path.rsplit("/", 1)[-1]}
+                   if len(v.shape) >= 2 and "float" in str(v.dtype) and "bias" not in v.path.rsplit("/", 1)[-1]}
         before = {p: _digest(v) for p, v in kernels.items()}
         # Every wrap first (their times and the process's peak RSS up to here: what building and wrapping
         # takes), each mode's weights saved to disk one variable at a time; then the recorder on each.
