@@ -480,8 +480,14 @@ def traced_view(node):
 
 
 def lifted_constants(view):
-    """The constant tensors a traced view takes as extra inputs after the call's own (see `trace_call`)."""
-    return _LIFTED.get(view, ())
+    """The constant tensors a traced view takes as extra inputs after the call's own (see `trace_call`); a
+    lifted integer variable as its value now (traces are cached for the model's life: ids a preset loads
+    after the first wrap are read)."""
+    return tuple(_current(v) for v in _LIFTED.get(view, ()))
+
+
+def _current(value):
+    return value.value if isinstance(value, keras.Variable) else value
 
 
 _LIFTED_VALUE = "_autoinit_lifted_value"
@@ -491,13 +497,13 @@ def lifted_value(tensor):
     """The value (a numpy array) of a traced view's input that stands for one of its layer's constant integer
     tensors (`lifted_constants`: ViT's position ids), or None for any other tensor."""
     value = getattr(tensor, _LIFTED_VALUE, None)
-    return None if value is None else np.asarray(keras.ops.convert_to_numpy(value))
+    return None if value is None else np.asarray(keras.ops.convert_to_numpy(_current(value)))
 
 
 def _integer_tensor_attributes(op):
     """(name, tensor) for the integer backend tensors `op` holds as attributes (position ids, indices), and
-    for its non-trainable integer variables (keras-hub's CLIP keeps its position ids as one), as a tensor of
-    their current value."""
+    (name, variable) for its non-trainable integer variables (keras-hub's CLIP keeps its position ids as one:
+    read at their current value where used, `lifted_constants` / `lifted_value`)."""
     out = []
     for name, value in vars(op).items():
         if isinstance(value, keras.KerasTensor):
@@ -505,7 +511,6 @@ def _integer_tensor_attributes(op):
         if isinstance(value, keras.Variable):
             if value.trainable or "int" not in str(value.dtype):
                 continue
-            value = keras.ops.convert_to_tensor(value.value)
         elif not keras.ops.is_tensor(value):
             continue
         if "int" in str(getattr(value, "dtype", "")) and len(tuple(getattr(value, "shape", ()))) >= 1:
@@ -544,7 +549,7 @@ def _trace(node, shapes, lift):
         extra = []
         for name, value in lift:
             shape = tuple(int(d) for d in value.shape)
-            dtype = keras.backend.standardize_dtype(keras.ops.convert_to_numpy(value).dtype)
+            dtype = keras.backend.standardize_dtype(keras.ops.convert_to_numpy(_current(value)).dtype)
             extra.append(keras.Input(shape=shape[1:], batch_size=shape[0], dtype=dtype, name=f"{op.name}_{name}"))
             object.__setattr__(extra[-1], _LIFTED_VALUE, value)  # `lifted_value`
             object.__setattr__(op, name, extra[-1])

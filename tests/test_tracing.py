@@ -520,6 +520,15 @@ def test_position_ids_held_as_an_integer_variable_are_lifted_too():
     x = np.random.default_rng(4).standard_normal((2048, 16, 16, 3)).astype("float32")
     y = np.asarray(keras.ops.convert_to_numpy(model(x)), dtype=np.float64)[:, 1:]
     assert y.var() == pytest.approx(1.0, rel=0.1)
+    # ids loaded after the first wrap (as a preset fills CLIP's zeros) are read by the next one, though the
+    # trace is cached: only the rows now read are rescaled to the target
+    layer.position_ids.assign(np.zeros((1, 17), dtype="int32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(model, seed=1, calibrate=None, return_report=True)
+    row0 = layer.positions.embeddings.numpy()[0].astype(np.float64)
+    assert row0.var() == pytest.approx(POSITION_BIAS_STD**2, rel=1e-3)
+    assert rep["clip/positions"].outputs[0].var == pytest.approx(row0.var(), rel=1e-3)
 
 
 class ConvPatches(L.Layer):
