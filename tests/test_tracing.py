@@ -478,6 +478,16 @@ def test_a_position_embedding_added_to_a_projection_is_a_small_bias_with_its_own
         assert y.var() == pytest.approx(1.0, rel=0.1)
         assert rep["vit/add"].outputs[0].var == pytest.approx(1.0, rel=0.1)
 
+    # frozen: the table is kept as it is (frozen-layer policy, named), and its row states no target
+    layer.positions.trainable = False
+    kept = layer.positions.embeddings.numpy().copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = autoinit_tf.wrap(model, seed=2, calibrate=None, return_report=True)
+    assert np.array_equal(layer.positions.embeddings.numpy(), kept)
+    assert rep["vit/positions"].target is None and not rep.targets()
+    assert "vit/positions/embeddings" in rep.untouched
+
     ids = keras.Input((16,), dtype="int32")
     lookup = LookedUpPositions(8, tokens=True, name="bert")
     with warnings.catch_warnings():

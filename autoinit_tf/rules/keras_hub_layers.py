@@ -44,7 +44,7 @@ def position_embedding_rule(ctx):
     length = shape[-2] if len(shape) >= 2 and shape[-2] is not None else min(ctx.probe_length, layer.sequence_length)
     start = (ctx.kwargs or {}).get("start_index", 0)
     start = start if isinstance(start, (int, np.integer)) else 0
-    var = ctx.signal_variance * position_bias_scale(ctx)
+    var = ctx.signal_variance * position_bias_scale(ctx, layer.position_embeddings)
     ctx.weight_scale = var
     table = ctx.draw(layer.position_embeddings, var).astype(np.float64)
     return positions_read(table[int(start):int(start) + int(length)])

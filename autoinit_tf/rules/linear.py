@@ -538,7 +538,7 @@ def embedding_rule(ctx):
     it (`position_bias_scale`)."""
     layer = ctx.layer
     table = layer.embeddings
-    var = ctx.signal_variance * position_bias_scale(ctx)
+    var = ctx.signal_variance * position_bias_scale(ctx, table)
     ctx.weight_scale = var
     w = ctx.draw(table, var).astype(np.float64)
     out = _looked_up(ctx, w)
@@ -553,15 +553,17 @@ def embedding_rule(ctx):
     return out
 
 
-def position_bias_scale(ctx) -> float:
+def position_bias_scale(ctx, table=None) -> float:
     """1, or `provenance.POSITION_BIAS_STD`^2 where this node is a position table (its rows read at ids fixed
     by the calling layer, keras-hub's ViT: ``position_embedding(self.position_ids)``; or keras-hub's
     PositionEmbedding) whose output is added to the output of a weighted projection (ViT's patch
     convolution): a per-position bias of that projection's output, drawn at the scale keras-hub's ViT and
     the ViT / DeiT references give it, so the sum stays on the target, as for DeiT's raw table
     (`rules.ops`). The node's row then carries that variance as its own ``target``, which calibration aims
-    at too."""
+    at too. A `table` this pass may not redraw (a frozen layer's) is kept as it is: no target is stated for it."""
     node = ctx.node
+    if table is not None and not ctx.may_reinit(table):
+        return 1.0
     if node is None or not node.outputs or not provenance.added_to_projection(node.outputs[0]):
         return 1.0
     if isinstance(ctx.op, keras.layers.Embedding):
