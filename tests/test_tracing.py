@@ -400,7 +400,7 @@ def test_a_table_a_traced_layer_adds_to_its_projection_is_a_small_position_bias(
     reference scale), so the layer's own output stays on the target (it came out at 1.95 with the table at
     the signal's variance); the add's prediction follows the drawn table, measured on real inputs, and a
     matrix read another way is still kept and named."""
-    from autoinit_tf.rules.ops import POSITION_BIAS_STD
+    from autoinit_tf.rules.provenance import POSITION_BIAS_STD
 
     inp = keras.Input((6, 4))
     layer = RawTable(6, 8, name="raw")
@@ -570,7 +570,7 @@ def test_a_position_bias_is_found_behind_reshapes_and_the_class_token():
     """DeiT's path: the table meets the convolution's output through a reshape and a concatenation with the
     class token (`provenance.projection_behind` looks through both): drawn as the bias, and the layer's
     output measured on target."""
-    from autoinit_tf.rules.ops import POSITION_BIAS_STD
+    from autoinit_tf.rules.provenance import POSITION_BIAS_STD
 
     inp = keras.Input((16, 16, 3))
     layer = ConvPatches(8, name="emb")

@@ -542,9 +542,7 @@ def embedding_rule(ctx):
     ctx.weight_scale = var
     w = ctx.draw(table, var).astype(np.float64)
     out = _looked_up(ctx, w)
-    kt = ctx.node.input_tensors[0] if ctx.node is not None and ctx.node.input_tensors else None
-    if (kt is not None and graph.lifted_value(kt) is not None and ctx.exact_draw and ctx.drew(table)
-            and ctx.fit_inputs is ctx.inputs):
+    if _held_ids(ctx) is not None and ctx.exact_draw and ctx.drew(table) and ctx.fit_inputs is ctx.inputs:
         # rows read at ids the layer holds (ViT's, CLIP's positions): the output is those drawn rows, the
         # same for every example, so the table is rescaled for the rows it reads to have the target
         # variance exactly, as a drawn kernel is (`exact_for_draw`)
@@ -566,16 +564,29 @@ def position_bias_scale(ctx, table=None) -> float:
         return 1.0
     if node is None or not node.outputs or not provenance.added_to_projection(node.outputs[0]):
         return 1.0
-    if isinstance(ctx.op, keras.layers.Embedding):
-        kt = node.input_tensors[0] if node.input_tensors else None
-        ids = None if kt is None else graph.lifted_value(kt)
-        if ids is None:  # ids from the data (tokens): a signal of its own
-            return 1.0
+    if isinstance(ctx.op, keras.layers.Embedding) and _held_ids(ctx) is None:
+        return 1.0  # ids from the data (tokens): a signal of its own
+    return position_bias(ctx, own_output=True)
+
+
+def position_bias(ctx, own_output: bool) -> float:
+    """`provenance.POSITION_BIAS_STD`^2, the variance factor of a position table drawn as a per-position bias
+    of a projection's output, with the note saying so; `own_output`: the table is this node's output (a
+    position Embedding), whose row then states that variance as its ``target`` (a raw table added inside a
+    traced layer, `rules.ops`, is part of the sum, which keeps the signal's)."""
     scale = provenance.POSITION_BIAS_STD ** 2
-    ctx.target = ctx.signal_variance * scale
+    if own_output:
+        ctx.target = ctx.signal_variance * scale
     ctx.note(f"position table added to a projection's output: a per-position bias, std "
              f"{provenance.POSITION_BIAS_STD} of the signal's (keras-hub's ViT and the ViT / DeiT reference scale)")
     return scale
+
+
+def _held_ids(ctx):
+    """The ids this lookup reads when its calling layer holds them (`graph.lifted_value`: ViT's and CLIP's
+    position ids), else None."""
+    kt = ctx.node.input_tensors[0] if ctx.node is not None and ctx.node.input_tensors else None
+    return None if kt is None else graph.lifted_value(kt)
 
 
 def _looked_up(ctx, w):
@@ -586,7 +597,7 @@ def _looked_up(ctx, w):
     if kt is not None and integer_fill(kt.name, [ctx.op]) == ("zeros",):
         ctx.note("ids are zeros (segment ids): every position reads row 0")
         return Moments.from_channels(w[0], np.zeros(w.shape[1]))
-    ids = None if kt is None else graph.lifted_value(kt)
+    ids = _held_ids(ctx)
     if ids is not None and ids.size > 1 and np.issubdtype(ids.dtype, np.integer) and 0 <= ids.min() \
             and ids.max() < w.shape[0]:
         return positions_read(w[ids.reshape(-1)])

@@ -20,10 +20,10 @@ from autoinit_tf.moments import Moments, elementwise_moments, max_of_gaussians, 
 from autoinit_tf.rules.activation import (MASKED_WEIGHTS, log_softmax_moments, log_softmax_per_class_moments,
                                          mark_wide_logits, masked_softmax_moments, numpy_function, per_class,
                                          softmax_moments, softmax_per_class_moments)
-from autoinit_tf.rules.linear import linear_output, rescale_to_target
+from autoinit_tf.rules.linear import linear_output, position_bias, rescale_to_target
 from autoinit_tf.rules.pooling import global_average
 from autoinit_tf.rules.merge import add_moments, concat_moments, multiply_signals
-from autoinit_tf.rules.provenance import POSITION_BIAS_STD, producer, projection_behind, softmax_behind
+from autoinit_tf.rules.provenance import producer, projection_behind, softmax_behind
 from autoinit_tf.rules.registry import BuiltinTable
 from autoinit_tf.rules.reshape import relayout
 from autoinit_tf.rules.rms_pattern import rms_normalized, rms_normalized_moments
@@ -193,15 +193,13 @@ def _draw_additive_table(ctx, c, m_tensor):
     every embedding table (`rules.linear.embedding_rule`, keras-hub's PositionEmbedding), entries with
     variance `signal_variance`, so the sum is token plus position as in BERT and GPT-2; added to the output
     of a projection (DeiT's patch convolution, `m_tensor`: `provenance.projection_behind`), a per-position
-    bias of it, with variance `POSITION_BIAS_STD`^2 times that."""
+    bias of it, with variance `provenance.POSITION_BIAS_STD`^2 times that (`linear.position_bias`)."""
     out_shape = ctx.node.outputs[0].shape
     shape = tuple(c.shape)
     if len(shape) < len(out_shape) or (len(shape) == len(out_shape) and shape[0] == 1):
         var = ctx.signal_variance
         if m_tensor is not None and projection_behind(m_tensor) is not None:
-            var *= POSITION_BIAS_STD**2
-            ctx.note(f"table added to a projection's output: a per-position bias, std {POSITION_BIAS_STD} of "
-                     "the signal's (the ViT / DeiT reference scale)")
+            var *= position_bias(ctx, own_output=False)
         ctx.weight_scale = var
         table = ctx.draw(c, var).astype(np.float64).reshape(-1, shape[-1])
         # As keras-hub's PositionEmbedding (`rules.keras_hub_layers.position_embedding_rule`): per channel,
